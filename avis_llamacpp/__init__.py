@@ -1,0 +1,10 @@
+"""avis-llamacpp: AVIS adaptive test-time scaling (visual-token pruning + shared-prefill self-consistency)
+for vision-language models running in llama.cpp through llama-cpp-python."""
+
+from .errors import AVISError, ContextOverflowError, ImageError, InvalidArgumentError, ModelLoadError
+from .native import SamplingParams
+from .pipeline import VLM, Answer
+
+__all__ = ["VLM", "Answer", "SamplingParams", "AVISError", "ContextOverflowError", "ImageError",
+           "InvalidArgumentError", "ModelLoadError"]
+__version__ = "0.1.0"

@@ -1,0 +1,223 @@
+"""Owner of the mtmd (multimodal) handles: projector context, bitmaps, tokenized chunks, image encoding.
+The only module besides native.py that calls llama.cpp's C API."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd_cpp
+import numpy as np
+
+from .errors import ImageError, ModelLoadError
+from .native import Model
+
+logger = logging.getLogger(__name__)
+
+# ggml_backend_sched_eval_callback: bool (*)(struct ggml_tensor * t, bool ask, void * user_data)
+EvalCallback = Callable[[int, bool], bool]
+
+
+@dataclass
+class TextChunk:
+    """Text tokens of the prompt between images."""
+
+    tokens: list[int]
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class ImageChunk:
+    """One image as mtmd tokenized it: n_tokens LLM tokens on an nx x ny grid, n_pos positions."""
+
+    handle: int = field(repr=False)  # mtmd_input_chunk * (owned by the Prompt's chunk list)
+    n_tokens: int
+    nx: int
+    ny: int
+    n_pos: int
+    image_index: int
+
+
+Chunk = TextChunk | ImageChunk
+
+
+class Prompt:
+    """A tokenized multimodal prompt (mtmd_input_chunks); free() releases the native chunk list."""
+
+    def __init__(self, handle: int, chunks: list[Chunk]) -> None:
+        self._handle = handle
+        self.chunks = chunks
+
+    @property
+    def images(self) -> list[ImageChunk]:
+        return [c for c in self.chunks if isinstance(c, ImageChunk)]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(c.tokens) if isinstance(c, TextChunk) else c.n_tokens for c in self.chunks)
+
+    @property
+    def n_pos(self) -> int:
+        return sum(c.n_pos for c in self.chunks)
+
+    def free(self) -> None:
+        if self._handle:
+            mtmd_cpp.mtmd_input_chunks_free(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> "Prompt":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class Projector:
+    """An mtmd context: the vision encoder + projector (mmproj GGUF) bound to a text model.
+
+    `eval_callback`, if given, is installed as the encoder graph's cb_eval (used to capture the
+    last vision block's keys); it receives (tensor address, ask) and must return a bool.
+    """
+
+    def __init__(self, mmproj_path: str | os.PathLike, model: Model, *, n_threads: int | None = None,
+                 use_gpu: bool = True, flash_attn: bool = False, verbose: bool = False,
+                 eval_callback: EvalCallback | None = None) -> None:
+        mmproj_path = os.fspath(mmproj_path)
+        if not os.path.isfile(mmproj_path):
+            raise ModelLoadError(f"mmproj file not found: {mmproj_path!r}")
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.print_timings = verbose
+        params.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.warmup = False
+        self._cb = None
+        if eval_callback is not None:
+            def _trampoline(tensor: int, ask: bool, _user: int) -> bool:
+                try:
+                    return bool(eval_callback(tensor, ask))
+                except Exception:  # never let an exception cross into C; keep the compute going
+                    logger.exception("eval callback failed")
+                    return True
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(_trampoline)  # keep alive
+            params.cb_eval = self._cb
+        self.path = mmproj_path
+        self.model = model
+        self.ptr = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), model.ptr, params)
+        if not self.ptr:
+            raise ModelLoadError(
+                f"mtmd could not load the projector {mmproj_path!r} with text model {model.path!r}: not an mmproj "
+                "GGUF, an unsupported projector type, or its output size does not match the text model's "
+                f"embedding size ({model.n_embd_inp})")
+        if not mtmd_cpp.mtmd_support_vision(self.ptr):
+            self.close()
+            raise ModelLoadError(f"{mmproj_path!r} has no vision encoder (audio-only projector?)")
+        self.uses_mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self.ptr))
+        marker = mtmd_cpp.mtmd_default_marker()
+        self.marker = marker.decode() if isinstance(marker, bytes) else str(marker)
+
+    # -- prompts --------------------------------------------------------------------------------------
+    def tokenize(self, text: str, images_rgb: Sequence[np.ndarray], *, add_special: bool = True) -> Prompt:
+        """Split `text` at media markers into text and image chunks; images are HxWx3 uint8 arrays."""
+        n_markers = text.count(self.marker)
+        if n_markers != len(images_rgb):
+            raise ImageError(f"prompt has {n_markers} image markers {self.marker!r} but {len(images_rgb)} images")
+        bitmaps = []
+        try:
+            for arr in images_rgb:
+                arr = np.ascontiguousarray(arr, dtype=np.uint8)
+                if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+                    raise ImageError(f"expected an HxWx3 RGB image, got shape {arr.shape}")
+                h, w = arr.shape[:2]
+                bm = mtmd_cpp.mtmd_bitmap_init(w, h, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+                if not bm:
+                    raise ImageError(f"mtmd could not create a {w}x{h} bitmap")
+                bitmaps.append(bm)
+            data = text.encode("utf-8")
+            inp = mtmd_cpp.mtmd_input_text()
+            inp.text = data
+            inp.text_len = len(data)
+            inp.add_special = add_special
+            inp.parse_special = True
+            handle = mtmd_cpp.mtmd_input_chunks_init()
+            arr_t = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            ret = mtmd_cpp.mtmd_tokenize(self.ptr, handle, ctypes.byref(inp), arr_t, len(bitmaps))
+            if ret != 0:
+                mtmd_cpp.mtmd_input_chunks_free(handle)
+                raise ImageError(f"mtmd_tokenize failed with code {ret} (1: marker/image count mismatch, "
+                                 "2: image preprocessing failed)")
+            return Prompt(handle, self._read_chunks(handle))
+        finally:
+            for bm in bitmaps:
+                mtmd_cpp.mtmd_bitmap_free(bm)
+
+    @staticmethod
+    def _read_chunks(handle: int) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        n_images = 0
+        for i in range(mtmd_cpp.mtmd_input_chunks_size(handle)):
+            ch = mtmd_cpp.mtmd_input_chunks_get(handle, i)
+            kind = mtmd_cpp.mtmd_input_chunk_get_type(ch)
+            if kind == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                chunks.append(TextChunk([int(ptr[j]) for j in range(n.value)]))
+            elif kind == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                img = mtmd_cpp.mtmd_input_chunk_get_tokens_image(ch)
+                chunks.append(ImageChunk(
+                    handle=ch,
+                    n_tokens=int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(ch)),
+                    nx=int(mtmd_cpp.mtmd_image_tokens_get_nx(img)),
+                    ny=int(mtmd_cpp.mtmd_image_tokens_get_ny(img)),
+                    n_pos=int(mtmd_cpp.mtmd_input_chunk_get_n_pos(ch)),
+                    image_index=n_images))
+                n_images += 1
+            else:
+                raise ImageError("audio chunks are not supported")
+        return chunks
+
+    # -- encoding -------------------------------------------------------------------------------------
+    def encode(self, chunk: ImageChunk) -> np.ndarray:
+        """Run the vision encoder + projector on one image chunk -> embeddings [n_tokens, n_embd] (copied)."""
+        ret = mtmd_cpp.mtmd_encode_chunk(self.ptr, chunk.handle)
+        if ret != 0:
+            raise RuntimeError(f"mtmd_encode_chunk failed with code {ret}")
+        ptr = mtmd_cpp.mtmd_get_output_embd(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens, self.model.n_embd_inp)).copy()
+
+    def positions(self, chunk: ImageChunk, pos0: int) -> np.ndarray:
+        """Decoder positions of the image tokens: [n_tokens, 4] (t, y, x, z) sections for M-RoPE models,
+        as mtmd_helper_decode_image_chunk lays them out; [n_tokens, 1] consecutive positions otherwise."""
+        if not self.uses_mrope:
+            return (pos0 + np.arange(chunk.n_tokens, dtype=np.int32))[:, None]
+        img = mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk.handle)
+        out = (mtmd_cpp.mtmd_decoder_pos * chunk.n_tokens)()
+        mtmd_cpp.mtmd_helper_image_get_decoder_pos(img, pos0, out)
+        raw = np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_uint32)), shape=(chunk.n_tokens, 4))
+        # struct is (t, x, y, z); the decoder wants sections (t, y, x, z)
+        return raw[:, [0, 2, 1, 3]].astype(np.int32)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            mtmd_cpp.mtmd_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,315 @@
+"""Thin owners of llama.cpp handles (model, context, sampler): the only place that calls llama_cpp's C API
+for text models. Each class frees what it allocates; nothing here knows about images or AVIS."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import llama_cpp
+import numpy as np
+
+from .errors import ContextOverflowError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_BACKEND_READY = False
+
+
+def ensure_backend() -> None:
+    """Initialise llama.cpp's backends once per process (idempotent)."""
+    global _BACKEND_READY
+    if not _BACKEND_READY:
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+
+
+def _silence_logs(verbose: bool) -> None:
+    """Route llama.cpp's own log output to nothing unless verbose (llama-cpp-python does the same)."""
+    if verbose:
+        return
+    try:
+        from llama_cpp._logger import llama_log_callback  # noqa: F401  (installs python-side logger)
+    except Exception:  # pragma: no cover - depends on llama-cpp-python internals
+        pass
+
+
+class Model:
+    """A loaded text model (GGUF) and its vocabulary."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 verbose: bool = False) -> None:
+        ensure_backend()
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"text model file not found: {path!r}")
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = use_mmap
+        self.path = path
+        self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not load the text model {path!r} (not a GGUF model, "
+                                 "truncated, or an architecture this llama.cpp build does not know)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
+        self.n_embd_inp = llama_cpp.llama_model_n_embd_inp(self.ptr)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        self.rope_type = llama_cpp.llama_model_rope_type(self.ptr)
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or None when the key is absent."""
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def architecture(self) -> str:
+        return self.meta("general.architecture") or "unknown"
+
+    @property
+    def uses_mrope(self) -> bool:
+        return self.rope_type in (llama_cpp.LLAMA_ROPE_TYPE_MROPE, getattr(llama_cpp, "LLAMA_ROPE_TYPE_IMROPE", -1))
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Text -> token ids with llama.cpp's tokenizer."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # buffer too small: llama.cpp returns minus the needed size
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (special tokens render only when special=True)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Iterable[int], *, special: bool = False) -> str:
+        """Token ids -> text (invalid UTF-8 across token boundaries is replaced)."""
+        return b"".join(self.token_piece(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """What a llama.cpp context is created with; defaults mirror llama_cpp.Llama's so outputs match it."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_seq_max: int = 1
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    flash_attn: bool = False
+    kv_unified: bool = True
+
+    def resolved_threads(self) -> tuple[int, int]:
+        cpu = max(1, (os.cpu_count() or 2) // 2)  # llama_cpp.Llama's default
+        n = self.n_threads or cpu
+        return n, self.n_threads_batch or (os.cpu_count() or n)
+
+
+class Context:
+    """A llama.cpp context (KV cache + compute) on a Model, with the decode calls the pipeline needs."""
+
+    def __init__(self, model: Model, settings: ContextSettings = ContextSettings()) -> None:
+        self.model = model
+        self.settings = settings
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.n_ctx
+        params.n_batch = settings.n_batch
+        params.n_ubatch = min(settings.n_ubatch, settings.n_batch)
+        params.n_seq_max = settings.n_seq_max
+        params.n_threads, params.n_threads_batch = settings.resolved_threads()
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.kv_unified = settings.kv_unified
+        params.no_perf = True
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not create a context with {settings} "
+                                 "(out of memory, or n_seq_max above llama_max_parallel_sequences())")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
+        self.n_batch = settings.n_batch
+        self.memory = llama_cpp.llama_get_memory(self.ptr)
+        self._batch = llama_cpp.llama_batch_init(max(settings.n_batch, settings.n_seq_max), 0, settings.n_seq_max)
+        self._batch_ext = None
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Drop every sequence from the KV cache."""
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id))
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def _check(self, ret: int, what: str) -> None:
+        if ret == 1:
+            raise ContextOverflowError(f"{what}: no KV-cache slot left (n_ctx={self.n_ctx}); raise n_ctx")
+        if ret != 0:
+            raise RuntimeError(f"{what}: llama_decode returned {ret}")
+
+    def decode_tokens(self, tokens: Sequence[int], pos0: int, seq_id: int = 0, *, logits_last: bool = True) -> None:
+        """Decode text tokens at consecutive positions pos0.. in slices of n_batch, exactly as
+        llama_cpp.Llama.eval does (logits only for the last token of each slice)."""
+        for start in range(0, len(tokens), self.n_batch):
+            piece = tokens[start:start + self.n_batch]
+            b = self._batch
+            b.n_tokens = len(piece)
+            for i, tok in enumerate(piece):
+                b.token[i] = tok
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq_id
+                b.logits[i] = False
+            b.logits[len(piece) - 1] = logits_last
+            self._check(llama_cpp.llama_decode(self.ptr, b), "decoding text tokens")
+
+    def decode_step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> None:
+        """Decode one token per sequence in one batch (a generation step for several rollouts);
+        logits are produced for every entry, readable with logits(i)."""
+        b = self._batch
+        b.n_tokens = len(tokens)
+        for i, (tok, pos, sid) in enumerate(zip(tokens, positions, seq_ids)):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = sid
+            b.logits[i] = True
+        self._check(llama_cpp.llama_decode(self.ptr, b), "decoding a generation step")
+
+    def decode_embeddings(self, embd: np.ndarray, positions: np.ndarray, seq_id: int = 0, *,
+                          logits_last: bool = False) -> None:
+        """Decode embedding rows [n, n_embd] with explicit positions [n, n_pos] (n_pos = 4 for M-RoPE,
+        1 otherwise) in slices of n_batch, as mtmd_helper_decode_image_chunk does."""
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        n, n_embd = embd.shape
+        if positions.shape[0] != n:
+            raise ValueError(f"{n} embeddings but {positions.shape[0]} positions")
+        if self._batch_ext is None:
+            self._batch_ext = llama_cpp.llama_batch_ext_init(self.ptr)
+        pos_buf = (llama_cpp.llama_pos * 4)()
+        base = embd.ctypes.data
+        row_bytes = n_embd * 4
+        for start in range(0, n, self.n_batch):
+            stop = min(n, start + self.n_batch)
+            llama_cpp.llama_batch_ext_clear(self._batch_ext)
+            for i in range(start, stop):
+                e = llama_cpp.llama_embd(ctypes.cast(base + i * row_bytes, ctypes.POINTER(ctypes.c_float)), 1, n_embd)
+                idx = llama_cpp.llama_batch_ext_add_embd(self._batch_ext, seq_id, e)
+                if idx < 0:
+                    raise RuntimeError(f"llama_batch_ext_add_embd failed ({idx})")
+                for j in range(4):
+                    pos_buf[j] = int(positions[i, j]) if j < positions.shape[1] else 0
+                llama_cpp.llama_batch_ext_set_pos(self._batch_ext, idx, pos_buf)
+                if logits_last and i == n - 1:
+                    llama_cpp.llama_batch_ext_set_output_logits(self._batch_ext, idx, True)
+            self._check(llama_cpp.llama_process(self.ptr, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, self._batch_ext),
+                        "decoding image embeddings")
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Logits of output i of the last decode (-1: the last output), copied out as float32."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if getattr(self, "_batch_ext", None):
+            llama_cpp.llama_batch_ext_free(self._batch_ext)
+            self._batch_ext = None
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """llama-cpp-python's sampling knobs; temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64
+    seed: int = 0
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one stream, built in llama-cpp-python's order
+    (penalties, top-k, top-p, min-p, temperature, dist) so the same knobs mean the same thing."""
+
+    def __init__(self, p: SamplingParams) -> None:
+        self.params = p
+        self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        if p.repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(p.penalty_last_n, p.repeat_penalty, 0.0, 0.0))
+        if p.temperature <= 0.0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if p.top_k > 0:
+                add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+            if p.top_p < 1.0:
+                add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+            if p.min_p > 0.0:
+                add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(p.temperature))
+            add(llama_cpp.llama_sampler_init_dist(p.seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: Context, i: int = -1) -> int:
+        """Sample (and accept) the next token from output i of the last decode."""
+        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, i))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,98 @@
+"""Prefill one sequence from a tokenized multimodal prompt: text chunks as tokens, image chunks as their
+(optionally pruned) embeddings at their decoder positions. Mirrors llama-cpp-python's stock handler
+(Llama.eval for text, mtmd_helper_eval_chunk_single for images), so with nothing pruned the KV cache
+and logits are the same as stock."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import ContextOverflowError
+from .mtmd import ImageChunk, Projector, Prompt, TextChunk
+from .native import Context
+
+# Given an image chunk and its projected embeddings [n_tokens, n_embd], return the kept token indices
+# (ascending) or None to keep all. Called after the chunk is encoded, before it is decoded.
+TokenSelector = Callable[[ImageChunk, np.ndarray], "np.ndarray | None"]
+
+
+@dataclass
+class ImagePrefill:
+    """What happened to one image during prefill."""
+
+    index: int
+    n_tokens: int
+    n_kept: int
+    grid: tuple[int, int]  # (nx, ny) of the LLM token grid
+    kept: np.ndarray = field(repr=False)
+    embeddings: np.ndarray = field(repr=False)  # all projected embeddings, before pruning
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.n_kept / self.n_tokens if self.n_tokens else 1.0
+
+
+@dataclass
+class PrefillResult:
+    """State after prefill: next free position, tokens in the KV cache, per-image details, timings (s)."""
+
+    n_past: int
+    n_kv: int
+    images: list[ImagePrefill]
+    encode_s: float
+    prefill_s: float
+
+
+def count_prefill_tokens(prompt: Prompt) -> int:
+    """KV-cache cells the unpruned prompt needs (image tokens + text tokens)."""
+    return prompt.n_tokens
+
+
+def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int = 0, pos0: int = 0,
+            select: TokenSelector | None = None) -> PrefillResult:
+    """Decode the whole prompt into sequence seq_id, leaving the last position's logits ready.
+
+    M-RoPE models: kept image tokens keep their original positions and the following text continues
+    after the image's full position span. 1-D RoPE models: kept tokens get consecutive positions.
+    """
+    if prompt.n_tokens > ctx.n_ctx:
+        raise ContextOverflowError(f"prompt needs {prompt.n_tokens} tokens (text + image) but n_ctx is {ctx.n_ctx}; "
+                                   "raise n_ctx or use smaller images")
+    n_past = pos0
+    n_kv = 0
+    images: list[ImagePrefill] = []
+    encode_s = 0.0
+    t_start = time.perf_counter()
+    last = len(prompt.chunks) - 1
+    for ci, chunk in enumerate(prompt.chunks):
+        if isinstance(chunk, TextChunk):
+            if chunk.tokens:
+                ctx.decode_tokens(chunk.tokens, n_past, seq_id, logits_last=True)
+                n_past += len(chunk.tokens)
+                n_kv += len(chunk.tokens)
+            continue
+        t0 = time.perf_counter()
+        embd = projector.encode(chunk)
+        encode_s += time.perf_counter() - t0
+        positions = projector.positions(chunk, n_past)
+        kept = np.arange(chunk.n_tokens, dtype=np.int64)
+        if select is not None:
+            chosen = select(chunk, embd)
+            if chosen is not None:
+                kept = np.asarray(chosen, dtype=np.int64)
+        if projector.uses_mrope:
+            pos = positions[kept]
+            advance = chunk.n_pos  # text continues after the image's full span
+        else:
+            pos = (n_past + np.arange(len(kept), dtype=np.int32))[:, None]
+            advance = len(kept)
+        ctx.decode_embeddings(embd[kept], pos, seq_id, logits_last=(ci == last))
+        n_past += advance
+        n_kv += len(kept)
+        images.append(ImagePrefill(chunk.image_index, chunk.n_tokens, len(kept), (chunk.nx, chunk.ny), kept, embd))
+    prefill_s = time.perf_counter() - t_start - encode_s
+    return PrefillResult(n_past, n_kv, images, encode_s, prefill_s)

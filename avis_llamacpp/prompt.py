@@ -1,0 +1,61 @@
+"""Chat-prompt rendering: the same templates and system messages llama-cpp-python's stock handlers use,
+so a prompt rendered here tokenizes exactly as the stock handler's does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llama_cpp import llama_chat_format as lcf
+
+from .errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template plus the system message injected when the conversation has none."""
+
+    name: str
+    template: str
+    default_system: str | None
+
+
+LLAVA15 = ChatFormat("llava-1-5", lcf.Llava15ChatHandler.CHAT_FORMAT, lcf.Llava15ChatHandler.DEFAULT_SYSTEM_MESSAGE)
+QWEN25VL = ChatFormat("qwen2.5-vl", lcf.Qwen25VLChatHandler.CHAT_FORMAT, lcf.Qwen25VLChatHandler.DEFAULT_SYSTEM_MESSAGE)
+KNOWN_FORMATS = {f.name: f for f in (LLAVA15, QWEN25VL)}
+
+
+def guess_format(text_arch: str, gguf_template: str | None) -> ChatFormat:
+    """Pick the stock handler's format for a model family; other families use the GGUF's own template."""
+    if text_arch in ("qwen2vl", "qwen25vl"):
+        return QWEN25VL
+    if text_arch == "llama" and not gguf_template:
+        return LLAVA15
+    if gguf_template:
+        return ChatFormat("gguf", gguf_template, None)
+    return LLAVA15
+
+
+def user_message(question: str, n_images: int, image_url: str) -> dict[str, Any]:
+    """An OpenAI-style user message: the images first, then the question (as the stock handlers order them)."""
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_url}} for _ in range(n_images)]
+    parts.append({"type": "text", "text": question})
+    return {"role": "user", "content": parts}
+
+
+def render(fmt: ChatFormat, messages: Sequence[Mapping[str, Any]], *, marker: str, bos: str = "", eos: str = "",
+           image_urls: Sequence[str] = ()) -> str:
+    """Render messages to prompt text (generation prompt appended); image URLs become the media marker."""
+    if not messages:
+        raise InvalidArgumentError("messages is empty")
+    msgs = list(messages)
+    has_system = any(m.get("role") == "system" for m in msgs)
+    if not has_system and fmt.default_system is not None:
+        msgs = [{"role": "system", "content": fmt.default_system}] + msgs
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(fmt.template).render(messages=msgs, add_generation_prompt=True, bos_token=bos,
+                                                eos_token=eos)
+    for url in image_urls:
+        text = text.replace(url, marker)
+    return text

@@ -1,0 +1,1 @@
+"""GGUF writers: test-model generators (text model + mmproj pairs) and, later, policy files."""

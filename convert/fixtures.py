@@ -1,0 +1,153 @@
+"""Seeded random-weight VLM pairs (text GGUF + mmproj GGUF) for tests and benchmarks.
+
+Which architectures exist lives here (FAMILIES x SIZES); how to write them lives in text_model.py and
+mmproj.py. Files are cached under a key that includes the generators' source, so an edited generator
+never serves a stale file.
+
+    python -m convert.fixtures --family llava --size tiny --out DIR
+    python -m convert.fixtures --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .mmproj import VisionDims, expected_image_tokens, write_mmproj
+from .text_model import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, TextModelDims, write_text_model
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("llava", "qwen25vl")
+SIZES = ("tiny", "bench")
+
+# (text dims, vision dims, chat template, file type) for each family and size.
+_SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
+    ("llava", "tiny"): (
+        TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
+        VisionDims("llava", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=16, image_size=224, proj_dim=64),
+        LLAVA_CHAT_TEMPLATE, "f32"),
+    ("qwen25vl", "tiny"): (
+        TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
+        VisionDims("qwen25vl", n_embd=64, n_layer=4, n_head=4, n_ff=128, patch_size=14, image_size=224,
+                   proj_dim=64, n_wa_pattern=2),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # bench: ~0.3B text model, ViT giving ~500-1000 image tokens (576 for llava at 336 / patch 14;
+    # a 644x644 image gives 23x23 = 529 tokens on the qwen25vl tower)
+    ("llava", "bench"): (
+        TextModelDims("llama", n_embd=1024, n_layer=20, n_head=16, n_head_kv=8, n_ff=2816),
+        VisionDims("llava", n_embd=512, n_layer=12, n_head=8, n_ff=2048, patch_size=14, image_size=336,
+                   proj_dim=1024),
+        LLAVA_CHAT_TEMPLATE, "f16"),
+    ("qwen25vl", "bench"): (
+        TextModelDims("qwen2vl", n_embd=1024, n_layer=20, n_head=16, n_head_kv=8, n_ff=2816),
+        VisionDims("qwen25vl", n_embd=512, n_layer=12, n_head=8, n_ff=1408, patch_size=14, image_size=644,
+                   proj_dim=1024, n_wa_pattern=4),
+        CHATML_CHAT_TEMPLATE, "f16"),
+}
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """Paths and facts of one generated VLM pair."""
+
+    family: str
+    size: str
+    seed: int
+    model: Path
+    mmproj: Path
+    text: TextModelDims
+    vision: VisionDims
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """LLM image tokens mtmd will produce for a width x height image."""
+        return expected_image_tokens(self.vision, width, height)
+
+
+def spec(family: str, size: str = "tiny") -> tuple[TextModelDims, VisionDims, str, str]:
+    """The dims, template and file type of a family at a size."""
+    if (family, size) not in _SPECS:
+        raise ValueError(f"unknown fixture {family!r}/{size!r}; families {FAMILIES}, sizes {SIZES}")
+    return _SPECS[(family, size)]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("AVIS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avis-llamacpp")
+    return Path(base) / "fixtures"
+
+
+def _key(family: str, size: str, seed: int) -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("fixtures.py", "text_model.py", "mmproj.py", "tokenizer.py"):
+        h.update((here / name).read_bytes())
+    text, vision, template, ftype = spec(family, size)
+    h.update(repr((text, vision, template, ftype, seed)).encode())
+    return f"{family}-{size}-s{seed}-{h.hexdigest()[:12]}"
+
+
+def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str | os.PathLike | None = None,
+                 force: bool = False) -> Fixture:
+    """Write (or reuse from the cache) the text model + mmproj of a family; returns their paths."""
+    text, vision, template, ftype = spec(family, size)
+    root = Path(out_dir) if out_dir is not None else default_cache_dir()
+    folder = root / _key(family, size, seed)
+    model, mmproj, info_path = folder / "model.gguf", folder / "mmproj.gguf", folder / "info.json"
+    fx = Fixture(family, size, seed, model, mmproj, text, vision)
+    if info_path.exists() and model.exists() and mmproj.exists() and not force:
+        return fx
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
+    text_info = write_text_model(tmp_model, text, seed=seed, chat_template=template, name=f"avis-{family}-{size}",
+                                 ftype=ftype)
+    vision_info = write_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj", ftype=ftype)
+    os.replace(tmp_model, model)
+    os.replace(tmp_mmproj, mmproj)
+    info = {"family": family, "size": size, "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
+            "text": {k: v for k, v in text_info.items() if isinstance(v, (int, float, str))},
+            "vision": {k: v for k, v in vision_info.items() if isinstance(v, (int, float, str))},
+            "text_dims": asdict(text), "vision_dims": asdict(vision),
+            "model_bytes": model.stat().st_size, "mmproj_bytes": mmproj.stat().st_size}
+    info_path.write_text(json.dumps(info, indent=2, default=str))
+    logger.info("wrote %s fixture %s/%s in %.2f s", family, size, folder, info["seconds"])
+    return fx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.fixtures", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=FAMILIES, action="append", help="family to write (repeatable)")
+    p.add_argument("--size", choices=SIZES, default="tiny", help="tiny (tests) or bench (benchmarks)")
+    p.add_argument("--all", action="store_true", help="every family at --size")
+    p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.add_argument("--out", default=None, help="output root (default: the cache dir)")
+    p.add_argument("--force", action="store_true", help="rewrite even if cached")
+    p.add_argument("--shell", action="store_true", help="print AVIS_MODEL=... AVIS_MMPROJ=... for one family")
+    args = p.parse_args(argv)
+    families = list(FAMILIES) if args.all or not args.family else args.family
+    if args.shell:
+        import shlex
+        fx = make_fixture(families[0], args.size, seed=args.seed, out_dir=args.out, force=args.force)
+        print(f"AVIS_MODEL={shlex.quote(str(fx.model))} AVIS_MMPROJ={shlex.quote(str(fx.mmproj))}")
+        return 0
+    for fam in families:
+        t0 = time.perf_counter()
+        fx = make_fixture(fam, args.size, seed=args.seed, out_dir=args.out, force=args.force)
+        print(json.dumps({"family": fam, "size": args.size, "model": str(fx.model), "mmproj": str(fx.mmproj),
+                          "model_mb": round(fx.model.stat().st_size / 2**20, 2),
+                          "mmproj_mb": round(fx.mmproj.stat().st_size / 2**20, 2),
+                          "image_tokens_224": fx.image_tokens(224, 224),
+                          "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
