@@ -85,6 +85,18 @@ class Prompt:
             pass
 
 
+def read_projector_type(mmproj_path: str | os.PathLike) -> str | None:
+    """The mmproj's `clip.projector_type` (or `clip.vision.projector_type`) string, read from GGUF metadata."""
+    import gguf
+
+    reader = gguf.GGUFReader(os.fspath(mmproj_path))
+    for key in ("clip.projector_type", "clip.vision.projector_type"):
+        f = reader.fields.get(key)
+        if f is not None:
+            return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+    return None
+
+
 class Projector:
     """An mtmd context: the vision encoder + projector (mmproj GGUF) bound to a text model.
 
@@ -127,6 +139,7 @@ class Projector:
             self.close()
             raise ModelLoadError(f"{mmproj_path!r} has no vision encoder (audio-only projector?)")
         self.uses_mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self.ptr))
+        self.projector_type = read_projector_type(mmproj_path)
         marker = mtmd_cpp.mtmd_default_marker()
         self.marker = marker.decode() if isinstance(marker, bytes) else str(marker)
 

@@ -27,14 +27,15 @@ def ensure_backend() -> None:
         _BACKEND_READY = True
 
 
-def _silence_logs(verbose: bool) -> None:
-    """Route llama.cpp's own log output to nothing unless verbose (llama-cpp-python does the same)."""
-    if verbose:
-        return
-    try:
-        from llama_cpp._logger import llama_log_callback  # noqa: F401  (installs python-side logger)
-    except Exception:  # pragma: no cover - depends on llama-cpp-python internals
-        pass
+def set_native_verbosity(verbose: bool) -> None:
+    """Show llama.cpp's (and mtmd's) own logs only when verbose, through llama-cpp-python's log callback,
+    the same switch llama_cpp.Llama(verbose=...) uses."""
+    from llama_cpp import _logger
+    import llama_cpp.mtmd_cpp as mtmd_cpp
+
+    _logger.set_verbose(verbose)
+    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, None)
+    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, None)
 
 
 class Model:
@@ -43,6 +44,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
                  verbose: bool = False) -> None:
         ensure_backend()
+        set_native_verbosity(verbose)
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelLoadError(f"text model file not found: {path!r}")

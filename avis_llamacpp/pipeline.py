@@ -63,7 +63,8 @@ class VLM:
         if isinstance(chat_format, ChatFormat):
             self.chat_format = chat_format
         elif chat_format == "auto":
-            self.chat_format = guess_format(self.model.architecture, self.model.meta("tokenizer.chat_template"))
+            self.chat_format = guess_format(self.model.architecture, self.projector.projector_type,
+                                            self.model.meta("tokenizer.chat_template"))
         elif chat_format in KNOWN_FORMATS:
             self.chat_format = KNOWN_FORMATS[chat_format]
         else:

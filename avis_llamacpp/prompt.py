@@ -26,11 +26,12 @@ QWEN25VL = ChatFormat("qwen2.5-vl", lcf.Qwen25VLChatHandler.CHAT_FORMAT, lcf.Qwe
 KNOWN_FORMATS = {f.name: f for f in (LLAVA15, QWEN25VL)}
 
 
-def guess_format(text_arch: str, gguf_template: str | None) -> ChatFormat:
-    """Pick the stock handler's format for a model family; other families use the GGUF's own template."""
+def guess_format(text_arch: str, projector_type: str | None, gguf_template: str | None) -> ChatFormat:
+    """Pick the stock llama-cpp-python handler's format for the families it has one for (Qwen2/2.5-VL text
+    models; LLaVA-1.5's `mlp` projector on a llama model); other families use the GGUF's own template."""
     if text_arch in ("qwen2vl", "qwen25vl"):
         return QWEN25VL
-    if text_arch == "llama" and not gguf_template:
+    if text_arch == "llama" and projector_type == "mlp":
         return LLAVA15
     if gguf_template:
         return ChatFormat("gguf", gguf_template, None)

@@ -93,12 +93,34 @@ def _key(family: str, size: str, seed: int) -> str:
     return f"{family}-{size}-s{seed}-{h.hexdigest()[:12]}"
 
 
+QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "f16": None}
+
+
+def quantize_model(src: Path, dst: Path, qtype: str) -> None:
+    """Quantize a text-model GGUF with llama.cpp's own quantizer (llama_model_quantize)."""
+    import llama_cpp
+
+    const = QUANT_TYPES.get(qtype)
+    if const is None:
+        os.replace(src, dst)
+        return
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, const)
+    params.nthread = os.cpu_count() or 1
+    ret = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if ret != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) failed with {ret}")
+
+
 def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str | os.PathLike | None = None,
-                 force: bool = False) -> Fixture:
-    """Write (or reuse from the cache) the text model + mmproj of a family; returns their paths."""
+                 force: bool = False, quantize: str | None = "q8_0") -> Fixture:
+    """Write (or reuse from the cache) the text model + mmproj of a family; returns their paths.
+    f16 (bench) text models are then quantized with llama.cpp's quantizer (`quantize`, default Q8_0)."""
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise ValueError(f"quantize must be one of {sorted(QUANT_TYPES)} or None")
     text, vision, template, ftype = spec(family, size)
     root = Path(out_dir) if out_dir is not None else default_cache_dir()
-    folder = root / _key(family, size, seed)
+    folder = root / (_key(family, size, seed) + (f"-{quantize}" if ftype == "f16" and quantize else ""))
     model, mmproj, info_path = folder / "model.gguf", folder / "mmproj.gguf", folder / "info.json"
     fx = Fixture(family, size, seed, model, mmproj, text, vision)
     if info_path.exists() and model.exists() and mmproj.exists() and not force:
@@ -109,7 +131,11 @@ def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str
     text_info = write_text_model(tmp_model, text, seed=seed, chat_template=template, name=f"avis-{family}-{size}",
                                  ftype=ftype)
     vision_info = write_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj", ftype=ftype)
-    os.replace(tmp_model, model)
+    if ftype == "f16" and quantize:
+        quantize_model(tmp_model, model, quantize)
+        tmp_model.unlink()
+    else:
+        os.replace(tmp_model, model)
     os.replace(tmp_mmproj, mmproj)
     info = {"family": family, "size": size, "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
             "text": {k: v for k, v in text_info.items() if isinstance(v, (int, float, str))},
@@ -130,17 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.add_argument("--out", default=None, help="output root (default: the cache dir)")
     p.add_argument("--force", action="store_true", help="rewrite even if cached")
+    p.add_argument("--quantize", default="q8_0", choices=sorted(QUANT_TYPES),
+                   help="bench text models: llama.cpp quantization type (f16 keeps them unquantized)")
     p.add_argument("--shell", action="store_true", help="print AVIS_MODEL=... AVIS_MMPROJ=... for one family")
     args = p.parse_args(argv)
     families = list(FAMILIES) if args.all or not args.family else args.family
     if args.shell:
         import shlex
-        fx = make_fixture(families[0], args.size, seed=args.seed, out_dir=args.out, force=args.force)
+        fx = make_fixture(families[0], args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize)
         print(f"AVIS_MODEL={shlex.quote(str(fx.model))} AVIS_MMPROJ={shlex.quote(str(fx.mmproj))}")
         return 0
     for fam in families:
         t0 = time.perf_counter()
-        fx = make_fixture(fam, args.size, seed=args.seed, out_dir=args.out, force=args.force)
+        fx = make_fixture(fam, args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize)
         print(json.dumps({"family": fam, "size": args.size, "model": str(fx.model), "mmproj": str(fx.mmproj),
                           "model_mb": round(fx.model.stat().st_size / 2**20, 2),
                           "mmproj_mb": round(fx.mmproj.stat().st_size / 2**20, 2),

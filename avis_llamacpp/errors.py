@@ -1,0 +1,46 @@
+"""Exception hierarchy for avis_llamacpp, so callers can catch plugin errors precisely."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AVISError",
+    "InvalidArgumentError",
+    "ImageError",
+    "ModelLoadError",
+    "ContextOverflowError",
+    "CaptureError",
+    "PolicyFileError",
+    "SnapshotMismatchError",
+]
+
+
+class AVISError(Exception):
+    """Base class of every error raised by avis_llamacpp, for one catch-all handler."""
+
+
+class InvalidArgumentError(AVISError, ValueError):
+    """An argument has the wrong shape, type or range; also a ValueError for generic handlers."""
+
+
+class ImageError(AVISError, ValueError):
+    """An image could not be read, decoded or is unusable (empty, bad size, bad format)."""
+
+
+class ModelLoadError(AVISError):
+    """A language model or multimodal projector file could not be loaded."""
+
+
+class ContextOverflowError(AVISError):
+    """The prompt plus image tokens and generation budget do not fit in the context window."""
+
+
+class CaptureError(AVISError):
+    """Vision-encoder key capture failed or returned tensors of an unexpected shape."""
+
+
+class PolicyFileError(AVISError):
+    """A policy / difficulty-predictor file is missing, malformed or of an unsupported version."""
+
+
+class SnapshotMismatchError(AVISError):
+    """A saved state snapshot does not match the current model, prompt or image tokens."""
