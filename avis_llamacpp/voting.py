@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -103,7 +104,11 @@ def _answer_is(region: str) -> Optional[str]:
         last = m
     if last is None:
         return None
-    clause = _clean_clause(region[last.end() : last.end() + _MAX_CLAUSE])
+    raw = region[last.end() : last.end() + _MAX_CLAUSE].lstrip()  # "Answer:\n\nB" -> "B"
+    boxed = _boxed(raw.split("\n", 1)[0])
+    if boxed is not None:
+        return boxed
+    clause = _clean_clause(raw)
     return clause or None
 
 
@@ -353,6 +358,11 @@ def majority_vote(
     )
 
 
+def _is_count(v: object) -> bool:
+    """Non-negative integer (numpy integers included), not a bool."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and int(v) >= 0
+
+
 def can_be_overtaken(counts: Mapping[str, int], n_remaining: int) -> bool:
     """True unless the leader is safe: stopping early is only safe when leader > runner_up + n_remaining.
 
@@ -360,13 +370,13 @@ def can_be_overtaken(counts: Mapping[str, int], n_remaining: int) -> bool:
     "can be overtaken" because the tie-break may pick the other answer.
     With no votes at all this returns True.
     """
-    if isinstance(n_remaining, bool) or not isinstance(n_remaining, int) or n_remaining < 0:
+    if not _is_count(n_remaining):
         raise InvalidArgumentError(f"n_remaining must be a non-negative int, got {n_remaining!r}")
     values = []
     for k, v in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not _is_count(v):
             raise InvalidArgumentError(f"counts[{k!r}] must be a non-negative int, got {v!r}")
-        values.append(v)
+        values.append(int(v))
     top = sorted(values, reverse=True)[:2] + [0, 0]
     leader, runner_up = top[0], top[1]
     return not (leader > runner_up + n_remaining)
