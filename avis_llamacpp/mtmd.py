@@ -7,19 +7,18 @@ import ctypes
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 
+from .capture import KeyCapture, VisionInfo, read_vision_info
 from .errors import ImageError, ModelLoadError
 from .native import Model
 
 logger = logging.getLogger(__name__)
 
-# ggml_backend_sched_eval_callback: bool (*)(struct ggml_tensor * t, bool ask, void * user_data)
-EvalCallback = Callable[[int, bool], bool]
 
 
 @dataclass
@@ -85,28 +84,16 @@ class Prompt:
             pass
 
 
-def read_projector_type(mmproj_path: str | os.PathLike) -> str | None:
-    """The mmproj's `clip.projector_type` (or `clip.vision.projector_type`) string, read from GGUF metadata."""
-    import gguf
-
-    reader = gguf.GGUFReader(os.fspath(mmproj_path))
-    for key in ("clip.projector_type", "clip.vision.projector_type"):
-        f = reader.fields.get(key)
-        if f is not None:
-            return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-    return None
-
-
 class Projector:
     """An mtmd context: the vision encoder + projector (mmproj GGUF) bound to a text model.
 
-    `eval_callback`, if given, is installed as the encoder graph's cb_eval (used to capture the
-    last vision block's keys); it receives (tensor address, ask) and must return a bool.
+    `key_capture`, if given, is installed as the encoder graph's eval callback and collects the last
+    vision block's attention keys on every encode.
     """
 
     def __init__(self, mmproj_path: str | os.PathLike, model: Model, *, n_threads: int | None = None,
                  use_gpu: bool = True, flash_attn: bool = False, verbose: bool = False,
-                 eval_callback: EvalCallback | None = None) -> None:
+                 key_capture: KeyCapture | None = None) -> None:
         mmproj_path = os.fspath(mmproj_path)
         if not os.path.isfile(mmproj_path):
             raise ModelLoadError(f"mmproj file not found: {mmproj_path!r}")
@@ -118,13 +105,15 @@ class Projector:
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.warmup = False
         self._cb = None
-        if eval_callback is not None:
+        self.key_capture = key_capture
+        self.capture_error: Exception | None = None
+        if key_capture is not None:
             def _trampoline(tensor: int, ask: bool, _user: int) -> bool:
                 try:
-                    return bool(eval_callback(tensor, ask))
-                except Exception:  # never let an exception cross into C; keep the compute going
-                    logger.exception("eval callback failed")
-                    return True
+                    return bool(key_capture(tensor, ask))
+                except Exception as e:  # never let an exception cross into C; keep the compute going
+                    self.capture_error = e
+                    return not ask
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(_trampoline)  # keep alive
             params.cb_eval = self._cb
         self.path = mmproj_path
@@ -139,7 +128,8 @@ class Projector:
             self.close()
             raise ModelLoadError(f"{mmproj_path!r} has no vision encoder (audio-only projector?)")
         self.uses_mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self.ptr))
-        self.projector_type = read_projector_type(mmproj_path)
+        self.vision_info: VisionInfo = read_vision_info(mmproj_path)
+        self.projector_type = self.vision_info.projector_type
         marker = mtmd_cpp.mtmd_default_marker()
         self.marker = marker.decode() if isinstance(marker, bytes) else str(marker)
 
@@ -206,7 +196,12 @@ class Projector:
     # -- encoding -------------------------------------------------------------------------------------
     def encode(self, chunk: ImageChunk) -> np.ndarray:
         """Run the vision encoder + projector on one image chunk -> embeddings [n_tokens, n_embd] (copied)."""
+        if self.key_capture is not None:
+            self.key_capture.begin()
+            self.capture_error = None
         ret = mtmd_cpp.mtmd_encode_chunk(self.ptr, chunk.handle)
+        if self.key_capture is not None and ret == 0:
+            self.key_capture.end()
         if ret != 0:
             raise RuntimeError(f"mtmd_encode_chunk failed with code {ret}")
         ptr = mtmd_cpp.mtmd_get_output_embd(self.ptr)

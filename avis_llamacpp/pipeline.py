@@ -12,9 +12,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import ContextOverflowError, InvalidArgumentError
+import math
+
+import numpy as np
+
+from .capture import KeyCapture, keys_per_token
+from .errors import CaptureError, ContextOverflowError, InvalidArgumentError
 from .images import ImageInput, load_image
-from .mtmd import Projector
+from .kdv import prune
+from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, Model, SamplingParams
 from .prefill import PrefillResult, TokenSelector, prefill
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
@@ -36,12 +42,14 @@ class Answer:
     image_tokens: list[int]  # per image, before pruning
     kept_tokens: list[int]  # per image, after pruning
     timings: dict[str, float] = field(default_factory=dict)
+    images: list[dict[str, Any]] = field(default_factory=list)  # per image: grid, kept indices, KDV summary
     rollouts: list[Rollout] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
                 "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
-                "kept_tokens": self.kept_tokens, "timings": self.timings}
+                "kept_tokens": self.kept_tokens, "timings": self.timings,
+                "images": [{k: v for k, v in im.items() if k != "kept"} for im in self.images]}
 
 
 class VLM:
@@ -54,7 +62,8 @@ class VLM:
                  n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 1, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
                  flash_attn: bool = False, chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
-                 allow_remote_images: bool = False, verbose: bool = False) -> None:
+                 allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False) -> None:
+        self.key_capture = KeyCapture() if capture_keys else None
         self.model = Model(model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
         self.settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
                                         n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn)
@@ -77,7 +86,7 @@ class VLM:
                         verbose: bool) -> Projector:
         """Create the mtmd context (subclasses add an eval callback to capture encoder tensors)."""
         return Projector(mmproj_path, self.model, n_threads=self.settings.resolved_threads()[0], use_gpu=use_gpu,
-                         flash_attn=flash_attn, verbose=verbose)
+                         flash_attn=flash_attn, verbose=verbose, key_capture=self.key_capture)
 
     # -- prompt ---------------------------------------------------------------------------------------
     def render_messages(self, messages: Sequence[Mapping[str, Any]], image_urls: Sequence[str] = ()) -> str:
@@ -100,19 +109,25 @@ class VLM:
 
     # -- queries --------------------------------------------------------------------------------------
     def ask(self, image: ImageInput | Sequence[ImageInput] | None, question: str, *, max_tokens: int = 256,
-            stop: Sequence[str] = (), sampling: SamplingParams = SamplingParams(),
-            select: TokenSelector | None = None) -> Answer:
-        """Answer a question about zero or more images with the model's chat format."""
+            stop: Sequence[str] = (), sampling: SamplingParams = SamplingParams(), ratio: float | None = None,
+            tau: float | None = None) -> Answer:
+        """Answer a question about zero or more images with the model's chat format. `ratio` prunes that
+        fraction of each image's tokens by KDV score; `tau` (radians, e.g. pi/4) prunes adaptively."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         return self.generate(self.render_question(question, len(images)), images, max_tokens=max_tokens,
-                             stop=stop, sampling=sampling, select=select)
+                             stop=stop, sampling=sampling, ratio=ratio, tau=tau)
 
     def generate(self, prompt_text: str, images: Sequence[ImageInput] = (), *, max_tokens: int = 256,
-                 stop: Sequence[str] = (), sampling: SamplingParams = SamplingParams(),
-                 select: TokenSelector | None = None) -> Answer:
-        """Run a raw prompt (containing one media marker per image) through encode, prefill and decode."""
+                 stop: Sequence[str] = (), sampling: SamplingParams = SamplingParams(), ratio: float | None = None,
+                 tau: float | None = None) -> Answer:
+        """Run a raw prompt (containing one media marker per image) through encode, (pruning,) prefill, decode."""
         if max_tokens < 0:
             raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
+        pruning = ratio is not None or tau is not None
+        if pruning:
+            prune(np.ones((1, 1, 1)), ratio=ratio, tau=tau)  # validate the arguments before any work
+        image_meta: dict[int, dict[str, Any]] = {}
+        select = self.kdv_selector(ratio, tau, image_meta) if pruning else self._recorder(image_meta)
         t0 = time.perf_counter()
         arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
         with self._lock:
@@ -127,15 +142,62 @@ class VLM:
                                    max_tokens=min(max_tokens, budget), stop=stop)
                 finally:
                     self.ctx.clear()
-        return self._answer(pre, out, time.perf_counter() - t0)
+        return self._answer(pre, out, time.perf_counter() - t0, image_meta)
 
     @staticmethod
-    def _answer(pre: PrefillResult, out: Rollout, total_s: float) -> Answer:
+    def _answer(pre: PrefillResult, out: Rollout, total_s: float, image_meta: dict[int, dict[str, Any]]) -> Answer:
+        images = []
+        for im in pre.images:
+            meta = {"index": im.index, "n_tokens": im.n_tokens, "n_kept": im.n_kept,
+                    "kept_fraction": im.kept_fraction, "grid": list(im.grid), "kept": im.kept.tolist()}
+            meta.update(image_meta.get(im.index, {}))
+            images.append(meta)
         return Answer(text=out.text, tokens=out.tokens, finish_reason=out.finish_reason, prompt_tokens=pre.n_kv,
                       image_tokens=[im.n_tokens for im in pre.images], kept_tokens=[im.n_kept for im in pre.images],
                       timings={"encode_s": pre.encode_s, "prefill_s": pre.prefill_s, "decode_s": out.decode_s,
                                "total_s": total_s},
-                      rollouts=[out])
+                      images=images, rollouts=[out])
+
+    # -- KDV ------------------------------------------------------------------------------------------
+    def token_grid(self, chunk: ImageChunk) -> tuple[int, int]:
+        """(nx, ny) of an image's LLM tokens; LLaVA-style projectors report a 1-row grid, made square here."""
+        if chunk.ny == 1 and chunk.nx > 1:
+            side = math.isqrt(chunk.nx)
+            if side * side == chunk.nx:
+                return side, side
+        return chunk.nx, chunk.ny
+
+    def token_keys(self, chunk: ImageChunk, embeddings: np.ndarray) -> tuple[np.ndarray, str]:
+        """One key per LLM token for the chunk just encoded: the last ViT block's captured keys when the
+        projector's mapping is known, else the projected embeddings as a single head (the fallback)."""
+        if self.projector.capture_error is not None:
+            raise CaptureError(f"key capture failed: {self.projector.capture_error}")
+        cap = self.key_capture
+        if cap is not None and cap.keys is not None:
+            nx, ny = self.token_grid(chunk)
+            keys = keys_per_token(cap.keys, self.projector.vision_info, nx, ny)
+            if keys is not None and keys.shape[0] == chunk.n_tokens:
+                return keys, f"vit_keys:{cap.name}"
+        return embeddings[:, None, :], "projected_embeddings"
+
+    def _recorder(self, image_meta: dict[int, dict[str, Any]]) -> TokenSelector:
+        def record(chunk: ImageChunk, embeddings: np.ndarray) -> None:
+            image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk))}
+            return None
+        return record
+
+    def kdv_selector(self, ratio: float | None, tau: float | None,
+                     image_meta: dict[int, dict[str, Any]]) -> TokenSelector:
+        """A prefill token selector that keeps each image's tokens chosen by KDV (fixed ratio or adaptive tau)."""
+        def select(chunk: ImageChunk, embeddings: np.ndarray) -> np.ndarray:
+            t0 = time.perf_counter()
+            keys, source = self.token_keys(chunk, embeddings)
+            sel = prune(keys, ratio=ratio, tau=tau)
+            image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk)), "key_source": source,
+                                             "kdv": {k: v for k, v in sel.to_dict().items() if k != "kept"},
+                                             "select_s": time.perf_counter() - t0}
+            return sel.kept
+        return select
 
     def close(self) -> None:
         """Free the projector, context and model (also done at garbage collection)."""

@@ -1,0 +1,336 @@
+"""Deterministic random-weight mmproj (vision projector) GGUF writer for stock llama.cpp mtmd.
+
+Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` loader expects:
+
+* ``"llava"``: LLaVA-1.5 style CLIP ViT (conv patch embedding, class token, learned position
+  embeddings, pre-LayerNorm, LayerNorm blocks with separate biased q/k/v, quick-GELU MLP) and
+  the ``mlp`` projector (``mm.0`` -> GELU -> ``mm.2``).  Like real LLaVA-1.5 files there is no
+  ``clip.vision.feature_layer`` key and no post-LN, so the graph runs only ``n_layer - 1`` blocks
+  (the output of the second-to-last layer feeds the projector).
+* ``"qwen25vl"``: Qwen2.5-VL vision tower (``clip.projector_type = "qwen2.5vl_merger"``): two
+  patch-embedding convs (temporal halves), RMSNorm blocks, biased q/k/v, 2-D M-RoPE inside the
+  ViT, window attention with a full-attention layer every ``n_wa_pattern`` blocks, SwiGLU MLP,
+  RMS post-norm (the merger's ``ln_q``), 2x2 spatial merge and the ``mm.0``/``mm.2`` merger MLP.
+
+All weights come from a seeded ``numpy.random.Generator`` and the writer emits no timestamps, so
+the output is byte-for-byte reproducible for a given ``(dims, seed, name, weight_std, ftype)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+import gguf
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "VisionDims",
+    "write_mmproj",
+    "expected_image_tokens",
+    "expected_image_grid",
+    "effective_pixel_limits",
+    "QWEN25VL_MIN_TOKENS",
+    "QWEN25VL_MAX_TOKENS",
+]
+
+# Token limits hard-coded by clip.cpp for PROJECTOR_TYPE_QWEN25VL (set_limit_image_tokens(8, 4096)).
+# The GGUF keys clip.vision.image_{min,max}_pixels are NOT read for this projector; only
+# mtmd_context_params.image_{min,max}_tokens override these.
+QWEN25VL_MIN_TOKENS = 8
+QWEN25VL_MAX_TOKENS = 4096
+# Window size clip.cpp uses for qwen2.5vl window attention (clip.vision.window_size is not read).
+QWEN25VL_WINDOW_SIZE = 112
+
+# OpenAI CLIP normalisation constants (used by both LLaVA-1.5 and Qwen2.5-VL).
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+_FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
+_FAMILIES = ("llava", "qwen25vl")
+
+
+@dataclass
+class VisionDims:
+    """Hyper-parameters of a tiny vision tower + projector."""
+
+    family: str  # "llava" | "qwen25vl"
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_ff: int
+    patch_size: int
+    image_size: int
+    proj_dim: int  # = text model n_embd
+    n_wa_pattern: int = 0  # qwen25vl: every n_wa_pattern-th block (1-based) uses full attention
+    window_size: int = 112  # qwen25vl: window in pixels (clip.cpp always uses 112)
+    spatial_merge: int = 2  # qwen25vl: must be 2 (clip.cpp hard-codes a 2x2 merge)
+    image_min_pixels: int | None = None  # metadata only (ignored by clip.cpp for qwen2.5vl)
+    image_max_pixels: int | None = None  # metadata only (ignored by clip.cpp for qwen2.5vl)
+    eps: float = 1e-6
+
+    def validate(self) -> None:
+        """Raise ValueError if the dims cannot produce a file that stock mtmd loads and runs."""
+        if self.family not in _FAMILIES:
+            raise ValueError(f"family must be one of {_FAMILIES}, got {self.family!r}")
+        for field in ("n_embd", "n_layer", "n_head", "n_ff", "patch_size", "image_size", "proj_dim"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError("n_embd must be divisible by n_head")
+        if self.n_ff == self.n_embd:
+            # clip.cpp swaps ffn_up/ffn_down when ffn_down.ne[0] == n_embd ("legacy naming" fix)
+            raise ValueError("n_ff must differ from n_embd (clip.cpp would swap ffn up/down)")
+        if self.family == "llava":
+            if self.image_size % self.patch_size:
+                raise ValueError("llava: image_size must be a multiple of patch_size")
+            if self.n_layer < 2:
+                raise ValueError("llava: n_layer must be >= 2 (the last block is not run)")
+        else:
+            d_head = self.n_embd // self.n_head
+            if d_head % 4:
+                raise ValueError("qwen25vl: head dim must be divisible by 4 (M-RoPE sections)")
+            if self.spatial_merge != 2:
+                raise ValueError("qwen25vl: clip.cpp only supports spatial_merge == 2")
+            if self.n_wa_pattern < 0:
+                raise ValueError("qwen25vl: n_wa_pattern must be >= 0")
+            if self.window_size != QWEN25VL_WINDOW_SIZE:
+                logger.warning(
+                    "qwen25vl: window_size=%d is written as metadata but clip.cpp always uses %d",
+                    self.window_size, QWEN25VL_WINDOW_SIZE,
+                )
+
+
+def effective_pixel_limits(
+    dims: VisionDims, *, image_min_tokens: int = 0, image_max_tokens: int = 0
+) -> tuple[int, int]:
+    """Return the (min_pixels, max_pixels) clip.cpp uses for a qwen25vl projector."""
+    patch_area = dims.patch_size * dims.patch_size * dims.spatial_merge * dims.spatial_merge
+    n_min = image_min_tokens if image_min_tokens > 0 else QWEN25VL_MIN_TOKENS
+    n_max = image_max_tokens if image_max_tokens > 0 else QWEN25VL_MAX_TOKENS
+    return n_min * patch_area, n_max * patch_area
+
+
+def _smart_resize(width: int, height: int, align: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Mirror img_tool::calc_size_preserved_ratio (float32 arithmetic as in C++)."""
+    f32 = np.float32
+    fa = f32(align)
+
+    def round_by(x: np.float32) -> int:
+        q = float(f32(x) / fa)
+        return int(math.floor(q + 0.5)) * align  # std::round: half away from zero (x >= 0)
+
+    def ceil_by(x: np.float32) -> int:
+        return int(math.ceil(float(f32(x) / fa))) * align
+
+    def floor_by(x: np.float32) -> int:
+        return int(math.floor(float(f32(x) / fa))) * align
+
+    if width <= 0 or height <= 0:
+        return 0, 0
+    w_bar = max(align, round_by(f32(width)))
+    h_bar = max(align, round_by(f32(height)))
+    if max_pixels > 0 and h_bar * w_bar > max_pixels:
+        beta = np.sqrt(f32(height) * f32(width) / f32(max_pixels), dtype=np.float32)
+        h_bar = max(align, floor_by(f32(height) / beta))
+        w_bar = max(align, floor_by(f32(width) / beta))
+    elif min_pixels > 0 and h_bar * w_bar < min_pixels:
+        beta = np.sqrt(f32(min_pixels) / (f32(height) * f32(width)), dtype=np.float32)
+        h_bar = ceil_by(f32(height) * beta)
+        w_bar = ceil_by(f32(width) * beta)
+    return w_bar, h_bar
+
+
+def expected_image_grid(
+    dims: VisionDims, width: int, height: int, *, image_min_tokens: int = 0, image_max_tokens: int = 0
+) -> tuple[int, int]:
+    """Return (nx, ny) of the LLM-token grid mtmd produces for an input image of width x height."""
+    dims.validate()
+    if dims.family == "llava":
+        # fixed-size preprocessor: always resized/padded to image_size x image_size
+        n = dims.image_size // dims.patch_size
+        return n, n
+    min_px, max_px = effective_pixel_limits(
+        dims, image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens
+    )
+    align = dims.patch_size * dims.spatial_merge
+    w, h = _smart_resize(width, height, align, min_px, max_px)
+    return w // align, h // align
+
+
+def expected_image_tokens(
+    dims: VisionDims, width: int, height: int, *, image_min_tokens: int = 0, image_max_tokens: int = 0
+) -> int:
+    """Number of image tokens mtmd emits for a width x height image (resize/pad or smart-resize)."""
+    nx, ny = expected_image_grid(
+        dims, width, height, image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens
+    )
+    return nx * ny
+
+
+class _Init:
+    """Seeded weight factory."""
+
+    def __init__(self, seed: int, std: float) -> None:
+        """Create the RNG."""
+        self.rng = np.random.default_rng(seed)
+        self.std = std
+
+    def normal(self, *shape: int, std: float | None = None) -> np.ndarray:
+        """Gaussian weights (float32) in PyTorch (row-major) layout."""
+        s = self.std if std is None else std
+        return (self.rng.standard_normal(shape, dtype=np.float32) * np.float32(s)).astype(np.float32)
+
+    @staticmethod
+    def ones(n: int) -> np.ndarray:
+        """Norm weight."""
+        return np.ones(n, dtype=np.float32)
+
+    @staticmethod
+    def zeros(n: int) -> np.ndarray:
+        """Norm bias."""
+        return np.zeros(n, dtype=np.float32)
+
+
+def _linear(init: _Init, prefix: str, n_in: int, n_out: int, bias: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield weight [n_out, n_in] (ggml ne = [n_in, n_out]) and optional bias."""
+    yield f"{prefix}.weight", init.normal(n_out, n_in)
+    if bias:
+        yield f"{prefix}.bias", init.normal(n_out)
+
+
+def _llava_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a CLIP ViT + mlp projector (LLaVA-1.5 layout)."""
+    e, p = d.n_embd, d.patch_size
+    n_pos = (d.image_size // p) ** 2 + 1
+    yield "v.class_embd", init.normal(e)
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.position_embd.weight", init.normal(n_pos, e)
+    yield "v.pre_ln.weight", init.ones(e)
+    yield "v.pre_ln.bias", init.zeros(e)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield from _linear(init, f"{b}.attn_q", e, e)
+        yield from _linear(init, f"{b}.attn_k", e, e)
+        yield from _linear(init, f"{b}.attn_v", e, e)
+        yield from _linear(init, f"{b}.attn_out", e, e)
+        yield f"{b}.ln1.weight", init.ones(e)
+        yield f"{b}.ln1.bias", init.zeros(e)
+        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
+        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
+        yield f"{b}.ln2.weight", init.ones(e)
+        yield f"{b}.ln2.bias", init.zeros(e)
+    yield from _linear(init, "mm.0", e, d.proj_dim)
+    yield from _linear(init, "mm.2", d.proj_dim, d.proj_dim)
+
+
+def _qwen25vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a Qwen2.5-VL vision tower + patch merger."""
+    e, p = d.n_embd, d.patch_size
+    merged = e * d.spatial_merge * d.spatial_merge
+    # Conv3D (temporal kernel 2) split into two Conv2D kernels, no bias
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.patch_embd.weight.1", init.normal(e, 3, p, p)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield f"{b}.ln1.weight", init.ones(e)
+        yield from _linear(init, f"{b}.attn_q", e, e)
+        yield from _linear(init, f"{b}.attn_k", e, e)
+        yield from _linear(init, f"{b}.attn_v", e, e)
+        yield from _linear(init, f"{b}.attn_out", e, e)
+        yield f"{b}.ln2.weight", init.ones(e)
+        yield from _linear(init, f"{b}.ffn_gate", e, d.n_ff)
+        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
+        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
+    yield "v.post_ln.weight", init.ones(e)  # merger.ln_q (RMSNorm)
+    yield from _linear(init, "mm.0", merged, merged)
+    yield from _linear(init, "mm.2", merged, d.proj_dim)
+
+
+def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str) -> None:
+    """Write the clip.* metadata the loader reads."""
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(name)
+    w.add_description(f"random-weight {d.family} mmproj for tests")
+    w.add_file_type(int(_FTYPES[ftype]))
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.image_size", d.image_size)
+    w.add_uint32("clip.vision.patch_size", d.patch_size)
+    w.add_uint32("clip.vision.embedding_length", d.n_embd)
+    w.add_uint32("clip.vision.feed_forward_length", d.n_ff)
+    w.add_uint32("clip.vision.block_count", d.n_layer)
+    w.add_uint32("clip.vision.projection_dim", d.proj_dim)
+    w.add_uint32("clip.vision.attention.head_count", d.n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
+    w.add_array("clip.vision.image_mean", list(_CLIP_MEAN))
+    w.add_array("clip.vision.image_std", list(_CLIP_STD))
+    if d.family == "llava":
+        w.add_string("clip.projector_type", "mlp")
+        w.add_bool("clip.has_llava_projector", True)
+        # neither use_gelu nor use_silu -> quick-GELU in the ViT MLP, as CLIP ViT-L/14
+        w.add_bool("clip.use_gelu", False)
+    else:
+        w.add_string("clip.projector_type", "qwen2.5vl_merger")
+        w.add_bool("clip.use_silu", True)
+        w.add_uint32("clip.vision.n_wa_pattern", d.n_wa_pattern)
+        w.add_uint32("clip.vision.window_size", d.window_size)
+        w.add_uint32("clip.vision.spatial_merge_size", d.spatial_merge)
+        if d.image_min_pixels is not None:
+            w.add_uint32("clip.vision.image_min_pixels", d.image_min_pixels)
+        if d.image_max_pixels is not None:
+            w.add_uint32("clip.vision.image_max_pixels", d.image_max_pixels)
+
+
+def _store_dtype(name: str, arr: np.ndarray, ftype: str) -> np.ndarray:
+    """Cast matrices/convs to f16 for ftype f16; keep 1-D tensors and embeddings in f32."""
+    if ftype == "f16" and arr.ndim >= 2 and name not in ("v.position_embd.weight",):
+        return arr.astype(np.float16)
+    return arr
+
+
+def write_mmproj(
+    path: str | os.PathLike,
+    dims: VisionDims,
+    *,
+    seed: int,
+    name: str,
+    weight_std: float = 0.02,
+    ftype: str = "f32",
+) -> dict:
+    """Write a deterministic random-weight mmproj GGUF and return info about it."""
+    dims.validate()
+    if ftype not in _FTYPES:
+        raise ValueError(f"ftype must be one of {sorted(_FTYPES)}, got {ftype!r}")
+    path = os.fspath(path)
+    init = _Init(seed, weight_std)
+    gen = _llava_tensors if dims.family == "llava" else _qwen25vl_tensors
+
+    writer = gguf.GGUFWriter(path, "clip")
+    _write_kv(writer, dims, name, ftype)
+    n_params = 0
+    for tname, arr in gen(dims, init):
+        n_params += int(arr.size)
+        writer.add_tensor(tname, _store_dtype(tname, arr, ftype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    info = {
+        "path": path,
+        "family": dims.family,
+        "n_image_tokens": expected_image_tokens(dims, dims.image_size, dims.image_size),
+        "image_grid": expected_image_grid(dims, dims.image_size, dims.image_size),
+        "file_size": os.path.getsize(path),
+        "n_params": n_params,
+        "n_blocks_run": dims.n_layer - 1 if dims.family == "llava" else dims.n_layer,
+    }
+    logger.info("wrote %s mmproj %s (%d params, %d bytes)", dims.family, path, n_params, info["file_size"])
+    return info
