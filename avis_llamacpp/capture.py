@@ -183,6 +183,7 @@ def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
 # Projector types whose encoder graph we know how to map to LLM tokens.
 LLAVA_LIKE = {"mlp", "mlp_norm", "ldp", "ldpv2"}
 QWEN_LIKE = {"qwen2vl_merger", "qwen2.5vl_merger"}
+QWEN25VL_WINDOW_PX = 112
 
 
 def keys_per_token(keys: np.ndarray, info: VisionInfo, nx: int, ny: int) -> np.ndarray | None:
@@ -198,11 +199,12 @@ def keys_per_token(keys: np.ndarray, info: VisionInfo, nx: int, ny: int) -> np.n
             return keys
         return None
     if info.projector_type in QWEN_LIKE:
-        merge = info.spatial_merge
+        merge = 2  # clip.cpp hard-codes merge_ratio = 2 for Qwen2/2.5-VL
         if keys.shape[0] != n_tokens * merge * merge:
             return None
         window = None
         if info.projector_type == "qwen2.5vl_merger" and info.n_wa_pattern > 0:
-            window = info.window_size // info.patch_size
+            # clip.cpp never reads clip.vision.window_size for Qwen2.5-VL: attn_window_size stays 0 -> 112 px
+            window = QWEN25VL_WINDOW_PX // info.patch_size
         return vit_keys_to_token_keys(keys, nx * merge, ny * merge, merge, window)
     return None

@@ -4,6 +4,7 @@ so a prompt rendered here tokenizes exactly as the stock handler's does."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -45,6 +46,12 @@ def user_message(question: str, n_images: int, image_url: str) -> dict[str, Any]
     return {"role": "user", "content": parts}
 
 
+@lru_cache(maxsize=16)
+def _compiled(template: str):  # noqa: ANN202 - jinja2.Template
+    """Compile a chat template once (the sandboxed environment stock handlers use)."""
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
 def render(fmt: ChatFormat, messages: Sequence[Mapping[str, Any]], *, marker: str, bos: str = "", eos: str = "",
            image_urls: Sequence[str] = ()) -> str:
     """Render messages to prompt text (generation prompt appended); image URLs become the media marker."""
@@ -54,8 +61,7 @@ def render(fmt: ChatFormat, messages: Sequence[Mapping[str, Any]], *, marker: st
     has_system = any(m.get("role") == "system" for m in msgs)
     if not has_system and fmt.default_system is not None:
         msgs = [{"role": "system", "content": fmt.default_system}] + msgs
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    text = env.from_string(fmt.template).render(messages=msgs, add_generation_prompt=True, bos_token=bos,
+    text = _compiled(fmt.template).render(messages=msgs, add_generation_prompt=True, bos_token=bos,
                                                 eos_token=eos)
     for url in image_urls:
         text = text.replace(url, marker)
