@@ -157,6 +157,9 @@ class VisionInfo:
     n_wa_pattern: int
     window_size: int
     spatial_merge: int
+    n_layer: int = 0
+    n_embd: int = 0
+    n_ff: int = 0
 
 
 def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
@@ -177,7 +180,9 @@ def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
     return VisionInfo(projector_type=proj, patch_size=int(get("clip.vision.patch_size", 14)),
                       n_wa_pattern=int(get("clip.vision.n_wa_pattern", 0)),
                       window_size=int(get("clip.vision.window_size", 112)),
-                      spatial_merge=int(get("clip.vision.spatial_merge_size", 2)))
+                      spatial_merge=int(get("clip.vision.spatial_merge_size", 2)),
+                      n_layer=int(get("clip.vision.block_count", 0)), n_embd=int(get("clip.vision.embedding_length", 0)),
+                      n_ff=int(get("clip.vision.feed_forward_length", 0)))
 
 
 # Projector types whose encoder graph we know how to map to LLM tokens.

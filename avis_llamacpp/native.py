@@ -177,6 +177,23 @@ class Context:
     def seq_pos_max(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id))
 
+    def seq_state(self, seq_id: int = 0) -> bytes:
+        """The KV-cache state of one sequence (llama_state_seq_get_data), for snapshot/restore."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        if n != size:
+            raise RuntimeError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
+        return bytes(buf)
+
+    def set_seq_state(self, state: bytes, seq_id: int = 0) -> None:
+        """Load a sequence state (from seq_state) into seq_id, replacing what the sequence held."""
+        self.seq_rm(seq_id)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(state), seq_id) == 0:
+            raise ContextOverflowError("could not restore the sequence state: no room in the KV cache, or the "
+                                       "state comes from a different model/context layout")
+
     # -- decoding -------------------------------------------------------------------------------------
     def _check(self, ret: int, what: str) -> None:
         if ret == 1:
@@ -304,6 +321,22 @@ class Sampler:
     def sample(self, ctx: Context, i: int = -1) -> int:
         """Sample (and accept) the next token from output i of the last decode."""
         return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, i))
+
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """Sample (and accept) from saved logits, as llama_sampler_sample does from the context's."""
+        n = logits.shape[0]
+        data = (llama_cpp.llama_token_data * n)()
+        arr = np.ctypeslib.as_array(data)  # structured view: id, logit, p
+        arr["id"] = np.arange(n, dtype=np.int32)
+        arr["logit"] = logits
+        arr["p"] = 0.0
+        cur = llama_cpp.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            raise RuntimeError("sampler chain selected no token")
+        token = int(cur.data[cur.selected].id)
+        llama_cpp.llama_sampler_accept(self.ptr, token)
+        return token
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

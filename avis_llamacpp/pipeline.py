@@ -1,39 +1,48 @@
 """The public object: load a text model + mmproj once, then answer questions about images.
 
-`VLM.ask` runs the vanilla path (encode, prefill, greedy decode) that reproduces stock llama-cpp-python
-token for token; AVIS features plug into the same steps (token selection before prefill, rollouts after)."""
+One query: load images -> mtmd tokenize -> encode each image (keys captured) -> optional KDV selection ->
+prefill sequence 0 -> K rollouts sharing that prefill -> answer extraction and vote. With nothing pruned and
+K = 1 this is the vanilla path and reproduces stock llama-cpp-python token for token."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-import math
-
 import numpy as np
 
-from .capture import KeyCapture, keys_per_token
+from .capture import LLAVA_LIKE, QWEN_LIKE, KeyCapture, keys_per_token
 from .errors import CaptureError, ContextOverflowError, InvalidArgumentError
+from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_image
 from .kdv import prune
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, Model, SamplingParams
 from .prefill import PrefillResult, TokenSelector, prefill
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
-from .rollouts import Rollout, generate
+from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot
+from .voting import ANSWER_PROMPT_SUFFIX, can_be_overtaken, extract_answer, majority_vote, normalize_answer
 
 logger = logging.getLogger(__name__)
 
 _IMAGE_URL = "avis-image://{}"  # placeholder URLs swapped for the media marker after rendering
 
+# the paper's VRS sampling for K > 1
+VRS_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
+MODES = ("parallel", "snapshot")
+
 
 @dataclass
 class Answer:
-    """The result of one query: text, tokens, per-image token counts and timings in seconds."""
+    """The result of one query.
+
+    `text` is the chosen rollout's full text (the vanilla answer when K = 1); `answer` the voted, normalised
+    answer extracted from the rollouts (None when none had one)."""
 
     text: str
     tokens: list[int]
@@ -44,22 +53,38 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     images: list[dict[str, Any]] = field(default_factory=list)  # per image: grid, kept indices, KDV summary
     rollouts: list[Rollout] = field(default_factory=list, repr=False)
+    answer: str | None = None
+    votes: dict[str, int] = field(default_factory=dict)
+    k: int = 1
+    mode: str = "parallel"
+    flops: dict[str, float] = field(default_factory=dict)
+    early_stopped: int = 0  # rollouts cancelled because the vote was decided
+
+    @property
+    def decode_tokens(self) -> list[int]:
+        return [len(r.tokens) for r in self.rollouts]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+        """A JSON-serialisable view (kept indices omitted)."""
+        return {"answer": self.answer, "votes": self.votes, "text": self.text, "tokens": self.tokens,
+                "finish_reason": self.finish_reason, "k": self.k, "mode": self.mode,
                 "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
-                "kept_tokens": self.kept_tokens, "timings": self.timings,
-                "images": [{k: v for k, v in im.items() if k != "kept"} for im in self.images]}
+                "kept_tokens": self.kept_tokens, "decode_tokens": self.decode_tokens,
+                "early_stopped": self.early_stopped, "timings": self.timings, "flops": self.flops,
+                "images": [{k: v for k, v in im.items() if k != "kept"} for im in self.images],
+                "rollouts": [{"text": r.text, "tokens": r.tokens, "mean_logprob": r.mean_logprob,
+                              "finish_reason": r.finish_reason, "seed": r.seed} for r in self.rollouts]}
 
 
 class VLM:
     """A vision-language model in llama.cpp: text GGUF + mmproj GGUF, one context, one projector.
 
-    Queries are serialised by a lock: one object may be shared between threads, one query runs at a time.
+    The context holds n_seq_max sequences in a unified KV cache so up to n_seq_max rollouts can share one
+    prefill. Queries are serialised by a lock: one object may be shared between threads.
     """
 
     def __init__(self, model_path: str | os.PathLike, mmproj_path: str | os.PathLike, *, n_ctx: int = 4096,
-                 n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 1, n_threads: int | None = None,
+                 n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 8, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
                  flash_attn: bool = False, chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
                  allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False) -> None:
@@ -80,13 +105,23 @@ class VLM:
             raise InvalidArgumentError(f"unknown chat_format {chat_format!r}; use 'auto' or one of {sorted(KNOWN_FORMATS)}")
         self.system_prompt = system_prompt
         self.allow_remote_images = allow_remote_images
+        self.text_dims = self._text_dims()
         self._lock = threading.RLock()
 
     def _make_projector(self, mmproj_path: str | os.PathLike, use_gpu: bool, flash_attn: bool,
                         verbose: bool) -> Projector:
-        """Create the mtmd context (subclasses add an eval callback to capture encoder tensors)."""
         return Projector(mmproj_path, self.model, n_threads=self.settings.resolved_threads()[0], use_gpu=use_gpu,
                          flash_attn=flash_attn, verbose=verbose, key_capture=self.key_capture)
+
+    def _text_dims(self) -> TextDims:
+        import llama_cpp
+
+        arch = self.model.architecture
+        n_ff = int(self.model.meta(f"{arch}.feed_forward_length") or 4 * self.model.n_embd)
+        return TextDims(n_layer=self.model.n_layer, n_embd=self.model.n_embd,
+                        n_head=llama_cpp.llama_model_n_head(self.model.ptr),
+                        n_head_kv=llama_cpp.llama_model_n_head_kv(self.model.ptr), n_ff=n_ff,
+                        n_vocab=self.model.n_vocab)
 
     # -- prompt ---------------------------------------------------------------------------------------
     def render_messages(self, messages: Sequence[Mapping[str, Any]], image_urls: Sequence[str] = ()) -> str:
@@ -108,28 +143,43 @@ class VLM:
         return int(llama_cpp.llama_vocab_bos(self.model.vocab))
 
     # -- queries --------------------------------------------------------------------------------------
-    def ask(self, image: ImageInput | Sequence[ImageInput] | None, question: str, *, max_tokens: int = 256,
-            stop: Sequence[str] = (), sampling: SamplingParams = SamplingParams(), ratio: float | None = None,
-            tau: float | None = None) -> Answer:
-        """Answer a question about zero or more images with the model's chat format. `ratio` prunes that
-        fraction of each image's tokens by KDV score; `tau` (radians, e.g. pi/4) prunes adaptively."""
+    def ask(self, image: ImageInput | Sequence[ImageInput] | None, question: str, *,
+            answer_tags: bool = False, **kwargs: Any) -> Answer:
+        """Answer a question about zero or more images with the model's chat format.
+
+        answer_tags appends the paper's instruction to think in <think> and answer in <answer> tags (and stops
+        each rollout after </answer>). Other keywords are those of `generate`."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        return self.generate(self.render_question(question, len(images)), images, max_tokens=max_tokens,
-                             stop=stop, sampling=sampling, ratio=ratio, tau=tau)
+        if answer_tags:
+            question = f"{question} {ANSWER_PROMPT_SUFFIX}"
+            kwargs.setdefault("stop_after", ("</answer>",))
+        return self.generate(self.render_question(question, len(images)), images, **kwargs)
 
     def generate(self, prompt_text: str, images: Sequence[ImageInput] = (), *, max_tokens: int = 256,
-                 stop: Sequence[str] = (), sampling: SamplingParams = SamplingParams(), ratio: float | None = None,
-                 tau: float | None = None) -> Answer:
-        """Run a raw prompt (containing one media marker per image) through encode, (pruning,) prefill, decode."""
-        if max_tokens < 0:
-            raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
+                 stop: Sequence[str] = (), stop_after: Sequence[str] = (), sampling: SamplingParams | None = None,
+                 ratio: float | None = None, tau: float | None = None, k: int = 1, mode: str = "parallel",
+                 seed: int = 0, early_stop: bool = False, options: Sequence[str] | None = None) -> Answer:
+        """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
+
+        ratio / tau: KDV pruning (fraction pruned, or adaptive angle in radians); None for both keeps all.
+        k: rollouts; K=1 decodes greedily unless `sampling` says otherwise, K>1 samples with `sampling`
+        (default temperature 0.7, top-p 0.9), rollout i seeded from `seed`. mode: 'parallel' (one batch per
+        step) or 'snapshot' (one rollout at a time). early_stop: stop once the vote cannot change.
+        options: multiple-choice option texts, used to normalise answers to letters."""
+        self._validate(max_tokens, k, mode)
         pruning = ratio is not None or tau is not None
         if pruning:
             prune(np.ones((1, 1, 1)), ratio=ratio, tau=tau)  # validate the arguments before any work
-        image_meta: dict[int, dict[str, Any]] = {}
-        select = self.kdv_selector(ratio, tau, image_meta) if pruning else self._recorder(image_meta)
+        if k == 1:
+            params = [sampling or SamplingParams(seed=seed)]
+        else:
+            base = sampling or VRS_SAMPLING
+            params = rollout_params(k, SamplingParams(**{**base.__dict__, "seed": seed}))
         t0 = time.perf_counter()
         arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
+        image_meta: dict[int, dict[str, Any]] = {}
+        select = self.kdv_selector(ratio, tau, image_meta) if pruning else self._recorder(image_meta)
+        stopper = self._early_stopper(options) if early_stop and k > 1 else None
         with self._lock:
             with self.projector.tokenize(prompt_text, arrays) as prompt:
                 self.ctx.clear()
@@ -138,25 +188,79 @@ class VLM:
                     budget = self.ctx.n_ctx - pre.n_kv
                     if budget <= 0:
                         raise ContextOverflowError(f"prompt fills the whole context ({pre.n_kv} of n_ctx={self.ctx.n_ctx})")
-                    out = generate(self.ctx, self.model, pre.n_past, params=sampling,
-                                   max_tokens=min(max_tokens, budget), stop=stop)
+                    max_new = min(max_tokens, budget // (k if mode == "parallel" else 1)) if k > 1 else min(max_tokens, budget)
+                    check_capacity(self.ctx, pre.n_kv, k, max_new, mode)
+                    t_dec = time.perf_counter()
+                    if mode == "parallel":
+                        rollouts = run_parallel(self.ctx, self.model, pre.n_past, params, max_tokens=max_new,
+                                                stop=stop, stop_after=stop_after, early_stop=stopper)
+                    else:
+                        rollouts = run_snapshot(self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params,
+                                                max_tokens=max_new, stop=stop, stop_after=stop_after,
+                                                early_stop=stopper)
+                    decode_s = time.perf_counter() - t_dec
                 finally:
                     self.ctx.clear()
-        return self._answer(pre, out, time.perf_counter() - t0, image_meta)
+        return self._answer(pre, rollouts, decode_s, time.perf_counter() - t0, image_meta, k, mode, options)
 
     @staticmethod
-    def _answer(pre: PrefillResult, out: Rollout, total_s: float, image_meta: dict[int, dict[str, Any]]) -> Answer:
+    def _validate(max_tokens: int, k: int, mode: str) -> None:
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise InvalidArgumentError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InvalidArgumentError(f"k (rollouts) must be an int >= 1, got {k!r}")
+        if mode not in MODES:
+            raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+
+    @staticmethod
+    def _normalised_answers(rollouts: Sequence[Rollout], options: Sequence[str] | None) -> list[str | None]:
+        out = []
+        for r in rollouts:
+            a = extract_answer(r.text, options) if r.finish_reason != "early_stop" else None
+            out.append(normalize_answer(a, options) if a is not None else None)
+        return out
+
+    def _early_stopper(self, options: Sequence[str] | None) -> EarlyStop:
+        def decided(done: list[Rollout], n_remaining: int) -> bool:
+            counts: dict[str, int] = {}
+            for a in self._normalised_answers(done, options):
+                if a is not None:
+                    counts[a] = counts.get(a, 0) + 1
+            return bool(counts) and not can_be_overtaken(counts, n_remaining)
+        return decided
+
+    def _answer(self, pre: PrefillResult, rollouts: list[Rollout], decode_s: float, total_s: float,
+                image_meta: dict[int, dict[str, Any]], k: int, mode: str,
+                options: Sequence[str] | None) -> Answer:
         images = []
         for im in pre.images:
             meta = {"index": im.index, "n_tokens": im.n_tokens, "n_kept": im.n_kept,
                     "kept_fraction": im.kept_fraction, "grid": list(im.grid), "kept": im.kept.tolist()}
             meta.update(image_meta.get(im.index, {}))
             images.append(meta)
-        return Answer(text=out.text, tokens=out.tokens, finish_reason=out.finish_reason, prompt_tokens=pre.n_kv,
+        answers = self._normalised_answers(rollouts, options)
+        vote = majority_vote(answers, [r.mean_logprob for r in rollouts])
+        best = rollouts[vote.winner_index] if vote.winner is not None else rollouts[0]
+        n_pruned = sum(im.n_tokens - im.n_kept for im in pre.images)
+        generated = [len(r.tokens) for r in rollouts if r.finish_reason != "early_stop"] or [0]
+        flops = relative_flops(self.text_dims, n_prompt_kv=pre.n_kv, n_prompt_kv_vanilla=pre.n_kv + n_pruned,
+                               generated=generated, vanilla_generated=round(float(np.mean(generated))),
+                               encoder=sum(self._encoder_flops(im) for im in pre.images))
+        return Answer(text=best.text, tokens=best.tokens, finish_reason=best.finish_reason, prompt_tokens=pre.n_kv,
                       image_tokens=[im.n_tokens for im in pre.images], kept_tokens=[im.n_kept for im in pre.images],
-                      timings={"encode_s": pre.encode_s, "prefill_s": pre.prefill_s, "decode_s": out.decode_s,
+                      timings={"encode_s": pre.encode_s, "prefill_s": pre.prefill_s, "decode_s": decode_s,
                                "total_s": total_s},
-                      images=images, rollouts=[out])
+                      images=images, rollouts=rollouts, answer=vote.winner, votes=dict(vote.counts), k=k, mode=mode,
+                      flops=flops, early_stopped=sum(r.finish_reason == "early_stop" for r in rollouts))
+
+    def _encoder_flops(self, im: Any) -> float:
+        info = self.projector.vision_info
+        if not info.n_layer or not info.n_embd:
+            return 0.0
+        qwen = info.projector_type in QWEN_LIKE
+        n_patches = im.n_tokens * (4 if qwen else 1) + (1 if info.projector_type in LLAVA_LIKE else 0)
+        n_run = info.n_layer - 1 if info.projector_type in LLAVA_LIKE else info.n_layer
+        return encoder_flops(VisionDims(n_run, info.n_embd, info.n_ff, gated_ffn=qwen), n_patches)
 
     # -- KDV ------------------------------------------------------------------------------------------
     def token_grid(self, chunk: ImageChunk) -> tuple[int, int]:

@@ -1,15 +1,22 @@
-"""Decoding after prefill: one stream (greedy or sampled) continuing a prefilled sequence. Each stream
-keeps its own sampler, tokens, text and log-probabilities, and knows when it is finished."""
+"""Decoding after prefill: K rollouts that share one prefilled prompt.
+
+- parallel (default): sequence 0 is copied to sequences 1..K-1 (metadata-only with a unified KV cache) and all
+  live rollouts advance together, one llama_decode per step;
+- snapshot: rollouts run one after another on sequence 0; between rollouts only the generated tokens are
+  removed, so the prompt's KV cells are reused (the prompt state itself can be saved and restored, see
+  snapshot.py).
+Each rollout keeps its own sampler (own seed), tokens, text and log-probabilities."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import ContextOverflowError, InvalidArgumentError
 from .native import Context, Model, Sampler, SamplingParams
 
 
@@ -20,8 +27,9 @@ class Rollout:
     text: str
     tokens: list[int]
     token_logprobs: list[float] = field(repr=False)
-    finish_reason: str  # "stop" (end-of-generation token or stop string) or "length"
+    finish_reason: str  # "stop" (end-of-generation token or stop string), "length", or "early_stop"
     decode_s: float = 0.0
+    seed: int = 0
 
     @property
     def mean_logprob(self) -> float:
@@ -35,35 +43,56 @@ def token_logprob(logits: np.ndarray, token: int) -> float:
     return float(x[token] - m - math.log(np.exp(x - m).sum()))
 
 
+def rollout_seed(seed: int, index: int) -> int:
+    """The sampler seed of rollout `index`, derived from one user seed (reproducible, decorrelated)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0])
+
+
+def rollout_params(k: int, base: SamplingParams) -> list[SamplingParams]:
+    """Sampling parameters for K rollouts: K=1 is greedy (the paper's VRS); K>1 samples with `base`,
+    each rollout with its own derived seed."""
+    if k < 1:
+        raise InvalidArgumentError(f"k must be >= 1, got {k}")
+    if k == 1:
+        return [SamplingParams(temperature=0.0, repeat_penalty=base.repeat_penalty,
+                               penalty_last_n=base.penalty_last_n, seed=rollout_seed(base.seed, 0))]
+    return [SamplingParams(temperature=base.temperature, top_p=base.top_p, top_k=base.top_k, min_p=base.min_p,
+                           repeat_penalty=base.repeat_penalty, penalty_last_n=base.penalty_last_n,
+                           seed=rollout_seed(base.seed, i)) for i in range(k)]
+
+
 class Stream:
-    """The state of one rollout while it decodes on sequence seq_id."""
+    """The state of one rollout while it decodes on sequence seq_id.
+
+    `stop` strings end the rollout and are cut from its text; `stop_after` strings (e.g. "</answer>") end it
+    and are kept."""
 
     def __init__(self, model: Model, params: SamplingParams, seq_id: int, n_past: int, max_tokens: int,
-                 stop: Sequence[str]) -> None:
+                 stop: Sequence[str] = (), stop_after: Sequence[str] = ()) -> None:
         self.model = model
+        self.params = params
         self.sampler = Sampler(params)
         self.seq_id = seq_id
         self.n_past = n_past
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
+        self.stop_after = [s for s in stop_after if s]
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.pieces: list[bytes] = []
         self.finish_reason: str | None = None
         self.text = ""
+        self.t0 = time.perf_counter()
+        self.decode_s = 0.0
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def step(self, ctx: Context, output_index: int) -> int | None:
-        """Sample the next token from the given output of the last decode; returns the token to feed
-        next, or None when the stream has finished."""
-        tok = self.sampler.sample(ctx, output_index)
+    def _accept(self, tok: int, logits: np.ndarray) -> int | None:
         if self.model.is_eog(tok):
-            self.finish_reason = "stop"
-            return None
-        self.logprobs.append(token_logprob(ctx.logits(output_index), tok))
+            return self._finish("stop")
+        self.logprobs.append(token_logprob(logits, tok))
         self.tokens.append(tok)
         self.pieces.append(self.model.token_piece(tok))
         text = b"".join(self.pieces).decode("utf-8", "ignore")
@@ -71,30 +100,149 @@ class Stream:
             at = text.find(s)
             if at >= 0:
                 self.text = text[:at]
-                self.finish_reason = "stop"
-                return None
+                return self._finish("stop")
         self.text = text
+        for s in self.stop_after:
+            at = text.find(s)
+            if at >= 0:
+                self.text = text[:at + len(s)]
+                return self._finish("stop")
         if len(self.tokens) >= self.max_tokens:
-            self.finish_reason = "length"
-            return None
+            return self._finish("length")
         return tok
 
-    def result(self, decode_s: float) -> Rollout:
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.decode_s = time.perf_counter() - self.t0
+        return None
+
+    def step(self, ctx: Context, output_index: int) -> int | None:
+        """Sample from output `output_index` of the last decode; the token to feed next, or None when done."""
+        tok = self.sampler.sample(ctx, output_index)
+        return self._accept(tok, ctx.logits(output_index))
+
+    def step_logits(self, logits: np.ndarray) -> int | None:
+        """Like step, from saved logits (the prefill's, for rollouts after the first in snapshot mode)."""
+        return self._accept(self.sampler.sample_logits(logits), logits)
+
+    def cancel(self) -> None:
+        if not self.done:
+            self._finish("early_stop")
+
+    def result(self) -> Rollout:
         self.sampler.close()
-        return Rollout(self.text, list(self.tokens), list(self.logprobs), self.finish_reason or "length", decode_s)
+        if not self.done:
+            self._finish("length")
+        return Rollout(self.text, list(self.tokens), list(self.logprobs), self.finish_reason or "length",
+                       self.decode_s, self.params.seed)
+
+
+# Called after each rollout finishes with the finished rollouts so far and the number still running;
+# returns True to stop the rest (early stopping once the vote is decided).
+EarlyStop = Callable[[list[Rollout], int], bool]
+
+
+def required_kv_cells(n_prompt_kv: int, k: int, max_tokens: int, mode: str) -> int:
+    """KV cells the rollouts may need: the shared prompt plus every live rollout's tokens."""
+    return n_prompt_kv + (k if mode == "parallel" else 1) * max_tokens
+
+
+def run_parallel(ctx: Context, model: Model, n_past: int, params: Sequence[SamplingParams], *, max_tokens: int,
+                 stop: Sequence[str] = (), stop_after: Sequence[str] = (),
+                 early_stop: EarlyStop | None = None) -> list[Rollout]:
+    """K rollouts continuing the prompt prefilled in sequence 0 (logits at output -1), decoded as one batch
+    per step on sequences 0..K-1. Sequences 1..K-1 are removed afterwards."""
+    k = len(params)
+    if k > ctx.settings.n_seq_max:
+        raise InvalidArgumentError(f"k={k} rollouts need n_seq_max >= {k} (the context has "
+                                   f"{ctx.settings.n_seq_max}); create the VLM with n_seq_max={k} or use mode='snapshot'")
+    for i in range(1, k):
+        ctx.seq_cp(0, i)
+    streams = [Stream(model, p, i, n_past, max_tokens, stop, stop_after) for i, p in enumerate(params)]
+    try:
+        live: list[tuple[Stream, int]] = []
+        finished: list[Stream] = []
+        for s in streams:
+            tok = s.step(ctx, -1) if max_tokens > 0 else s._finish("length")
+            (live.append((s, tok)) if tok is not None else finished.append(s))
+        _maybe_stop(streams, finished, live, early_stop)
+        live = [(s, t) for s, t in live if not s.done]
+        while live:
+            ctx.decode_step([t for _, t in live], [s.n_past for s, _ in live], [s.seq_id for s, _ in live])
+            nxt = []
+            for j, (s, _) in enumerate(live):
+                s.n_past += 1
+                tok = s.step(ctx, j)
+                if tok is None:
+                    finished.append(s)
+                else:
+                    nxt.append((s, tok))
+            live = nxt
+            if _maybe_stop(streams, finished, live, early_stop):
+                live = []
+    finally:
+        for i in range(1, k):
+            ctx.seq_rm(i)
+    return [s.result() for s in streams]
+
+
+def _maybe_stop(streams: list[Stream], finished: list[Stream], live: list, early_stop: EarlyStop | None) -> bool:
+    if early_stop is None or not live:
+        return False
+    done = [_view(s) for s in streams if s.done]
+    if early_stop(done, len(live)):
+        for s, _ in live:
+            s.cancel()
+        return True
+    return False
+
+
+def _view(s: Stream) -> Rollout:
+    return Rollout(s.text, list(s.tokens), list(s.logprobs), s.finish_reason or "length", s.decode_s, s.params.seed)
+
+
+def run_snapshot(ctx: Context, model: Model, n_past: int, prefill_logits: np.ndarray,
+                 params: Sequence[SamplingParams], *, max_tokens: int, stop: Sequence[str] = (),
+                 stop_after: Sequence[str] = (), early_stop: EarlyStop | None = None) -> list[Rollout]:
+    """K rollouts one after another on sequence 0, each starting from the prefilled prompt: the generated
+    tokens (positions >= n_past) are removed between rollouts and the first token is sampled from the saved
+    prefill logits."""
+    out: list[Rollout] = []
+    for i, p in enumerate(params):
+        if i > 0:
+            ctx.seq_rm(0, n_past, -1)
+        s = Stream(model, p, 0, n_past, max_tokens, stop, stop_after)
+        tok = s.step_logits(prefill_logits) if max_tokens > 0 else s._finish("length")
+        while tok is not None:
+            ctx.decode_tokens([tok], s.n_past, 0)
+            s.n_past += 1
+            tok = s.step(ctx, -1)
+        out.append(s.result())
+        if early_stop is not None and i + 1 < len(params) and early_stop(list(out), len(params) - i - 1):
+            for q in params[i + 1:]:
+                out.append(Rollout("", [], [], "early_stop", 0.0, q.seed))
+            break
+    ctx.seq_rm(0, n_past, -1)
+    return out
 
 
 def generate(ctx: Context, model: Model, n_past: int, *, params: SamplingParams = SamplingParams(),
              max_tokens: int = 256, stop: Sequence[str] = (), seq_id: int = 0) -> Rollout:
     """Decode one stream from the logits left by prefill (output -1), one token per step."""
-    t0 = time.perf_counter()
-    stream = Stream(model, params, seq_id, n_past, max_tokens, stop)
-    if max_tokens <= 0:
-        stream.finish_reason = "length"
-        return stream.result(0.0)
-    tok = stream.step(ctx, -1)
+    s = Stream(model, params, seq_id, n_past, max_tokens, stop)
+    tok = s.step(ctx, -1) if max_tokens > 0 else s._finish("length")
     while tok is not None:
-        ctx.decode_tokens([tok], stream.n_past, seq_id)
-        stream.n_past += 1
-        tok = stream.step(ctx, -1)
-    return stream.result(time.perf_counter() - t0)
+        ctx.decode_tokens([tok], s.n_past, seq_id)
+        s.n_past += 1
+        tok = s.step(ctx, -1)
+    return s.result()
+
+
+def check_capacity(ctx: Context, n_prompt_kv: int, k: int, max_tokens: int, mode: str) -> None:
+    """Raise a clear error when the context cannot hold the prompt plus the rollouts."""
+    need = required_kv_cells(n_prompt_kv, k, max_tokens, mode)
+    if need > ctx.n_ctx:
+        raise ContextOverflowError(
+            f"{k} rollout(s) of up to {max_tokens} tokens after a {n_prompt_kv}-token prompt need {need} KV cells "
+            f"in {mode} mode but n_ctx is {ctx.n_ctx}; raise n_ctx, lower max_tokens"
+            + (", or use mode='snapshot'" if mode == "parallel" else ""))

@@ -145,3 +145,28 @@ def test_overlay_marks_pruned_cells(vlm, demo_image, tmp_path):
     kept[im["kept"]] = True
     ref = np.asarray(load_image(demo_image).astype(float))
     assert cell_mean[~kept].mean() < cell_mean[kept].mean() or ref.std() == 0
+
+
+def test_captured_keys_equal_numpy_reference(vlm, vlm_fixture):
+    """The keys KDV scores are the last run ViT block's keys, recomputed independently in numpy from the
+    mmproj weights (tests/reference_vit.py), mapped to LLM tokens the way llama.cpp's graph maps rows."""
+    from tests.reference_vit import llava_forward, qwen25vl_forward
+
+    img = np.asarray(_noise(224, 224, seed=11))
+    _, pre, _ = _prefill_logits(vlm, img, ratio=0.5)
+    got, source = vlm.token_keys(_FakeChunk(pre), pre.images[0].embeddings)
+    n = pre.images[0].n_tokens
+    if vlm_fixture.family == "llava":
+        ref = llava_forward(str(vlm_fixture.mmproj), img)
+        assert source == f"vit_keys:Kcur-{ref['layers_run'] - 1}"
+        last = ref["keys"][-1]  # [n_pos, H, D], class token appended last by the graph
+        want = last[1:n + 1]  # the projector reads rows patches[i] = i + 1
+    else:
+        ref = qwen25vl_forward(str(vlm_fixture.mmproj), img)
+        assert source == f"vit_keys:Kcur_rope-{ref['layers_run'] - 1}"
+        rows = ref["keys_rope"][-1]  # window-grouped, 2x2 merge groups contiguous
+        grouped = rows.reshape(-1, 4, *rows.shape[1:]).mean(axis=1)
+        want = grouped[np.asarray(ref["window_idx"])]  # back to LLM token order, as the graph's get_rows
+    assert got.shape == want.shape
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
