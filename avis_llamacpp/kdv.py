@@ -221,6 +221,7 @@ class KDVSelection:
     param: float  # the ratio or tau that was used
     threshold: float  # tau mode: -cos(tau); ratio mode: lowest kept score
     score_summary: Mapping[str, float] = field(default_factory=dict)
+    scores: np.ndarray | None = field(default=None, repr=False)  # every token's score, for features/plots
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (plain ints, floats and lists)."""
@@ -274,6 +275,7 @@ def prune(
         param=param,
         threshold=threshold,
         score_summary=_summary(scores),
+        scores=scores,
     )
 
 

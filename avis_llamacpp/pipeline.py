@@ -6,25 +6,28 @@ K = 1 this is the vanilla path and reproduces stock llama-cpp-python token for t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from .capture import LLAVA_LIKE, QWEN_LIKE, KeyCapture, keys_per_token
-from .errors import CaptureError, ContextOverflowError, InvalidArgumentError
+from .errors import CaptureError, ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_image
-from .kdv import prune
+from .features import query_features
+from .kdv import kdv_scores, prune
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, Model, SamplingParams
-from .prefill import PrefillResult, TokenSelector, prefill
+from .prefill import ImagePrefill, PrefillResult, TokenSelector, prefill
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
+from .snapshot import Snapshot, file_fingerprint, image_digest
 from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot
 from .voting import ANSWER_PROMPT_SUFFIX, can_be_overtaken, extract_answer, majority_vote, normalize_answer
 
@@ -35,6 +38,17 @@ _IMAGE_URL = "avis-image://{}"  # placeholder URLs swapped for the media marker 
 # the paper's VRS sampling for K > 1
 VRS_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
 MODES = ("parallel", "snapshot")
+
+
+class QueryPolicy(Protocol):
+    """Decides per query how much to see (ratio / tau for KDV) and how much to think (K)."""
+
+    ratio: float | None
+    tau: float | None
+
+    def decide(self, features: np.ndarray) -> tuple[int, float | None]:
+        """K for this query and the predicted solvability p_hat (None if the policy has no predictor)."""
+        ...
 
 
 @dataclass
@@ -59,6 +73,8 @@ class Answer:
     mode: str = "parallel"
     flops: dict[str, float] = field(default_factory=dict)
     early_stopped: int = 0  # rollouts cancelled because the vote was decided
+    features: np.ndarray | None = field(default=None, repr=False)  # see features.py
+    p_hat: float | None = None  # the policy's predicted solvability, when a policy chose K
 
     @property
     def decode_tokens(self) -> list[int]:
@@ -70,7 +86,8 @@ class Answer:
                 "finish_reason": self.finish_reason, "k": self.k, "mode": self.mode,
                 "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
                 "kept_tokens": self.kept_tokens, "decode_tokens": self.decode_tokens,
-                "early_stopped": self.early_stopped, "timings": self.timings, "flops": self.flops,
+                "early_stopped": self.early_stopped, "p_hat": self.p_hat, "timings": self.timings,
+                "flops": self.flops,
                 "images": [{k: v for k, v in im.items() if k != "kept"} for im in self.images],
                 "rollouts": [{"text": r.text, "tokens": r.tokens, "mean_logprob": r.mean_logprob,
                               "finish_reason": r.finish_reason, "seed": r.seed} for r in self.rollouts]}
@@ -106,6 +123,7 @@ class VLM:
         self.system_prompt = system_prompt
         self.allow_remote_images = allow_remote_images
         self.text_dims = self._text_dims()
+        self._model_id: str | None = None
         self._lock = threading.RLock()
 
     def _make_projector(self, mmproj_path: str | os.PathLike, use_gpu: bool, flash_attn: bool,
@@ -153,55 +171,156 @@ class VLM:
         if answer_tags:
             question = f"{question} {ANSWER_PROMPT_SUFFIX}"
             kwargs.setdefault("stop_after", ("</answer>",))
-        return self.generate(self.render_question(question, len(images)), images, **kwargs)
+        kwargs.setdefault("question", question)
+        snap = kwargs.get("snapshot")
+        n_images = len(snap.image_digests) if snap is not None and not images else len(images)
+        return self.generate(self.render_question(question, n_images), images, **kwargs)
 
     def generate(self, prompt_text: str, images: Sequence[ImageInput] = (), *, max_tokens: int = 256,
                  stop: Sequence[str] = (), stop_after: Sequence[str] = (), sampling: SamplingParams | None = None,
                  ratio: float | None = None, tau: float | None = None, k: int = 1, mode: str = "parallel",
-                 seed: int = 0, early_stop: bool = False, options: Sequence[str] | None = None) -> Answer:
+                 seed: int = 0, early_stop: bool = False, options: Sequence[str] | None = None,
+                 policy: QueryPolicy | None = None, question: str | None = None,
+                 snapshot: Snapshot | None = None) -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
         ratio / tau: KDV pruning (fraction pruned, or adaptive angle in radians); None for both keeps all.
         k: rollouts; K=1 decodes greedily unless `sampling` says otherwise, K>1 samples with `sampling`
         (default temperature 0.7, top-p 0.9), rollout i seeded from `seed`. mode: 'parallel' (one batch per
         step) or 'snapshot' (one rollout at a time). early_stop: stop once the vote cannot change.
-        options: multiple-choice option texts, used to normalise answers to letters."""
+        options: multiple-choice option texts, used to normalise answers to letters.
+        policy: decides ratio/tau (unless given here) and K (overriding k) from the query's features.
+        snapshot: a prefilled prefix (see `snapshot`); the prompt must start with its prefix text, and images,
+        if given, must be the snapshot's."""
         self._validate(max_tokens, k, mode)
+        if policy is not None and ratio is None and tau is None:
+            ratio, tau = policy.ratio, policy.tau
         pruning = ratio is not None or tau is not None
         if pruning:
             prune(np.ones((1, 1, 1)), ratio=ratio, tau=tau)  # validate the arguments before any work
-        if k == 1:
-            params = [sampling or SamplingParams(seed=seed)]
-        else:
-            base = sampling or VRS_SAMPLING
-            params = rollout_params(k, SamplingParams(**{**base.__dict__, "seed": seed}))
         t0 = time.perf_counter()
         arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
-        image_meta: dict[int, dict[str, Any]] = {}
-        select = self.kdv_selector(ratio, tau, image_meta) if pruning else self._recorder(image_meta)
-        stopper = self._early_stopper(options) if early_stop and k > 1 else None
+        if snapshot is not None:
+            snapshot.check(self.model_id, prompt_text[:len(snapshot.prefix_text)],
+                           [image_digest(a) for a in arrays] if arrays else None)
+            if snapshot.pruning != {"ratio": ratio, "tau": tau} and pruning:
+                raise SnapshotMismatchError(f"the snapshot was pruned with {snapshot.pruning}, not ratio={ratio}, tau={tau}")
+        p_hat = None
         with self._lock:
-            with self.projector.tokenize(prompt_text, arrays) as prompt:
+            self.ctx.clear()
+            try:
+                if snapshot is None:
+                    pre, scores = self._prefill(prompt_text, arrays, ratio, tau)
+                else:
+                    pre, scores = self._prefill_after(snapshot, prompt_text[len(snapshot.prefix_text):])
+                features = query_features(
+                    [im.embeddings for im in pre.images], scores, n_embd=self.model.n_embd_inp,
+                    n_text_tokens=pre.n_kv - sum(im.n_kept for im in pre.images),
+                    question=question if question is not None else prompt_text)
+                if policy is not None:
+                    k, p_hat = policy.decide(features)
+                    self._validate(max_tokens, k, mode)
+                params = self._rollout_params(k, sampling, seed)
+                stopper = self._early_stopper(options) if early_stop and k > 1 else None
+                budget = self.ctx.n_ctx - pre.n_kv
+                if budget <= 0:
+                    raise ContextOverflowError(f"prompt fills the whole context ({pre.n_kv} of n_ctx={self.ctx.n_ctx})")
+                max_new = min(max_tokens, budget // (k if mode == "parallel" else 1))
+                check_capacity(self.ctx, pre.n_kv, k, max_new, mode)
+                t_dec = time.perf_counter()
+                if mode == "parallel":
+                    rollouts = run_parallel(self.ctx, self.model, pre.n_past, params, max_tokens=max_new,
+                                            stop=stop, stop_after=stop_after, early_stop=stopper)
+                else:
+                    rollouts = run_snapshot(self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params,
+                                            max_tokens=max_new, stop=stop, stop_after=stop_after, early_stop=stopper)
+                decode_s = time.perf_counter() - t_dec
+            finally:
                 self.ctx.clear()
-                try:
-                    pre = prefill(self.ctx, self.projector, prompt, select=select)
-                    budget = self.ctx.n_ctx - pre.n_kv
-                    if budget <= 0:
-                        raise ContextOverflowError(f"prompt fills the whole context ({pre.n_kv} of n_ctx={self.ctx.n_ctx})")
-                    max_new = min(max_tokens, budget // (k if mode == "parallel" else 1)) if k > 1 else min(max_tokens, budget)
-                    check_capacity(self.ctx, pre.n_kv, k, max_new, mode)
-                    t_dec = time.perf_counter()
-                    if mode == "parallel":
-                        rollouts = run_parallel(self.ctx, self.model, pre.n_past, params, max_tokens=max_new,
-                                                stop=stop, stop_after=stop_after, early_stop=stopper)
-                    else:
-                        rollouts = run_snapshot(self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params,
-                                                max_tokens=max_new, stop=stop, stop_after=stop_after,
-                                                early_stop=stopper)
-                    decode_s = time.perf_counter() - t_dec
-                finally:
-                    self.ctx.clear()
-        return self._answer(pre, rollouts, decode_s, time.perf_counter() - t0, image_meta, k, mode, options)
+        ans = self._answer(pre, rollouts, decode_s, time.perf_counter() - t0, k, mode, options)
+        ans.features, ans.p_hat = features, p_hat
+        return ans
+
+    def _prefill(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None,
+                 tau: float | None) -> tuple[PrefillResult, list[np.ndarray]]:
+        """Tokenize, encode (with KDV selection) and prefill sequence 0; returns the prefill and each image's
+        KDV scores."""
+        image_meta: dict[int, dict[str, Any]] = {}
+        pruning = ratio is not None or tau is not None
+        select = self.kdv_selector(ratio, tau, image_meta) if pruning else self._recorder(image_meta)
+        with self.projector.tokenize(prompt_text, arrays) as prompt:
+            pre = prefill(self.ctx, self.projector, prompt, select=select)
+        scores = []
+        for im in pre.images:
+            meta = image_meta.get(im.index, {})
+            scores.append(meta.pop("scores"))
+            im.meta = meta
+        return pre, scores
+
+    def _prefill_after(self, snap: Snapshot, suffix: str) -> tuple[PrefillResult, list[np.ndarray]]:
+        """Restore a prefilled prefix into sequence 0 and decode the rest of the prompt after it."""
+        t0 = time.perf_counter()
+        self.ctx.set_seq_state(snap.state, 0)
+        tokens = self.model.tokenize(suffix, add_special=False, parse_special=True)
+        if not tokens:
+            raise InvalidArgumentError("nothing to decode after the snapshot's prefix (empty question?)")
+        if snap.n_kv + len(tokens) > self.ctx.n_ctx:
+            raise ContextOverflowError(f"prompt needs {snap.n_kv + len(tokens)} tokens but n_ctx is {self.ctx.n_ctx}")
+        self.ctx.decode_tokens(tokens, snap.n_past, 0, logits_last=True)
+        images = []
+        for meta, emb in zip(snap.images, snap.embeddings):
+            kept = np.asarray(meta["kept"], dtype=np.int64)
+            im = ImagePrefill(meta["index"], meta["n_tokens"], len(kept), tuple(meta["grid"]), kept, emb)
+            im.meta = {k: v for k, v in meta.items() if k not in ("index", "n_tokens", "n_kept", "kept_fraction", "grid", "kept")}
+            images.append(im)
+        pre = PrefillResult(snap.n_past + len(tokens), snap.n_kv + len(tokens), images, 0.0, time.perf_counter() - t0)
+        return pre, list(snap.scores)
+
+    # -- snapshots ------------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        """Fingerprint of the text model + mmproj files (what a snapshot must have been made with)."""
+        if self._model_id is None:
+            self._model_id = hashlib.sha256((file_fingerprint(self.model.path) +
+                                             file_fingerprint(self.projector.path)).encode()).hexdigest()
+        return self._model_id
+
+    def snapshot(self, image: ImageInput | Sequence[ImageInput], *, ratio: float | None = None,
+                 tau: float | None = None) -> Snapshot:
+        """Encode and prefill the prompt up to the question once (system text + images, KDV applied), so
+        several questions can follow it: `ask(None, question, snapshot=snap)`; `snap.save(path)` keeps it."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if ratio is not None or tau is not None:
+            prune(np.ones((1, 1, 1)), ratio=ratio, tau=tau)
+        sentinel = "\x00avis-question\x00"
+        full = self.render_question(sentinel, len(images))
+        prefix_text = full[:full.index(sentinel)]
+        arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
+        with self._lock:
+            self.ctx.clear()
+            try:
+                pre, scores = self._prefill(prefix_text, arrays, ratio, tau)
+                state = self.ctx.seq_state(0)
+            finally:
+                self.ctx.clear()
+        metas = []
+        for im in pre.images:
+            meta = {"index": im.index, "n_tokens": im.n_tokens, "n_kept": im.n_kept, "grid": list(im.grid),
+                    "kept": im.kept.tolist()}
+            meta.update({k: v for k, v in im.meta.items() if k != "select_s"})
+            metas.append(meta)
+        return Snapshot(model_id=self.model_id, prefix_text=prefix_text, image_digests=[image_digest(a) for a in arrays],
+                        pruning={"ratio": ratio, "tau": tau}, n_past=pre.n_past, n_kv=pre.n_kv, state=state,
+                        images=metas, embeddings=[im.embeddings for im in pre.images], scores=scores)
+
+    @staticmethod
+    def _rollout_params(k: int, sampling: SamplingParams | None, seed: int) -> list[SamplingParams]:
+        """K=1: greedy unless the caller gives sampling; K>1: the paper's sampling (or the caller's), one
+        derived seed per rollout."""
+        if k == 1:
+            return [sampling or SamplingParams(seed=seed)]
+        base = sampling or VRS_SAMPLING
+        return rollout_params(k, SamplingParams(**{**base.__dict__, "seed": seed}))
 
     @staticmethod
     def _validate(max_tokens: int, k: int, mode: str) -> None:
@@ -229,14 +348,13 @@ class VLM:
             return bool(counts) and not can_be_overtaken(counts, n_remaining)
         return decided
 
-    def _answer(self, pre: PrefillResult, rollouts: list[Rollout], decode_s: float, total_s: float,
-                image_meta: dict[int, dict[str, Any]], k: int, mode: str,
-                options: Sequence[str] | None) -> Answer:
+    def _answer(self, pre: PrefillResult, rollouts: list[Rollout], decode_s: float, total_s: float, k: int,
+                mode: str, options: Sequence[str] | None) -> Answer:
         images = []
         for im in pre.images:
             meta = {"index": im.index, "n_tokens": im.n_tokens, "n_kept": im.n_kept,
                     "kept_fraction": im.kept_fraction, "grid": list(im.grid), "kept": im.kept.tolist()}
-            meta.update(image_meta.get(im.index, {}))
+            meta.update(im.meta)
             images.append(meta)
         answers = self._normalised_answers(rollouts, options)
         vote = majority_vote(answers, [r.mean_logprob for r in rollouts])
@@ -285,8 +403,11 @@ class VLM:
         return embeddings[:, None, :], "projected_embeddings"
 
     def _recorder(self, image_meta: dict[int, dict[str, Any]]) -> TokenSelector:
+        """A selector that keeps every token and records the grid and KDV scores (for the features)."""
         def record(chunk: ImageChunk, embeddings: np.ndarray) -> None:
-            image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk))}
+            keys, source = self.token_keys(chunk, embeddings)
+            image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk)), "key_source": source,
+                                             "scores": kdv_scores(keys)}
             return None
         return record
 
@@ -298,6 +419,7 @@ class VLM:
             keys, source = self.token_keys(chunk, embeddings)
             sel = prune(keys, ratio=ratio, tau=tau)
             image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk)), "key_source": source,
+                                             "scores": sel.scores,
                                              "kdv": {k: v for k, v in sel.to_dict().items() if k != "kept"},
                                              "select_s": time.perf_counter() - t0}
             return sel.kept

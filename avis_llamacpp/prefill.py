@@ -30,6 +30,7 @@ class ImagePrefill:
     grid: tuple[int, int]  # (nx, ny) of the LLM token grid
     kept: np.ndarray = field(repr=False)
     embeddings: np.ndarray = field(repr=False)  # all projected embeddings, before pruning
+    meta: dict = field(default_factory=dict)  # what the selector recorded (key source, KDV summary, ...)
 
     @property
     def kept_fraction(self) -> float:

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "VisionDims",
     "write_mmproj",
+    "write_mmproj_weights",
     "expected_image_tokens",
     "expected_image_grid",
     "effective_pixel_limits",
@@ -253,11 +254,11 @@ def _qwen25vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndar
     yield from _linear(init, "mm.2", merged, d.proj_dim)
 
 
-def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str) -> None:
+def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, description: str | None = None) -> None:
     """Write the clip.* metadata the loader reads."""
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
-    w.add_description(f"random-weight {d.family} mmproj for tests")
+    w.add_description(description if description is not None else f"random-weight {d.family} mmproj for tests")
     w.add_file_type(int(_FTYPES[ftype]))
     w.add_bool("clip.has_text_encoder", False)
     w.add_bool("clip.has_vision_encoder", True)
@@ -333,4 +334,58 @@ def write_mmproj(
         "n_blocks_run": dims.n_layer - 1 if dims.family == "llava" else dims.n_layer,
     }
     logger.info("wrote %s mmproj %s (%d params, %d bytes)", dims.family, path, n_params, info["file_size"])
+    return info
+
+
+# Tensors clip.cpp treats as optional for the llava graph.
+_LLAVA_OPTIONAL = {"v.class_embd", "v.pre_ln.weight", "v.pre_ln.bias", "v.patch_embd.bias"}
+
+
+def write_mmproj_weights(
+    path: str | os.PathLike,
+    dims: VisionDims,
+    weights: dict[str, np.ndarray],
+    *,
+    name: str,
+    description: str = "trained llava mmproj",
+    ftype: str = "f32",
+) -> dict:
+    """Write given (trained) llava-family weights (PyTorch layout, GGUF tensor names) as an mmproj GGUF.
+
+    Required: the tensors ``write_mmproj`` writes for the family, except the optional ``v.class_embd`` and
+    ``v.pre_ln.*``; without ``v.class_embd`` clip.cpp feeds all patch rows 0..N-1 to the projector and
+    ``v.position_embd.weight`` needs N rows (N + 1 with a class embedding). Tensors are written in the
+    order given.
+    """
+    dims.validate()
+    if dims.family != "llava":
+        raise ValueError("write_mmproj_weights supports the llava family only")
+    if ftype not in _FTYPES:
+        raise ValueError(f"ftype must be one of {sorted(_FTYPES)}, got {ftype!r}")
+    reference = {n: a.shape for n, a in _llava_tensors(dims, _Init(0, 1.0))}
+    reference["v.patch_embd.bias"] = (dims.n_embd,)
+    n_patches = (dims.image_size // dims.patch_size) ** 2
+    has_cls = "v.class_embd" in weights
+    reference["v.position_embd.weight"] = (n_patches + int(has_cls), dims.n_embd)
+    missing = sorted(set(reference) - set(weights) - _LLAVA_OPTIONAL)
+    unknown = sorted(set(weights) - set(reference))
+    if missing or unknown:
+        raise ValueError(f"missing tensors {missing}, unexpected tensors {unknown}")
+    path = os.fspath(path)
+    writer = gguf.GGUFWriter(path, "clip")
+    _write_kv(writer, dims, name, ftype, description)
+    n_params = 0
+    for tname, arr in weights.items():
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.shape != reference[tname]:
+            raise ValueError(f"{tname}: shape {arr.shape}, expected {reference[tname]}")
+        n_params += int(arr.size)
+        writer.add_tensor(tname, np.ascontiguousarray(_store_dtype(tname, arr, ftype)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = {"path": path, "family": dims.family, "n_image_tokens": n_patches, "file_size": os.path.getsize(path),
+            "n_params": n_params, "n_blocks_run": dims.n_layer - 1, "class_embd": has_cls}
+    logger.info("wrote trained %s mmproj %s (%d params, %d bytes)", dims.family, path, n_params, info["file_size"])
     return info

@@ -26,6 +26,8 @@ from .tokenizer import TokenizerSpec, add_tokenizer, build_vocab
 __all__ = [
     "TextModelDims",
     "write_text_model",
+    "write_text_model_weights",
+    "text_tensor_shapes",
     "default_rope_sections",
     "LLAVA_CHAT_TEMPLATE",
     "CHATML_CHAT_TEMPLATE",
@@ -266,4 +268,67 @@ def write_text_model(
     if dims.arch == "qwen2vl":
         info["rope_sections"] = dims.resolved_rope_sections()
     logger.info("wrote %s (%s, %d params, %d bytes)", path, dims.arch, n_params, info["file_size"])
+    return info
+
+
+def text_tensor_shapes(dims: TextModelDims, n_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Expected numpy (PyTorch-layout) shape of every tensor of a text model, in file order."""
+    return {name: shape for name, shape, _ in _tensor_shapes(dims, n_vocab)}
+
+
+def write_text_model_weights(
+    path: str | os.PathLike[str],
+    dims: TextModelDims,
+    weights: dict[str, np.ndarray],
+    *,
+    spec: TokenizerSpec,
+    chat_template: str,
+    name: str,
+    ftype: str = "f32",
+) -> dict[str, object]:
+    """Write given (trained) weights as a text GGUF that stock llama.cpp loads; returns a summary.
+
+    ``weights`` maps GGUF tensor names to arrays in PyTorch layout ([n_out, n_in] for linears, [n_vocab, n_embd]
+    for ``token_embd.weight``); every tensor of ``text_tensor_shapes`` is required except ``output.weight``,
+    whose absence ties the output projection to the token embeddings (llama.cpp then reuses them). For the
+    ``llama`` arch Q and K rows must already be in llama.cpp's RoPE NORM layout (adjacent pairs rotate).
+    """
+    dims.validate()
+    if ftype not in _FTYPES:
+        raise ValueError(f"ftype must be one of {tuple(_FTYPES)}, got {ftype!r}")
+    expected = text_tensor_shapes(dims, spec.n_vocab)
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise ValueError(f"unexpected tensors: {unknown}")
+    mat_dtype = np.float16 if ftype == "f16" else np.float32
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), dims.arch)
+    n_params = 0
+    try:
+        _add_hparams(writer, dims, name, _FTYPES[ftype])
+        add_tokenizer(writer, spec, chat_template)
+        for tname, shape in expected.items():
+            if tname not in weights:
+                if tname == "output.weight":
+                    continue
+                raise ValueError(f"missing tensor {tname!r}")
+            data = np.asarray(weights[tname], dtype=np.float32)
+            if data.shape != shape:
+                raise ValueError(f"{tname}: shape {data.shape}, expected {shape}")
+            data = data.astype(mat_dtype if data.ndim > 1 else np.float32, copy=False)
+            n_params += data.size
+            writer.add_tensor(tname, np.ascontiguousarray(data))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    info: dict[str, object] = {
+        "path": str(path), "arch": dims.arch, "n_vocab": spec.n_vocab, "n_params": n_params,
+        "file_size": path.stat().st_size, "tied_output": "output.weight" not in weights,
+        "bos_id": spec.bos_id, "eos_id": spec.eos_id,
+    }
+    logger.info("wrote %s (%s, %d trained params, %d bytes)", path, dims.arch, n_params, info["file_size"])
     return info

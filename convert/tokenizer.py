@@ -143,11 +143,11 @@ def _mapped(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _learn_merges(n_merges: int) -> tuple[tuple[str, str], ...]:
-    """Learn up to ``n_merges`` BPE merges from the built-in corpus (ties broken lexicographically)."""
+def _learn_merges(n_merges: int, corpus: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Learn up to ``n_merges`` BPE merges from ``corpus`` (default: the built-in one; ties broken lexicographically)."""
     forbidden = set(SPECIAL_TOKENS)
     words: Counter[tuple[str, ...]] = Counter(
-        tuple(_mapped(w)) for w in _PRETOKENIZE.findall(_CORPUS)
+        tuple(_mapped(w)) for w in _PRETOKENIZE.findall(_CORPUS if corpus is None else corpus)
     )
     merges: list[tuple[str, str]] = []
     while len(merges) < n_merges:
@@ -177,8 +177,12 @@ def _learn_merges(n_merges: int) -> tuple[tuple[str, str], ...]:
     return tuple(merges)
 
 
-def build_vocab(n_merges: int = 200, *, family: str = "llama") -> TokenizerSpec:
-    """Build the shared vocab (specials, 256 byte tokens, learned merges) with ``family``'s special-token roles."""
+def build_vocab(n_merges: int = 200, *, family: str = "llama", corpus: str | None = None) -> TokenizerSpec:
+    """Build the shared vocab (specials, 256 byte tokens, learned merges) with ``family``'s special-token roles.
+
+    ``corpus`` replaces the built-in merge-learning corpus (e.g. a task's prompts and targets, so they tokenize
+    compactly); None keeps the default vocabulary byte for byte.
+    """
     if family not in _FAMILIES:
         raise ValueError(f"unknown tokenizer family {family!r}; expected one of {_FAMILIES}")
     if n_merges < 0:
@@ -201,7 +205,7 @@ def build_vocab(n_merges: int = 200, *, family: str = "llama") -> TokenizerSpec:
 
     seen = set(tokens)
     merges: list[str] = []
-    for a, b in _learn_merges(n_merges):
+    for a, b in _learn_merges(n_merges, corpus):
         merges.append(f"{a} {b}")
         if a + b not in seen:
             seen.add(a + b)

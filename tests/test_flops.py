@@ -1,0 +1,45 @@
+"""FLOPs accounting checked by hand on the tiny fixtures' text dimensions."""
+
+from __future__ import annotations
+
+import pytest
+
+from avis_llamacpp.flops import (TextDims, VisionDims, decode_flops, encoder_flops, prefill_flops, relative_flops,
+                                 run_flops, token_flops)
+
+# the tiny fixtures' text model: 2 layers, 64 wide, 4 heads (2 KV heads, head dim 16), FFN 160, vocab 472
+D = TextDims(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=160, n_vocab=472)
+
+
+def test_params_per_token_by_hand():
+    # q, o: 64x64 each; k, v: 64x32 each; gate, up, down: 64x160 each -> per layer 8192 + 4096 + 30720
+    assert D.params_per_token == 2 * 43008 == 86016
+
+
+def test_prefill_by_hand():
+    # 3 tokens: 2*86016*3 weights + attention 4*2*64*(1+2+3) + one logits row 2*64*472
+    assert prefill_flops(D, 3) == 516096 + 3072 + 60416 == 579584
+
+
+def test_decode_by_hand_and_as_sum_of_tokens():
+    # 2 tokens after a 3-token prompt: (2*86016 + 2*64*472)*2 + 4*2*64*(4 + 5)
+    assert decode_flops(D, 3, 2) == (172032 + 60416) * 2 + 512 * 9 == 469504
+    assert decode_flops(D, 10, 7) == pytest.approx(sum(token_flops(D, 10 + i, logits=True) for i in range(7)))
+
+
+def test_encoder_by_hand():
+    v = VisionDims(n_layer_run=2, n_embd=64, n_ff=128)
+    # per row 2*(4*64*64 + 2*64*128) = 65536; attention 4*197*64 = 50432; 197 rows, 2 layers
+    assert encoder_flops(v, 197) == 2 * 197 * (65536 + 50432)
+
+
+def test_relative_flops():
+    same = relative_flops(D, n_prompt_kv=300, n_prompt_kv_vanilla=300, generated=[20], vanilla_generated=20)
+    assert same["total"] == pytest.approx(1.0)
+    pruned = relative_flops(D, n_prompt_kv=150, n_prompt_kv_vanilla=300, generated=[20], vanilla_generated=20)
+    assert 0.4 < pruned["total"] < 1.0
+    k5 = relative_flops(D, n_prompt_kv=300, n_prompt_kv_vanilla=300, generated=[20] * 5, vanilla_generated=20)
+    unshared = run_flops(D, n_prompt_kv=300, generated=[20] * 5, shared_prefill=False)
+    shared = run_flops(D, n_prompt_kv=300, generated=[20] * 5)
+    assert unshared["total"] - shared["total"] == pytest.approx(4 * prefill_flops(D, 300))
+    assert k5["decode"] == pytest.approx(5 * decode_flops(D, 300, 20) / k5["vanilla_total"])

@@ -1,0 +1,136 @@
+"""Shared-prefill self-consistency: parallel and snapshot modes against K independent from-scratch runs,
+snapshot files, early stopping, capacity errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avis_llamacpp import VLM, ContextOverflowError, InvalidArgumentError
+from avis_llamacpp.errors import SnapshotMismatchError
+from avis_llamacpp.native import SamplingParams
+from avis_llamacpp.pipeline import VRS_SAMPLING
+from avis_llamacpp.rollouts import rollout_params
+from avis_llamacpp.snapshot import Snapshot
+
+Q = "Describe the picture."
+K = 4
+N = 20
+
+
+@pytest.fixture(scope="module")
+def vlm(vlm_fixture):
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=2048, n_seq_max=8) as v:
+        yield v
+
+
+def _oracle(vlm: VLM, image, k: int, seed: int, ratio=None) -> list[list[int]]:
+    """K independent runs, each re-encoding and re-prefilling, with rollout i's sampler settings."""
+    params = rollout_params(k, SamplingParams(**{**VRS_SAMPLING.__dict__, "seed": seed}))
+    return [vlm.ask(image, Q, max_tokens=N, k=1, sampling=p, ratio=ratio).tokens for p in params]
+
+
+@pytest.mark.parametrize("ratio", [None, 0.5])
+@pytest.mark.parametrize("mode", ["parallel", "snapshot"])
+def test_modes_match_independent_runs(vlm, demo_image, mode, ratio):
+    want = _oracle(vlm, demo_image, K, seed=5, ratio=ratio)
+    got = vlm.ask(demo_image, Q, max_tokens=N, k=K, seed=5, mode=mode, ratio=ratio)
+    assert [r.tokens for r in got.rollouts] == want
+    assert len({tuple(t) for t in want}) > 1  # sampled rollouts really differ
+    assert got.k == K and len(got.rollouts) == K
+
+
+def test_k1_is_greedy_and_seeds_are_reproducible(vlm, demo_image):
+    greedy = vlm.ask(demo_image, Q, max_tokens=N)
+    assert vlm.ask(demo_image, Q, max_tokens=N, k=1, seed=123).tokens == greedy.tokens
+    a = vlm.ask(demo_image, Q, max_tokens=N, k=3, seed=9)
+    b = vlm.ask(demo_image, Q, max_tokens=N, k=3, seed=9)
+    c = vlm.ask(demo_image, Q, max_tokens=N, k=3, seed=10)
+    assert [r.tokens for r in a.rollouts] == [r.tokens for r in b.rollouts]
+    assert [r.tokens for r in a.rollouts] != [r.tokens for r in c.rollouts]
+
+
+def test_result_metadata(vlm, demo_image):
+    a = vlm.ask(demo_image, Q, max_tokens=N, k=3, seed=1, ratio=0.5)
+    assert set(a.timings) >= {"encode_s", "prefill_s", "decode_s", "total_s"}
+    assert a.decode_tokens == [len(r.tokens) for r in a.rollouts]
+    for r in a.rollouts:
+        assert len(r.token_logprobs) == len(r.tokens) and all(lp <= 0 for lp in r.token_logprobs)
+    f = a.flops
+    assert f["total"] == pytest.approx(f["prefill"] + f["decode"] + f["encoder"])
+    d = a.to_dict()
+    assert d["k"] == 3 and len(d["rollouts"]) == 3 and "kept" not in d["images"][0]
+
+
+def test_snapshot_file_roundtrip_in_a_new_model(vlm, vlm_fixture, demo_image, tmp_path):
+    snap = vlm.snapshot(demo_image, ratio=0.5)
+    path = tmp_path / "prefix.gguf"
+    snap.save(path)
+    direct = vlm.ask(demo_image, Q, max_tokens=N, k=3, seed=2, ratio=0.5)
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=2048) as fresh:
+        loaded = Snapshot.load(path)
+        from_file = fresh.ask(None, Q, max_tokens=N, k=3, seed=2, snapshot=loaded)
+        # the same image passed again is accepted; a second question reuses the same prefill
+        again = fresh.ask(demo_image, "What colour is the circle?", max_tokens=N, snapshot=loaded)
+        assert again.image_tokens == direct.image_tokens
+    assert [r.tokens for r in from_file.rollouts] == [r.tokens for r in direct.rollouts]
+    assert from_file.kept_tokens == direct.kept_tokens
+
+
+def test_snapshot_refuses_other_model_and_other_prompt(vlm, vlm_fixture, fixture_root, demo_image, tmp_path):
+    from convert.fixtures import make_fixture
+
+    snap = vlm.snapshot(demo_image)
+    other = make_fixture(vlm_fixture.family, "tiny", seed=1, out_dir=fixture_root)
+    with VLM(other.model, other.mmproj, n_ctx=1024) as v2:
+        with pytest.raises(SnapshotMismatchError, match="different text model"):
+            v2.ask(None, Q, snapshot=snap)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    with pytest.raises(SnapshotMismatchError, match="images"):
+        vlm.ask(noise, Q, snapshot=snap)
+    with pytest.raises(SnapshotMismatchError, match="prefix"):
+        vlm.generate("no image here: " + Q, [], snapshot=snap)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(SnapshotMismatchError):
+        Snapshot.load(bad)
+    assert vlm.ask(demo_image, Q, max_tokens=4).tokens  # still usable
+
+
+def test_early_stop_never_changes_the_winner(vlm, demo_image, monkeypatch):
+    """With answers derived from each rollout's first token (3 classes), early stopping on many seeds
+    returns the same winner as running all K, and cancels rollouts on some of them."""
+    monkeypatch.setattr(VLM, "_normalised_answers",
+                        staticmethod(lambda rollouts, options: [None if r.finish_reason == "early_stop" or not r.tokens
+                                                                else str(r.tokens[0] % 3) for r in rollouts]))
+    cancelled = 0
+    for seed in range(12):
+        # a stop string makes rollouts finish at different steps, as EOS / </answer> do in real use
+        full = vlm.ask(demo_image, Q, max_tokens=12, k=5, seed=seed, stop=["e"])
+        fast = vlm.ask(demo_image, Q, max_tokens=12, k=5, seed=seed, stop=["e"], early_stop=True)
+        assert fast.answer == full.answer
+        cancelled += fast.early_stopped
+    # the snapshot mode stops between rollouts
+    for seed in range(4):
+        fast_snap = vlm.ask(demo_image, Q, max_tokens=6, k=5, seed=seed, early_stop=True, mode="snapshot")
+        assert fast_snap.answer == vlm.ask(demo_image, Q, max_tokens=6, k=5, seed=seed).answer
+        cancelled += fast_snap.early_stopped
+    assert cancelled > 0  # the mechanism actually fired
+
+
+def test_capacity_errors_are_clear_and_recoverable(vlm_fixture, demo_image):
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=512, n_seq_max=2) as v:
+        with pytest.raises(InvalidArgumentError, match="n_seq_max"):
+            v.ask(demo_image, Q, k=3, max_tokens=4)
+        with pytest.raises(InvalidArgumentError, match="k"):
+            v.ask(demo_image, Q, k=0)
+        with pytest.raises(InvalidArgumentError, match="mode"):
+            v.ask(demo_image, Q, k=2, mode="magic")
+        ok = v.ask(demo_image, Q, k=2, max_tokens=4, mode="snapshot")
+        assert len(ok.rollouts) == 2
+        assert v.ask(demo_image, Q, max_tokens=4).tokens == v.ask(demo_image, Q, max_tokens=4).tokens
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=128) as tiny:
+        with pytest.raises(ContextOverflowError, match="n_ctx"):
+            tiny.ask(demo_image, Q * 40, max_tokens=4)
+        assert tiny.ask(None, "hi", max_tokens=2).prompt_tokens > 0
