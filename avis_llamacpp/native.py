@@ -52,10 +52,22 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
         self.path = path
+        self.owned = True
         self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load the text model {path!r} (not a GGUF model, "
                                  "truncated, or an architecture this llama.cpp build does not know)")
+        self._read_facts()
+
+    @classmethod
+    def borrow(cls, ptr: int, path: str) -> "Model":
+        """Wrap a model another owner (e.g. a llama_cpp.Llama) loaded; close() leaves it alone."""
+        self = cls.__new__(cls)
+        self.path, self.ptr, self.owned = path, ptr, False
+        self._read_facts()
+        return self
+
+    def _read_facts(self) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
@@ -108,7 +120,8 @@ class Model:
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            llama_cpp.llama_model_free(self.ptr)
+            if self.owned:
+                llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
@@ -300,12 +313,12 @@ class Sampler:
     """A llama.cpp sampler chain for one stream, built in llama-cpp-python's order
     (penalties, top-k, top-p, min-p, temperature, dist) so the same knobs mean the same thing."""
 
-    def __init__(self, p: SamplingParams) -> None:
+    def __init__(self, p: SamplingParams, n_vocab: int) -> None:
         self.params = p
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         if p.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(p.penalty_last_n, p.repeat_penalty, 0.0, 0.0))
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty, 0.0, 0.0))
         if p.temperature <= 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -100,13 +100,14 @@ class VLM:
     prefill. Queries are serialised by a lock: one object may be shared between threads.
     """
 
-    def __init__(self, model_path: str | os.PathLike, mmproj_path: str | os.PathLike, *, n_ctx: int = 4096,
+    def __init__(self, model_path: str | os.PathLike | Model, mmproj_path: str | os.PathLike, *, n_ctx: int = 4096,
                  n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 8, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
                  flash_attn: bool = False, chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
                  allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False) -> None:
         self.key_capture = KeyCapture() if capture_keys else None
-        self.model = Model(model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        self.model = model_path if isinstance(model_path, Model) else Model(model_path, n_gpu_layers=n_gpu_layers,
+                                                                           verbose=verbose)
         self.settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
                                         n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn)
         self.ctx = Context(self.model, self.settings)
@@ -125,6 +126,16 @@ class VLM:
         self.text_dims = self._text_dims()
         self._model_id: str | None = None
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_llama(cls, llama: Any, mmproj_path: str | os.PathLike, **kwargs: Any) -> "VLM":
+        """A VLM on the model an existing llama_cpp.Llama already loaded (its weights are shared, not copied);
+        context size, batch and threads default to the Llama's."""
+        kwargs.setdefault("n_ctx", llama.n_ctx())
+        kwargs.setdefault("n_batch", llama.n_batch)
+        kwargs.setdefault("n_threads", llama.n_threads)
+        kwargs.setdefault("verbose", llama.verbose)
+        return cls(Model.borrow(llama.model, llama.model_path), mmproj_path, **kwargs)
 
     def _make_projector(self, mmproj_path: str | os.PathLike, use_gpu: bool, flash_attn: bool,
                         verbose: bool) -> Projector:
@@ -181,7 +192,7 @@ class VLM:
                  ratio: float | None = None, tau: float | None = None, k: int = 1, mode: str = "parallel",
                  seed: int = 0, early_stop: bool = False, options: Sequence[str] | None = None,
                  policy: QueryPolicy | None = None, question: str | None = None,
-                 snapshot: Snapshot | None = None) -> Answer:
+                 snapshot: Snapshot | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
         ratio / tau: KDV pruning (fraction pruned, or adaptive angle in radians); None for both keeps all.
@@ -191,7 +202,8 @@ class VLM:
         options: multiple-choice option texts, used to normalise answers to letters.
         policy: decides ratio/tau (unless given here) and K (overriding k) from the query's features.
         snapshot: a prefilled prefix (see `snapshot`); the prompt must start with its prefix text, and images,
-        if given, must be the snapshot's."""
+        if given, must be the snapshot's.
+        on_text: called with the first rollout's text as it decodes (for streaming a K=1 answer)."""
         self._validate(max_tokens, k, mode)
         if policy is not None and ratio is None and tau is None:
             ratio, tau = policy.ratio, policy.tau
@@ -230,10 +242,11 @@ class VLM:
                 t_dec = time.perf_counter()
                 if mode == "parallel":
                     rollouts = run_parallel(self.ctx, self.model, pre.n_past, params, max_tokens=max_new,
-                                            stop=stop, stop_after=stop_after, early_stop=stopper)
+                                            stop=stop, stop_after=stop_after, early_stop=stopper, on_text=on_text)
                 else:
                     rollouts = run_snapshot(self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params,
-                                            max_tokens=max_new, stop=stop, stop_after=stop_after, early_stop=stopper)
+                                            max_tokens=max_new, stop=stop, stop_after=stop_after, early_stop=stopper,
+                                            on_text=on_text)
                 decode_s = time.perf_counter() - t_dec
             finally:
                 self.ctx.clear()

@@ -68,10 +68,11 @@ class Stream:
     and are kept."""
 
     def __init__(self, model: Model, params: SamplingParams, seq_id: int, n_past: int, max_tokens: int,
-                 stop: Sequence[str] = (), stop_after: Sequence[str] = ()) -> None:
+                 stop: Sequence[str] = (), stop_after: Sequence[str] = (),
+                 on_text: Callable[[str], None] | None = None) -> None:
         self.model = model
         self.params = params
-        self.sampler = Sampler(params)
+        self.sampler = Sampler(params, model.n_vocab)
         self.seq_id = seq_id
         self.n_past = n_past
         self.max_tokens = max_tokens
@@ -84,6 +85,18 @@ class Stream:
         self.text = ""
         self.t0 = time.perf_counter()
         self.decode_s = 0.0
+        self.on_text = on_text
+        self._emitted = 0
+        self._holdback = max((len(x) for x in self.stop), default=1) - 1  # a stop string may still cut this
+
+    def _emit(self, final: bool) -> None:
+        """Send the text that can no longer change to on_text."""
+        if self.on_text is None:
+            return
+        upto = len(self.text) if final else max(self._emitted, len(self.text) - self._holdback)
+        if upto > self._emitted:
+            self.on_text(self.text[self._emitted:upto])
+            self._emitted = upto
 
     @property
     def done(self) -> bool:
@@ -109,11 +122,13 @@ class Stream:
                 return self._finish("stop")
         if len(self.tokens) >= self.max_tokens:
             return self._finish("length")
+        self._emit(final=False)
         return tok
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.decode_s = time.perf_counter() - self.t0
+        self._emit(final=True)
         return None
 
     def step(self, ctx: Context, output_index: int) -> int | None:
@@ -149,7 +164,7 @@ def required_kv_cells(n_prompt_kv: int, k: int, max_tokens: int, mode: str) -> i
 
 def run_parallel(ctx: Context, model: Model, n_past: int, params: Sequence[SamplingParams], *, max_tokens: int,
                  stop: Sequence[str] = (), stop_after: Sequence[str] = (),
-                 early_stop: EarlyStop | None = None) -> list[Rollout]:
+                 early_stop: EarlyStop | None = None, on_text: Callable[[str], None] | None = None) -> list[Rollout]:
     """K rollouts continuing the prompt prefilled in sequence 0 (logits at output -1), decoded as one batch
     per step on sequences 0..K-1. Sequences 1..K-1 are removed afterwards."""
     k = len(params)
@@ -158,7 +173,8 @@ def run_parallel(ctx: Context, model: Model, n_past: int, params: Sequence[Sampl
                                    f"{ctx.settings.n_seq_max}); create the VLM with n_seq_max={k} or use mode='snapshot'")
     for i in range(1, k):
         ctx.seq_cp(0, i)
-    streams = [Stream(model, p, i, n_past, max_tokens, stop, stop_after) for i, p in enumerate(params)]
+    streams = [Stream(model, p, i, n_past, max_tokens, stop, stop_after, on_text if i == 0 else None)
+               for i, p in enumerate(params)]
     try:
         live: list[tuple[Stream, int]] = []
         finished: list[Stream] = []
@@ -203,7 +219,8 @@ def _view(s: Stream) -> Rollout:
 
 def run_snapshot(ctx: Context, model: Model, n_past: int, prefill_logits: np.ndarray,
                  params: Sequence[SamplingParams], *, max_tokens: int, stop: Sequence[str] = (),
-                 stop_after: Sequence[str] = (), early_stop: EarlyStop | None = None) -> list[Rollout]:
+                 stop_after: Sequence[str] = (), early_stop: EarlyStop | None = None,
+                 on_text: Callable[[str], None] | None = None) -> list[Rollout]:
     """K rollouts one after another on sequence 0, each starting from the prefilled prompt: the generated
     tokens (positions >= n_past) are removed between rollouts and the first token is sampled from the saved
     prefill logits."""
@@ -211,7 +228,7 @@ def run_snapshot(ctx: Context, model: Model, n_past: int, prefill_logits: np.nda
     for i, p in enumerate(params):
         if i > 0:
             ctx.seq_rm(0, n_past, -1)
-        s = Stream(model, p, 0, n_past, max_tokens, stop, stop_after)
+        s = Stream(model, p, 0, n_past, max_tokens, stop, stop_after, on_text if i == 0 else None)
         tok = s.step_logits(prefill_logits) if max_tokens > 0 else s._finish("length")
         while tok is not None:
             ctx.decode_tokens([tok], s.n_past, 0)

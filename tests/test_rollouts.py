@@ -134,3 +134,26 @@ def test_capacity_errors_are_clear_and_recoverable(vlm_fixture, demo_image):
         with pytest.raises(ContextOverflowError, match="n_ctx"):
             tiny.ask(demo_image, Q * 40, max_tokens=4)
         assert tiny.ask(None, "hi", max_tokens=2).prompt_tokens > 0
+
+
+def test_repeat_penalty_matches_stock(vlm, vlm_fixture, demo_image):
+    """Greedy with a repeat penalty: the penalties sampler is wired as llama-cpp-python wires it."""
+    import base64
+
+    import llama_cpp
+    from llama_cpp import llama_chat_format as lcf
+
+    handler = {"llava": lcf.Llava15ChatHandler, "qwen25vl": lcf.Qwen25VLChatHandler}[vlm_fixture.family]
+    url = "data:image/png;base64," + base64.b64encode(demo_image.read_bytes()).decode()
+    stock = llama_cpp.Llama(model_path=str(vlm_fixture.model), n_ctx=2048, verbose=False,
+                            chat_handler=handler(clip_model_path=str(vlm_fixture.mmproj), verbose=False))
+    try:
+        want = stock.create_chat_completion(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": Q}]}],
+            temperature=0.0, repeat_penalty=1.5, max_tokens=N)["choices"][0]["message"]["content"]
+    finally:
+        stock.close()
+    got = vlm.ask(demo_image, Q, max_tokens=N, sampling=SamplingParams(temperature=0.0, repeat_penalty=1.5))
+    plain = vlm.ask(demo_image, Q, max_tokens=N)
+    assert got.text == want
+    assert got.tokens != plain.tokens  # the penalty changed something
