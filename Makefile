@@ -5,11 +5,9 @@ PY := .venv/bin/python
 setup:
 	bash scripts/setup.sh
 
-# the bundled default model: the tiny random-weight LLaVA-style fixture (written in seconds, cached)
+# the bundled default model (trained shapes VLM when bundled, else the tiny generated fixture)
 demo: setup
-	@eval $$($(PY) -m convert.fixtures --family llava --size tiny --shell) && \
-	$(PY) -m avis_llamacpp.cli ask --model "$$AVIS_MODEL" --mmproj "$$AVIS_MMPROJ" \
-	    --image avis_llamacpp/data/shapes.png --max-tokens 32 "How many shapes are in the image?"
+	$(PY) -m avis_llamacpp.cli demo
 
 test: setup
 	$(PY) -m pytest -q tests

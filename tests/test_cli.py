@@ -1,0 +1,52 @@
+"""The `avis` command line on the fixtures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from avis_llamacpp.cli import _tau, build_parser, main
+
+
+def test_help_explains_every_knob():
+    parser = build_parser()
+    out = parser.format_help()
+    assert "ask" in out and "show" in out
+    sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"][0]
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"avis {name} {action.option_strings} has no help text"
+
+
+def test_tau_parsing():
+    assert _tau("pi/4") == pytest.approx(0.7853981, rel=1e-6)
+    assert _tau("0.5") == 0.5 and _tau("0.25pi") == pytest.approx(0.7853981, rel=1e-6)
+
+
+def test_ask_json(llava_fixture, demo_image, capsys):
+    rc = main(["ask", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "-i", str(demo_image),
+               "--rho", "0.5", "--k", "3", "--max-tokens", "4", "--json", "How many shapes?"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["k"] == 3 and out["kept_tokens"] == [98] and len(out["rollouts"]) == 3
+
+
+def test_show_writes_overlay(llava_fixture, demo_image, tmp_path, capsys):
+    png = tmp_path / "o.png"
+    assert main(["show", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "-i", str(demo_image),
+                 "--rho", "0.75", "--cell-px", "4", "-o", str(png)]) == 0
+    assert Image.open(png).size == (14 * 4, 14 * 4)
+    assert "kept 49 of 196" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_message(llava_fixture, tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not an image")
+    r = subprocess.run([sys.executable, "-m", "avis_llamacpp.cli", "ask", "-m", str(llava_fixture.model), "--mmproj",
+                        str(llava_fixture.mmproj), "-i", str(bad), "q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a readable image" in r.stderr
