@@ -22,7 +22,7 @@ from .errors import CaptureError, ContextOverflowError, InvalidArgumentError, Sn
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_image
 from .features import query_features
-from .kdv import kdv_scores, prune
+from .kdv import KDVSelection, kdv_scores, prune
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, Model, SamplingParams
 from .prefill import ImagePrefill, PrefillResult, TokenSelector, prefill
@@ -38,6 +38,7 @@ _IMAGE_URL = "avis-image://{}"  # placeholder URLs swapped for the media marker 
 # the paper's VRS sampling for K > 1
 VRS_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
 MODES = ("parallel", "snapshot")
+SELECTORS = ("kdv", "embeddings", "random", "uniform")
 
 
 class QueryPolicy(Protocol):
@@ -192,7 +193,8 @@ class VLM:
                  ratio: float | None = None, tau: float | None = None, k: int = 1, mode: str = "parallel",
                  seed: int = 0, early_stop: bool = False, options: Sequence[str] | None = None,
                  policy: QueryPolicy | None = None, question: str | None = None,
-                 snapshot: Snapshot | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
+                 snapshot: Snapshot | None = None, on_text: Callable[[str], None] | None = None,
+                 selector: str = "kdv") -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
         ratio / tau: KDV pruning (fraction pruned, or adaptive angle in radians); None for both keeps all.
@@ -203,8 +205,14 @@ class VLM:
         policy: decides ratio/tau (unless given here) and K (overriding k) from the query's features.
         snapshot: a prefilled prefix (see `snapshot`); the prompt must start with its prefix text, and images,
         if given, must be the snapshot's.
-        on_text: called with the first rollout's text as it decodes (for streaming a K=1 answer)."""
+        on_text: called with the first rollout's text as it decodes (for streaming a K=1 answer).
+        selector: which tokens `ratio` keeps: "kdv" (the paper), or the baselines "embeddings" (KDV scores on the
+        projected embeddings), "random" (seeded) and "uniform" (evenly spaced in raster order)."""
         self._validate(max_tokens, k, mode)
+        if selector not in SELECTORS:
+            raise InvalidArgumentError(f"selector must be one of {SELECTORS}, got {selector!r}")
+        if selector != "kdv" and ratio is None:
+            raise InvalidArgumentError(f"selector {selector!r} needs a ratio (it has no adaptive mode)")
         if policy is not None and ratio is None and tau is None:
             ratio, tau = policy.ratio, policy.tau
         pruning = ratio is not None or tau is not None
@@ -222,7 +230,7 @@ class VLM:
             self.ctx.clear()
             try:
                 if snapshot is None:
-                    pre, scores = self._prefill(prompt_text, arrays, ratio, tau)
+                    pre, scores = self._prefill(prompt_text, arrays, ratio, tau, selector, seed)
                 else:
                     pre, scores = self._prefill_after(snapshot, prompt_text[len(snapshot.prefix_text):])
                 features = query_features(
@@ -254,13 +262,14 @@ class VLM:
         ans.features, ans.p_hat = features, p_hat
         return ans
 
-    def _prefill(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None,
-                 tau: float | None) -> tuple[PrefillResult, list[np.ndarray]]:
-        """Tokenize, encode (with KDV selection) and prefill sequence 0; returns the prefill and each image's
+    def _prefill(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None, tau: float | None,
+                 selector: str = "kdv", seed: int = 0) -> tuple[PrefillResult, list[np.ndarray]]:
+        """Tokenize, encode (with token selection) and prefill sequence 0; returns the prefill and each image's
         KDV scores."""
         image_meta: dict[int, dict[str, Any]] = {}
         pruning = ratio is not None or tau is not None
-        select = self.kdv_selector(ratio, tau, image_meta) if pruning else self._recorder(image_meta)
+        select = (self.kdv_selector(ratio, tau, image_meta, selector, seed) if pruning
+                  else self._recorder(image_meta))
         with self.projector.tokenize(prompt_text, arrays) as prompt:
             pre = prefill(self.ctx, self.projector, prompt, select=select)
         scores = []
@@ -424,15 +433,30 @@ class VLM:
             return None
         return record
 
-    def kdv_selector(self, ratio: float | None, tau: float | None,
-                     image_meta: dict[int, dict[str, Any]]) -> TokenSelector:
-        """A prefill token selector that keeps each image's tokens chosen by KDV (fixed ratio or adaptive tau)."""
+    def kdv_selector(self, ratio: float | None, tau: float | None, image_meta: dict[int, dict[str, Any]],
+                     selector: str = "kdv", seed: int = 0) -> TokenSelector:
+        """A prefill token selector that keeps each image's tokens chosen by KDV (fixed ratio or adaptive tau),
+        or by one of the baselines at the same kept count (see generate's `selector`)."""
         def select(chunk: ImageChunk, embeddings: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
             keys, source = self.token_keys(chunk, embeddings)
             sel = prune(keys, ratio=ratio, tau=tau)
+            key_scores = sel.scores  # the features always use the KDV key scores
+            if selector == "embeddings":
+                sel, source = prune(embeddings[:, None, :], ratio=ratio), "projected_embeddings"
+            elif selector in ("random", "uniform"):
+                n, n_keep = chunk.n_tokens, sel.n_kept
+                if selector == "random":
+                    rng = np.random.default_rng([seed & 0xFFFFFFFF, chunk.image_index])
+                    kept = np.sort(rng.choice(n, size=n_keep, replace=False))
+                else:
+                    kept = np.floor(np.arange(n_keep) * n / n_keep).astype(np.int64)
+                sel = KDVSelection(kept=kept.astype(np.int64), n_total=n, n_kept=n_keep, kept_fraction=n_keep / n,
+                                   mode=selector, param=float(ratio), threshold=float("nan"),
+                                   score_summary=sel.score_summary, scores=sel.scores)
+                source = selector
             image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk)), "key_source": source,
-                                             "scores": sel.scores,
+                                             "scores": key_scores,
                                              "kdv": {k: v for k, v in sel.to_dict().items() if k != "kept"},
                                              "select_s": time.perf_counter() - t0}
             return sel.kept

@@ -170,3 +170,21 @@ def test_captured_keys_equal_numpy_reference(vlm, vlm_fixture):
     assert got.shape == want.shape
     scale = np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("selector", ["embeddings", "random", "uniform"])
+def test_baseline_selectors_keep_the_same_count(vlm, demo_image, selector):
+    kdv = vlm.ask(demo_image, Q, max_tokens=2, ratio=0.75)
+    base = vlm.ask(demo_image, Q, max_tokens=2, ratio=0.75, selector=selector, seed=3)
+    assert base.kept_tokens == kdv.kept_tokens
+    kept = base.images[0]["kept"]
+    assert kept == sorted(set(kept)) and base.images[0]["key_source"] in ("projected_embeddings", selector)
+    if selector == "uniform":
+        n, m = base.image_tokens[0], base.kept_tokens[0]
+        assert kept == [i * n // m for i in range(m)]
+    if selector == "random":
+        again = vlm.ask(demo_image, Q, max_tokens=2, ratio=0.75, selector=selector, seed=3)
+        other = vlm.ask(demo_image, Q, max_tokens=2, ratio=0.75, selector=selector, seed=4)
+        assert again.images[0]["kept"] == kept != other.images[0]["kept"]
+    with pytest.raises(InvalidArgumentError, match="selector"):
+        vlm.ask(demo_image, Q, max_tokens=2, tau=0.7, selector=selector)
