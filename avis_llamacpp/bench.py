@@ -1,0 +1,308 @@
+"""The accuracy-compute benchmark: the paper's table measured on our models and any labelled JSONL set.
+
+Every configuration runs on every item in one process (or sharded over Ray workers); the table reports
+accuracy with a bootstrap 95% interval, mean kept image tokens, mean K, FLOPs normalised to the vanilla
+configuration's measured FLOPs, wall-clock and time-to-first-token as ratios to vanilla, and the KV cache the
+run needed. Records are appended per item, so an interrupted run resumes where it stopped.
+
+    avis bench --model M --mmproj P --items test/items.jsonl --out bench_out [--policy policy.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the table: how much to see (ratio / tau / selector) and how much to think (k / policy)."""
+
+    name: str
+    ratio: float | None = None
+    tau: float | None = None
+    k: int = 1
+    selector: str = "kdv"
+    policy: bool = False  # use the calibrated policy (tau and K per query)
+
+
+def default_configs(with_policy: bool) -> list[BenchConfig]:
+    """The paper's configurations plus pruning baselines at 75% (the first is the vanilla reference)."""
+    c = [BenchConfig("vanilla")]
+    c += [BenchConfig(f"kdv rho={r}", ratio=r) for r in (0.5, 0.75, 0.9)]
+    c += [BenchConfig(f"kdv tau=pi/{d}", tau=math.pi / d) for d in (6, 4, 3)]
+    c += [BenchConfig(f"sc k={k}", k=k) for k in (3, 5, 7)]
+    c += [BenchConfig("joint rho=0.75 k=5", ratio=0.75, k=5)]
+    c += [BenchConfig(f"{s} rho=0.75", ratio=0.75, selector=s) for s in ("random", "uniform", "embeddings")]
+    if with_policy:
+        c += [BenchConfig("avis (tau + policy)", policy=True)]
+    return c
+
+
+def load_items(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read a labelled JSONL set (image path relative to the file, question, options, answer letter)."""
+    path = Path(path)
+    items = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                it = json.loads(line)
+            except ValueError as e:
+                raise InvalidArgumentError(f"{path}:{n}: not JSON ({e})") from e
+            for key in ("image", "question", "answer"):
+                if key not in it:
+                    raise InvalidArgumentError(f"{path}:{n}: missing field {key!r}")
+            if str(it["image"]).startswith(("http://", "https://")):
+                raise InvalidArgumentError(f"{path}:{n}: remote images are not fetched; use a local path")
+            it.setdefault("id", f"item-{n}")
+            it["image_path"] = str((path.parent / it["image"]).resolve())
+            items.append(it)
+            if limit is not None and len(items) >= limit:
+                break
+    return items
+
+
+def kv_bytes_per_cell(vlm: Any) -> int:
+    """KV-cache bytes per token (f16 K and V for every layer)."""
+    d = vlm.text_dims
+    return d.n_layer * 2 * (d.n_embd // d.n_head * d.n_head_kv) * 2
+
+
+def evaluate_item(vlm: Any, item: dict[str, Any], *, index: int, configs: Sequence[dict[str, Any]], seed: int,
+                  max_tokens: int, answer_tags: bool, policy_path: str | None = None) -> list[dict[str, Any]]:
+    """Run every configuration on one item; one record per configuration (seeds derive from the index)."""
+    from .voting import normalize_answer
+
+    policy = None
+    if policy_path and any(c["policy"] for c in configs):
+        from .policy import load_policy
+        policy = load_policy(policy_path)
+    options = item.get("options")
+    truth = normalize_answer(str(item["answer"]), options)
+    out = []
+    for c in configs:
+        t0 = time.perf_counter()
+        ans = vlm.ask(item["image_path"], item["question"], max_tokens=max_tokens, answer_tags=answer_tags,
+                      options=options, seed=seed * 1_000_003 + index, ratio=c["ratio"], tau=c["tau"], k=c["k"],
+                      selector=c["selector"], policy=policy if c["policy"] else None)
+        wall = time.perf_counter() - t0
+        kv_cells = ans.prompt_tokens + sum(ans.decode_tokens)
+        out.append({"id": item["id"], "config": c["name"], "answer": ans.answer, "truth": truth,
+                    "correct": bool(ans.answer is not None and ans.answer == truth), "k": ans.k,
+                    "p_hat": ans.p_hat, "image_tokens": sum(ans.image_tokens), "kept_tokens": sum(ans.kept_tokens),
+                    "prompt_tokens": ans.prompt_tokens, "decode_tokens": sum(ans.decode_tokens),
+                    "flops": ans.flops["ours_total"], "wall_s": wall,
+                    "ttft_s": ans.timings["encode_s"] + ans.timings["prefill_s"],
+                    "kv_mib": kv_cells * kv_bytes_per_cell(vlm) / 2**20,
+                    "difficulty": item.get("difficulty"), "kind": item.get("kind")})
+    return out
+
+
+def evaluate_job(vlm: Any, job: tuple[int, dict[str, Any]], *, index: int, **kwargs: Any) -> list[dict[str, Any]]:
+    """evaluate_item for an (item index, item) pair: seeds follow the item's index in the set, not the shard."""
+    item_index, item = job
+    return evaluate_item(vlm, item, index=item_index, **kwargs)
+
+
+def bootstrap_ci(correct: Sequence[bool], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean."""
+    x = np.asarray(correct, dtype=np.float64)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def summarize(records: Iterable[dict[str, Any]], configs: Sequence[BenchConfig], seed: int = 0) -> list[dict[str, Any]]:
+    """One row per configuration; ratios are to the first configuration (vanilla) over the same items."""
+    by: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+    for r in records:
+        if r["config"] in by:
+            by[r["config"]].append(r)
+    base = by[configs[0].name]
+    mean = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else float("nan")  # noqa: E731
+    rows = []
+    for c in configs:
+        rs = by[c.name]
+        acc = mean(rs, "correct")
+        lo, hi = bootstrap_ci([r["correct"] for r in rs], seed=seed)
+        rows.append({"config": c.name, "n": len(rs), "accuracy": acc, "ci_low": lo, "ci_high": hi,
+                     "kept_tokens": mean(rs, "kept_tokens"), "kept_fraction": mean(rs, "kept_tokens") / max(1e-9, mean(rs, "image_tokens")),
+                     "mean_k": mean(rs, "k"), "flops_rel": mean(rs, "flops") / mean(base, "flops"),
+                     "wall_rel": mean(rs, "wall_s") / mean(base, "wall_s"),
+                     "ttft_rel": mean(rs, "ttft_s") / mean(base, "ttft_s"),
+                     "wall_s": mean(rs, "wall_s"), "kv_peak_mib": max((r["kv_mib"] for r in rs), default=float("nan")),
+                     "acc_vs_vanilla": acc / mean(base, "correct") if mean(base, "correct") > 0 else float("nan")})
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = ["config", "n", "accuracy (95% CI)", "vs vanilla", "kept tokens", "mean K", "FLOPs", "wall", "TTFT",
+            "KV peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['n']} | {r['accuracy']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f}) | "
+                     f"{r['acc_vs_vanilla']:.3f} | {r['kept_tokens']:.0f} ({r['kept_fraction']:.0%}) | "
+                     f"{r['mean_k']:.2f} | {r['flops_rel']:.2f}x | {r['wall_rel']:.2f}x | {r['ttft_rel']:.2f}x | "
+                     f"{r['kv_peak_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "") -> dict[str, Path]:
+    """table.md, results.csv and accuracy_vs_flops.png (the PNG needs matplotlib: the [bench] extra)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out_dir / "table.md", "csv": out_dir / "results.csv"}
+    paths["table"].write_text((f"{title}\n\n" if title else "") + markdown_table(rows) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib not installed: no plot (pip install 'avis-llamacpp[bench]')")
+        return paths
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in rows:
+        ax.errorbar(r["flops_rel"], r["accuracy"], yerr=[[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]],
+                    fmt="o", capsize=3)
+        ax.annotate(r["config"], (r["flops_rel"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("FLOPs relative to vanilla (rho=0, K=1)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "accuracy vs compute")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths["plot"] = out_dir / "accuracy_vs_flops.png"
+    fig.savefig(paths["plot"], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLike, *,
+              configs: Sequence[BenchConfig] | None = None, policy_path: str | None = None, seed: int = 0,
+              max_tokens: int = 64, answer_tags: bool = True, limit: int | None = None, n_ctx: int = 4096,
+              resume: bool = True, progress: bool = True, ray_workers: int = 0,
+              ray_address: str | None = None) -> list[dict[str, Any]]:
+    """Evaluate every configuration on every item; returns the summary rows (and writes the outputs)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = list(configs or default_configs(with_policy=policy_path is not None))
+    if any(c.policy for c in configs) and not policy_path:
+        raise InvalidArgumentError("a policy configuration needs --policy")
+    items = load_items(items_path, limit)
+    cdicts = [asdict(c) for c in configs]
+    rec_path = out / "records.jsonl"
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    if resume and rec_path.exists():
+        for line in rec_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[(r["id"], r["config"])] = r
+    todo = [(i, it) for i, it in enumerate(items) if any((it["id"], c.name) not in done for c in configs)]
+    kw = dict(configs=cdicts, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, policy_path=policy_path)
+    vlm_kwargs = {"n_ctx": n_ctx, "n_seq_max": max(8, max(c.k for c in configs))}
+    t0 = time.perf_counter()
+    with rec_path.open("a") as rec:
+        if ray_workers > 0:
+            from .distributed import ray_map
+            results = ray_map("avis_llamacpp.bench:evaluate_job", todo, model=model, mmproj=mmproj,
+                              n_workers=ray_workers, vlm_kwargs=vlm_kwargs, fn_kwargs=kw, address=ray_address)
+            for recs in results:
+                for r in recs:
+                    rec.write(json.dumps(r) + "\n")
+                    done[(r["id"], r["config"])] = r
+        else:
+            from .pipeline import VLM
+            bar = _progress(todo, progress)
+            with VLM(model, mmproj, **vlm_kwargs) as vlm:
+                if todo:  # warm-up: the first query pays one-time allocations, keep them out of the ratios
+                    vlm.ask(todo[0][1]["image_path"], "warm-up", max_tokens=1)
+                for i, it in bar:
+                    for r in evaluate_item(vlm, it, index=i, **kw):
+                        rec.write(json.dumps(r) + "\n")
+                        rec.flush()
+                        done[(r["id"], r["config"])] = r
+    elapsed = time.perf_counter() - t0
+    records = [done[(it["id"], c.name)] for it in items for c in configs if (it["id"], c.name) in done]
+    rows = summarize(records, configs, seed)
+    title = (f"{Path(model).parent.name}/{Path(model).name} on {Path(items_path).parent.name} "
+             f"({len(items)} items, seed {seed}, max_tokens {max_tokens})")
+    write_outputs(rows, out, title)
+    (out / "run.json").write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "items": str(items_path),
+                                              "seed": seed, "max_tokens": max_tokens, "answer_tags": answer_tags,
+                                              "configs": cdicts, "elapsed_s": elapsed, "ray_workers": ray_workers,
+                                              "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+                                             indent=2))
+    return rows
+
+
+def _progress(seq: Sequence[Any], enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return seq
+    try:
+        from tqdm import tqdm
+        return tqdm(seq, desc="items", file=sys.stderr)
+    except ImportError:
+        return seq
+
+
+def register_cli(sub: Any) -> None:
+    """The `avis bench` subcommand."""
+    p = sub.add_parser("bench", help="accuracy / compute table over a labelled JSONL set",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", required=True, help="text model GGUF")
+    p.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
+    p.add_argument("--items", required=True, help="labelled JSONL (image, question, options, answer)")
+    p.add_argument("--out", default="bench_out", help="output folder (records, table, CSV, plot)")
+    p.add_argument("--policy", default=None, help="policy GGUF for the full-AVIS row")
+    p.add_argument("--configs", default=None, help="comma-separated config names to run (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="first N items only")
+    p.add_argument("--seed", type=int, default=0, help="seed every rollout derives from")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per rollout")
+    p.add_argument("--no-answer-tags", action="store_true", help="do not append the <think>/<answer> instruction")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context size")
+    p.add_argument("--no-resume", action="store_true", help="ignore records of an earlier run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ray", type=int, default=0, help="spread items over this many Ray workers (0: in process)")
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster address (default: start a local one)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    configs = default_configs(with_policy=args.policy is not None)
+    if args.configs:
+        wanted = [s.strip() for s in args.configs.split(",")]
+        names = {c.name: c for c in configs}
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise InvalidArgumentError(f"unknown config(s) {missing}; known: {list(names)}")
+        configs = [configs[0]] + [names[w] for w in wanted if w != configs[0].name]
+    rows = run_bench(args.model, args.mmproj, args.items, args.out, configs=configs, policy_path=args.policy,
+                     seed=args.seed, max_tokens=args.max_tokens, answer_tags=not args.no_answer_tags, limit=args.limit,
+                     n_ctx=args.n_ctx, resume=not args.no_resume, progress=not args.no_progress,
+                     ray_workers=args.ray, ray_address=args.ray_address)
+    print(markdown_table(rows))
+    print(f"\n(wrote {args.out}/table.md, results.csv, accuracy_vs_flops.png, records.jsonl)")
+    return 0

@@ -1,0 +1,74 @@
+"""The benchmark harness on a fixture: every configuration, table / CSV / PNG, resume, Ray == in-process."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from avis_llamacpp import bench
+from avis_llamacpp.bench import BenchConfig, bootstrap_ci, default_configs, run_bench
+
+TIMING = {"wall_s", "ttft_s"}
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    from convert.shapes_task import export
+
+    return export("test", 3, tmp_path_factory.mktemp("items"))
+
+
+def test_all_configurations_and_outputs(llava_fixture, items, tmp_path):
+    rows = run_bench(str(llava_fixture.model), str(llava_fixture.mmproj), str(items), tmp_path, max_tokens=3,
+                     progress=False)
+    names = [c.name for c in default_configs(with_policy=False)]
+    assert [r["config"] for r in rows] == names
+    by = {r["config"]: r for r in rows}
+    assert by["vanilla"]["flops_rel"] == pytest.approx(1.0) and by["vanilla"]["kept_fraction"] == 1.0
+    assert by["kdv rho=0.75"]["kept_tokens"] == 49 and by["sc k=5"]["mean_k"] == 5
+    for name in ("random rho=0.75", "uniform rho=0.75", "embeddings rho=0.75"):
+        assert by[name]["kept_tokens"] == by["kdv rho=0.75"]["kept_tokens"]
+    assert by["kdv rho=0.9"]["flops_rel"] < by["kdv rho=0.5"]["flops_rel"] < 1.0
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n| ") == len(names) + 1
+    with (tmp_path / "results.csv").open() as f:
+        assert [r["config"] for r in csv.DictReader(f)] == names
+    from PIL import Image
+    assert Image.open(tmp_path / "accuracy_vs_flops.png").size[0] > 300
+    n_records = len((tmp_path / "records.jsonl").read_text().splitlines())
+    assert n_records == 3 * len(names)
+    # resume: nothing left to do, no new records
+    calls = []
+    orig = bench.evaluate_item
+    bench.evaluate_item = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        run_bench(str(llava_fixture.model), str(llava_fixture.mmproj), str(items), tmp_path, max_tokens=3,
+                  progress=False)
+    finally:
+        bench.evaluate_item = orig
+    assert calls == [] and len((tmp_path / "records.jsonl").read_text().splitlines()) == n_records
+
+
+def test_bootstrap_interval():
+    assert bootstrap_ci([True] * 10) == (1.0, 1.0)
+    lo, hi = bootstrap_ci([True, False] * 50)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+
+
+def test_ray_equals_single_process(llava_fixture, items, tmp_path):
+    pytest.importorskip("ray")
+    configs = [BenchConfig("vanilla"), BenchConfig("kdv rho=0.5", ratio=0.5), BenchConfig("sc k=3", k=3)]
+    run_bench(str(llava_fixture.model), str(llava_fixture.mmproj), str(items), tmp_path / "one", configs=configs,
+              max_tokens=4, progress=False)
+    run_bench(str(llava_fixture.model), str(llava_fixture.mmproj), str(items), tmp_path / "ray", configs=configs,
+              max_tokens=4, progress=False, ray_workers=2)
+
+    def load(d):
+        rows = [json.loads(x) for x in (d / "records.jsonl").read_text().splitlines()]
+        return sorted(({k: v for k, v in r.items() if k not in TIMING} for r in rows),
+                      key=lambda r: (r["id"], r["config"]))
+    assert load(tmp_path / "one") == load(tmp_path / "ray")
+    import ray
+    ray.shutdown()
