@@ -91,10 +91,7 @@ def evaluate_item(vlm: Any, item: dict[str, Any], *, index: int, configs: Sequen
     """Run every configuration on one item; one record per configuration (seeds derive from the index)."""
     from .voting import normalize_answer
 
-    policy = None
-    if policy_path and any(c["policy"] for c in configs):
-        from .policy import load_policy
-        policy = load_policy(policy_path)
+    policy = _policy(policy_path, vlm) if policy_path and any(c["policy"] for c in configs) else None
     options = item.get("options")
     truth = normalize_answer(str(item["answer"]), options)
     out = []
@@ -114,6 +111,18 @@ def evaluate_item(vlm: Any, item: dict[str, Any], *, index: int, configs: Sequen
                     "kv_mib": kv_cells * kv_bytes_per_cell(vlm) / 2**20,
                     "difficulty": item.get("difficulty"), "kind": item.get("kind")})
     return out
+
+
+_POLICIES: dict[tuple[str, int], Any] = {}
+
+
+def _policy(path: str, vlm: Any) -> Any:
+    """The policy file loaded once per worker (checked against the model's embedding size)."""
+    key = (str(path), id(vlm))
+    if key not in _POLICIES:
+        from .policy import load_policy
+        _POLICIES[key] = load_policy(path, vlm)
+    return _POLICIES[key]
 
 
 def evaluate_job(vlm: Any, job: tuple[int, dict[str, Any]], *, index: int, **kwargs: Any) -> list[dict[str, Any]]:

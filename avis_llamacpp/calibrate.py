@@ -1,0 +1,565 @@
+"""Calibrating an AVIS policy on a user's own model and labelled data.
+
+1. `run_calibration` runs the model over a JSONL set of multiple-choice items (fields: "image", a local path
+   relative to the JSONL; "question"; "options"; "answer", the correct letter; optional "id"). Per item it
+   makes one greedy K=1 call (the label of the difficulty predictor, and the accuracy of K=1) and one call
+   with k_max sampled rollouts sharing one prefill (the rollouts that K>1 votes are subsampled from), and
+   appends one JSON record per item to out_dir/records.jsonl, so an interrupted run resumes where it stopped.
+2. `fit_policy` fits the difficulty predictor on the records' features, the p_hat -> K map on its
+   out-of-fold predictions, and returns the `AVISPolicy` and a report comparing it with fixed K.
+
+`register_cli` adds the `avis calibrate` subcommand, which does both and writes out_dir/policy.gguf and
+out_dir/report.json."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import AVISError, InvalidArgumentError
+from .features import FEATURE_VERSION
+from .kdv import DEFAULT_TAU
+from .policy import K_CHOICES, AVISPolicy, FeatureSpec, expected_vote_accuracy, fit_k_map
+from .voting import extract_answer, normalize_answer
+
+__all__ = ["RECORD_VERSION", "CalibrationItem", "accuracy_matrix", "cost_matrix", "fit_policy", "format_report",
+           "load_items", "load_records", "register_cli", "run_calibration"]
+
+logger = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+RECORDS_FILE = "records.jsonl"
+SETTINGS_FILE = "calibration.json"
+POLICY_FILE = "policy.gguf"
+REPORT_FILE = "report.json"
+DEFAULT_LAMBDA = 0.01  # accuracy one unit of compute (a rollout, or a vanilla run's FLOPs) must buy
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:(//|[^\\/])")  # scheme://... or data:..., not C:\ or C:/
+_SETTINGS_CHECKED = ("model_id", "k_max", "seed", "max_tokens", "answer_tags", "tau", "ratio", "feature_version")
+_UNSET: Any = object()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# items
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrationItem:
+    """One labelled question: id, resolved image path, question text, options and the gold answer."""
+
+    id: str
+    index: int
+    image: Path
+    image_field: str
+    question: str
+    options: tuple[str, ...]
+    gold: str
+
+
+def load_items(path: str | os.PathLike) -> list[CalibrationItem]:
+    """Read and validate a calibration JSONL (images must be local files; URLs are refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"{path}: no such items file")
+    items: list[CalibrationItem] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidArgumentError(f"{where}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise InvalidArgumentError(f"{where}: each line must be a JSON object")
+        missing = [k for k in ("image", "question", "answer") if k not in d]
+        if missing:
+            raise InvalidArgumentError(f"{where}: missing field(s) {missing}")
+        image, question = d["image"], d["question"]
+        if not isinstance(image, str) or not image:
+            raise InvalidArgumentError(f"{where}: 'image' must be a path string")
+        if _URL_RE.match(image):
+            raise InvalidArgumentError(f"{where}: 'image' must be a local path relative to the JSONL, not a URL "
+                                       f"({image[:60]!r})")
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidArgumentError(f"{where}: 'question' must be a non-empty string")
+        options = d.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, (str, int, float)) for o in options):
+            raise InvalidArgumentError(f"{where}: 'options' must be a list of strings")
+        options_t = tuple(str(o) for o in options)
+        if not isinstance(d["answer"], (str, int, float)) or not str(d["answer"]).strip():
+            raise InvalidArgumentError(f"{where}: 'answer' must be a non-empty string")
+        gold = normalize_answer(str(d["answer"]), options_t or None)
+        if options_t:
+            letters = "".join(chr(ord("A") + i) for i in range(min(len(options_t), 26)))
+            if gold not in letters:
+                raise InvalidArgumentError(f"{where}: answer {d['answer']!r} is not one of the option letters {letters}")
+        item_id = str(d.get("id", f"item-{lineno:06d}"))
+        if item_id in seen:
+            raise InvalidArgumentError(f"{where}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        img = (path.parent / image).resolve()
+        if not img.is_file():
+            raise InvalidArgumentError(f"{where}: image {image!r} not found (looked for {img})")
+        items.append(CalibrationItem(item_id, len(items), img, image, question, options_t, gold))
+    if not items:
+        raise InvalidArgumentError(f"{path}: no items")
+    return items
+
+
+# ------------------------------------------------------------------------------------------------------------
+# running the model
+# ------------------------------------------------------------------------------------------------------------
+def _item_seed(seed: int, item_id: str) -> int:
+    """A per-item seed that depends on the run seed and the id only (so resuming reproduces it)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _normalised(text: str, options: Sequence[str] | None) -> str | None:
+    """The rollout's answer as the pipeline votes on it (extracted, then normalised)."""
+    a = extract_answer(text, options)
+    return normalize_answer(a, options) if a is not None else None
+
+
+def _model_info(vlm: Any) -> dict[str, str]:
+    """model_id and file names of a VLM (tolerant of wrappers)."""
+    model = getattr(vlm, "model", None)
+    proj = getattr(vlm, "projector", None)
+    return {"model_id": str(vlm.model_id),
+            "model_file": Path(getattr(model, "path", "") or "").name,
+            "mmproj_file": Path(getattr(proj, "path", "") or "").name}
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Records from a records.jsonl; a truncated last line (interrupted write) is dropped from the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    out: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: the write was interrupted
+                logger.warning("%s: dropping a truncated last record (interrupted run)", path)
+                path.write_bytes(b"\n".join(lines[:-1]) + (b"\n" if i else b""))
+                break
+            raise InvalidArgumentError(f"{path}:{i + 1}: corrupt record ({e})") from None
+    return out
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Calibration records from a records.jsonl file (or the out_dir holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RECORDS_FILE
+    if not p.is_file():
+        raise InvalidArgumentError(f"{p}: no records file")
+    return _read_records(p)
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    """A tqdm bar when tqdm is importable and progress is on, else None (logging is used instead)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="calibrate", unit="item", file=sys.stderr)
+
+
+def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.PathLike, *, k_max: int = 7,
+                    seed: int = 0, max_tokens: int = 256, answer_tags: bool = False, tau: float | None = DEFAULT_TAU,
+                    ratio: float | None = None, resume: bool = True, progress: bool = True,
+                    limit: int | None = None, log_every: int | None = None) -> list[dict[str, Any]]:
+    """Run `vlm` over the items (greedy K=1 + k_max rollouts each) and return one record per item.
+
+    Records are appended to out_dir/records.jsonl as they are made; with resume, items already recorded are
+    skipped (the run's settings are kept in out_dir/calibration.json and must match). tau / ratio: the KDV
+    pruning the policy will use (features do not depend on it, accuracies do). limit: only the first N items.
+    Progress: a tqdm bar if tqdm is importable, else an INFO log line every `log_every` items."""
+    if not (isinstance(k_max, int) and k_max >= 1):
+        raise InvalidArgumentError(f"k_max must be an int >= 1, got {k_max!r}")
+    if tau is not None and ratio is not None:
+        raise InvalidArgumentError("give a KDV tau or a ratio, not both")
+    items = load_items(items_jsonl)
+    if limit is not None:
+        items = items[:limit]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rec_path, set_path = out / RECORDS_FILE, out / SETTINGS_FILE
+    info = _model_info(vlm)
+    settings = {"version": RECORD_VERSION, "items": str(Path(items_jsonl).resolve()), **info, "k_max": k_max,
+                "seed": seed, "max_tokens": max_tokens, "answer_tags": bool(answer_tags), "tau": tau, "ratio": ratio,
+                "feature_version": FEATURE_VERSION}
+    if rec_path.exists():
+        if not resume:
+            logger.warning("%s: starting over (resume off); old records removed", rec_path)
+            rec_path.unlink()
+        elif set_path.exists():
+            old = json.loads(set_path.read_text())
+            diff = {k: (old.get(k), settings[k]) for k in _SETTINGS_CHECKED if old.get(k) != settings[k]}
+            if diff:
+                raise InvalidArgumentError(f"{out} holds records made with other settings {diff} (recorded, now); "
+                                           f"use another output folder or resume=False")
+        else:
+            logger.warning("%s: no %s next to it; assuming its records were made with these settings", rec_path,
+                           SETTINGS_FILE)
+    set_path.write_text(json.dumps(settings, indent=2))
+    done = {r["id"]: r for r in _read_records(rec_path)}
+    wanted = {it.id for it in items}
+    if set(done) - wanted:
+        logger.warning("%s has %d records for ids not in %s; they are kept but not returned", rec_path,
+                       len(set(done) - wanted), items_jsonl)
+    todo = [it for it in items if it.id not in done]
+    if done:
+        logger.info("resuming: %d of %d items already recorded", len(items) - len(todo), len(items))
+    n_seq_max = getattr(getattr(vlm, "settings", None), "n_seq_max", k_max)
+    mode = "parallel" if k_max <= n_seq_max else "snapshot"
+    bar = _progress(len(items), len(items) - len(todo), progress)
+    every = log_every or max(1, len(items) // 20)
+    failures: list[tuple[str, Exception]] = []
+    t_start = time.perf_counter()
+    try:
+        with rec_path.open("a", encoding="utf-8") as f:
+            for n_done, it in enumerate(todo, 1):
+                try:
+                    rec = _calibrate_item(vlm, it, k_max=k_max, seed=seed, max_tokens=max_tokens,
+                                          answer_tags=answer_tags, tau=tau, ratio=ratio, mode=mode, info=info)
+                except AVISError as e:
+                    logger.warning("item %s failed: %s", it.id, e)
+                    failures.append((it.id, e))
+                    continue
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done[it.id] = rec
+                if bar is not None:
+                    bar.update(1)
+                elif progress and (n_done % every == 0 or n_done == len(todo)):
+                    rate = n_done / max(time.perf_counter() - t_start, 1e-9)
+                    logger.info("calibrated %d/%d items (%.2f items/s, greedy accuracy so far %.3f)",
+                                len(items) - len(todo) + n_done, len(items), rate,
+                                np.mean([done[i.id]["greedy"]["correct"] for i in items if i.id in done]))
+    finally:
+        if bar is not None:
+            bar.close()
+    if failures:
+        logger.error("%d item(s) failed (first: %s: %s); rerun to retry them", len(failures), *failures[0])
+        if not any(it.id in done for it in items):
+            raise failures[0][1]
+    return [done[it.id] for it in items if it.id in done]
+
+
+def _calibrate_item(vlm: Any, it: CalibrationItem, *, k_max: int, seed: int, max_tokens: int, answer_tags: bool,
+                    tau: float | None, ratio: float | None, mode: str, info: Mapping[str, str]) -> dict[str, Any]:
+    """Greedy K=1 call + one k_max-rollout call for one item -> its record."""
+    t0 = time.perf_counter()
+    opts = list(it.options) or None
+    s = _item_seed(seed, it.id)
+    kw = dict(options=opts, answer_tags=answer_tags, max_tokens=max_tokens, tau=tau, ratio=ratio, seed=s)
+    greedy = vlm.ask(str(it.image), it.question, k=1, **kw)
+    multi = vlm.ask(str(it.image), it.question, k=k_max, mode=mode, **kw)
+    g_ans = _normalised(greedy.rollouts[0].text, opts) if greedy.rollouts else None
+    rollouts = []
+    for r in multi.rollouts:
+        a = _normalised(r.text, opts)
+        rollouts.append({"answer": a, "correct": a == it.gold, "tokens": len(r.tokens),
+                         "mean_logprob": r.mean_logprob, "finish_reason": r.finish_reason})
+    feats = greedy.features if greedy.features is not None else multi.features
+    return {"version": RECORD_VERSION, "id": it.id, "index": it.index, "image": it.image_field,
+            "question": it.question, "options": list(it.options), "gold": it.gold,
+            "features": [float(x) for x in np.asarray(feats, dtype=np.float64)], "feature_version": FEATURE_VERSION,
+            "greedy": {"answer": g_ans, "correct": g_ans == it.gold, "tokens": len(greedy.tokens),
+                       "mean_logprob": greedy.rollouts[0].mean_logprob if greedy.rollouts else 0.0,
+                       "finish_reason": greedy.finish_reason},
+            "rollouts": rollouts, "vote": {"answer": multi.answer, "correct": multi.answer == it.gold,
+                                           "votes": dict(multi.votes)},
+            "k_max": k_max, "seed": s, "pruning": {"tau": tau, "ratio": ratio},
+            "prompt_tokens": multi.prompt_tokens, "image_tokens": list(multi.image_tokens),
+            "kept_tokens": list(multi.kept_tokens),
+            "flops": {"greedy": dict(greedy.flops), "k_max": dict(multi.flops)},
+            "model": dict(info), "time_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# from records to matrices
+# ------------------------------------------------------------------------------------------------------------
+def accuracy_matrix(records: Sequence[Mapping[str, Any]], ks: Sequence[int] = K_CHOICES, *, n_draws: int = 256,
+                    seed: int = 0) -> np.ndarray:
+    """(n_items, len(ks)) expected accuracy: K=1 is the greedy answer's correctness (the policy decodes K=1
+    greedily); K>1 the majority vote of K of the k_max recorded rollouts (`policy.expected_vote_accuracy`)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((len(records), len(ks)))
+    for i, r in enumerate(records):
+        answers = [ro.get("answer") for ro in r["rollouts"]]
+        lps = [float(ro.get("mean_logprob", 0.0)) for ro in r["rollouts"]]
+        for j, k in enumerate(ks):
+            if k == 1:
+                out[i, j] = float(bool(r["greedy"]["correct"]))
+            else:
+                out[i, j] = expected_vote_accuracy(answers, r["gold"], int(k), logprobs=lps, n_draws=n_draws, rng=rng)
+    return out
+
+
+def _has_flops(r: Mapping[str, Any]) -> bool:
+    """Whether a record carries the FLOPs fields cost_matrix(unit='flops') needs."""
+    f = r.get("flops") or {}
+    need = {"ours_total", "vanilla_total"}
+    return need <= set(f.get("greedy") or {}) and need | {"encoder", "prefill", "decode"} <= set(f.get("k_max") or {})
+
+
+def cost_matrix(records: Sequence[Mapping[str, Any]], ks: Sequence[int] = K_CHOICES, unit: str = "k") -> np.ndarray:
+    """(n_items, len(ks)) compute: unit "k" = K; unit "flops" = FLOPs relative to the item's vanilla greedy run
+    (encoder + pruned prefill + K times the mean recorded rollout's decode; K=1 is the greedy call itself)."""
+    if unit not in ("k", "flops"):
+        raise InvalidArgumentError(f"cost unit must be 'k' or 'flops', got {unit!r}")
+    out = np.zeros((len(records), len(ks)))
+    for i, r in enumerate(records):
+        if unit == "k":
+            out[i] = ks
+            continue
+        if not _has_flops(r):
+            raise InvalidArgumentError(f"record {r.get('id')!r} has no FLOPs; use cost unit 'k'")
+        g, m = r["flops"]["greedy"], r["flops"]["k_max"]
+        base = float(g["vanilla_total"])
+        shared = (float(m["encoder"]) + float(m["prefill"])) * float(m["vanilla_total"])
+        per_rollout = float(m["decode"]) * float(m["vanilla_total"]) / max(len(r["rollouts"]), 1)
+        for j, k in enumerate(ks):
+            out[i, j] = float(g["ours_total"]) / base if k == 1 else (shared + k * per_rollout) / base
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fitting the policy
+# ------------------------------------------------------------------------------------------------------------
+def _check_records(records: Sequence[Mapping[str, Any]]) -> int:
+    """Validate the records' shape; returns the feature length."""
+    if not records:
+        raise InvalidArgumentError("no calibration records")
+    d = None
+    for r in records:
+        for key in ("features", "greedy", "rollouts", "gold"):
+            if key not in r:
+                raise InvalidArgumentError(f"record {r.get('id')!r} lacks {key!r}; not a calibration record")
+        if r.get("feature_version", FEATURE_VERSION) != FEATURE_VERSION:
+            raise InvalidArgumentError(f"record {r.get('id')!r} has feature version {r.get('feature_version')}, "
+                                       f"this avis-llamacpp computes {FEATURE_VERSION}; recalibrate")
+        n = len(r["features"])
+        if d is None:
+            d = n
+        elif n != d:
+            raise InvalidArgumentError(f"record {r.get('id')!r} has {n} features, earlier ones {d} (mixed models?)")
+        if not r["rollouts"]:
+            raise InvalidArgumentError(f"record {r.get('id')!r} has no rollouts")
+    return int(d)
+
+
+def fit_policy(records: Sequence[Mapping[str, Any]] | str | os.PathLike, lambda_: float | None = None,
+               budget: float | None = None, seed: int = 0, *, ks: Sequence[int] = K_CHOICES, cost: str = "auto",
+               n_bins: Sequence[int] = (3, 4, 5, 6), cv: int = 5, n_draws: int = 256, tau: float | None = _UNSET,
+               ratio: float | None = None, predictor_params: Mapping[str, Any] | None = None
+               ) -> tuple[AVISPolicy, dict[str, Any]]:
+    """Fit predictor + K map on calibration records; returns the policy and a JSON-serialisable report.
+
+    lambda_ / budget: see `policy.fit_k_map` (neither: lambda_ = DEFAULT_LAMBDA). cost: "k" (mean K), "flops"
+    (relative FLOPs) or "auto" (FLOPs when every record has them). ks above the records' k_max are dropped.
+    tau / ratio default to the pruning the records were made with."""
+    from .predictor import DifficultyPredictor, binary_metrics
+
+    if not isinstance(records, (list, tuple)):
+        records = load_records(records)
+    d = _check_records(records)
+    if lambda_ is None and budget is None:
+        lambda_ = DEFAULT_LAMBDA
+    k_max = min(len(r["rollouts"]) for r in records)
+    ks_all = [int(k) for k in ks]
+    ks = [k for k in ks_all if k <= k_max]
+    if ks != ks_all:
+        logger.warning("records hold %d rollouts per item: K choices limited to %s", k_max, ks)
+    if not ks:
+        raise InvalidArgumentError(f"no K choice fits the records' {k_max} rollouts")
+    unit = ("flops" if all(_has_flops(r) for r in records) else "k") if cost == "auto" else cost
+    X = np.array([r["features"] for r in records], dtype=np.float64)
+    y = np.array([bool(r["greedy"]["correct"]) for r in records], dtype=np.int64)
+    pred = DifficultyPredictor(random_state=seed, **dict(predictor_params or {})).fit(X, y)
+    if pred.oof_proba_ is not None:
+        p_oof = pred.oof_proba_
+        held_out = {**pred.cv_metrics_, "note": "out-of-fold predictions of the chosen candidate (choosing among "
+                                                "candidates on the same folds makes them slightly optimistic)"}
+    else:
+        p_oof, held_out = pred.predict_proba(X)[:, 1], {**binary_metrics(y, pred.predict_proba(X)[:, 1]),
+                                                         "n_folds": 0, "note": "in-sample (too few of one class for CV)"}
+    acc = accuracy_matrix(records, ks, n_draws=n_draws, seed=seed)
+    costm = cost_matrix(records, ks, unit)
+    km, map_info = fit_k_map(p_oof, acc, costm, ks, lambda_=lambda_, budget=budget, n_bins=n_bins, cv=cv, seed=seed)
+
+    pruning = records[0].get("pruning") or {}
+    if tau is _UNSET:
+        if ratio is None:
+            tau, ratio = (pruning.get("tau"), pruning.get("ratio")) if pruning else (DEFAULT_TAU, None)
+        else:
+            tau = None
+    if pruning and (pruning.get("tau"), pruning.get("ratio")) != (tau, ratio):
+        logger.warning("policy pruning (tau=%s, ratio=%s) differs from the calibration run's %s: the measured "
+                       "accuracies may not hold", tau, ratio, pruning)
+    model = dict(records[0].get("model") or {})
+    if len({json.dumps(r.get("model"), sort_keys=True) for r in records}) > 1:
+        logger.warning("records come from more than one model; the policy is labelled with the first")
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    kcost = cost_matrix(records, ks, "k")
+    fl = cost_matrix(records, ks, "flops") if all(_has_flops(r) for r in records) else None
+    col = np.array([ks.index(k) for k in (km.k_for(p) for p in p_oof)])
+    rows = np.arange(len(records))
+    fixed = {str(k): {"accuracy": float(acc[:, j].mean()), "mean_k": float(k),
+                      "relative_flops": None if fl is None else float(fl[:, j].mean())} for j, k in enumerate(ks)}
+    policy_row = {"accuracy": float(acc[rows, col].mean()), "mean_k": float(kcost[rows, col].mean()),
+                  "relative_flops": None if fl is None else float(fl[rows, col].mean()),
+                  "cv_accuracy": map_info["cv_accuracy"], "cv_cost": map_info["cv_cost"]}
+    report = {
+        "n_items": len(records), "k_max": k_max, "ks": ks, "cost_unit": unit, "lambda": lambda_, "budget": budget,
+        "seed": seed, "created": created, "model": model,
+        "pruning": {"tau": tau, "ratio": ratio},
+        "predictor": {"chosen": pred.chosen_, "reason": pred.selection_["reason"], "kind": pred.to_numpy().kind,
+                      "base_rate": float(y.mean()), "held_out": held_out,
+                      "candidates": pred.selection_.get("candidates", {})},
+        "k_map": {**km.to_dict(), "text": str(km), **{k: v for k, v in map_info.items()
+                                                      if k not in ("accuracy", "cost")}},
+        "policy": policy_row, "fixed": fixed,
+        "vote_accuracy_k_max": float(np.mean([bool(r.get("vote", {}).get("correct")) for r in records])),
+    }
+    summary = {"n_items": len(records), "k_max": k_max, "cost_unit": unit, "lambda": lambda_, "budget": budget,
+               "predictor": pred.chosen_, "held_out_auc": held_out.get("auc"), "accuracy": policy_row["accuracy"],
+               "mean_k": policy_row["mean_k"]}
+    policy = AVISPolicy(pred.to_numpy(), km, tau=tau, ratio=ratio, feature_spec=FeatureSpec.from_length(d),
+                        info={**model, "created": created, "calibration": summary})
+    return policy, report
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    """format(x, spec), or 'n/a' padded to the spec's width for a missing value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        width = re.match(r"\d*", spec).group(0)
+        return "n/a".rjust(int(width) if width else 0)
+    return format(x, spec)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The calibration report as readable text."""
+    pr, km, pol = report["predictor"], report["k_map"], report["policy"]
+    ho = pr["held_out"]
+    obj = f"lambda {report['lambda']:g}" if report.get("lambda") is not None else f"budget {report['budget']:g}"
+    unit = "relative FLOPs" if report["cost_unit"] == "flops" else "mean K"
+    lines = [
+        f"AVIS calibration: {report['n_items']} items, K_max {report['k_max']}, objective accuracy vs {unit} ({obj})",
+        f"predictor: {pr['reason']}",
+        f"  held-out ({ho.get('n_folds', 0)} folds): AUC {_fmt(ho.get('auc'))}, Brier {_fmt(ho.get('brier'), '.4f')}, "
+        f"log-loss {_fmt(ho.get('log_loss'), '.4f')}; greedy accuracy {pr['base_rate']:.3f}",
+        f"K map ({km['n_bins']} quantile bins, {km['n_bins_reason']}): {km['text']}",
+        f"  {'':18s}{'accuracy':>10s}{'mean K':>9s}{'rel. FLOPs':>12s}",
+    ]
+    for k, row in report["fixed"].items():
+        lines.append(f"  {'fixed K=' + k:18s}{row['accuracy']:10.3f}{row['mean_k']:9.2f}"
+                     f"{_fmt(row['relative_flops'], '12.2f')}")
+    lines.append(f"  {'AVIS policy':18s}{pol['accuracy']:10.3f}{pol['mean_k']:9.2f}"
+                 f"{_fmt(pol['relative_flops'], '12.2f')}")
+    if pol.get("cv_accuracy") is not None:
+        lines.append(f"  {'AVIS (map CV)':18s}{pol['cv_accuracy']:10.3f}   ({unit} {pol['cv_cost']:.2f})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    """`avis calibrate`: run the calibration set, fit the policy, write policy.gguf + report.json."""
+    from .pipeline import VLM
+
+    logging.getLogger("avis_llamacpp").setLevel(logging.INFO if not args.quiet else logging.WARNING)
+    if args.no_prune:
+        tau, ratio = None, None
+    elif args.ratio is not None:
+        tau, ratio = None, args.ratio
+    else:
+        tau, ratio = args.tau, None
+    out = Path(args.out)
+    with VLM(args.model, args.mmproj, n_ctx=args.n_ctx, n_seq_max=max(8, args.k_max), n_threads=args.threads,
+             n_threads_batch=args.threads_batch or args.threads, n_gpu_layers=args.n_gpu_layers,
+             chat_format=args.chat_format, verbose=args.verbose) as vlm:
+        records = run_calibration(vlm, args.items, out, k_max=args.k_max, seed=args.seed, max_tokens=args.max_tokens,
+                                  answer_tags=args.answer_tags, tau=tau, ratio=ratio, resume=not args.no_resume,
+                                  progress=not args.no_progress, limit=args.limit)
+    policy, report = fit_policy(records, lambda_=args.lambda_, budget=args.budget, seed=args.seed, cost=args.cost)
+    policy.save(out / POLICY_FILE)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"wrote {out / POLICY_FILE} and {out / REPORT_FILE}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `calibrate` subcommand to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser("calibrate", help="calibrate an AVIS policy (difficulty predictor + K map) on "
+                              "labelled items", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", required=True, help="text model GGUF")
+    p.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
+    p.add_argument("--items", required=True, help="JSONL of items: image (path relative to the file), question, "
+                   "options, answer (letter), optional id")
+    p.add_argument("--out", required=True, help="output folder (records.jsonl, policy.gguf, report.json)")
+    p.add_argument("--k-max", type=int, default=7, help="rollouts recorded per item (the largest K; default 7)")
+    obj = p.add_mutually_exclusive_group()
+    obj.add_argument("--lambda", dest="lambda_", type=float, default=None,
+                     help=f"accuracy - lambda * compute trade-off (default {DEFAULT_LAMBDA})")
+    obj.add_argument("--budget", type=float, default=None, help="best accuracy with mean compute <= budget")
+    p.add_argument("--cost", choices=("auto", "k", "flops"), default="auto",
+                   help="compute measure: mean K or FLOPs relative to vanilla (auto: FLOPs)")
+    p.add_argument("--seed", type=int, default=0, help="rollout seeds, CV folds")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per rollout")
+    p.add_argument("--answer-tags", action="store_true", help="ask for <think>/<answer> tags")
+    prune = p.add_mutually_exclusive_group()
+    prune.add_argument("--tau", type=float, default=DEFAULT_TAU, help="KDV adaptive angle in radians (default pi/4)")
+    prune.add_argument("--ratio", type=float, default=None, help="KDV fixed pruning ratio instead of tau")
+    prune.add_argument("--no-prune", action="store_true", help="keep every visual token")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of skipping recorded items")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress log lines")
+    p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    p.add_argument("--threads-batch", type=int, default=None,
+                   help="CPU threads for prompt batches (default: --threads if given, else all cores)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
+    p.add_argument("--chat-format", default="auto", help="'auto', 'llava-1-5' or 'qwen2.5-vl'")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
+    p.set_defaults(func=_cmd_calibrate)
+    return p
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """`python -m avis_llamacpp.calibrate ...` (the same as `avis calibrate ...`)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m avis_llamacpp.calibrate")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    args = parser.parse_args(["calibrate", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
