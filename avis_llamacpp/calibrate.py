@@ -186,13 +186,16 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.PathLike, *, k_max: int = 7,
                     seed: int = 0, max_tokens: int = 256, answer_tags: bool = False, tau: float | None = DEFAULT_TAU,
                     ratio: float | None = None, resume: bool = True, progress: bool = True,
-                    limit: int | None = None, log_every: int | None = None) -> list[dict[str, Any]]:
+                    limit: int | None = None, log_every: int | None = None,
+                    ray_workers: int = 0, ray_address: str | None = None) -> list[dict[str, Any]]:
     """Run `vlm` over the items (greedy K=1 + k_max rollouts each) and return one record per item.
 
     Records are appended to out_dir/records.jsonl as they are made; with resume, items already recorded are
     skipped (the run's settings are kept in out_dir/calibration.json and must match). tau / ratio: the KDV
     pruning the policy will use (features do not depend on it, accuracies do). limit: only the first N items.
-    Progress: a tqdm bar if tqdm is importable, else an INFO log line every `log_every` items."""
+    Progress: a tqdm bar if tqdm is importable, else an INFO log line every `log_every` items.
+    ray_workers > 0 shards the items over that many Ray workers (each loads the model once); the records
+    are the same as in-process because every item's seed derives from its id."""
     if not (isinstance(k_max, int) and k_max >= 1):
         raise InvalidArgumentError(f"k_max must be an int >= 1, got {k_max!r}")
     if tau is not None and ratio is not None:
@@ -235,6 +238,22 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
     every = log_every or max(1, len(items) // 20)
     failures: list[tuple[str, Exception]] = []
     t_start = time.perf_counter()
+    if ray_workers > 0 and todo:
+        from .distributed import ray_map
+
+        kw = dict(k_max=k_max, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, tau=tau, ratio=ratio,
+                  mode=mode, info=info)
+        results = ray_map("avis_llamacpp.calibrate:calibrate_job", todo, model=vlm.model.path,
+                          mmproj=vlm.projector.path, n_workers=ray_workers, address=ray_address,
+                          vlm_kwargs={"n_ctx": vlm.ctx.n_ctx, "n_seq_max": n_seq_max}, fn_kwargs=kw)
+        with rec_path.open("a", encoding="utf-8") as f:
+            for it, rec in zip(todo, results):
+                if isinstance(rec, Exception):
+                    failures.append((it.id, rec))
+                    continue
+                f.write(json.dumps(rec) + "\n")
+                done[it.id] = rec
+        todo = []
     try:
         with rec_path.open("a", encoding="utf-8") as f:
             for n_done, it in enumerate(todo, 1):
@@ -263,6 +282,14 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
         if not any(it.id in done for it in items):
             raise failures[0][1]
     return [done[it.id] for it in items if it.id in done]
+
+
+def calibrate_job(vlm: Any, it: CalibrationItem, *, index: int, **kwargs: Any) -> dict[str, Any] | Exception:
+    """One item's record on a Ray worker (errors come back as values so one bad item does not stop the run)."""
+    try:
+        return _calibrate_item(vlm, it, **kwargs)
+    except AVISError as e:
+        return e
 
 
 def _calibrate_item(vlm: Any, it: CalibrationItem, *, k_max: int, seed: int, max_tokens: int, answer_tags: bool,
@@ -503,7 +530,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
              chat_format=args.chat_format, verbose=args.verbose) as vlm:
         records = run_calibration(vlm, args.items, out, k_max=args.k_max, seed=args.seed, max_tokens=args.max_tokens,
                                   answer_tags=args.answer_tags, tau=tau, ratio=ratio, resume=not args.no_resume,
-                                  progress=not args.no_progress, limit=args.limit)
+                                  progress=not args.no_progress, limit=args.limit, ray_workers=args.ray,
+                                  ray_address=args.ray_address)
     policy, report = fit_policy(records, lambda_=args.lambda_, budget=args.budget, seed=args.seed, cost=args.cost)
     policy.save(out / POLICY_FILE)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -540,6 +568,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over instead of skipping recorded items")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress log lines")
     p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
+    p.add_argument("--ray", type=int, default=0, help="spread items over this many Ray workers (0: in process)")
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster address (default: start a local one)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     p.add_argument("--threads-batch", type=int, default=None,

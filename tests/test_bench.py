@@ -72,3 +72,17 @@ def test_ray_equals_single_process(llava_fixture, items, tmp_path):
     assert load(tmp_path / "one") == load(tmp_path / "ray")
     import ray
     ray.shutdown()
+
+
+def test_calibration_on_ray_equals_in_process(llava_fixture, items, tmp_path):
+    pytest.importorskip("ray")
+    from avis_llamacpp import VLM
+    from avis_llamacpp.calibrate import run_calibration
+
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=2048) as vlm:
+        one = run_calibration(vlm, items, tmp_path / "one", k_max=3, max_tokens=4, progress=False)
+        dist = run_calibration(vlm, items, tmp_path / "ray", k_max=3, max_tokens=4, progress=False, ray_workers=2)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]  # noqa: E731
+    assert strip(one) == strip(dist) and len(one) == 3
+    import ray
+    ray.shutdown()
