@@ -38,35 +38,9 @@ QWEN_DIMS = VisionDims(
 )
 
 
-# ---------------------------------------------------------------------------
-# ctypes mirror of the beginning of struct ggml_tensor (ggml/include/ggml.h)
-# ---------------------------------------------------------------------------
-GGML_MAX_DIMS = 4
-GGML_MAX_OP_PARAMS = 64
-GGML_MAX_SRC = 10
-GGML_MAX_NAME = 64
-GGML_TYPE_F32 = 0
-
-
-class GgmlTensor(ctypes.Structure):
-    """Layout of struct ggml_tensor."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
-        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * GGML_MAX_SRC),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * GGML_MAX_NAME),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
+# the production mirror of struct ggml_tensor (ggml/include/ggml.h); these tests also check its layout
+from avis_llamacpp.capture import GGML_TYPE_F32  # noqa: E402
+from avis_llamacpp.capture import GGMLTensor as GgmlTensor  # noqa: E402
 
 
 @dataclass
