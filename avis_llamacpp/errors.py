@@ -11,6 +11,7 @@ __all__ = [
     "CaptureError",
     "PolicyFileError",
     "SnapshotMismatchError",
+    "ClosedError",
 ]
 
 
@@ -44,3 +45,7 @@ class PolicyFileError(AVISError):
 
 class SnapshotMismatchError(AVISError):
     """A saved state snapshot does not match the current model, prompt or image tokens."""
+
+
+class ClosedError(AVISError, RuntimeError):
+    """The object was closed (its llama.cpp handles freed); create a new one to run more queries."""

@@ -1,93 +1,247 @@
 """Turn what users pass as an image (path, bytes, data URI, PIL image, array) into an RGB uint8 array,
-with PIL doing the decoding so EXIF rotation, palettes, alpha, 16-bit and CMYK are handled and
-decompression bombs are refused before decoding."""
+with PIL doing the decoding.
+
+What is accepted and how it is normalised (every refusal is an ImageError naming the problem and the fix):
+
+- formats: PNG, JPEG (incl. MPO), GIF, WebP, BMP, TIFF, PPM/PGM/PBM, TGA, ICO (and AVIF where Pillow has it);
+  other formats PIL could open (EPS, PSD, FITS, ...) are refused, since some plugins run external programs or
+  rarely-exercised decoders on untrusted bytes.
+- size: images over MAX_PIXELS pixels are refused before any pixel is decoded (decompression bombs); files
+  over MAX_FILE_BYTES are refused before being read; an image whose longer side exceeds MAX_SIDE is
+  downscaled (bicubic, aspect ratio kept) to MAX_SIDE: no supported projector uses more (LLaVA resizes to its
+  image_size, Qwen2.5-VL caps an image at 4096 tokens = about 1792x1792 px), and it bounds the encoder's
+  memory. Zero-size images are refused; 1x1 and other tiny images are passed on (the projector upsamples).
+- EXIF orientation is applied (a photo shot in portrait stays upright); an unreadable EXIF block is ignored.
+- modes: palette (with or without transparency), L, LA, RGBA, CMYK, YCbCr, 1-bit and 16/32-bit integer and
+  float greyscale (I;16, I, F) become RGB; alpha is dropped, not composited, as llama.cpp's own loader does.
+- animated images (GIF, APNG, WebP) and multi-page files (TIFF, MPO): the first frame is used.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import ImageError
 
+logger = logging.getLogger(__name__)
+
 ImageInput = Union[str, os.PathLike, bytes, bytearray, "Image.Image", np.ndarray]
 
-MAX_PIXELS = 64_000_000  # refuse anything larger before decoding (PIL's bomb check uses this)
+MAX_PIXELS = 64_000_000  # refuse anything larger before decoding (decompression bombs)
+MAX_SIDE = 4096  # downscale images whose longer side is larger than this
+MAX_FILE_BYTES = 512 * 1024 * 1024  # refuse image files / payloads larger than this before reading them
+
+_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "AVIF")
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()
+    return [f for f in _FORMATS if f in Image.OPEN]
+
+
+def supported_formats() -> list[str]:
+    """Image formats load_image decodes (those of _FORMATS this Pillow build has)."""
+    return _allowed_formats()
+
+
+def _check_size(w: int, h: int, what: str) -> None:
+    if w < 1 or h < 1:
+        raise ImageError(f"{what}: image has zero size ({w}x{h}); pass an image at least 1x1 pixels")
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{what}: {w}x{h} image has {w * h} pixels, over the {MAX_PIXELS} limit (refused before "
+                         "decoding as a possible decompression bomb); downscale it first")
 
 
 def _open_bytes(data: bytes, what: str) -> Image.Image:
+    """Decode encoded image bytes (first frame), refusing bombs before any pixel is decoded."""
     if not data:
-        raise ImageError(f"{what}: empty image data")
+        raise ImageError(f"{what}: empty image data (0 bytes); pass a non-empty image file")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"{what}: {len(data)} bytes is over the {MAX_FILE_BYTES}-byte limit; pass a smaller image")
     try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageError(f"{what}: {w}x{h} image exceeds {MAX_PIXELS} pixels (decompression bomb?); "
-                             "downscale it first")
-        img.load()
-        return img
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_allowed_formats())
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{what}: refused as a possible decompression bomb ({e}); downscale it first") from None
+    except Exception as e:  # UnidentifiedImageError and whatever a plugin raises on garbage
+        fmt = _sniff(data)
+        if fmt is not None:
+            raise ImageError(f"{what}: the {fmt} data is truncated or corrupt ({_describe(e)}); re-save or "
+                             "re-download the image") from None
+        raise ImageError(f"{what}: not a readable image ({_describe(e)}); pass a PNG, JPEG, GIF, WebP, BMP, "
+                         "TIFF, PPM, TGA or ICO file (re-save it with an image editor if it is damaged)") from None
+    _check_size(img.width, img.height, what)
+    try:
+        img.load()  # decodes the first frame only
+    except Exception as e:
+        raise ImageError(f"{what}: the {img.format} data is truncated or corrupt ({_describe(e)}); "
+                         "re-save or re-download the image") from None
+    return img
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format a file's magic bytes claim (for error messages), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    for sig, name in _SIGNATURES:
+        if data.startswith(sig):
+            return name
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg[:200]}" if msg else type(e).__name__
+
+
+def _to_rgb(img: Image.Image, what: str) -> np.ndarray:
+    """A decoded PIL image (any mode) -> HxWx3 uint8, EXIF orientation applied, first frame."""
+    try:
+        # the first frame of an animation / the first page; counting frames parses the rest of the file,
+        # which may be corrupt even though the first frame decoded: then the first frame is what we have
+        if img.tell() != 0 and (getattr(img, "is_animated", False) or getattr(img, "n_frames", 1) > 1):
+            img.seek(0)
+    except Exception:
+        pass
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # a malformed EXIF block must not make a readable image unusable
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", what, _describe(e))
+    try:
+        mode = img.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+            peak = float(a.max()) if a.size else 0.0
+            top = 1.0 if mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0
+            img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # avoids PIL's palette-transparency warning; alpha dropped below
+        elif mode not in ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "YCbCr", "RGBX", "RGBa", "La", "PA"):
+            img = img.convert("RGBA") if "A" in mode else img.convert("RGB")
+        arr = np.asarray(img.convert("RGB"))
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise ImageError(f"{what}: cannot convert a {img.mode!r} image to RGB ({_describe(e)}); "
+                         "convert it to RGB first") from None
+    return arr
+
+
+def _limit_side(arr: np.ndarray, what: str) -> np.ndarray:
+    h, w = arr.shape[:2]
+    side = max(h, w)
+    if side <= MAX_SIDE:
+        return arr
+    s = MAX_SIDE / side
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    logger.info("%s: downscaling %dx%d to %dx%d (MAX_SIDE=%d)", what, w, h, nw, nh, MAX_SIDE)
+    return np.asarray(Image.fromarray(arr, "RGB").resize((nw, nh), Image.Resampling.BICUBIC))
+
+
+def _from_array(src: np.ndarray) -> np.ndarray:
+    arr = src
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ImageError(f"array image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {src.shape}")
+    if arr.dtype != np.uint8:
+        raise ImageError(f"array image must be uint8 (0-255), got {arr.dtype}; convert it with "
+                         "np.clip(a, 0, 255).astype(np.uint8) (or scale floats in [0, 1] by 255 first)")
+    _check_size(arr.shape[1], arr.shape[0], "array image")
+    return arr[:, :, :3]
 
 
 def load_image(src: ImageInput, *, allow_remote: bool = False) -> np.ndarray:
-    """Decode an image into an HxWx3 uint8 RGB array (EXIF orientation applied, alpha dropped as
-    llama.cpp's own loader does). URLs are refused unless allow_remote=True."""
+    """Decode an image into an HxWx3 uint8 RGB array (see the module docstring for what is accepted and how
+    it is normalised). URLs are refused unless allow_remote=True. Raises ImageError."""
+    img: Image.Image | None = None
+    what = "image"
     if isinstance(src, np.ndarray):
-        arr = src
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-            raise ImageError(f"array image must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            raise ImageError(f"array image must be uint8, got {arr.dtype}")
-        img = None
-        arr = arr[:, :, :3]
+        arr = _from_array(src)
+        what = "array image"
     elif isinstance(src, Image.Image):
+        what = "PIL image"
+        _check_size(src.width, src.height, what)  # before load(): a lazily opened image may be a bomb
+        try:
+            src.load()
+        except Exception as e:
+            raise ImageError(f"{what}: could not decode it ({_describe(e)}); re-save or re-download the "
+                             "image") from None
         img = src
-    elif isinstance(src, (bytes, bytearray)):
-        img = _open_bytes(bytes(src), "image bytes")
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        what = "image bytes"
+        img = _open_bytes(bytes(src), what)
     elif isinstance(src, (str, os.PathLike)):
         s = os.fspath(src)
+        if isinstance(s, bytes):
+            s = os.fsdecode(s)
         if s.startswith("data:"):
-            header, _, payload = s.partition(",")
-            if ";base64" not in header:
-                raise ImageError("data URI images must be base64-encoded")
+            what = "data URI"
+            header, sep, payload = s.partition(",")
+            if not sep or ";base64" not in header:
+                raise ImageError("data URI images must be base64-encoded: data:image/png;base64,<data>")
+            if len(payload) > MAX_FILE_BYTES * 4 // 3 + 4:
+                raise ImageError(f"data URI: payload over the {MAX_FILE_BYTES}-byte limit; pass a smaller image")
             try:
                 data = base64.b64decode(payload, validate=True)
             except ValueError as e:
-                raise ImageError(f"data URI: invalid base64 ({e})") from e
-            img = _open_bytes(data, "data URI")
+                raise ImageError(f"data URI: invalid base64 ({e}); encode the image bytes with base64") from None
+            img = _open_bytes(data, what)
         elif s.startswith(("http://", "https://")):
+            what = s[:200]
             if not allow_remote:
-                raise ImageError(f"refusing to fetch {s!r}: remote images are disabled (allow_remote=True enables them)")
+                raise ImageError(f"refusing to fetch {s[:200]!r}: remote images are disabled "
+                                 "(allow_remote_images=True enables them, or download the file and pass its path)")
             import urllib.request
-            with urllib.request.urlopen(s, timeout=30) as r:  # noqa: S310 - opt-in by the user
-                img = _open_bytes(r.read(MAX_PIXELS * 4), s)
+            try:
+                with urllib.request.urlopen(s, timeout=30) as r:  # noqa: S310 - opt-in by the user
+                    data = r.read(MAX_FILE_BYTES + 1)
+            except Exception as e:
+                raise ImageError(f"could not fetch {s[:200]!r} ({_describe(e)})") from None
+            img = _open_bytes(data, what)
         else:
             path = Path(s[7:] if s.startswith("file://") else s)
-            if not path.is_file():
-                raise ImageError(f"image file not found: {str(path)!r}")
-            img = _open_bytes(path.read_bytes(), str(path))
+            what = str(path)
+            hint = ("; if this string is base64 image data, pass it as 'data:image/png;base64,<data>'"
+                    if len(s) > 100 and "/" not in s and "\\" not in s else "")
+            try:
+                if not path.is_file():
+                    raise ImageError(f"image file not found: {str(path)[:300]!r}; pass the path of an existing "
+                                     f"file, image bytes, a data: URI, a PIL image or an array{hint}")
+                size = path.stat().st_size
+                if size > MAX_FILE_BYTES:
+                    raise ImageError(f"{what}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit; "
+                                     "pass a smaller image")
+                data = path.read_bytes()
+            except ImageError:
+                raise
+            except (OSError, ValueError) as e:  # permissions, a NUL in the path, too long a name, ...
+                raise ImageError(f"cannot read image file {str(path)[:300]!r} ({_describe(e)}); check the path "
+                                 f"and its permissions{hint}") from None
+            img = _open_bytes(data, what)
     else:
-        raise ImageError(f"unsupported image type {type(src).__name__}; pass a path, bytes, PIL image or array")
+        raise ImageError(f"unsupported image type {type(src).__name__}; pass a path, bytes, a data: URI, "
+                         "a PIL image or a uint8 array")
 
     if img is not None:
-        if getattr(img, "is_animated", False):
-            img.seek(0)  # first frame of an animated image
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            a = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if a.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        arr = np.asarray(img.convert("RGB"))
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageError(f"image has zero size ({arr.shape[1]}x{arr.shape[0]})")
+        arr = _to_rgb(img, what)
+    _check_size(arr.shape[1], arr.shape[0], what)
+    arr = _limit_side(np.ascontiguousarray(arr, dtype=np.uint8), what)
     return np.ascontiguousarray(arr, dtype=np.uint8)

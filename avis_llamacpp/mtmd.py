@@ -14,8 +14,8 @@ import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 
 from .capture import KeyCapture, VisionInfo, read_vision_info
-from .errors import ImageError, ModelLoadError
-from .native import Model
+from .errors import ImageError, InvalidArgumentError, ModelLoadError
+from .native import GGUFHeader, Model, scan_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,90 @@ class Prompt:
             pass
 
 
+# Projector types whose tensor layout check_mmproj_file knows (clip.cpp's names).
+_MLP_TYPES = {"mlp", "mlp_norm"}
+_QWEN_MERGERS = {"qwen2vl_merger", "qwen2.5vl_merger"}
+# clip.cpp loads these without the standard ViT blocks
+_NO_STANDARD_BLOCKS = {"gemma3nv", "qwen3tts_spkenc", "pockettts_gen"}
+
+
+def _projection_dim(hdr: GGUFHeader, proj: str | None) -> int | None:
+    """The embedding size the projector outputs, as clip_n_mmproj_embd computes it, where we know how."""
+    t = hdr.tensors
+    if proj == "mlp" and "mm.2.weight" in t and "mm.3.weight" not in t:
+        return int(t["mm.2.weight"][0][1])
+    if proj == "mlp" and "mm.3.bias" in t:  # Yi-style llava (clip.cpp switches it to mlp_norm)
+        return int(t["mm.3.bias"][0][0])
+    if proj in _QWEN_MERGERS and "mm.2.bias" in t:
+        return int(t["mm.2.bias"][0][0])
+    return None
+
+
+def check_mmproj_file(path: str | os.PathLike, model: Model) -> GGUFHeader:
+    """Pre-flight for an mmproj GGUF against the text model it will feed: clear ModelLoadErrors for a text model
+    passed as mmproj, an audio-only projector, an embedding-size mismatch, and for tensor tables that load but
+    would crash mtmd's encoder (a required tensor missing: clip.cpp treats most as optional and dereferences
+    them later)."""
+    hdr = scan_gguf(path, "mmproj")
+    p = hdr.path
+    arch = hdr.architecture
+    if arch != "clip":
+        if arch is not None and "clip.has_vision_encoder" not in hdr.metadata:
+            raise ModelLoadError(f"{p!r} is a text model (architecture {arch!r}), not a multimodal projector; "
+                                 "pass the model's mmproj-*.gguf file as mmproj")
+        raise ModelLoadError(f"{p!r} is not an mmproj GGUF (general.architecture is {arch!r}, expected 'clip')")
+    if not hdr.get("clip.has_vision_encoder", False):
+        kind = "an audio-only projector" if hdr.get("clip.has_audio_encoder", False) else "not a vision projector"
+        raise ModelLoadError(f"{p!r} has no vision encoder ({kind}); pass the vision mmproj that belongs to "
+                             f"the text model {model.path!r}")
+    proj = hdr.get("clip.projector_type") or hdr.get("clip.vision.projector_type")
+    proj = proj if isinstance(proj, str) else None
+    out_dim = _projection_dim(hdr, proj)
+    if out_dim is not None and model.n_embd_inp > 0 and out_dim != model.n_embd_inp:
+        raise ModelLoadError(f"mmproj {p!r} outputs {out_dim}-dim image embeddings but the text model "
+                             f"{model.path!r} takes {model.n_embd_inp}-dim inputs (n_embd): the two files belong to "
+                             "different models; use the mmproj released with this text model")
+    t = hdr.tensors
+    missing: list[str] = []
+    n_layer = hdr.get("clip.vision.block_count", 0)
+    known = proj in _MLP_TYPES or proj in _QWEN_MERGERS
+    if isinstance(n_layer, int) and proj not in _NO_STANDARD_BLOCKS:
+        blocks: list[set[str]] = []
+        for il in range(min(n_layer, 4096)):
+            b = f"v.blk.{il}."
+            if f"{b}attn_qkv.weight" not in t:
+                missing += [f"{b}attn_{x}.weight" for x in "qkv" if f"{b}attn_{x}.weight" not in t]
+            if known:
+                blocks.append({n[len(b):] for n in t if n.startswith(b)})
+        if known and blocks:
+            # every block of these ViTs has the same tensors: one missing from some blocks is a broken file
+            union = set().union(*blocks)
+            missing += [f"v.blk.{il}.{n}" for il, names in enumerate(blocks) for n in sorted(union - names)]
+    if proj in _MLP_TYPES:
+        need = ["v.patch_embd.weight", "v.position_embd.weight", "mm.0.weight", "mm.0.bias"]
+        if "mm.3.weight" in t:  # Yi-style llava (clip.cpp's mlp_norm graph)
+            need += ["mm.1.weight", "mm.1.bias", "mm.3.bias", "mm.4.weight", "mm.4.bias"]
+        else:
+            need += ["mm.2.weight", "mm.2.bias"]
+        missing += [n for n in need if n not in t]
+    elif proj in _QWEN_MERGERS:
+        missing += [n for n in ("v.patch_embd.weight", "v.patch_embd.weight.1") if n not in t]
+        if isinstance(n_layer, int):
+            missing += [f"v.blk.{il}.attn_{x}.bias" for il in range(min(n_layer, 4096)) for x in "qkv"
+                        if f"v.blk.{il}.attn_{x}.bias" not in t]
+        extra = [n for n in ("v.patch_embd.bias", "v.class_embd") if n in t]
+        if extra:  # clip.cpp asserts (aborts) on these for Qwen2/2.5-VL
+            raise ModelLoadError(f"mmproj {p!r} is corrupt: {', '.join(extra)} must not exist in a {proj} projector "
+                                 "(mtmd would abort); download or convert the mmproj again")
+    missing = list(dict.fromkeys(missing))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(f"mmproj {p!r} is incomplete or corrupt: missing or misnamed tensor(s) "
+                             f"{', '.join(missing[:3])}{more} (mtmd would crash encoding with it); download or "
+                             "convert the mmproj again")
+    return hdr
+
+
 class Projector:
     """An mtmd context: the vision encoder + projector (mmproj GGUF) bound to a text model.
 
@@ -95,8 +179,7 @@ class Projector:
                  use_gpu: bool = True, flash_attn: bool = False, verbose: bool = False,
                  key_capture: KeyCapture | None = None) -> None:
         mmproj_path = os.fspath(mmproj_path)
-        if not os.path.isfile(mmproj_path):
-            raise ModelLoadError(f"mmproj file not found: {mmproj_path!r}")
+        check_mmproj_file(mmproj_path, model)  # clear errors for files mtmd would refuse or crash on
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = verbose
@@ -121,14 +204,20 @@ class Projector:
         self.ptr = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), model.ptr, params)
         if not self.ptr:
             raise ModelLoadError(
-                f"mtmd could not load the projector {mmproj_path!r} with text model {model.path!r}: not an mmproj "
-                "GGUF, an unsupported projector type, or its output size does not match the text model's "
-                f"embedding size ({model.n_embd_inp})")
+                f"mtmd could not load the projector {mmproj_path!r} with text model {model.path!r}: an unsupported "
+                "projector type or inconsistent metadata, or its output size does not match the text model's "
+                f"embedding size ({model.n_embd_inp}); run with verbose=True for mtmd's reason, and use the mmproj "
+                "released with this text model (or a newer llama-cpp-python)")
         if not mtmd_cpp.mtmd_support_vision(self.ptr):
             self.close()
-            raise ModelLoadError(f"{mmproj_path!r} has no vision encoder (audio-only projector?)")
+            raise ModelLoadError(f"{mmproj_path!r} has no vision encoder (audio-only projector?); pass a vision mmproj")
         self.uses_mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self.ptr))
-        self.vision_info: VisionInfo = read_vision_info(mmproj_path)
+        try:
+            self.vision_info: VisionInfo = read_vision_info(mmproj_path)
+        except Exception as e:
+            self.close()
+            raise ModelLoadError(f"mmproj {mmproj_path!r}: unreadable vision metadata ({type(e).__name__}: {e}); "
+                                 "download or convert the mmproj again") from e
         self.projector_type = self.vision_info.projector_type
         marker = mtmd_cpp.mtmd_default_marker()
         self.marker = marker.decode() if isinstance(marker, bytes) else str(marker)
@@ -138,7 +227,13 @@ class Projector:
         """Split `text` at media markers into text and image chunks; images are HxWx3 uint8 arrays."""
         n_markers = text.count(self.marker)
         if n_markers != len(images_rgb):
-            raise ImageError(f"prompt has {n_markers} image markers {self.marker!r} but {len(images_rgb)} images")
+            raise ImageError(f"prompt has {n_markers} image markers {self.marker!r} but {len(images_rgb)} images: "
+                             f"pass one image per marker (and keep the text {self.marker!r} out of questions)")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgumentError(f"prompt text is not valid Unicode ({e.reason} at position {e.start}); "
+                                       "remove lone surrogates / undecodable characters") from None
         bitmaps = []
         try:
             for arr in images_rgb:
@@ -150,7 +245,6 @@ class Projector:
                 if not bm:
                     raise ImageError(f"mtmd could not create a {w}x{h} bitmap")
                 bitmaps.append(bm)
-            data = text.encode("utf-8")
             inp = mtmd_cpp.mtmd_input_text()
             inp.text = data
             inp.text_len = len(data)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import mmap
+import numbers
 import os
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
 
 import llama_cpp
 import numpy as np
 
-from .errors import ContextOverflowError, ModelLoadError
+from .errors import ContextOverflowError, InvalidArgumentError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,247 @@ def set_native_verbosity(verbose: bool) -> None:
     mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, None)
 
 
+# -- GGUF pre-flight ------------------------------------------------------------------------------------
+# llama.cpp's own GGUF parser is robust against truncated / garbage files (it returns NULL), but a few
+# well-formed-looking files abort the process inside llama.cpp or mtmd (GGML_ASSERT / NULL dereference),
+# e.g. a vocabulary with duplicate token strings, or an mmproj whose required tensor is missing. The
+# scanner below reads only the header (metadata + tensor table, not the weights) so these files are refused
+# with a clear ModelLoadError before llama.cpp sees them. It only rejects what is certainly malformed.
+
+GGUF_MAGIC = b"GGUF"
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+# metadata string arrays whose elements are kept (others are skipped): the vocabulary
+_KEEP_STRING_ARRAYS = frozenset({"tokenizer.ggml.tokens"})
+_U64 = struct.Struct("<Q")
+
+
+class _Malformed(Exception):
+    pass
+
+
+@dataclass
+class GGUFHeader:
+    """What the pre-flight scan read from a GGUF file's header."""
+
+    path: str
+    version: int
+    file_size: int
+    data_offset: int
+    # scalars and strings; arrays of <= 16 numbers as lists; longer arrays as (elem_type, n)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)  # name -> (ne, ggml type)
+    tokens: list[bytes] | None = field(default=None, repr=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.metadata.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+
+class _Cursor:
+    def __init__(self, buf: Any, size: int) -> None:
+        self.buf, self.size, self.off = buf, size, 0
+
+    def take(self, n: int) -> int:
+        if n < 0 or self.off + n > self.size:
+            raise _Malformed(f"truncated header (needs byte {self.off + n} of {self.size})")
+        at = self.off
+        self.off += n
+        return at
+
+    def unpack(self, fmt: str) -> Any:
+        n = struct.calcsize(fmt)
+        return struct.unpack_from(fmt, self.buf, self.take(n))[0]
+
+    def string(self) -> bytes:
+        n = self.unpack("<Q")
+        at = self.take(n)
+        return bytes(self.buf[at:at + n])
+
+
+def _read_value(cur: _Cursor, vtype: int, key: str, keep_strings: bool) -> Any:
+    if vtype in _GGUF_SCALARS:
+        return cur.unpack(_GGUF_SCALARS[vtype])
+    if vtype == _GGUF_STRING:
+        return cur.string().decode("utf-8", "replace")
+    if vtype != _GGUF_ARRAY:
+        raise _Malformed(f"metadata {key!r} has unknown value type {vtype}")
+    etype, n = cur.unpack("<I"), cur.unpack("<Q")
+    if etype in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[etype]
+        at = cur.take(n * struct.calcsize(fmt))
+        if n <= 16:  # small arrays (e.g. rope sections) are kept as lists of values
+            return list(struct.unpack_from(f"<{n}{fmt[1]}", cur.buf, at))
+        return (etype, n)
+    if etype != _GGUF_STRING:
+        raise _Malformed(f"metadata array {key!r} has unsupported element type {etype}")
+    if n * 8 > cur.size - cur.off:
+        raise _Malformed(f"metadata array {key!r} claims {n} strings, more than the file can hold")
+    buf, size, off = cur.buf, cur.size, cur.off
+    unpack = _U64.unpack_from
+    out: list[bytes] | None = [] if keep_strings else None
+    try:
+        for _ in range(n):  # the hot loop of the scan (vocabularies, merges): kept minimal
+            (ln,) = unpack(buf, off)
+            off += 8
+            if off + ln > size:
+                raise _Malformed(f"metadata array {key!r} runs past the end of the file")
+            if out is not None:
+                out.append(buf[off:off + ln])
+            off += ln
+    except struct.error:
+        raise _Malformed(f"metadata array {key!r} runs past the end of the file") from None
+    cur.off = off
+    return out if out is not None else (etype, n)
+
+
+def scan_gguf(path: str | os.PathLike, what: str = "model") -> GGUFHeader:
+    """Read and sanity-check a GGUF file's header (magic, metadata, tensor table, tensor data bounds);
+    a file that is not a GGUF, truncated or structurally broken raises ModelLoadError naming `what`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{what} file not found: {path!r}; check the path")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head != GGUF_MAGIC:
+            hint = " (the file is empty)" if size == 0 else f" (it starts with {head!r})"
+            raise ModelLoadError(f"{what} {path!r} is not a GGUF file{hint}; llama.cpp needs .gguf files "
+                                 "(convert with llama.cpp's convert_hf_to_gguf.py, or download the GGUF release)")
+        if size < 24:
+            raise ModelLoadError(f"{what} {path!r} is truncated ({size} bytes); download or convert it again")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            try:
+                return _scan(path, mm, size)
+            except _Malformed as e:
+                raise ModelLoadError(f"{what} {path!r} is a malformed or truncated GGUF file ({e}); "
+                                     "download or convert it again") from None
+
+
+def _scan(path: str, mm: Any, size: int) -> GGUFHeader:
+    import gguf
+
+    cur = _Cursor(mm, size)
+    cur.take(4)
+    version = cur.unpack("<I")
+    if version not in (2, 3):
+        raise _Malformed(f"unsupported GGUF version {version} (llama.cpp reads versions 2 and 3)")
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    if n_tensors > size // 24 or n_kv > size // 12:
+        raise _Malformed(f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file holds")
+    hdr = GGUFHeader(path, version, size, 0)
+    for _ in range(n_kv):
+        key = cur.string().decode("utf-8", "replace")
+        vtype = cur.unpack("<I")
+        value = _read_value(cur, vtype, key, key in _KEEP_STRING_ARRAYS)
+        if key in _KEEP_STRING_ARRAYS and isinstance(value, list):
+            hdr.tokens = value
+            value = (_GGUF_STRING, len(value))
+        hdr.metadata[key] = value
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string().decode("utf-8", "replace")
+        n_dims = cur.unpack("<I")
+        if not 1 <= n_dims <= 4:
+            raise _Malformed(f"tensor {name!r} has {n_dims} dimensions")
+        ne = tuple(cur.unpack("<Q") for _ in range(n_dims))
+        ttype, offset = cur.unpack("<I"), cur.unpack("<Q")
+        infos.append((name, ne, ttype, offset))
+        hdr.tensors[name] = (ne, ttype)
+    align = hdr.metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise _Malformed(f"general.alignment is {align!r}, not a power of two")
+    hdr.data_offset = -(-cur.off // align) * align
+    for name, ne, ttype, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            continue  # a type this gguf-py does not know: leave the check to llama.cpp
+        n_el = math.prod(ne)
+        if ne[0] % block:
+            raise _Malformed(f"tensor {name!r} row size {ne[0]} is not a multiple of its block size {block}")
+        end = hdr.data_offset + offset + n_el // block * type_size
+        if end > size:
+            raise _Malformed(f"tensor {name!r} data ends at byte {end} but the file has {size} bytes")
+    return hdr
+
+
+LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024
+
+
+def _check_hparams(hdr: GGUFHeader, arch: str) -> None:
+    """Mirror the GGML_ASSERTs llama.cpp's load_hparams makes on layer / expert counts (an assert aborts the
+    process; a value of the wrong type is already a clean error there)."""
+    def num(key: str, default: int = 0) -> int | None:
+        v = hdr.get(f"{arch}.{key}", default)
+        if isinstance(v, list):
+            v = max(v) if v and all(isinstance(x, int) for x in v) else None
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def bad(what: str) -> ModelLoadError:
+        return ModelLoadError(f"text model {hdr.path!r} is corrupt: {what} (llama.cpp would abort loading it); "
+                              "download or convert the model again")
+
+    n_layer = num("block_count", -1)
+    if n_layer is not None and n_layer != -1 and not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        raise bad(f"{arch}.block_count is {n_layer}, not in 1..{LLAMA_MAX_LAYERS}")
+    nextn = num("nextn_predict_layers")
+    if n_layer and n_layer > 0 and nextn is not None and nextn > n_layer:
+        raise bad(f"{arch}.nextn_predict_layers {nextn} exceeds block_count {n_layer}")
+    n_expert, used = num("expert_count"), num("expert_used_count")
+    groups, group_used = num("expert_group_count"), num("expert_group_used_count")
+    if None in (n_expert, used, groups, group_used) or arch in ("hunyuan-vl", "hunyuan-dense"):
+        return
+    ok = n_expert <= LLAMA_MAX_EXPERTS and used <= n_expert
+    if ok and n_expert > 0:
+        ok = used > 0 and groups < n_expert and (groups <= 1 or (n_expert % groups == 0 and 0 < group_used < groups))
+    elif ok:
+        ok = used == 0 and groups == 0
+    if not ok:
+        raise bad(f"inconsistent expert counts (expert_count={n_expert}, expert_used_count={used}, "
+                  f"expert_group_count={groups}, expert_group_used_count={group_used})")
+
+
+def check_text_model_file(path: str | os.PathLike) -> GGUFHeader:
+    """Pre-flight for a text-model GGUF: refuse what llama.cpp would choke (or abort the process) on."""
+    hdr = scan_gguf(path, "text model")
+    arch = hdr.architecture
+    if arch is None:
+        raise ModelLoadError(f"text model {hdr.path!r} has no general.architecture; not a llama.cpp model GGUF")
+    if arch == "clip" or "clip.projector_type" in hdr.metadata or "clip.has_vision_encoder" in hdr.metadata:
+        raise ModelLoadError(f"{hdr.path!r} is a multimodal projector (mmproj), not a text model; pass it as "
+                             "mmproj and give the language-model GGUF as the model")
+    _check_hparams(hdr, arch)
+    sections = hdr.get(f"{arch}.rope.dimension_sections")
+    if isinstance(sections, list):
+        # ggml's M-RoPE asserts sum(sections) <= rotary dims and divides by that sum: refuse what would abort
+        n_embd, n_head = hdr.get(f"{arch}.embedding_length"), hdr.get(f"{arch}.attention.head_count")
+        n_rot = hdr.get(f"{arch}.rope.dimension_count")
+        if not isinstance(n_rot, int) and isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0:
+            n_rot = n_embd // n_head
+        total = sum(int(x) for x in sections[:4])
+        if any(int(x) < 0 for x in sections[:4]) or total <= 0 or (isinstance(n_rot, int) and total > n_rot):
+            raise ModelLoadError(f"text model {hdr.path!r} is corrupt: {arch}.rope.dimension_sections {sections} "
+                                 f"does not fit its {n_rot} rotary dimensions (llama.cpp would abort on the first "
+                                 "decode); download or convert the model again")
+    if hdr.tokens is not None:
+        # llama.cpp keeps a C string per token (cut at NUL, empty -> "[EMPTY_i]") and asserts they are unique
+        seen: set[bytes] = set()
+        for i, tok in enumerate(hdr.tokens):
+            word = tok.split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
+            if word in seen:
+                raise ModelLoadError(f"text model {hdr.path!r} is corrupt: its vocabulary has the token "
+                                     f"{word[:40]!r} twice (id {i}); llama.cpp would abort loading it. "
+                                     "Download or convert the model again")
+            seen.add(word)
+    return hdr
+
+
 class Model:
     """A loaded text model (GGUF) and its vocabulary."""
 
@@ -46,8 +291,7 @@ class Model:
         ensure_backend()
         set_native_verbosity(verbose)
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ModelLoadError(f"text model file not found: {path!r}")
+        check_text_model_file(path)  # refuse files that would make llama.cpp abort the process
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
@@ -55,8 +299,9 @@ class Model:
         self.owned = True
         self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
-            raise ModelLoadError(f"llama.cpp could not load the text model {path!r} (not a GGUF model, "
-                                 "truncated, or an architecture this llama.cpp build does not know)")
+            raise ModelLoadError(f"llama.cpp could not load the text model {path!r}: not a GGUF language model, "
+                                 "truncated, or an architecture this llama.cpp build does not know (run with "
+                                 "verbose=True for llama.cpp's reason; update llama-cpp-python or re-download)")
         self._read_facts()
 
     @classmethod
@@ -131,6 +376,30 @@ class Model:
             pass
 
 
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+
+
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, *, hint: str = "") -> int:
+    """An integer argument in [lo, hi], else InvalidArgumentError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    v = int(value)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
+        raise InvalidArgumentError(f"{name} must be {rng}, got {value!r}" + (f" ({hint})" if hint else ""))
+    return v
+
+
+def _check_real(name: str, value: Any) -> float:
+    """A finite real number, else InvalidArgumentError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class ContextSettings:
     """What a llama.cpp context is created with; defaults mirror llama_cpp.Llama's so outputs match it."""
@@ -144,6 +413,15 @@ class ContextSettings:
     flash_attn: bool = False
     kv_unified: bool = True
 
+    def __post_init__(self) -> None:
+        _check_int("n_ctx", self.n_ctx, 0, hint="0 means the model's training context")
+        _check_int("n_batch", self.n_batch, 1)
+        _check_int("n_ubatch", self.n_ubatch, 0)
+        _check_int("n_seq_max", self.n_seq_max, 1, MAX_SEQUENCES)
+        for name in ("n_threads", "n_threads_batch"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0, hint="None or 0 means the default")
+
     def resolved_threads(self) -> tuple[int, int]:
         cpu = max(1, (os.cpu_count() or 2) // 2)  # llama_cpp.Llama's default
         n = self.n_threads or cpu
@@ -156,6 +434,13 @@ class Context:
     def __init__(self, model: Model, settings: ContextSettings = ContextSettings()) -> None:
         self.model = model
         self.settings = settings
+        n_ctx = settings.n_ctx or model.n_ctx_train
+        if min(n_ctx, settings.n_batch) < settings.n_seq_max:
+            # llama.cpp sizes its output buffer by n_batch (capped at n_ctx) and asserts it holds one output per
+            # sequence: refuse here instead of letting it abort the process
+            raise InvalidArgumentError(
+                f"n_batch ({settings.n_batch}) and n_ctx ({n_ctx}) must both be >= n_seq_max ({settings.n_seq_max}): "
+                "one decode step holds one token per parallel rollout; raise n_batch / n_ctx or lower n_seq_max")
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = settings.n_ctx
         params.n_batch = settings.n_batch
@@ -171,7 +456,7 @@ class Context:
             raise ModelLoadError(f"llama.cpp could not create a context with {settings} "
                                  "(out of memory, or n_seq_max above llama_max_parallel_sequences())")
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
-        self.n_batch = settings.n_batch
+        self.n_batch = int(llama_cpp.llama_n_batch(self.ptr))  # llama.cpp caps n_batch at n_ctx
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(max(settings.n_batch, settings.n_seq_max), 0, settings.n_seq_max)
         self._batch_ext = None
@@ -189,6 +474,9 @@ class Context:
 
     def seq_pos_max(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
 
     def seq_state(self, seq_id: int = 0) -> bytes:
         """The KV-cache state of one sequence (llama_state_seq_get_data), for snapshot/restore."""
@@ -307,6 +595,24 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     penalty_last_n: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse values llama.cpp's samplers would misbehave on, naming the field (InvalidArgumentError)."""
+        t = _check_real("temperature", self.temperature)
+        if t < 0:
+            raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        p = _check_real("top_p", self.top_p)
+        if not 0.0 < p <= 1.0:
+            raise InvalidArgumentError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        _check_int("top_k", self.top_k, 0, hint="0 disables it")
+        m = _check_real("min_p", self.min_p)
+        if not 0.0 <= m <= 1.0:
+            raise InvalidArgumentError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
+        r = _check_real("repeat_penalty", self.repeat_penalty)
+        if r <= 0:
+            raise InvalidArgumentError(f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty!r}")
+        _check_int("penalty_last_n", self.penalty_last_n, -1, hint="-1 means the whole context")
+        _check_int("seed", self.seed)
 
 
 class Sampler:

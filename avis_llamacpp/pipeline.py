@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .capture import LLAVA_LIKE, QWEN_LIKE, KeyCapture, keys_per_token
-from .errors import CaptureError, ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
+from .errors import CaptureError, ClosedError, ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_image
 from .features import query_features
@@ -106,13 +106,26 @@ class VLM:
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
                  flash_attn: bool = False, chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
                  allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False) -> None:
+        self._lock = threading.RLock()
+        self._closed = False
         self.key_capture = KeyCapture() if capture_keys else None
-        self.model = model_path if isinstance(model_path, Model) else Model(model_path, n_gpu_layers=n_gpu_layers,
-                                                                           verbose=verbose)
+        # validated before anything is loaded, so bad settings cost nothing and never reach llama.cpp
         self.settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
                                         n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn)
-        self.ctx = Context(self.model, self.settings)
-        self.projector = self._make_projector(mmproj_path, use_gpu, flash_attn, verbose)
+        try:
+            self.model = model_path if isinstance(model_path, Model) else Model(model_path, n_gpu_layers=n_gpu_layers,
+                                                                               verbose=verbose)
+            self.ctx = Context(self.model, self.settings)
+            self.projector = self._make_projector(mmproj_path, use_gpu, flash_attn, verbose)
+        except BaseException:
+            # free what was loaded here now, not at garbage collection (long-running servers retry loads);
+            # a Model the caller passed in stays theirs
+            for part in ("projector", "ctx") + (() if isinstance(model_path, Model) else ("model",)):
+                obj = getattr(self, part, None)
+                if obj is not None:
+                    obj.close()
+            self._closed = True
+            raise
         if isinstance(chat_format, ChatFormat):
             self.chat_format = chat_format
         elif chat_format == "auto":
@@ -126,7 +139,6 @@ class VLM:
         self.allow_remote_images = allow_remote_images
         self.text_dims = self._text_dims()
         self._model_id: str | None = None
-        self._lock = threading.RLock()
 
     @classmethod
     def from_llama(cls, llama: Any, mmproj_path: str | os.PathLike, **kwargs: Any) -> "VLM":
@@ -156,7 +168,9 @@ class VLM:
     # -- prompt ---------------------------------------------------------------------------------------
     def render_messages(self, messages: Sequence[Mapping[str, Any]], image_urls: Sequence[str] = ()) -> str:
         """Chat messages -> prompt text with one media marker per image."""
-        bos = self.model.detokenize([self._bos()], special=True) if self._bos() >= 0 else ""
+        with self._lock:  # the vocabulary must not be freed by close() meanwhile
+            self._check_open()
+            bos = self.model.detokenize([self._bos()], special=True) if self._bos() >= 0 else ""
         return render(self.chat_format, messages, marker=self.projector.marker, bos=bos, image_urls=image_urls)
 
     def render_question(self, question: str, n_images: int = 1) -> str:
@@ -180,6 +194,8 @@ class VLM:
         answer_tags appends the paper's instruction to think in <think> and answer in <answer> tags (and stops
         each rollout after </answer>). Other keywords are those of `generate`."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        if not isinstance(question, str):
+            raise InvalidArgumentError(f"question must be a str, got {type(question).__name__}")
         if answer_tags:
             question = f"{question} {ANSWER_PROMPT_SUFFIX}"
             kwargs.setdefault("stop_after", ("</answer>",))
@@ -209,6 +225,9 @@ class VLM:
         selector: which tokens `ratio` keeps: "kdv" (the paper), or the baselines "embeddings" (KDV scores on the
         projected embeddings), "random" (seeded) and "uniform" (evenly spaced in raster order)."""
         self._validate(max_tokens, k, mode)
+        images, stop, stop_after = self._check_inputs(prompt_text, images, stop, stop_after, sampling, seed, on_text)
+        if policy is None and mode == "parallel" and k > self.settings.n_seq_max:
+            raise InvalidArgumentError(self._too_many_rollouts(k))
         if selector not in SELECTORS:
             raise InvalidArgumentError(f"selector must be one of {SELECTORS}, got {selector!r}")
         if selector != "kdv" and ratio is None:
@@ -227,6 +246,7 @@ class VLM:
                 raise SnapshotMismatchError(f"the snapshot was pruned with {snapshot.pruning}, not ratio={ratio}, tau={tau}")
         p_hat = None
         with self._lock:
+            self._check_open()
             self.ctx.clear()
             try:
                 if snapshot is None:
@@ -282,7 +302,18 @@ class VLM:
     def _prefill_after(self, snap: Snapshot, suffix: str) -> tuple[PrefillResult, list[np.ndarray]]:
         """Restore a prefilled prefix into sequence 0 and decode the rest of the prompt after it."""
         t0 = time.perf_counter()
-        self.ctx.set_seq_state(snap.state, 0)
+        if snap.n_kv > self.ctx.n_ctx:
+            raise ContextOverflowError(f"the snapshot holds {snap.n_kv} KV cells but n_ctx is {self.ctx.n_ctx}; "
+                                       "create the VLM with a larger n_ctx")
+        try:
+            self.ctx.set_seq_state(snap.state, 0)
+        except ContextOverflowError:
+            raise SnapshotMismatchError("could not restore the snapshot's KV state: the file is corrupt or was made "
+                                        "with a different context layout; make the snapshot again") from None
+        lo, hi = self.ctx.seq_pos_min(0), self.ctx.seq_pos_max(0)
+        if (lo, hi) != (0, snap.n_past - 1):
+            raise SnapshotMismatchError(f"the snapshot's KV state covers positions {lo}..{hi}, not "
+                                        f"0..{snap.n_past - 1}: the file is corrupt; make the snapshot again")
         tokens = self.model.tokenize(suffix, add_special=False, parse_special=True)
         if not tokens:
             raise InvalidArgumentError("nothing to decode after the snapshot's prefix (empty question?)")
@@ -319,6 +350,7 @@ class VLM:
         prefix_text = full[:full.index(sentinel)]
         arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
         with self._lock:
+            self._check_open()
             self.ctx.clear()
             try:
                 pre, scores = self._prefill(prefix_text, arrays, ratio, tau)
@@ -343,6 +375,46 @@ class VLM:
             return [sampling or SamplingParams(seed=seed)]
         base = sampling or VRS_SAMPLING
         return rollout_params(k, SamplingParams(**{**base.__dict__, "seed": seed}))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this VLM was closed (its model, context and projector are freed); "
+                              "create a new VLM to run more queries")
+
+    def _too_many_rollouts(self, k: int) -> str:
+        return (f"k={k} rollouts need n_seq_max >= {k} in mode='parallel' (this VLM has "
+                f"n_seq_max={self.settings.n_seq_max}); create the VLM with n_seq_max={k} or use mode='snapshot'")
+
+    @staticmethod
+    def _check_inputs(prompt_text: Any, images: Any, stop: Any, stop_after: Any, sampling: Any, seed: Any,
+                      on_text: Any) -> tuple[list[Any], tuple[str, ...], tuple[str, ...]]:
+        """Type checks for generate's arguments (InvalidArgumentError naming the argument); a single image or
+        stop string is accepted where a sequence is expected."""
+        if not isinstance(prompt_text, str):
+            raise InvalidArgumentError(f"prompt_text must be a str, got {type(prompt_text).__name__}")
+        try:
+            prompt_text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgumentError(f"prompt text is not valid Unicode ({e.reason} at position {e.start}); "
+                                       "remove lone surrogates / undecodable characters") from None
+        if images is None:
+            images = []
+        elif (isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray))
+              or hasattr(images, "getpixel")):
+            images = [images]  # one image (path, bytes, array or PIL image), not a sequence of them
+        out = []
+        for name, val in (("stop", stop), ("stop_after", stop_after)):
+            val = (val,) if isinstance(val, str) else tuple(val or ())
+            if not all(isinstance(x, str) for x in val):
+                raise InvalidArgumentError(f"{name} must be a string or a sequence of strings, got {val!r}")
+            out.append(val)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise InvalidArgumentError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
+        if on_text is not None and not callable(on_text):
+            raise InvalidArgumentError("on_text must be callable (it receives each new piece of text)")
+        return list(images), out[0], out[1]
 
     @staticmethod
     def _validate(max_tokens: int, k: int, mode: str) -> None:
@@ -463,11 +535,21 @@ class VLM:
         return select
 
     def close(self) -> None:
-        """Free the projector, context and model (also done at garbage collection)."""
-        for part in ("projector", "ctx", "model"):
-            obj = getattr(self, part, None)
-            if obj is not None:
-                obj.close()
+        """Free the projector, context and model (also done at garbage collection). Waits for a query running
+        in another thread to finish; later queries raise ClosedError. Safe to call more than once."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self._closed = True
+            for part in ("projector", "ctx", "model"):
+                obj = getattr(self, part, None)
+                if obj is not None:
+                    obj.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> "VLM":
         return self

@@ -65,6 +65,7 @@ class Snapshot:
         for d in self.image_digests:
             h.update(d.encode())
         h.update(json.dumps(self.pruning, sort_keys=True).encode())
+        h.update(hashlib.sha256(self.state).digest())  # a corrupted KV payload fails the check on load
         return h.hexdigest()
 
     def check(self, model_id: str, prefix_text: str, image_digests: list[str] | None) -> None:

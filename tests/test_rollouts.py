@@ -157,3 +157,17 @@ def test_repeat_penalty_matches_stock(vlm, vlm_fixture, demo_image):
     plain = vlm.ask(demo_image, Q, max_tokens=N)
     assert got.text == want
     assert got.tokens != plain.tokens  # the penalty changed something
+
+
+def test_snapshot_with_corrupted_state_is_refused(vlm, demo_image, tmp_path):
+    import gguf
+
+    snap = vlm.snapshot(demo_image)
+    path = tmp_path / "s.gguf"
+    snap.save(path)
+    r = gguf.GGUFReader(path, "r+")
+    state = next(t for t in r.tensors if t.name == "state")
+    state.data[len(state.data) // 2] ^= 0x55  # flip bits inside the KV payload, header intact
+    del r
+    with pytest.raises(SnapshotMismatchError, match="digest"):
+        Snapshot.load(path)
