@@ -245,3 +245,42 @@ def load_image(src: ImageInput, *, allow_remote: bool = False) -> np.ndarray:
     _check_size(arr.shape[1], arr.shape[0], what)
     arr = _limit_side(np.ascontiguousarray(arr, dtype=np.uint8), what)
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def load_frames(src: ImageInput | list[ImageInput] | tuple[ImageInput, ...], *, max_frames: int = 16,
+                allow_remote: bool = False) -> list[np.ndarray]:
+    """Frames of a video as RGB arrays of one size: a list of images, or the frames of an animated GIF / WebP /
+    PNG evenly sampled down to max_frames. Frames of another size are resized to the first frame's."""
+    if not isinstance(max_frames, int) or max_frames < 1:
+        raise ImageError(f"max_frames must be an int >= 1, got {max_frames!r}")
+    if isinstance(src, (list, tuple)):
+        if not src:
+            raise ImageError("a video needs at least one frame")
+        idx = np.unique(np.linspace(0, len(src) - 1, min(max_frames, len(src))).round().astype(int))
+        frames = [load_image(src[i], allow_remote=allow_remote) for i in idx]
+    else:
+        if isinstance(src, Image.Image):
+            img = src
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            img = _open_bytes(bytes(src), "video bytes")
+        elif isinstance(src, (str, os.PathLike)) and not str(src).startswith(("data:", "http://", "https://")):
+            path = Path(os.fspath(src))
+            if not path.is_file():
+                raise ImageError(f"video file not found: {str(path)[:300]!r}")
+            img = _open_bytes(path.read_bytes(), str(path))
+        else:
+            return [load_image(src, allow_remote=allow_remote)]
+        n = int(getattr(img, "n_frames", 1) or 1)
+        idx = np.unique(np.linspace(0, n - 1, min(max_frames, n)).round().astype(int))
+        frames = []
+        for i in idx:
+            try:
+                img.seek(int(i))
+            except EOFError:
+                break
+            frames.append(load_image(img.convert("RGB")))
+        if not frames:
+            raise ImageError("the animation has no readable frames")
+    h, w = frames[0].shape[:2]
+    return [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
+            for f in frames]

@@ -223,8 +223,11 @@ class Projector:
         self.marker = marker.decode() if isinstance(marker, bytes) else str(marker)
 
     # -- prompts --------------------------------------------------------------------------------------
-    def tokenize(self, text: str, images_rgb: Sequence[np.ndarray], *, add_special: bool = True) -> Prompt:
-        """Split `text` at media markers into text and image chunks; images are HxWx3 uint8 arrays."""
+    def tokenize(self, text: str, images_rgb: Sequence[np.ndarray], *, add_special: bool = True,
+                 video: bool = False) -> Prompt:
+        """Split `text` at media markers into text and image chunks; images are HxWx3 uint8 arrays.
+        video=True marks the images as frames of one video, so models with temporal patches (Qwen2/2.5-VL)
+        encode each pair of adjacent same-size frames as one chunk, as mtmd's own video helper does."""
         n_markers = text.count(self.marker)
         if n_markers != len(images_rgb):
             raise ImageError(f"prompt has {n_markers} image markers {self.marker!r} but {len(images_rgb)} images: "
@@ -244,6 +247,8 @@ class Projector:
                 bm = mtmd_cpp.mtmd_bitmap_init(w, h, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
                 if not bm:
                     raise ImageError(f"mtmd could not create a {w}x{h} bitmap")
+                if video:
+                    mtmd_cpp.mtmd_bitmap_set_mergeable(bm, True)
                 bitmaps.append(bm)
             inp = mtmd_cpp.mtmd_input_text()
             inp.text = data

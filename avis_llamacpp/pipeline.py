@@ -20,7 +20,7 @@ import numpy as np
 from .capture import LLAVA_LIKE, QWEN_LIKE, KeyCapture, keys_per_token
 from .errors import CaptureError, ClosedError, ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
-from .images import ImageInput, load_image
+from .images import ImageInput, load_frames, load_image
 from .features import query_features
 from .kdv import KDVSelection, kdv_scores, prune
 from .mtmd import ImageChunk, Projector
@@ -188,11 +188,18 @@ class VLM:
 
     # -- queries --------------------------------------------------------------------------------------
     def ask(self, image: ImageInput | Sequence[ImageInput] | None, question: str, *,
-            answer_tags: bool = False, **kwargs: Any) -> Answer:
+            answer_tags: bool = False, video: ImageInput | Sequence[ImageInput] | None = None,
+            max_frames: int = 16, **kwargs: Any) -> Answer:
         """Answer a question about zero or more images with the model's chat format.
 
         answer_tags appends the paper's instruction to think in <think> and answer in <answer> tags (and stops
-        each rollout after </answer>). Other keywords are those of `generate`."""
+        each rollout after </answer>). video: a list of frames, or an animated GIF / WebP / PNG (at most
+        max_frames, evenly sampled), asked about instead of `image`. Other keywords are those of `generate`."""
+        if video is not None:
+            if image is not None:
+                raise InvalidArgumentError("pass either image(s) or a video, not both")
+            image = load_frames(video, max_frames=max_frames, allow_remote=self.allow_remote_images)
+            kwargs["video"] = True
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         if not isinstance(question, str):
             raise InvalidArgumentError(f"question must be a str, got {type(question).__name__}")
@@ -210,6 +217,7 @@ class VLM:
                  seed: int = 0, early_stop: bool = False, options: Sequence[str] | None = None,
                  policy: QueryPolicy | None = None, question: str | None = None,
                  snapshot: Snapshot | None = None, on_text: Callable[[str], None] | None = None,
+                 video: bool = False,
                  selector: str = "kdv") -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
@@ -250,7 +258,7 @@ class VLM:
             self.ctx.clear()
             try:
                 if snapshot is None:
-                    pre, scores = self._prefill(prompt_text, arrays, ratio, tau, selector, seed)
+                    pre, scores = self._prefill(prompt_text, arrays, ratio, tau, selector, seed, video)
                 else:
                     pre, scores = self._prefill_after(snapshot, prompt_text[len(snapshot.prefix_text):])
                 features = query_features(
@@ -283,14 +291,14 @@ class VLM:
         return ans
 
     def _prefill(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None, tau: float | None,
-                 selector: str = "kdv", seed: int = 0) -> tuple[PrefillResult, list[np.ndarray]]:
+                 selector: str = "kdv", seed: int = 0, video: bool = False) -> tuple[PrefillResult, list[np.ndarray]]:
         """Tokenize, encode (with token selection) and prefill sequence 0; returns the prefill and each image's
         KDV scores."""
         image_meta: dict[int, dict[str, Any]] = {}
         pruning = ratio is not None or tau is not None
         select = (self.kdv_selector(ratio, tau, image_meta, selector, seed) if pruning
                   else self._recorder(image_meta))
-        with self.projector.tokenize(prompt_text, arrays) as prompt:
+        with self.projector.tokenize(prompt_text, arrays, video=video) as prompt:
             pre = prefill(self.ctx, self.projector, prompt, select=select)
         scores = []
         for im in pre.images:
