@@ -332,11 +332,10 @@ def make_question(scene: Scene, rng: np.random.Generator, kind: str | None = Non
     return _q_count(scene, rng)
 
 
-def format_question(q: Question | dict[str, Any]) -> str:
-    """Question text plus 'A. ...' option lines (what the model sees, before the answer-tag instruction)."""
-    text = q.text if isinstance(q, Question) else q["question"]
-    options = q.options if isinstance(q, Question) else q["options"]
-    return text + "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+def format_question(q: Question) -> str:
+    """Question text plus 'A. ...' option lines (what the model sees, before the answer-tag instruction);
+    this is the JSONL record's "question" field."""
+    return q.text + "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(q.options))
 
 
 def make_item(split: str, index: int, kind: str | None = None) -> Item:

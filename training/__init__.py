@@ -1,0 +1,1 @@
+"""Training the bundled shapes VLM (dev-only; needs the optional torch extra for training and parity)."""

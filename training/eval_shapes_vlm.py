@@ -1,0 +1,132 @@
+"""Evaluate an exported shapes VLM in llama.cpp (greedy and K-rollout voting) and check PyTorch parity.
+
+    .venv/bin/python -m training.eval_shapes_vlm --model-dir avis_llamacpp/data/shapes-vlm --n 300 --parity 50
+
+Accuracy runs through the public pipeline: ``VLM.ask(image, question, answer_tags=True, k=..., options=...)``.
+Parity (needs torch) loads the GGUF weights into the PyTorch mirror (training/vlm_torch.py) and compares greedy
+tokens and first-step logits with llama.cpp. Results are printed and merged into MODEL_DIR/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from avis_llamacpp import VLM
+from convert.shapes_task import format_question, make_item, render
+
+
+def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 64) -> dict:
+    """Greedy and K-vote accuracy on test items 0..n-1, plus how often the vote differs from greedy."""
+    rows = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        item = make_item("test", i)
+        q = item.question
+        img = np.asarray(render(item.scene))
+        text = format_question(q)
+        g = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens, options=q.options)
+        v = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens, options=q.options, k=k, seed=seed + i)
+        rows.append({"id": item.id, "kind": q.kind, "difficulty": item.scene.difficulty, "answer": q.answer,
+                     "greedy": g.answer, "vote": v.answer, "votes": v.votes})
+    greedy = np.mean([r["greedy"] == r["answer"] for r in rows])
+    vote = np.mean([r["vote"] == r["answer"] for r in rows])
+    differ = np.mean([r["vote"] != r["greedy"] for r in rows])
+    split = np.mean([len(r["votes"]) > 1 for r in rows])
+    by_kind = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        rs = [r for r in rows if r["kind"] == kind]
+        by_kind[kind] = {"n": len(rs), "greedy": round(float(np.mean([r["greedy"] == r["answer"] for r in rs])), 3),
+                         "vote": round(float(np.mean([r["vote"] == r["answer"] for r in rs])), 3)}
+    by_diff = {}
+    for lo, hi in ((0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.01)):
+        rs = [r for r in rows if lo <= r["difficulty"] < hi]
+        by_diff[f"{lo:.2f}-{min(hi, 1):.2f}"] = {
+            "n": len(rs), "greedy": round(float(np.mean([r["greedy"] == r["answer"] for r in rs])), 3)}
+    return {"n_items": n, "k": k, "sampling": "temperature 0.7, top-p 0.9", "greedy_accuracy": round(float(greedy), 4),
+            f"k{k}_vote_accuracy": round(float(vote), 4), "vote_differs_from_greedy": round(float(differ), 4),
+            "rollouts_disagree": round(float(split), 4), "by_kind": by_kind, "by_difficulty": by_diff,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens: int = 64, threads: int = 1) -> dict:
+    """Greedy tokens and first-step logits of llama.cpp vs the PyTorch mirror on test items 0..n-1."""
+    import torch
+
+    from avis_llamacpp.images import load_image
+    from avis_llamacpp.prefill import prefill
+    from training.data import Tokenizer, user_text
+    from training.vlm_torch import dims_from_gguf, load_from_gguf
+
+    torch.set_num_threads(threads)
+    dims = dims_from_gguf(model_path, mmproj_path)
+    tm = load_from_gguf(model_path, mmproj_path, dims)
+    tok = Tokenizer(model_path)
+    stop_tok = tok.encode("</answer>")
+    same, max_abs, max_rel, argmax_same, n_tok_prompt_ok = 0, 0.0, 0.0, 0, 0
+    mismatches = []
+    for i in range(n):
+        item = make_item("test", i)
+        q = item.question
+        img = np.asarray(render(item.scene))
+        text = format_question(q)
+        ans = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens)
+        prompt_text = vlm.render_question(user_text(text), 1)
+        vlm.ctx.clear()
+        with vlm.projector.tokenize(prompt_text, [load_image(img)]) as p:
+            chunks = [c.tokens for c in p.chunks if hasattr(c, "tokens")]
+            prefill(vlm.ctx, vlm.projector, p)
+            lc = np.array(vlm.ctx.logits(-1), dtype=np.float64)
+        vlm.ctx.clear()
+        prefix, question = tok.prefix(), tok.question(q)
+        n_tok_prompt_ok += chunks == [prefix, question]
+        out, first = tm.greedy(img, prefix, question, max_tokens=max_tokens, eos=tok.eos, stop=stop_tok)
+        lt = first.double().numpy()
+        diff = np.abs(lt - lc).max()
+        max_abs = max(max_abs, float(diff))
+        max_rel = max(max_rel, float(diff / np.abs(lc).max()))
+        argmax_same += int(np.argmax(lt) == np.argmax(lc))
+        if out == ans.tokens:
+            same += 1
+        else:
+            mismatches.append({"id": item.id, "llama": tok.decode(ans.tokens), "torch": tok.decode(out)})
+    return {"n_items": n, "greedy_tokens_identical": same, "first_step_argmax_identical": argmax_same,
+            "prompt_tokens_identical": n_tok_prompt_ok, "first_logits_max_abs_diff": max_abs,
+            "first_logits_max_rel_diff": max_rel, "mismatches": mismatches[:5]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.eval_shapes_vlm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default="avis_llamacpp/data/shapes-vlm")
+    p.add_argument("--n", type=int, default=300, help="test items for accuracy (0 to skip)")
+    p.add_argument("--k", type=int, default=7)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--parity", type=int, default=50, help="test items for the torch parity check (0 to skip)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for llama.cpp and torch")
+    p.add_argument("--no-write", action="store_true", help="do not update training.json")
+    args = p.parse_args(argv)
+    d = Path(args.model_dir)
+    model, mmproj = d / "model.gguf", d / "mmproj.gguf"
+    results: dict = {"files": {"model.gguf": model.stat().st_size, "mmproj.gguf": mmproj.stat().st_size}}
+    with VLM(model, mmproj, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads) as vlm:
+        if args.parity:
+            results["parity"] = run_parity(vlm, model, mmproj, args.parity, threads=args.threads)
+            print(json.dumps(results["parity"], indent=1), flush=True)
+        if args.n:
+            results["accuracy"] = run_accuracy(vlm, args.n, args.k, args.seed)
+            print(json.dumps(results["accuracy"], indent=1), flush=True)
+    info_path = d / "training.json"
+    if not args.no_write and info_path.exists():
+        info = json.loads(info_path.read_text())
+        info.update({"eval": results})
+        info_path.write_text(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

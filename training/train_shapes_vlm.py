@@ -1,0 +1,294 @@
+"""Train the bundled shapes VLM on CPU and export it as a GGUF pair (text model + mmproj) via convert/.
+
+Reproduce the bundled model (PyTorch 2.13 CPU, one thread; two stages: 24 min, then 10 min more on fresh
+images with a fresh optimizer at half the peak LR; then evaluation, which fills in accuracies and parity):
+
+    .venv/bin/pip install torch==2.13.0
+    .venv/bin/python -m training.train_shapes_vlm --seed 0 --max-minutes 24 --work /tmp/sv1 --out /tmp/sv1/out
+    .venv/bin/python -m training.train_shapes_vlm --seed 0 --max-minutes 10 --lr 1e-3 --warmup 20 \
+        --init-from /tmp/sv1/ckpt.pt --data-offset 100000 --work /tmp/sv2 --out /tmp/sv2/out
+    .venv/bin/python -m training.bundle_shapes_vlm /tmp/sv1/out/training.json /tmp/sv2/out avis_llamacpp/data/shapes-vlm
+    .venv/bin/python -m training.eval_shapes_vlm --model-dir avis_llamacpp/data/shapes-vlm --n 300 --parity 50
+    .venv/bin/python -m convert.shapes_task --split test --n 100 --out avis_llamacpp/data/shapes-test
+
+Stages are time-capped (the LR schedule anneals by wall clock), so a run on another machine takes a different
+number of steps; steps_done in training.json records what this run did.
+
+Each step trains on --batch images with --questions questions each. An auxiliary, training-only loss (heads
+dropped on export) asks every image embedding to predict the colour and shape under its patch and whether an
+object's centre lies in it: without it the language-model loss alone did not get the ViT off the ground in the
+time budget (the image embeddings collapsed to a near-constant vector and the loss plateaued at 0.44). The questions of one image share its
+prefix (BOS, system line, image tokens) inside one packed sequence: each question branch attends to the
+prefix and to itself only, at the positions it would have alone, so the loss is exactly that of separate
+sequences. Loss is on the assistant tokens (reasoning trace, tagged answer, EOS) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from convert.mmproj import VisionDims, write_mmproj_weights
+from convert.shapes_task import COLOURS, SHAPES, SPLITS, Scene, make_question, make_scene, render
+from convert.text_model import LLAVA_CHAT_TEMPLATE, TextModelDims, write_text_model_weights
+from training.data import Tokenizer, task_vocab
+from training.vlm_torch import ShapesVLM, ShapesVLMDims, export_weights, pixels
+
+N_IMAGE_TOKENS = 196
+GRID = 14  # 224 / 16
+
+
+def patch_labels(scene: Scene) -> np.ndarray:
+    """[3, 196] per-patch targets: colour (0 = background), shape (0 = background), object centre in patch."""
+    c = (np.arange(GRID) * 16 + 8).astype(np.float32)
+    cy, cx = np.meshgrid(c, c, indexing="ij")
+    out = np.zeros((3, GRID * GRID), dtype=np.int64)
+    if not scene.objects:
+        return out
+    ox = np.array([o.x for o in scene.objects], np.float32)
+    oy = np.array([o.y for o in scene.objects], np.float32)
+    orad = np.array([o.r for o in scene.objects], np.float32)
+    d = np.hypot(cx.reshape(-1, 1) - ox, cy.reshape(-1, 1) - oy)  # [196, n_obj]
+    inside = d < 0.8 * orad
+    nearest = np.where(inside, d, np.inf).argmin(1)
+    hit = inside.any(1)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    col = np.array([1 + colours.index(o.colour) for o in scene.objects])
+    shp = np.array([1 + shapes.index(o.shape) for o in scene.objects])
+    out[0] = np.where(hit, col[nearest], 0)
+    out[1] = np.where(hit, shp[nearest], 0)
+    centre = (np.clip(oy // 16, 0, GRID - 1) * GRID + np.clip(ox // 16, 0, GRID - 1)).astype(np.int64)
+    out[0, centre], out[1, centre], out[2, centre] = col, shp, 1  # small shapes may miss every patch centre
+    return out
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only per-patch classifiers on the projected image embeddings (not exported)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Linear(dim, 1 + len(COLOURS))
+        self.shape = torch.nn.Linear(dim, 1 + len(SHAPES))
+        self.centre = torch.nn.Linear(dim, 2)
+
+    def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the three per-patch targets; img [B, 196, D], labels [B, 3, 196]."""
+        loss = img.new_zeros(())
+        for i, head in enumerate((self.colour, self.shape, self.centre)):
+            logits = head(img).flatten(0, 1)
+            loss = loss + F.cross_entropy(logits.float(), labels[:, i].flatten())
+        return loss
+
+
+def default_dims(n_vocab: int, args: argparse.Namespace) -> ShapesVLMDims:
+    """The architecture trained here (CLIP-style ViT, patch 16 -> 196 tokens; small llama)."""
+    vision = VisionDims("llava", n_embd=args.vit_embd, n_layer=args.vit_layers + 1, n_head=4, n_ff=4 * args.vit_embd,
+                        patch_size=16, image_size=224, proj_dim=args.embd)
+    text = TextModelDims("llama", n_embd=args.embd, n_layer=args.layers, n_head=args.embd // 64,
+                         n_head_kv=args.embd // 64, n_ff=args.ff, n_ctx_train=2048)
+    return ShapesVLMDims(vision, text, n_vocab)
+
+
+def write_gguf_pair(model: ShapesVLM, out: Path, spec, *, ftype: str = "f32") -> dict:
+    """Export the model to out/model.gguf + out/mmproj.gguf."""
+    vision_w, text_w = export_weights(model)
+    out.mkdir(parents=True, exist_ok=True)
+    ti = write_text_model_weights(out / "model.gguf", model.dims.text, text_w, spec=spec,
+                                  chat_template=LLAVA_CHAT_TEMPLATE, name="avis-shapes-vlm", ftype=ftype)
+    vi = write_mmproj_weights(out / "mmproj.gguf", model.dims.vision, vision_w, name="avis-shapes-vlm-mmproj",
+                              description="shapes VLM vision tower + mlp projector (trained)", ftype=ftype)
+    return {"text": ti, "mmproj": vi}
+
+
+class Batcher:
+    """Packed training batches: per image [prefix | image | q1+t1 | q2+t2 | ...] with a block mask."""
+
+    def __init__(self, tok: Tokenizer, batch: int, questions: int, seed: int) -> None:
+        self.tok = tok
+        self.batch = batch
+        self.questions = questions
+        self.seed = seed
+        self.prefix = tok.prefix()
+        self.next_index = 0
+
+    def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
+        """Image, (question tokens, target tokens) pairs and patch labels of training image `index`."""
+        rng = np.random.default_rng([SPLITS["train"], self.seed, index])
+        scene = make_scene(rng)
+        seen, pairs = set(), []
+        for _ in range(self.questions * 3):
+            q = make_question(scene, rng)
+            if q.text in seen:
+                continue
+            seen.add(q.text)
+            pairs.append((self.tok.question(q), self.tok.target(q)))
+            if len(pairs) == self.questions:
+                break
+        return np.asarray(render(scene)), pairs, patch_labels(scene)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch."""
+        samples = [self.sample(self.next_index + i) for i in range(self.batch)]
+        self.next_index += self.batch
+        n_q = max(len(p) for _, p, _ in samples)
+        L = max(len(q) + len(t) for _, p, _ in samples for q, t in p)
+        p0 = len(self.prefix)
+        P = p0 + N_IMAGE_TOKENS
+        R = n_q * L
+        T = P + R
+        rest = torch.zeros(self.batch, R, dtype=torch.long)
+        rows, cols, labels = [], [], []
+        for b, (_, pairs, _) in enumerate(samples):
+            for j, (q, t) in enumerate(pairs):
+                seq = q + t
+                rest[b, j * L:j * L + len(seq)] = torch.tensor(seq)
+                for k in range(len(q) - 1, len(seq) - 1):
+                    rows.append(b)
+                    cols.append(P + j * L + k)
+                    labels.append(seq[k + 1])
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        mask[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        pos = torch.empty(T, dtype=torch.long)
+        pos[:P] = torch.arange(P)
+        for j in range(n_q):
+            s = P + j * L
+            mask[s:s + L, :P] = True
+            mask[s:s + L, s:s + L] = causal
+            pos[s:s + L] = P + torch.arange(L)
+        return {"px": pixels(np.stack([im for im, _, _ in samples])),
+                "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
+                "prefix": torch.tensor([self.prefix] * self.batch), "rest": rest, "mask": mask, "pos": pos,
+                "rows": torch.tensor(rows), "cols": torch.tensor(cols), "labels": torch.tensor(labels)}
+
+
+def loss_fn(model: ShapesVLM, aux: AuxHeads, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over the assistant tokens of a packed batch, auxiliary per-patch loss)."""
+    img = model.vision(b["px"])
+    x = model.embed_prompt(b["prefix"], img, b["rest"])
+    h = model.text.hidden(x, b["pos"], b["mask"])
+    logits = model.text.logits(h[b["rows"], b["cols"]])
+    return F.cross_entropy(logits.float(), b["labels"]), aux(img, b["patch_labels"])
+
+
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of peak as progress goes 0 -> 1."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.train_shapes_vlm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--max-minutes", type=float, default=30.0,
+                   help="stop (and export) after this long; the LR schedule anneals by then")
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--questions", type=int, default=4, help="questions per image")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--embd", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--ff", type=int, default=384)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for the matmuls (weights and optimizer stay f32)")
+    p.add_argument("--vit-embd", type=int, default=128)
+    p.add_argument("--vit-layers", type=int, default=4, help="ViT blocks run (the GGUF gets one more, unused)")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: two OpenMP threads spin badly on a shared 2-core machine)")
+    p.add_argument("--out", default="avis_llamacpp/data/shapes-vlm")
+    p.add_argument("--work", default=None, help="checkpoint folder (default: a temp dir)")
+    p.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
+    p.add_argument("--init-from", default=None,
+                   help="continue from a checkpoint (model weights; fresh optimizer, auxiliary heads and schedule)")
+    p.add_argument("--data-offset", type=int, default=0, help="first training image index (use fresh images on resume)")
+    args = p.parse_args(argv)
+    command = "python -m training.train_shapes_vlm " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"command: {command}\nseed: {args.seed}", flush=True)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    spec = task_vocab()
+    dims = default_dims(spec.n_vocab, args)
+    model = ShapesVLM(dims)
+    if args.init_from:
+        model.load_state_dict(torch.load(args.init_from))
+    n_params = {"vision": sum(p.numel() for p in model.vision.parameters()),
+                "text": sum(p.numel() for p in model.text.parameters())}
+    print(f"dims: {json.dumps(dims.to_dict())}\nparams: {n_params}", flush=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="shapes-vlm-"))
+    write_gguf_pair(model, work / "init", spec)  # also the vocabulary llama.cpp tokenizes with
+    tok = Tokenizer(work / "init" / "model.gguf")
+    batcher = Batcher(tok, args.batch, args.questions, args.seed)
+    batcher.next_index = args.data_offset
+    print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}", flush=True)
+
+    aux = AuxHeads(dims.vision.proj_dim)
+    params = list(model.named_parameters()) + list(aux.named_parameters())
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    t0 = time.perf_counter()
+    curve: list[dict] = []
+    run_loss, run_aux, run_n = 0.0, 0.0, 0
+    step = 0
+    for step in range(args.steps):
+        # progress: the larger of the step and the wall-clock fraction, so a time-capped run still anneals
+        progress = max(step / args.steps, (time.perf_counter() - t0) / (args.max_minutes * 60))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, progress, args.lr, args.warmup)
+        batch = batcher.next()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, aux_loss = loss_fn(model, aux, batch)
+        opt.zero_grad(set_to_none=True)
+        (loss + args.aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        run_loss += float(loss.detach())
+        run_aux += float(aux_loss.detach())
+        run_n += 1
+        elapsed = time.perf_counter() - t0
+        if args.bench and step + 1 >= args.bench:
+            print(f"bench: {elapsed / (step + 1):.3f} s/step, loss {float(loss.detach()):.3f}")
+            return 0
+        if (step + 1) % 25 == 0:
+            curve.append({"step": step + 1, "loss": round(run_loss / run_n, 4), "aux": round(run_aux / run_n, 4),
+                          "minutes": round(elapsed / 60, 2)})
+            print(json.dumps(curve[-1]), flush=True)
+            run_loss, run_aux, run_n = 0.0, 0.0, 0
+        if (step + 1) % 200 == 0:
+            torch.save(model.state_dict(), work / "ckpt.pt")
+        if elapsed > args.max_minutes * 60:
+            print(f"time cap reached at step {step + 1}", flush=True)
+            break
+    train_s = time.perf_counter() - t0
+    torch.save(model.state_dict(), work / "ckpt.pt")
+    torch.save({"aux": aux.state_dict(), "opt": opt.state_dict()}, work / "ckpt_extra.pt")
+    out = Path(args.out)
+    files = write_gguf_pair(model.eval(), out, spec)
+    info = {"command": command, "seed": args.seed, "steps_done": step + 1, "args": vars(args),
+            "dims": dims.to_dict(), "n_params": n_params, "train_seconds": round(train_s, 1),
+            "final_train_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
+            "torch": torch.__version__, "threads": args.threads, "checkpoint": str(work / "ckpt.pt"),
+            "files": {k: {"bytes": v["file_size"], "n_params": v["n_params"]} for k, v in files.items()}}
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    print(f"trained {step + 1} steps in {train_s / 60:.1f} min; wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
