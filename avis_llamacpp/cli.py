@@ -102,11 +102,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import VLM
 
     model, mmproj = default_model_paths()
+    options = ["0", "1", "2", "3"]
+    question = args.question + "\n" + "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", options))
     with VLM(model, mmproj, n_ctx=2048) as vlm:
-        ans = vlm.ask(DEMO_IMAGE, args.question, max_tokens=args.max_tokens, k=args.k, seed=0)
-    print(f"model: {model.parent.name}/{model.name}\nimage: {DEMO_IMAGE}\nquestion: {args.question}")
-    print(f"answer: {ans.answer if ans.k > 1 and ans.answer else ans.text}")
-    print(f"[K={ans.k}, image tokens {ans.image_tokens}, {ans.timings['total_s'] * 1000:.0f} ms]")
+        ans = vlm.ask(DEMO_IMAGE, question, max_tokens=args.max_tokens, k=args.k, seed=0, answer_tags=True,
+                      options=options, tau=args.tau)
+    print(f"model: {model.parent.name}/{model.name}\nimage: {DEMO_IMAGE}\nquestion: {question}")
+    print(f"output: {ans.text}\nanswer: {ans.answer} (votes {ans.votes})")
+    print(f"[K={ans.k}, image tokens kept {ans.kept_tokens} of {ans.image_tokens}, "
+          f"{ans.timings['total_s'] * 1000:.0f} ms]")
     return 0
 
 
@@ -134,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="answer a question about the bundled image with the bundled default model")
     demo.add_argument("--k", type=int, default=1, help="rollouts voted on (1 = greedy)")
-    demo.add_argument("--max-tokens", type=int, default=48, help="most tokens per rollout")
-    demo.add_argument("question", nargs="?", default="How many shapes are in the image?", help="the question")
+    demo.add_argument("--max-tokens", type=int, default=64, help="most tokens per rollout")
+    demo.add_argument("--tau", type=_tau, default=None, help="KDV adaptive pruning angle (e.g. pi/4); default: none")
+    demo.add_argument("question", nargs="?", default="How many red shapes are in the image?",
+                      help="the question (options 0-3 are appended as A-D)")
     demo.set_defaults(func=_cmd_demo)
 
     for name, module in (("calibrate", "calibrate"), ("bench", "bench")):
