@@ -138,6 +138,11 @@ class NumpyPredictor:
             width = self.pca_components.shape[0]
         if not self.weights or len(self.weights) != len(self.biases):
             raise InvalidArgumentError("weights and biases must be non-empty and of equal count")
+        arrays = [self.scaler_mean, *self.weights, *self.biases]
+        if self.pca_components is not None:
+            arrays += [self.pca_mean, self.pca_components]
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            raise InvalidArgumentError("predictor weights contain NaN or infinite values")
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
                 raise InvalidArgumentError(f"layer {i}: weight {w.shape} / bias {b.shape} do not take {width} inputs")

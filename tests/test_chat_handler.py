@@ -71,6 +71,19 @@ def test_overrides_rollouts_and_pruning(llm, data_url):
             pass
 
 
+def test_handler_equals_pipeline(llm, vlm_fixture, demo_image, data_url):
+    """Same settings through the chat handler and through VLM.ask give the same rollouts and vote."""
+    from avis_llamacpp import VLM
+
+    with request_overrides(k=3, ratio=0.5, seed=4, content="text"):
+        out = llm.create_chat_completion(messages=_messages(data_url), max_tokens=8)
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=2048) as vlm:
+        ans = vlm.ask(demo_image, Q, k=3, ratio=0.5, seed=4, max_tokens=8)
+    assert out["avis"]["rollouts"] == [r.text for r in ans.rollouts]
+    assert out["choices"][0]["message"]["content"] == ans.text
+    assert out["avis"]["votes"] == ans.votes and out["avis"]["images"][0]["kept"] == ans.kept_tokens[0]
+
+
 def test_streaming(llm, data_url):
     whole = llm.create_chat_completion(messages=_messages(data_url), temperature=0.0, max_tokens=12)
     chunks = list(llm.create_chat_completion(messages=_messages(data_url), temperature=0.0, max_tokens=12, stream=True))
@@ -104,7 +117,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(llava_fixture):
+def server(vlm_fixture):
+    llava_fixture = vlm_fixture  # one server per fixture family
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "avis_llamacpp.server", "--model", str(llava_fixture.model),

@@ -48,3 +48,9 @@ def test_batch_folder(llava_fixture, demo_image, tmp_path):
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["image"] for r in rows] == ["a.png", "b.jpg", "broken.png"]
     assert "error" in rows[2] and rows[0]["of"] == [196]
+
+
+def test_calibrate_policy_example(llava_fixture, tmp_path):
+    out = _run("calibrate_policy.py", *_model_args(llava_fixture), "--n", "6", "--k-max", "3", "--max-tokens", "6",
+               "--out", str(tmp_path))
+    assert "-> K=" in out and (tmp_path / "policy.gguf").exists()

@@ -309,3 +309,16 @@ def test_loading_a_policy_does_not_import_sklearn(tmp_path):
     assert out.returncode == 0, out.stderr
     k, p = out.stdout.split()
     assert int(k) in (1, 3, 5, 7) and 0 < float(p) < 1 and math.isfinite(float(p))
+
+
+def test_policy_with_nan_weights_is_refused(tmp_path):
+    import gguf
+
+    path = tmp_path / "nan.gguf"
+    _fitted_policy("pca").save(path)
+    r = gguf.GGUFReader(path, "r+")
+    t = next(t for t in r.tensors if t.name == "predictor.layer.0.weight")
+    t.data.reshape(-1)[0] = np.nan
+    del r
+    with pytest.raises(PolicyFileError, match="NaN"):
+        load_policy(path)
