@@ -23,7 +23,8 @@ def run(family: str, size: str, repeat: int, threads: int | None) -> str:
                ("ratio 0.5", 0.5, None, True), ("ratio 0.75", 0.75, None, True), ("ratio 0.9", 0.9, None, True),
                ("tau pi/4", None, math.pi / 4, True)]
     rows, base = [], None
-    vlms = {cap: VLM(fx.model, fx.mmproj, n_ctx=4096, n_threads=threads, capture_keys=cap) for cap in (False, True)}
+    vlms = {cap: VLM(fx.model, fx.mmproj, n_ctx=4096, n_threads=threads, n_threads_batch=threads, capture_keys=cap)
+            for cap in (False, True)}
     try:
         for v in vlms.values():  # warm-up both
             v.ask(image, q, max_tokens=1)
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--family", default="qwen25vl", choices=["llava", "qwen25vl"])
     p.add_argument("--size", default="bench", choices=["tiny", "bench"])
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="threads for single-token AND batch decoding (avoid oversubscribing)")
     a = p.parse_args()
     print(run(a.family, a.size, a.repeat, a.threads))
 

@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--size", default="bench", choices=["tiny", "bench"])
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per rollout")
     p.add_argument("--ks", default="1,3,5,7")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="threads for single-token AND batch decoding (avoid oversubscribing)")
     a = p.parse_args()
     ks = [int(k) for k in a.ks.split(",")]
     fx, image = bench_fixture(a.family, a.size)
@@ -42,10 +42,11 @@ def main() -> None:
     q = "Describe the image in detail."
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": q}]}]
     n_ctx = 1024 + max(ks) * a.tokens + 64
-    stock = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=a.threads, verbose=False,
+    stock = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=a.threads, n_threads_batch=a.threads,
+                            verbose=False,
                             chat_handler=STOCK[a.family](clip_model_path=str(fx.mmproj), verbose=False))
     eos = {str(t): -1e9 for t in range(stock.n_vocab()) if llama_cpp.llama_vocab_is_eog(stock._model.vocab, t)}
-    vlm = VLM(fx.model, fx.mmproj, n_ctx=n_ctx, n_threads=a.threads, n_seq_max=max(8, max(ks)))
+    vlm = VLM(fx.model, fx.mmproj, n_ctx=n_ctx, n_threads=a.threads, n_threads_batch=a.threads, n_seq_max=max(8, max(ks)))
     # our side: never stop early either (no EOS can end a rollout: min_tokens via max and a huge stop list is not
     # needed because the random bench model rarely emits EOS; decoded counts are printed to check)
 
