@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -208,6 +208,27 @@ def _add_hparams(writer: gguf.GGUFWriter, dims: TextModelDims, name: str, ftype:
         writer.add_rope_dimension_sections(list(dims.resolved_rope_sections()))
 
 
+def _write_gguf(path: str | os.PathLike[str], dims: TextModelDims, spec: TokenizerSpec, chat_template: str,
+                name: str, ftype: str, tensors: Iterable[tuple[str, np.ndarray]]) -> tuple[Path, int]:
+    """Write hyper-parameters, tokenizer and the given tensors (in order) as a text GGUF; (path, n_params)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), dims.arch)
+    n_params = 0
+    try:
+        _add_hparams(writer, dims, name, _FTYPES[ftype])
+        add_tokenizer(writer, spec, chat_template)
+        for tname, data in tensors:
+            n_params += data.size
+            writer.add_tensor(tname, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path, n_params
+
+
 def write_text_model(
     path: str | os.PathLike[str],
     dims: TextModelDims,
@@ -231,27 +252,15 @@ def write_text_model(
     # Matrices are stored in f16 for ftype f16; 1-D tensors (norms, biases) stay f32 as llama.cpp expects.
     mat_dtype = np.float16 if ftype == "f16" else np.float32
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), dims.arch)
-    n_params = 0
-    try:
-        _add_hparams(writer, dims, name, _FTYPES[ftype])
-        add_tokenizer(writer, spec, chat_template)
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for tname, shape, is_norm in _tensor_shapes(dims, n_vocab):
             if is_norm:
-                data = np.ones(shape, dtype=np.float32)
+                yield tname, np.ones(shape, dtype=np.float32)
             else:
-                data = (rng.standard_normal(shape, dtype=np.float32) * np.float32(weight_std)).astype(
-                    mat_dtype if len(shape) > 1 else np.float32, copy=False
-                )
-            n_params += data.size
-            writer.add_tensor(tname, data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+                yield tname, (rng.standard_normal(shape, dtype=np.float32) * np.float32(weight_std)).astype(
+                    mat_dtype if len(shape) > 1 else np.float32, copy=False)
+
+    path, n_params = _write_gguf(path, dims, spec, chat_template, name, ftype, tensors())
 
     info: dict[str, object] = {
         "path": str(path),
@@ -302,13 +311,7 @@ def write_text_model_weights(
         raise ValueError(f"unexpected tensors: {unknown}")
     mat_dtype = np.float16 if ftype == "f16" else np.float32
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), dims.arch)
-    n_params = 0
-    try:
-        _add_hparams(writer, dims, name, _FTYPES[ftype])
-        add_tokenizer(writer, spec, chat_template)
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for tname, shape in expected.items():
             if tname not in weights:
                 if tname == "output.weight":
@@ -317,14 +320,9 @@ def write_text_model_weights(
             data = np.asarray(weights[tname], dtype=np.float32)
             if data.shape != shape:
                 raise ValueError(f"{tname}: shape {data.shape}, expected {shape}")
-            data = data.astype(mat_dtype if data.ndim > 1 else np.float32, copy=False)
-            n_params += data.size
-            writer.add_tensor(tname, np.ascontiguousarray(data))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+            yield tname, np.ascontiguousarray(data.astype(mat_dtype if data.ndim > 1 else np.float32, copy=False))
+
+    path, n_params = _write_gguf(path, dims, spec, chat_template, name, ftype, tensors())
     info: dict[str, object] = {
         "path": str(path), "arch": dims.arch, "n_vocab": spec.n_vocab, "n_params": n_params,
         "file_size": path.stat().st_size, "tied_output": "output.weight" not in weights,
