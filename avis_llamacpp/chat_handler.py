@@ -257,6 +257,7 @@ def _avis_field(ans: Answer) -> dict[str, Any]:
             "images": [{"tokens": im["n_tokens"], "kept": im["n_kept"], "kept_fraction": im["kept_fraction"],
                         "key_source": im.get("key_source")} for im in ans.images],
             "decode_tokens": ans.decode_tokens, "early_stopped": ans.early_stopped,
+            "tokens_saved": ans.tokens_saved,
             "timings": {k: round(v, 6) for k, v in ans.timings.items()},
             "flops_vs_vanilla": ans.flops.get("total"),
             "rollouts": [r.text for r in ans.rollouts]}

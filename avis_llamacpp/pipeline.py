@@ -74,6 +74,9 @@ class Answer:
     mode: str = "parallel"
     flops: dict[str, float] = field(default_factory=dict)
     early_stopped: int = 0  # rollouts cancelled because the vote was decided
+    # decode tokens early stopping saved, estimated: each cancelled rollout would have run as long as the mean
+    # finished one (or as far as it already got); exact when every rollout runs to max_tokens
+    tokens_saved: int = 0
     features: np.ndarray | None = field(default=None, repr=False)  # see features.py
     p_hat: float | None = None  # the policy's predicted solvability, when a policy chose K
 
@@ -87,11 +90,22 @@ class Answer:
                 "finish_reason": self.finish_reason, "k": self.k, "mode": self.mode,
                 "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
                 "kept_tokens": self.kept_tokens, "decode_tokens": self.decode_tokens,
-                "early_stopped": self.early_stopped, "p_hat": self.p_hat, "timings": self.timings,
+                "early_stopped": self.early_stopped,
+                "tokens_saved": self.tokens_saved, "p_hat": self.p_hat, "timings": self.timings,
                 "flops": self.flops,
                 "images": [{k: v for k, v in im.items() if k != "kept"} for im in self.images],
                 "rollouts": [{"text": r.text, "tokens": r.tokens, "mean_logprob": r.mean_logprob,
                               "finish_reason": r.finish_reason, "seed": r.seed} for r in self.rollouts]}
+
+
+def estimate_tokens_saved(rollouts: Sequence[Rollout]) -> int:
+    """Decode tokens early stopping saved: a cancelled rollout is assumed to have needed as many tokens as the
+    finished rollouts on average (at least what it had already decoded). Exact when all run to max_tokens."""
+    finished = [len(r.tokens) for r in rollouts if r.finish_reason != "early_stop"]
+    if not finished:
+        return 0
+    typical = round(float(np.mean(finished)))
+    return sum(max(0, typical - len(r.tokens)) for r in rollouts if r.finish_reason == "early_stop")
 
 
 class VLM:
@@ -471,7 +485,8 @@ class VLM:
                       timings={"encode_s": pre.encode_s, "prefill_s": pre.prefill_s, "decode_s": decode_s,
                                "total_s": total_s},
                       images=images, rollouts=rollouts, answer=vote.winner, votes=dict(vote.counts), k=k, mode=mode,
-                      flops=flops, early_stopped=sum(r.finish_reason == "early_stop" for r in rollouts))
+                      flops=flops, early_stopped=sum(r.finish_reason == "early_stop" for r in rollouts),
+                      tokens_saved=estimate_tokens_saved(rollouts))
 
     def _encoder_flops(self, im: Any) -> float:
         info = self.projector.vision_info

@@ -110,11 +110,15 @@ def test_early_stop_never_changes_the_winner(vlm, demo_image, monkeypatch):
         full = vlm.ask(demo_image, Q, max_tokens=12, k=5, seed=seed, stop=["e"])
         fast = vlm.ask(demo_image, Q, max_tokens=12, k=5, seed=seed, stop=["e"], early_stop=True)
         assert fast.answer == full.answer
+        assert fast.tokens_saved >= 0 and (fast.early_stopped > 0 or fast.tokens_saved == 0)
         cancelled += fast.early_stopped
     # the snapshot mode stops between rollouts
     for seed in range(4):
         fast_snap = vlm.ask(demo_image, Q, max_tokens=6, k=5, seed=seed, early_stop=True, mode="snapshot")
-        assert fast_snap.answer == vlm.ask(demo_image, Q, max_tokens=6, k=5, seed=seed).answer
+        full = vlm.ask(demo_image, Q, max_tokens=6, k=5, seed=seed)
+        assert fast_snap.answer == full.answer
+        if all(n == 6 for n in full.decode_tokens):  # every rollout runs to max_tokens: the estimate is exact
+            assert fast_snap.tokens_saved == sum(full.decode_tokens) - sum(fast_snap.decode_tokens)
         cancelled += fast_snap.early_stopped
     assert cancelled > 0  # the mechanism actually fired
 
