@@ -213,8 +213,10 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
               configs: Sequence[BenchConfig] | None = None, policy_path: str | None = None, seed: int = 0,
               max_tokens: int = 64, answer_tags: bool = True, limit: int | None = None, n_ctx: int = 4096,
               resume: bool = True, progress: bool = True, ray_workers: int = 0,
-              ray_address: str | None = None) -> list[dict[str, Any]]:
-    """Evaluate every configuration on every item; returns the summary rows (and writes the outputs)."""
+              ray_address: str | None = None, n_threads: int | None = None,
+              n_threads_batch: int | None = None) -> list[dict[str, Any]]:
+    """Evaluate every configuration on every item; returns the summary rows (and writes the outputs).
+    n_threads / n_threads_batch: CPU threads per model (give both when several runs share the cores)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = list(configs or default_configs(with_policy=policy_path is not None))
@@ -231,7 +233,8 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
                 done[(r["id"], r["config"])] = r
     todo = [(i, it) for i, it in enumerate(items) if any((it["id"], c.name) not in done for c in configs)]
     kw = dict(configs=cdicts, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, policy_path=policy_path)
-    vlm_kwargs = {"n_ctx": n_ctx, "n_seq_max": max(8, max(c.k for c in configs))}
+    vlm_kwargs = {"n_ctx": n_ctx, "n_seq_max": max(8, max(c.k for c in configs)), "n_threads": n_threads,
+                  "n_threads_batch": n_threads_batch or n_threads}
     t0 = time.perf_counter()
     with rec_path.open("a") as rec:
         if ray_workers > 0:
@@ -294,6 +297,9 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--n-ctx", type=int, default=4096, help="context size")
     p.add_argument("--no-resume", action="store_true", help="ignore records of an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per model (default: half the cores)")
+    p.add_argument("--threads-batch", type=int, default=None,
+                   help="CPU threads for prompt batches (default: --threads if given, else all cores)")
     p.add_argument("--ray", type=int, default=0, help="spread items over this many Ray workers (0: in process)")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster address (default: start a local one)")
     p.set_defaults(func=_cmd_bench)
@@ -311,7 +317,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(args.model, args.mmproj, args.items, args.out, configs=configs, policy_path=args.policy,
                      seed=args.seed, max_tokens=args.max_tokens, answer_tags=not args.no_answer_tags, limit=args.limit,
                      n_ctx=args.n_ctx, resume=not args.no_resume, progress=not args.no_progress,
-                     ray_workers=args.ray, ray_address=args.ray_address)
+                     ray_workers=args.ray, ray_address=args.ray_address, n_threads=args.threads,
+                     n_threads_batch=args.threads_batch)
     print(markdown_table(rows))
     print(f"\n(wrote {args.out}/table.md, results.csv, accuracy_vs_flops.png, records.jsonl)")
     return 0

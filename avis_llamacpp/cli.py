@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="answer a question about the bundled image with the bundled default model")
     demo.add_argument("--k", type=int, default=1, help="rollouts voted on (1 = greedy)")
-    demo.add_argument("--max-tokens", type=int, default=64, help="most tokens per rollout")
+    demo.add_argument("--max-tokens", type=int, default=96, help="most tokens per rollout")
     demo.add_argument("--tau", type=_tau, default=None, help="KDV adaptive pruning angle (e.g. pi/4); default: none")
     demo.add_argument("question", nargs="?", default="How many red shapes are in the image?",
                       help="the question (options 0-3 are appended as A-D)")

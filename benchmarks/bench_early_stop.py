@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100, help="test items")
     p.add_argument("--k", type=int, default=7, help="rollouts per item")
     p.add_argument("--modes", default="parallel,snapshot")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=1, help="threads for single-token and batch decoding")
     a = p.parse_args()
     model, mmproj = default_model_paths()

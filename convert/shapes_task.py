@@ -8,7 +8,14 @@ a unique shape or of the shape nearest a corner), ``compare`` (more X than Y) an
 relative to Y). A latent difficulty in [0, 1] drives the object count (1-12), object size, background
 texture, colour jitter and speckle clutter, so items range from easy through hard to near hopeless.
 
-Targets carry a short reasoning trace: ``<think>I count 3 red circles.</think><answer>B</answer>``.
+Targets carry a short reasoning trace that ends by checking each option::
+
+    <think>I count 3 red circles.
+    A. 2: no
+    B. 3: yes
+    C. 4: no
+    D. 5: no
+    </think><answer>B</answer>
 
     python -m convert.shapes_task --split test --n 300 --out DIR     # DIR/items.jsonl + DIR/images/*.png
 """
@@ -110,8 +117,11 @@ class Question:
 
     @property
     def target(self) -> str:
-        """The training target: reasoning trace then the tagged answer letter."""
-        return f"<think>{self.think}</think><answer>{self.answer}</answer>"
+        """The training target: the reasoning trace, then every option checked against it (a line each), then
+        the tagged answer letter. The option lines are there for the small model: copying an option and saying
+        yes or no is learned far sooner than mapping a free-text conclusion straight to its letter."""
+        checks = "".join(f"\n{L}. {o}: {'yes' if L == self.answer else 'no'}" for L, o in zip(LETTERS, self.options))
+        return f"<think>{self.think}{checks}\n</think><answer>{self.answer}</answer>"
 
 
 @dataclass

@@ -70,12 +70,13 @@ def test_greedy_accuracy_above_chance(vlm):
     items = _items(100)  # greedy is deterministic; 100 items take a few seconds
     correct = 0
     for rec in items:
-        a = vlm.ask(str(TEST_DIR / rec["image"]), rec["question"], answer_tags=True, max_tokens=64,
+        a = vlm.ask(str(TEST_DIR / rec["image"]), rec["question"], answer_tags=True, max_tokens=96,
                     options=rec["options"])
         assert a.image_tokens == [196]
         correct += a.answer == rec["answer"]
-    # chance is 0.25; the bundled model scores 0.32 here and 0.333 on 300 test items (3.3 sd above chance)
-    assert correct / len(items) >= 0.30
+    # chance is 0.25; the bundled model scores 0.61 here and 0.613 on 300 test items; the margin covers a few
+    # answers flipping on other CPUs / BLAS builds (greedy is deterministic on one machine)
+    assert correct / len(items) >= 0.50
 
 
 @needs_bundle
@@ -91,7 +92,7 @@ def test_parity_with_pytorch(vlm):
     tok = Tokenizer(MODEL)
     for rec in _items(3):
         img = load_rgb(TEST_DIR / rec["image"])
-        ans = vlm.ask(img, rec["question"], answer_tags=True, max_tokens=64)
+        ans = vlm.ask(img, rec["question"], answer_tags=True, max_tokens=96)
         prompt = vlm.render_question(user_text(rec), 1)
         vlm.ctx.clear()
         with vlm.projector.tokenize(prompt, [load_image(img)]) as p:
@@ -100,7 +101,7 @@ def test_parity_with_pytorch(vlm):
             want = np.array(vlm.ctx.logits(-1), dtype=np.float64)
         vlm.ctx.clear()
         assert texts == [tok.prefix(), tok.question(rec)]  # the training prompt layout is what mtmd feeds
-        out, first = tm.greedy(img, tok.prefix(), tok.question(rec), max_tokens=64, eos=tok.eos,
+        out, first = tm.greedy(img, tok.prefix(), tok.question(rec), max_tokens=96, eos=tok.eos,
                                stop=tok.encode("</answer>"))
         got = first.double().numpy()
         assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()

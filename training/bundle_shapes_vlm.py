@@ -1,6 +1,8 @@
 """Copy a trained GGUF pair into the package and merge the training stages' records into training.json.
 
-    python -m training.bundle_shapes_vlm STAGE1/training.json [STAGE2/training.json ...] FINAL_OUT_DIR DEST_DIR
+    python -m training.bundle_shapes_vlm [STAGE1/training.json ...] FINAL_OUT_DIR DEST_DIR
+
+Earlier stages (runs continued with --init-from) are listed first; a single run needs only its output folder.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def bundle(stage_files: list[Path], final_dir: Path, dest: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 3:
+    if len(args) < 2:
         print(__doc__)
         return 2
     *stages, final, dest = args

@@ -20,7 +20,7 @@ from avis_llamacpp import VLM
 from convert.shapes_task import format_question, make_item, render
 
 
-def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 64) -> dict:
+def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 96) -> dict:
     """Greedy and K-vote accuracy on test items 0..n-1, plus how often the vote differs from greedy."""
     rows = []
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 64) -> d
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens: int = 64, threads: int = 1) -> dict:
+def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens: int = 96, threads: int = 1) -> dict:
     """Greedy tokens and first-step logits of llama.cpp vs the PyTorch mirror on test items 0..n-1."""
     import torch
 

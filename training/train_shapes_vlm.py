@@ -1,30 +1,34 @@
 """Train the bundled shapes VLM on CPU and export it as a GGUF pair (text model + mmproj) via convert/.
 
-Reproduce the bundled model (PyTorch 2.13 CPU, one thread; three stages: 24 min, then 10 min more on fresh
-images with a fresh optimizer at half the peak LR, then 28 min at 7e-4; then evaluation, which fills in
-accuracies and parity):
+Reproduce the bundled model (PyTorch 2.13 CPU, one torch thread, one 44-minute run; then evaluation, which fills
+in accuracies and parity):
 
     .venv/bin/pip install torch==2.13.0
-    .venv/bin/python -m training.train_shapes_vlm --seed 0 --max-minutes 24 --work /tmp/sv1 --out /tmp/sv1/out
-    .venv/bin/python -m training.train_shapes_vlm --seed 0 --max-minutes 10 --lr 1e-3 --warmup 20 \
-        --init-from /tmp/sv1/ckpt.pt --data-offset 100000 --work /tmp/sv2 --out /tmp/sv2/out
-    .venv/bin/python -m training.train_shapes_vlm --seed 0 --max-minutes 28 --lr 7e-4 --warmup 20 \
-        --init-from /tmp/sv2/ckpt.pt --data-offset 200000 --work /tmp/sv3 --out /tmp/sv3/out
-    .venv/bin/python -m training.bundle_shapes_vlm /tmp/sv1/out/training.json /tmp/sv2/out/training.json \
-        /tmp/sv3/out avis_llamacpp/data/shapes-vlm
+    .venv/bin/python -m training.train_shapes_vlm --seed 0 --max-minutes 44 --threads 1 --steps 100000 \
+        --copy-weight 1 --question-loss 0.5 --heads HEADS --work /tmp/sv --out /tmp/sv/out
+    .venv/bin/python -m training.bundle_shapes_vlm /tmp/sv/out avis_llamacpp/data/shapes-vlm
     .venv/bin/python -m training.eval_shapes_vlm --model-dir avis_llamacpp/data/shapes-vlm --n 300 --parity 50
     .venv/bin/python -m convert.shapes_task --split test --n 100 --out avis_llamacpp/data/shapes-test
 
-Stages are time-capped (the LR schedule anneals by wall clock), so a run on another machine takes a different
-number of steps; steps_done in training.json records what this run did.
+(HEADS and the exact command of the bundled run are in avis_llamacpp/data/shapes-vlm/training.json.) The run is
+time-capped (the LR schedule anneals by wall clock), so another machine does a different number of steps;
+steps_done in training.json records what this run did.
 
-Each step trains on --batch images with --questions questions each. An auxiliary, training-only loss (heads
-dropped on export) asks every image embedding to predict the colour and shape under its patch and whether an
-object's centre lies in it: without it the language-model loss alone did not get the ViT off the ground in the
-time budget (the image embeddings collapsed to a near-constant vector and the loss plateaued at 0.44). The questions of one image share its
-prefix (BOS, system line, image tokens) inside one packed sequence: each question branch attends to the
-prefix and to itself only, at the positions it would have alone, so the loss is exactly that of separate
-sequences. Loss is on the assistant tokens (reasoning trace, tagged answer, EOS) only.
+Each step trains on --batch images with --questions questions each. Three training-only signals besides the
+answer loss get a 2M-parameter model there in the time budget:
+- an auxiliary per-patch loss (heads dropped on export): every image embedding predicts the colour and shape
+  under its patch and whether an object's centre lies in it; without it the image embeddings collapsed to a
+  near-constant vector;
+- a synthetic copy task (--copy-weight): random strings of task tokens shown twice, loss on the repeat; the
+  text model needs induction heads to copy the question's words and the options into its reasoning, and from
+  the task alone they formed too late (the first bundled model, 62 minutes, still miscopied "bottom-left");
+- a language-model loss on the question tokens (--question-loss).
+The targets end by checking every option on its own line (convert/shapes_task.py): mapping a free-text
+conclusion to its letter was never learned in the time budget (40% letter accuracy given the right reasoning).
+
+The questions of one image share its prefix (BOS, system line, image tokens) inside one packed sequence: each
+question branch attends to the prefix and to itself only, at the positions it would have alone, so the loss is
+exactly that of separate sequences. Loss is on the assistant tokens (reasoning trace, tagged answer, EOS) only.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from convert.mmproj import VisionDims, write_mmproj_weights
-from convert.shapes_task import COLOURS, SHAPES, SPLITS, Scene, make_question, make_scene, render
+from convert.shapes_task import COLOURS, SHAPES, SPLITS, Scene, make_item, make_question, make_scene, render
 from convert.text_model import LLAVA_CHAT_TEMPLATE, TextModelDims, write_text_model_weights
 from training.data import Tokenizer, task_vocab
 from training.vlm_torch import ShapesVLM, ShapesVLMDims, export_weights, pixels
@@ -98,8 +102,8 @@ def default_dims(n_vocab: int, args: argparse.Namespace) -> ShapesVLMDims:
     """The architecture trained here (CLIP-style ViT, patch 16 -> 196 tokens; small llama)."""
     vision = VisionDims("llava", n_embd=args.vit_embd, n_layer=args.vit_layers + 1, n_head=4, n_ff=4 * args.vit_embd,
                         patch_size=16, image_size=224, proj_dim=args.embd)
-    text = TextModelDims("llama", n_embd=args.embd, n_layer=args.layers, n_head=args.embd // 64,
-                         n_head_kv=args.embd // 64, n_ff=args.ff, n_ctx_train=2048)
+    text = TextModelDims("llama", n_embd=args.embd, n_layer=args.layers, n_head=args.heads,
+                         n_head_kv=args.heads, n_ff=args.ff, n_ctx_train=2048)
     return ShapesVLMDims(vision, text, n_vocab)
 
 
@@ -117,8 +121,11 @@ def write_gguf_pair(model: ShapesVLM, out: Path, spec, *, ftype: str = "f32") ->
 class Batcher:
     """Packed training batches: per image [prefix | image | q1+t1 | q2+t2 | ...] with a block mask."""
 
-    def __init__(self, tok: Tokenizer, batch: int, questions: int, seed: int) -> None:
+    def __init__(self, tok: Tokenizer, batch: int, questions: int, seed: int, prune_prob: float = 0.0) -> None:
         self.tok = tok
+        self.prune_prob = prune_prob
+        self.prune_rng = np.random.default_rng([11, seed])
+        self.answer_open = tok.encode("<answer>")[0]
         self.batch = batch
         self.questions = questions
         self.seed = seed
@@ -140,6 +147,20 @@ class Batcher:
                 break
         return np.asarray(render(scene)), pairs, patch_labels(scene)
 
+    def kept_tokens(self, labels: list[np.ndarray]) -> tuple[int, torch.Tensor]:
+        """Pruning augmentation: with probability prune_prob the batch keeps n < 196 image tokens per image,
+        mostly those on objects (as KDV keeps the diverse ones) plus random others, in their original order and
+        at consecutive positions, as llama.cpp feeds a pruned image to a 1-D RoPE model."""
+        rng = self.prune_rng
+        if rng.uniform() >= self.prune_prob:
+            return N_IMAGE_TOKENS, torch.arange(N_IMAGE_TOKENS).expand(len(labels), -1)
+        n = int(rng.integers(16, N_IMAGE_TOKENS))
+        rows = []
+        for lab in labels:
+            score = (lab[0] > 0) + rng.uniform(0, 1.5, N_IMAGE_TOKENS)
+            rows.append(np.sort(np.argsort(-score)[:n]))
+        return n, torch.from_numpy(np.stack(rows))
+
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch."""
         samples = [self.sample(self.next_index + i) for i in range(self.batch)]
@@ -147,11 +168,12 @@ class Batcher:
         n_q = max(len(p) for _, p, _ in samples)
         L = max(len(q) + len(t) for _, p, _ in samples for q, t in p)
         p0 = len(self.prefix)
-        P = p0 + N_IMAGE_TOKENS
+        n_keep, keep = self.kept_tokens([lab for _, _, lab in samples])
+        P = p0 + n_keep
         R = n_q * L
         T = P + R
         rest = torch.zeros(self.batch, R, dtype=torch.long)
-        rows, cols, labels = [], [], []
+        rows, cols, labels, q_rows, q_cols, q_labels, is_letter = [], [], [], [], [], [], []
         for b, (_, pairs, _) in enumerate(samples):
             for j, (q, t) in enumerate(pairs):
                 seq = q + t
@@ -160,6 +182,11 @@ class Batcher:
                     rows.append(b)
                     cols.append(P + j * L + k)
                     labels.append(seq[k + 1])
+                    is_letter.append(seq[k] == self.answer_open)
+                for k in range(len(q) - 1):  # the question text itself (options repeat its words: copy practice)
+                    q_rows.append(b)
+                    q_cols.append(P + j * L + k)
+                    q_labels.append(seq[k + 1])
         mask = torch.zeros(T, T, dtype=torch.bool)
         mask[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
         causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
@@ -172,17 +199,60 @@ class Batcher:
             pos[s:s + L] = P + torch.arange(L)
         return {"px": pixels(np.stack([im for im, _, _ in samples])),
                 "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
-                "prefix": torch.tensor([self.prefix] * self.batch), "rest": rest, "mask": mask, "pos": pos,
-                "rows": torch.tensor(rows), "cols": torch.tensor(cols), "labels": torch.tensor(labels)}
+                "prefix": torch.tensor([self.prefix] * self.batch), "rest": rest, "keep": keep, "mask": mask, "pos": pos,
+                "rows": torch.tensor(rows), "cols": torch.tensor(cols), "labels": torch.tensor(labels),
+                "is_letter": torch.tensor(is_letter),
+                "q_rows": torch.tensor(q_rows), "q_cols": torch.tensor(q_cols), "q_labels": torch.tensor(q_labels)}
 
 
-def loss_fn(model: ShapesVLM, aux: AuxHeads, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy over the assistant tokens of a packed batch, auxiliary per-patch loss)."""
+class CopyTask:
+    """Synthetic induction practice for the text model: a random string of task tokens, a random filler, then
+    the string again; the loss is on the repeat. The answer needs the same skill (copying the options and the
+    question's words into the reasoning), and a small model learns it late from the task alone."""
+
+    def __init__(self, tok: Tokenizer, batch: int, seed: int) -> None:
+        pool = {t for i in range(300) for t in tok.question(make_item("train", 10_000_000 + i).question)}
+        self.ids = np.array(sorted(pool))
+        self.batch = batch
+        self.rng = np.random.default_rng([7, seed])
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch: tokens [B, T], positions [T], loss rows/cols/labels."""
+        n, gap = int(self.rng.integers(6, 25)), int(self.rng.integers(0, 30))
+        x = self.rng.choice(self.ids, size=(self.batch, n))
+        filler = self.rng.choice(self.ids, size=(self.batch, gap))
+        seq = np.concatenate([x, filler, x], 1)
+        s = n + gap
+        cols = np.arange(s, s + n - 1)
+        start = int(self.rng.integers(0, 300))  # positions as deep as the VLM prompt's question
+        return {"tokens": torch.from_numpy(seq), "pos": torch.arange(start, start + seq.shape[1]),
+                "rows": torch.arange(self.batch).repeat_interleave(len(cols)),
+                "cols": torch.from_numpy(np.tile(cols, self.batch)),
+                "labels": torch.from_numpy(seq[:, cols + 1].reshape(-1))}
+
+
+def copy_loss(model: ShapesVLM, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the repeated half of a CopyTask batch."""
+    h = model.text.hidden(model.text.embd(b["tokens"]), b["pos"], None)
+    return F.cross_entropy(model.text.logits(h[b["rows"], b["cols"]]).float(), b["labels"])
+
+
+def loss_fn(model: ShapesVLM, aux: AuxHeads, b: dict[str, torch.Tensor], question_loss: bool = False,
+            letter_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cross-entropy over the assistant tokens of a packed batch, the answer-letter tokens weighted by
+    letter_weight; auxiliary per-patch loss; mean cross-entropy over the question tokens (0 unless
+    question_loss))."""
     img = model.vision(b["px"])
-    x = model.embed_prompt(b["prefix"], img, b["rest"])
+    kept = torch.gather(img, 1, b["keep"][..., None].expand(-1, -1, img.shape[-1]))
+    x = model.embed_prompt(b["prefix"], kept, b["rest"])
     h = model.text.hidden(x, b["pos"], b["mask"])
     logits = model.text.logits(h[b["rows"], b["cols"]])
-    return F.cross_entropy(logits.float(), b["labels"]), aux(img, b["patch_labels"])
+    q_loss = img.new_zeros(())
+    if question_loss:
+        q_loss = F.cross_entropy(model.text.logits(h[b["q_rows"], b["q_cols"]]).float(), b["q_labels"])
+    ce = F.cross_entropy(logits.float(), b["labels"], reduction="none")
+    w = torch.where(b["is_letter"], letter_weight, 1.0)
+    return (ce * w).sum() / w.sum(), aux(img, b["patch_labels"]), q_loss
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -206,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embd", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--ff", type=int, default=384)
+    p.add_argument("--prune-prob", type=float, default=0.0,
+                   help="share of batches trained on pruned images (16-195 of 196 tokens kept), so KDV pruning at "
+                        "inference is not out of distribution")
+    p.add_argument("--copy-weight", type=float, default=0.0, help="weight of the synthetic copy task (0: off)")
+    p.add_argument("--copy-batch", type=int, default=16, help="copy-task sequences per step")
+    p.add_argument("--letter-weight", type=float, default=1.0,
+                   help="loss weight of the answer letter (the one token that maps the reasoning to an option)")
+    p.add_argument("--heads", type=int, default=2, help="text attention heads")
+    p.add_argument("--question-loss", type=float, default=0.0,
+                   help="weight of a language-model loss on the question tokens (the options repeat the question's "
+                        "words, which teaches the copy heads the answer needs)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for the matmuls (weights and optimizer stay f32)")
     p.add_argument("--vit-embd", type=int, default=128)
@@ -236,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="shapes-vlm-"))
     write_gguf_pair(model, work / "init", spec)  # also the vocabulary llama.cpp tokenizes with
     tok = Tokenizer(work / "init" / "model.gguf")
-    batcher = Batcher(tok, args.batch, args.questions, args.seed)
+    batcher = Batcher(tok, args.batch, args.questions, args.seed, args.prune_prob)
     batcher.next_index = args.data_offset
+    copier = CopyTask(tok, args.copy_batch, args.seed) if args.copy_weight > 0 else None
     print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}", flush=True)
 
     aux = AuxHeads(dims.vision.proj_dim)
@@ -248,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                             lr=args.lr, betas=(0.9, 0.95))
     t0 = time.perf_counter()
     curve: list[dict] = []
-    run_loss, run_aux, run_n = 0.0, 0.0, 0
+    run_loss, run_aux, run_q, run_c, run_n = 0.0, 0.0, 0.0, 0.0, 0
     step = 0
     for step in range(args.steps):
         # progress: the larger of the step and the wall-clock fraction, so a time-capped run still anneals
@@ -257,13 +339,16 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr_at(step, progress, args.lr, args.warmup)
         batch = batcher.next()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, aux_loss = loss_fn(model, aux, batch)
+            loss, aux_loss, q_loss = loss_fn(model, aux, batch, args.question_loss > 0, args.letter_weight)
+            c_loss = copy_loss(model, copier.next()) if copier is not None else loss.new_zeros(())
         opt.zero_grad(set_to_none=True)
-        (loss + args.aux_weight * aux_loss).backward()
+        (loss + args.aux_weight * aux_loss + args.question_loss * q_loss + args.copy_weight * c_loss).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         run_loss += float(loss.detach())
         run_aux += float(aux_loss.detach())
+        run_q += float(q_loss.detach())
+        run_c += float(c_loss.detach())
         run_n += 1
         elapsed = time.perf_counter() - t0
         if args.bench and step + 1 >= args.bench:
@@ -271,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if (step + 1) % 25 == 0:
             curve.append({"step": step + 1, "loss": round(run_loss / run_n, 4), "aux": round(run_aux / run_n, 4),
+                          "question": round(run_q / run_n, 4), "copy": round(run_c / run_n, 4),
                           "minutes": round(elapsed / 60, 2)})
             print(json.dumps(curve[-1]), flush=True)
-            run_loss, run_aux, run_n = 0.0, 0.0, 0
+            run_loss, run_aux, run_q, run_c, run_n = 0.0, 0.0, 0.0, 0.0, 0
         if (step + 1) % 200 == 0:
             torch.save(model.state_dict(), work / "ckpt.pt")
         if elapsed > args.max_minutes * 60:
