@@ -41,6 +41,8 @@ def test_task_is_deterministic_and_well_formed():
         assert len(q.options) == 4 and len(set(q.options)) == 4 and q.answer in LETTERS
         assert 1 <= len(it.scene.objects) <= 12 and 0 <= it.scene.difficulty <= 1
         assert q.target.startswith("<think>") and q.target.endswith(f"<answer>{q.answer}</answer>")
+        checks = q.target.split("</think>")[0].splitlines()[1:]  # one line per option, only the answer says yes
+        assert checks == [f"{L}. {o}: {'yes' if L == q.answer else 'no'}" for L, o in zip(LETTERS, q.options)]
         rec = item_record(it, "x.png")
         assert rec["question"] == format_question(q) and rec["options"] == q.options
         kinds.add(q.kind)
