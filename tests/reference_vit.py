@@ -43,6 +43,8 @@ import numpy as np
 
 import gguf
 
+from convert.gguf_tensors import read_tensors
+
 __all__ = [
     "load_mmproj_weights",
     "load_mmproj",
@@ -63,26 +65,13 @@ ROPE_THETA = 10000.0  # ggml_rope_multi(..., freq_base=10000, ...) in qwen2vl.cp
 # ---------------------------------------------------------------------------------------------
 # GGUF loading
 # ---------------------------------------------------------------------------------------------
-def _tensor_to_numpy(t: Any) -> np.ndarray:
-    """ReaderTensor -> float32 array shaped as ggml ne reversed (numpy row-major)."""
-    shape = tuple(int(x) for x in reversed(list(t.shape)))
-    if t.tensor_type == gguf.GGMLQuantizationType.F32:
-        arr = np.asarray(t.data, dtype=np.float32)
-    elif t.tensor_type == gguf.GGMLQuantizationType.F16:
-        arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
-    else:
-        arr = gguf.dequantize(t.data, t.tensor_type).astype(np.float32)
-    return np.array(arr.reshape(shape), dtype=np.float32, copy=True)
-
-
 def load_mmproj_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of an mmproj GGUF as float32 numpy arrays (shape = ggml ne reversed).
 
     A linear weight with ggml ne ``[n_in, n_out]`` becomes ``[n_out, n_in]`` (PyTorch layout), a conv
     kernel with ne ``[kw, kh, c_in, c_out]`` becomes ``[c_out, c_in, kh, kw]``.
     """
-    reader = gguf.GGUFReader(os.fspath(path))
-    return {t.name: _tensor_to_numpy(t) for t in reader.tensors}
+    return read_tensors(path)
 
 
 def _field_value(field: Any) -> Any:

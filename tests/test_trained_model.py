@@ -84,9 +84,8 @@ def test_greedy_accuracy_above_chance(vlm):
 @needs_bundle
 def test_parity_with_pytorch(vlm):
     torch = pytest.importorskip("torch")
-    from avis_llamacpp.images import load_image
-    from avis_llamacpp.prefill import prefill
-    from training.data import Tokenizer, load_rgb, user_text
+    from training.data import Tokenizer, load_rgb
+    from training.eval_shapes_vlm import llama_prompt
     from training.vlm_torch import dims_from_gguf, load_from_gguf
 
     torch.set_num_threads(1)
@@ -95,13 +94,7 @@ def test_parity_with_pytorch(vlm):
     for rec in _items(3):
         img = load_rgb(TEST_DIR / rec["image"])
         ans = vlm.ask(img, rec["question"], answer_tags=True, max_tokens=96)
-        prompt = vlm.render_question(user_text(rec), 1)
-        vlm.ctx.clear()
-        with vlm.projector.tokenize(prompt, [load_image(img)]) as p:
-            texts = [c.tokens for c in p.chunks if hasattr(c, "tokens")]
-            prefill(vlm.ctx, vlm.projector, p)
-            want = np.array(vlm.ctx.logits(-1), dtype=np.float64)
-        vlm.ctx.clear()
+        texts, want = llama_prompt(vlm, img, rec)
         assert texts == [tok.prefix(), tok.question(rec)]  # the training prompt layout is what mtmd feeds
         out, first = tm.greedy(img, tok.prefix(), tok.question(rec), max_tokens=96, eos=tok.eos,
                                stop=tok.encode("</answer>"))

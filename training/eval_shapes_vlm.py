@@ -53,13 +53,29 @@ def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 96) -> d
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def llama_prompt(vlm: VLM, image: np.ndarray, question: str | dict) -> tuple[list[list[int]], np.ndarray]:
+    """What llama.cpp feeds and predicts for a question about an image, as VLM.ask(..., answer_tags=True) builds
+    it: the text chunks' tokens and the next-token logits after the prompt (the context is cleared after)."""
+    from avis_llamacpp.images import load_image
+    from avis_llamacpp.prefill import prefill
+    from training.data import user_text
+
+    prompt = vlm.render_question(user_text(question), 1)
+    vlm.ctx.clear()
+    try:
+        with vlm.projector.tokenize(prompt, [load_image(image)]) as p:
+            chunks = [c.tokens for c in p.chunks if hasattr(c, "tokens")]
+            prefill(vlm.ctx, vlm.projector, p)
+            return chunks, np.array(vlm.ctx.logits(-1), dtype=np.float64)
+    finally:
+        vlm.ctx.clear()
+
+
 def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens: int = 96, threads: int = 1) -> dict:
     """Greedy tokens and first-step logits of llama.cpp vs the PyTorch mirror on test items 0..n-1."""
     import torch
 
-    from avis_llamacpp.images import load_image
-    from avis_llamacpp.prefill import prefill
-    from training.data import Tokenizer, user_text
+    from training.data import Tokenizer
     from training.vlm_torch import dims_from_gguf, load_from_gguf
 
     torch.set_num_threads(threads)
@@ -75,13 +91,7 @@ def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens
         img = np.asarray(render(item.scene))
         text = format_question(q)
         ans = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens)
-        prompt_text = vlm.render_question(user_text(text), 1)
-        vlm.ctx.clear()
-        with vlm.projector.tokenize(prompt_text, [load_image(img)]) as p:
-            chunks = [c.tokens for c in p.chunks if hasattr(c, "tokens")]
-            prefill(vlm.ctx, vlm.projector, p)
-            lc = np.array(vlm.ctx.logits(-1), dtype=np.float64)
-        vlm.ctx.clear()
+        chunks, lc = llama_prompt(vlm, img, text)
         prefix, question = tok.prefix(), tok.question(q)
         n_tok_prompt_ok += chunks == [prefix, question]
         out, first = tm.greedy(img, prefix, question, max_tokens=max_tokens, eos=tok.eos, stop=stop_tok)

@@ -126,7 +126,6 @@ class Batcher:
         self.tok = tok
         self.prune_prob = prune_prob
         self.prune_rng = np.random.default_rng([11, seed])
-        self.answer_open = tok.encode("<answer>")[0]
         self.batch = batch
         self.questions = questions
         self.seed = seed
@@ -174,7 +173,7 @@ class Batcher:
         R = n_q * L
         T = P + R
         rest = torch.zeros(self.batch, R, dtype=torch.long)
-        rows, cols, labels, q_rows, q_cols, q_labels, is_letter = [], [], [], [], [], [], []
+        rows, cols, labels, q_rows, q_cols, q_labels = [], [], [], [], [], []
         for b, (_, pairs, _) in enumerate(samples):
             for j, (q, t) in enumerate(pairs):
                 seq = q + t
@@ -183,7 +182,6 @@ class Batcher:
                     rows.append(b)
                     cols.append(P + j * L + k)
                     labels.append(seq[k + 1])
-                    is_letter.append(seq[k] == self.answer_open)
                 for k in range(len(q) - 1):  # the question text itself (options repeat its words: copy practice)
                     q_rows.append(b)
                     q_cols.append(P + j * L + k)
@@ -202,7 +200,6 @@ class Batcher:
                 "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
                 "prefix": torch.tensor([self.prefix] * self.batch), "rest": rest, "keep": keep, "mask": mask, "pos": pos,
                 "rows": torch.tensor(rows), "cols": torch.tensor(cols), "labels": torch.tensor(labels),
-                "is_letter": torch.tensor(is_letter),
                 "q_rows": torch.tensor(q_rows), "q_cols": torch.tensor(q_cols), "q_labels": torch.tensor(q_labels)}
 
 
@@ -238,11 +235,10 @@ def copy_loss(model: ShapesVLM, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model.text.logits(h[b["rows"], b["cols"]]).float(), b["labels"])
 
 
-def loss_fn(model: ShapesVLM, aux: AuxHeads, b: dict[str, torch.Tensor], question_loss: bool = False,
-            letter_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cross-entropy over the assistant tokens of a packed batch, the answer-letter tokens weighted by
-    letter_weight; auxiliary per-patch loss; mean cross-entropy over the question tokens (0 unless
-    question_loss))."""
+def loss_fn(model: ShapesVLM, aux: AuxHeads, b: dict[str, torch.Tensor],
+            question_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over the assistant tokens of a packed batch, auxiliary per-patch loss, mean
+    cross-entropy over the question tokens (0 unless question_loss))."""
     img = model.vision(b["px"])
     kept = torch.gather(img, 1, b["keep"][..., None].expand(-1, -1, img.shape[-1]))
     x = model.embed_prompt(b["prefix"], kept, b["rest"])
@@ -251,9 +247,7 @@ def loss_fn(model: ShapesVLM, aux: AuxHeads, b: dict[str, torch.Tensor], questio
     q_loss = img.new_zeros(())
     if question_loss:
         q_loss = F.cross_entropy(model.text.logits(h[b["q_rows"], b["q_cols"]]).float(), b["q_labels"])
-    ce = F.cross_entropy(logits.float(), b["labels"], reduction="none")
-    w = torch.where(b["is_letter"], letter_weight, 1.0)
-    return (ce * w).sum() / w.sum(), aux(img, b["patch_labels"]), q_loss
+    return F.cross_entropy(logits.float(), b["labels"]), aux(img, b["patch_labels"]), q_loss
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -282,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
                         "inference is not out of distribution")
     p.add_argument("--copy-weight", type=float, default=0.0, help="weight of the synthetic copy task (0: off)")
     p.add_argument("--copy-batch", type=int, default=16, help="copy-task sequences per step")
-    p.add_argument("--letter-weight", type=float, default=1.0,
-                   help="loss weight of the answer letter (the one token that maps the reasoning to an option)")
     p.add_argument("--heads", type=int, default=2, help="text attention heads")
     p.add_argument("--question-loss", type=float, default=0.0,
                    help="weight of a language-model loss on the question tokens (the options repeat the question's "
@@ -340,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr_at(step, progress, args.lr, args.warmup)
         batch = batcher.next()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, aux_loss, q_loss = loss_fn(model, aux, batch, args.question_loss > 0, args.letter_weight)
+            loss, aux_loss, q_loss = loss_fn(model, aux, batch, args.question_loss > 0)
             c_loss = copy_loss(model, copier.next()) if copier is not None else loss.new_zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux_loss + args.question_loss * q_loss + args.copy_weight * c_loss).backward()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
 from convert.text_model import TextModelDims
 
@@ -280,29 +281,12 @@ def export_weights(model: ShapesVLM) -> tuple[dict[str, np.ndarray], dict[str, n
     return vision, text
 
 
-def _read_gguf(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a GGUF as float32 numpy (ggml ne reversed; quantized types dequantized)."""
-    import gguf
-
-    out = {}
-    for t in gguf.GGUFReader(os.fspath(path)).tensors:
-        shape = tuple(int(x) for x in reversed(list(t.shape)))
-        if t.tensor_type == gguf.GGMLQuantizationType.F32:
-            a = np.asarray(t.data, dtype=np.float32)
-        elif t.tensor_type == gguf.GGMLQuantizationType.F16:
-            a = np.asarray(t.data, dtype=np.float16).astype(np.float32)
-        else:
-            a = gguf.dequantize(t.data, t.tensor_type).astype(np.float32)
-        out[t.name] = np.array(a.reshape(shape), dtype=np.float32, copy=True)
-    return out
-
-
 def load_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike,
                    dims: ShapesVLMDims) -> ShapesVLM:
     """A ShapesVLM holding exactly the weights of an exported GGUF pair."""
     model = ShapesVLM(dims)
     vmap, tmap = _gguf_map(dims)
-    tw, vw = _read_gguf(model_path), _read_gguf(mmproj_path)
+    tw, vw = read_tensors(model_path), read_tensors(mmproj_path)
     sd = {}
     for g, p in vmap.items():
         sd[p] = torch.from_numpy(vw[g])
@@ -316,12 +300,12 @@ def dims_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike
     """Rebuild ShapesVLMDims from an exported pair's metadata."""
     import gguf
 
-    def kv(path: str | os.PathLike) -> dict:
+    def kv(path: str | os.PathLike) -> tuple[dict, gguf.GGUFReader]:
         r = gguf.GGUFReader(os.fspath(path))
-        return {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+        return {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}, r
 
-    t, v = kv(model_path), kv(mmproj_path)
-    n_vocab = len(gguf.GGUFReader(os.fspath(model_path)).fields["tokenizer.ggml.tokens"].data)
+    (t, text_reader), (v, _) = kv(model_path), kv(mmproj_path)
+    n_vocab = len(text_reader.fields["tokenizer.ggml.tokens"].data)
     text = TextModelDims("llama", n_embd=t["llama.embedding_length"], n_layer=t["llama.block_count"],
                          n_head=t["llama.attention.head_count"], n_head_kv=t["llama.attention.head_count_kv"],
                          n_ff=t["llama.feed_forward_length"], n_ctx_train=t["llama.context_length"],
