@@ -21,6 +21,7 @@ import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import ImageError, InvalidArgumentError
+from .images import request_image
 from .native import SamplingParams
 from .pipeline import VRS_SAMPLING, Answer, VLM
 
@@ -239,10 +240,11 @@ def _last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _image_source(url: str) -> Any:
-    """What load_image takes for an image_url: data URIs and local paths as is, file:// URLs as paths."""
+    """What load_image takes for an image_url: data URIs and local paths as is, file:// URLs as paths; inside a
+    server request, only the bytes the server's image policy fetched (images.request_image)."""
     if not isinstance(url, str) or not url:
         raise ImageError("image_url must be a non-empty string")
-    return url
+    return request_image(url)
 
 
 def _message_text(ans: Answer, content: str) -> str:

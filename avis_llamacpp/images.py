@@ -20,17 +20,23 @@ What is accepted and how it is normalised (every refusal is an ImageError naming
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import io
 import logging
 import os
+import stat
+import urllib.parse
+import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Mapping, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -284,3 +290,197 @@ def load_frames(src: ImageInput | list[ImageInput] | tuple[ImageInput, ...], *, 
     h, w = frames[0].shape[:2]
     return [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
             for f in frames]
+
+
+# --------------------------------------------------------------------------- #
+# images named by network clients (the server): where they may come from
+# --------------------------------------------------------------------------- #
+
+# set by the server for the duration of one request: image URL -> the bytes its policy fetched; the chat
+# handler takes images from here (and nowhere else) while it is set, so a request cannot make the handler open
+# a file or URL the policy did not allow
+_REQUEST_IMAGES: contextvars.ContextVar[Mapping[str, bytes] | None] = contextvars.ContextVar(
+    "avis_request_images", default=None)
+
+# the one answer for a local image outside the directory, missing, or unreadable: no file facts leak
+LOCAL_IMAGE_UNAVAILABLE = ("local image not available: a path or file:// URL must name a readable image file "
+                           "inside the server's image directory")
+
+
+@dataclass(frozen=True)
+class ImageSourcePolicy:
+    """Where images named in a network request may come from, and how large they may be (the server's rules;
+    the Python library reads local paths as given).
+
+    image_dir: local paths and file:// URLs resolve inside this directory (relative paths against it) and may
+    not leave it (`..`, symlinks); None refuses them. allow_remote: fetch http(s) URLs (off: request forgery).
+    max_bytes: encoded bytes per image; max_pixels: width x height per image, checked from the header."""
+
+    image_dir: str | None = None
+    allow_remote: bool = False
+    max_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    remote_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.image_dir is not None:
+            real = os.path.realpath(self.image_dir)
+            if not os.path.isdir(real):
+                raise InvalidArgumentError(f"image directory {self.image_dir!r} is not a directory")
+            object.__setattr__(self, "image_dir", real)
+        for name in ("max_bytes", "max_pixels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidArgumentError(f"{name} must be an int >= 1, got {v!r}")
+
+
+@contextlib.contextmanager
+def request_images(resolved: Mapping[str, bytes]) -> Iterator[None]:
+    """Within the block, the chat handler takes images only from `resolved` (URL -> encoded bytes)."""
+    token = _REQUEST_IMAGES.set(dict(resolved))
+    try:
+        yield
+    finally:
+        _REQUEST_IMAGES.reset(token)
+
+
+def request_image(url: str) -> ImageInput:
+    """What the chat handler loads for an image_url: the URL itself (library use), or, inside a server request,
+    the bytes the server's policy fetched for it (ImageError if it fetched none)."""
+    resolved = _REQUEST_IMAGES.get()
+    if resolved is None:
+        return url
+    data = resolved.get(url)
+    if data is None:
+        raise ImageError("image was not fetched under the server's image policy")
+    return data
+
+
+def fetch_request_image(url: str, policy: ImageSourcePolicy) -> bytes:
+    """The encoded bytes of an image named in a request, under `policy`: data URIs always, http(s) URLs when
+    allowed, local paths / file:// URLs only inside policy.image_dir. Checks the byte limit, the format and the
+    pixel count from the header (nothing is decoded). Raises ImageError with a message safe to show a client."""
+    if not isinstance(url, str) or not url:
+        raise ImageError("image URL must be a non-empty string")
+    if url[:5].lower() == "data:":
+        data = _data_uri_bytes(url, policy.max_bytes)
+    elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
+        if not policy.allow_remote:
+            raise ImageError("remote image URLs are disabled on this server; send the image as a data URI "
+                             "(data:image/png;base64,...)")
+        data = _fetch_remote(url, policy)
+    elif "://" in url[:16] and url[:7].lower() != "file://":
+        raise ImageError(f"unsupported image URL scheme {url.split('://', 1)[0][:16]!r}; send a data URI "
+                         "(data:image/png;base64,...)")
+    else:
+        if policy.image_dir is None:
+            raise ImageError("local image paths and file:// URLs are disabled on this server; send the image as a "
+                             "data URI (data:image/png;base64,...)")
+        data = _read_local(url, policy)
+    check_image_header(data, policy.max_pixels)
+    return data
+
+
+def check_image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """Width and height from an encoded image's header (no pixels decoded); ImageError if it is not an image
+    of a supported format or has more than max_pixels pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_allowed_formats()) as img:
+                w, h = img.size
+    except Image.DecompressionBombError:
+        raise ImageError(f"image has more than {max_pixels} pixels; downscale it first") from None
+    except Exception as e:
+        fmt = _sniff(data) if data else None
+        what = (f"the {fmt} data is truncated or corrupt" if fmt else "not a readable image") + (
+            "" if isinstance(e, UnidentifiedImageError) else f" ({_describe(e)[:120]})")
+        raise ImageError(f"{what}; send a PNG, JPEG, GIF, WebP, BMP, TIFF, PPM, TGA or ICO image") from None
+    if w < 1 or h < 1:
+        raise ImageError(f"image has zero size ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels}; "
+                         "downscale it first")
+    return w, h
+
+
+def _data_uri_bytes(url: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header.lower():
+        raise ImageError("data URI images must be base64-encoded: data:image/png;base64,<data>")
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+        raise ImageError(f"image is over this server's limit of {max_bytes} bytes; send a smaller image")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ImageError("data URI: invalid base64; encode the image bytes with standard base64") from None
+    if not data:
+        raise ImageError("data URI: empty image data")
+    if len(data) > max_bytes:
+        raise ImageError(f"image is over this server's limit of {max_bytes} bytes; send a smaller image")
+    return data
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s) (urllib would also follow one to ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's API
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise ImageError("remote image redirected to a non-http(s) URL; refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch_remote(url: str, policy: ImageSourcePolicy) -> bytes:
+    opener = urllib.request.build_opener(_HttpOnlyRedirects())
+    try:
+        with opener.open(url, timeout=policy.remote_timeout) as r:
+            data = r.read(policy.max_bytes + 1)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(f"could not fetch the image URL ({type(e).__name__})") from None
+    if len(data) > policy.max_bytes:
+        raise ImageError(f"image is over this server's limit of {policy.max_bytes} bytes; send a smaller image")
+    if not data:
+        raise ImageError("the image URL returned no data")
+    return data
+
+
+def _read_local(url: str, policy: ImageSourcePolicy) -> bytes:
+    """A regular file inside policy.image_dir, else ImageError(LOCAL_IMAGE_UNAVAILABLE) whatever the reason."""
+    root = policy.image_dir
+    assert root is not None
+    try:
+        if url[:7].lower() == "file://":
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise ValueError("remote file host")
+            rel = urllib.request.url2pathname(parsed.path)
+        else:
+            rel = url
+        if "\x00" in rel:
+            raise ValueError("NUL in path")
+        real = os.path.realpath(os.path.join(root, rel))  # an absolute `rel` replaces root; checked below
+        if os.path.commonpath([root, real]) != root or real == root:
+            raise PermissionError("outside the image directory")
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PermissionError("not a regular file")
+            if st.st_size > policy.max_bytes:
+                raise ImageError(f"image is over this server's limit of {policy.max_bytes} bytes; "
+                                 "send a smaller image")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(policy.max_bytes + 1)
+        finally:
+            os.close(fd)
+    except ImageError:
+        raise
+    except (OSError, ValueError) as e:
+        logger.info("refused local image %r: %s", url[:200], _describe(e))
+        raise ImageError(LOCAL_IMAGE_UNAVAILABLE) from None
+    if not data or len(data) > policy.max_bytes:
+        raise ImageError(LOCAL_IMAGE_UNAVAILABLE if not data else
+                         f"image is over this server's limit of {policy.max_bytes} bytes; send a smaller image")
+    return data

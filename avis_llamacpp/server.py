@@ -1,4 +1,4 @@
-"""A thin launcher for llama-cpp-python's OpenAI-compatible server with the AVIS chat handler.
+"""A launcher for llama-cpp-python's OpenAI-compatible server with the AVIS chat handler, safe to put on a network.
 
 llama_cpp.server maps `chat_format` names to handler classes in a fixed list, so a custom handler cannot be
 named in its settings. This launcher accepts every llama_cpp.server argument (or its --config_file) and
@@ -7,6 +7,14 @@ with defaults from the --avis_* flags. Clients pick per-request settings with an
 (openai client: extra_body={"avis": {"k": 5, "tau": 0.785}}).
 
     python -m avis_llamacpp.server --model M.gguf --clip_model_path mmproj.gguf --chat_format avis --avis_k 5
+
+What a request may do (the ASGI guard in front of llama_cpp.server checks it before any work is queued):
+images come as data URIs; http(s) URLs only with --avis_allow_remote_images; local paths and file:// URLs only
+inside --avis_image_dir (one error message for outside / missing / unreadable files). Every client mistake
+(unknown or ill-typed `avis` keys, K above the server's slots, max_tokens beyond the context, oversized,
+undecodable or too many images, too large a body) is a 4xx with an OpenAI-shaped error body
+{"error": {"message", "type", "param", "code"}}; 5xx means a server fault. Requests are answered one at a time
+(llama_cpp.server's lock), each on a cleared KV cache, so concurrent clients get the single-client answers.
 """
 
 from __future__ import annotations
@@ -14,100 +22,414 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import anyio
 
 from .chat_handler import _AVIS_SINK, _OVERRIDES, OVERRIDE_KEYS, AVISChatHandler
+from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError
+from .images import ImageSourcePolicy, fetch_request_image, request_images
 
 logger = logging.getLogger(__name__)
 
 AVIS_FORMATS = {"avis": "auto", "avis-llava-1-5": "llava-1-5", "avis-qwen2.5-vl": "qwen2.5-vl"}
+MiB = 1024 * 1024
 
 
-class AVISOverridesMiddleware:
-    """ASGI middleware for chat completions: reads the request body's `avis` object into the handler's
-    per-request settings (the body is replayed unchanged), and puts the handler's `avis` result back into
-    JSON responses (llama_cpp.server's response model would drop it). Streamed chunks carry it already."""
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of the server (the --avis_max_* flags). max_queue bounds the chat requests
+    held at once (running or waiting for the model), which bounds memory: more get 429."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    max_request_bytes: int = 32 * MiB
+    max_images: int = 8
+    max_queue: int = 16
+    slots: int = 8  # rollout slots (the handler's n_seq_max): the largest K a request may ask for
+    images: ImageSourcePolicy = field(default_factory=ImageSourcePolicy)
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope.get("type") != "http" or scope.get("method") != "POST" or not scope.get("path", "").endswith(
-                "/chat/completions"):
-            await self.app(scope, receive, send)
-            return
-        messages, body, more = [], b"", True
-        while more:
-            msg = await receive()
-            messages.append(msg)
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False) and msg.get("type") == "http.request"
-        overrides: dict[str, Any] = {}
-        try:
-            data = json.loads(body or b"{}")
-            raw = data.get("avis") if isinstance(data, dict) else None
-        except ValueError:
-            raw = None  # the app itself answers malformed JSON
-        if raw is not None:
-            bad = (set(raw) - OVERRIDE_KEYS) if isinstance(raw, dict) else {"<not an object>"}
-            if bad:
-                await _json_error(send, 400, f"unknown avis setting(s): {sorted(bad)}; known: {sorted(OVERRIDE_KEYS)}")
-                return
-            overrides = dict(raw)
-
-        async def replay() -> dict:
-            return messages.pop(0) if messages else await receive()
-
-        sink: dict[str, Any] = {}
-        held: list[dict] = []
-
-        async def send_with_avis(msg: dict) -> None:
-            if msg["type"] == "http.response.start":
-                headers = dict(msg.get("headers") or [])
-                if headers.get(b"content-type", b"").startswith(b"application/json"):
-                    held.append(msg)  # hold until the body is complete
-                    return
-            elif msg["type"] == "http.response.body" and held:
-                held.append(msg)
-                if msg.get("more_body"):
-                    return
-                start, body = held[0], b"".join(m.get("body", b"") for m in held[1:])
-                held.clear()
-                if "avis" in sink:
-                    try:
-                        data = json.loads(body)
-                        if isinstance(data, dict) and "choices" in data:
-                            data["avis"] = sink["avis"]
-                            body = json.dumps(data).encode()
-                    except ValueError:
-                        pass
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                headers.append((b"content-length", str(len(body)).encode()))
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(msg)
-
-        token = _OVERRIDES.set(overrides or None)
-        token_sink = _AVIS_SINK.set(sink)
-        try:
-            await self.app(scope, replay, send_with_avis)
-        finally:
-            _AVIS_SINK.reset(token_sink)
-            _OVERRIDES.reset(token)
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_images", "max_queue", "slots"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidArgumentError(f"{name} must be an int >= 1, got {v!r}")
 
 
-async def _json_error(send: Any, status: int, message: str) -> None:
-    payload = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+class RequestError(Exception):
+    """A client mistake, answered with `status` and an OpenAI-shaped error body naming the field (`param`)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def payload(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --------------------------------------------------------------------------- #
+# request validation (pure: no model, no I/O)
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class ChatPlan:
+    """What a valid chat request needs from the guard: the handler overrides and the images to fetch."""
+
+    overrides: dict[str, Any]
+    images: list[tuple[str, str]]  # (param path, url), in message order
+    stream: bool = False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad(param: str, expected: str, got: Any, status: int = 400, code: str = "invalid_value") -> RequestError:
+    shown = json.dumps(got)[:80] if _jsonable(got) else type(got).__name__
+    return RequestError(status, f"{param} must be {expected}, got {shown}", param=param, code=code)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _avis_checks(slots: int) -> dict[str, tuple[str, Callable[[Any], bool]]]:
+    """Each `avis` key: (the expected value, in words; its check)."""
+    num = _is_num
+    return {
+        "k": (f"an integer from 1 to {slots} (this server's rollout slots)",
+              lambda v: _is_int(v) and 1 <= v <= slots),
+        "ratio": ("null or a number with 0 <= ratio < 1", lambda v: v is None or (num(v) and 0 <= v < 1)),
+        "rho": ("null or a number with 0 <= rho < 1", lambda v: v is None or (num(v) and 0 <= v < 1)),
+        "tau": ("null or a number with 0 < tau < pi", lambda v: v is None or (num(v) and 0 < v < math.pi)),
+        "mode": ('"parallel" or "snapshot"', lambda v: v in ("parallel", "snapshot")),
+        "seed": ("an integer", _is_int),
+        "early_stop": ("true or false", lambda v: isinstance(v, bool)),
+        "answer_tags": ("true or false", lambda v: isinstance(v, bool)),
+        "content": ('"auto", "answer" or "text"', lambda v: v in ("auto", "answer", "text")),
+        "options": ("null or a list of 1 to 26 option strings (each at most 1000 characters)",
+                    lambda v: v is None or (isinstance(v, list) and 1 <= len(v) <= 26
+                                            and all(isinstance(o, str) and len(o) <= 1000 for o in v))),
+        "temperature": ("a number from 0 to 100", lambda v: num(v) and 0 <= v <= 100),
+        "top_p": ("a number with 0 < top_p <= 1", lambda v: num(v) and 0 < v <= 1),
+        "top_k": ("an integer >= 0 (0 disables it)", lambda v: _is_int(v) and v >= 0),
+        "min_p": ("a number from 0 to 1", lambda v: num(v) and 0 <= v <= 1),
+        "policy": ("null (turns the server's adaptive-K policy off; the operator chooses the policy file)",
+                   lambda v: v is None),
+    }
+
+
+def _validate_avis(raw: Any, slots: int) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad("avis", "an object of AVIS settings (e.g. {\"k\": 5, \"tau\": 0.785})", raw)
+    checks = _avis_checks(slots)
+    unknown = sorted(str(k) for k in raw if k not in checks)
+    if unknown:
+        raise RequestError(400, f"unknown avis setting(s): {unknown}; known: {sorted(OVERRIDE_KEYS)}",
+                           param=f"avis.{unknown[0]}", code="unknown_parameter")
+    for key, value in raw.items():
+        expected, ok = checks[key]
+        if not ok(value):
+            raise _bad(f"avis.{key}", expected, value)
+    pruning = [k for k in ("ratio", "rho", "tau") if raw.get(k) is not None]
+    if len(pruning) > 1:
+        raise RequestError(400, f"avis: give at most one of ratio/rho (fixed pruning) and tau (adaptive), got "
+                           f"{pruning}", param=f"avis.{pruning[1]}", code="invalid_value")
+    return dict(raw)
+
+
+def _message_images(messages: list[Any], max_images: int) -> list[tuple[str, str]]:
+    """(param, url) of every image part of every message, checking the shapes the handler relies on."""
+    found: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(where, "a message object with a role and content", m)
+        if not isinstance(m.get("role"), str):
+            raise _bad(f"{where}.role", 'a string ("system", "user" or "assistant")', m.get("role"))
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise _bad(f"{where}.content", "a string or a list of content parts", content)
+        for j, part in enumerate(content):
+            pw = f"{where}.content[{j}]"
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise _bad(pw, 'a content part object with a "type"', part)
+            if part["type"] == "text":
+                if not isinstance(part.get("text"), str):
+                    raise _bad(f"{pw}.text", "a string", part.get("text"))
+            elif part["type"] == "image_url":
+                iu = part.get("image_url")
+                url = iu.get("url") if isinstance(iu, dict) else iu
+                if not isinstance(url, str) or not url:
+                    raise _bad(f"{pw}.image_url", 'a non-empty URL string or {"url": "data:image/png;base64,..."}',
+                               iu)
+                found.append((f"{pw}.image_url", url))
+                if len(found) > max_images:
+                    raise RequestError(400, f"too many images: at most {max_images} per request on this server",
+                                       param=f"{pw}.image_url", code="too_many_images")
+            else:
+                raise _bad(f"{pw}.type", '"text" or "image_url"', part["type"])
+    return found
+
+
+def validate_chat_request(data: Any, limits: ServerLimits, n_ctx: int | None) -> ChatPlan:
+    """Check a parsed chat-completions body; RequestError (4xx) naming the field for any client mistake.
+    Types llama_cpp.server's own model checks are left to it (its errors are reshaped the same way)."""
+    if not isinstance(data, dict):
+        raise _bad("body", "a JSON object", data)
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "a non-empty list of messages", messages)
+    images = _message_images(messages, limits.max_images)
+    overrides = _validate_avis(data.get("avis"), limits.slots)
+    mt = data.get("max_tokens")
+    if mt is not None:
+        hi = n_ctx if n_ctx else 2 ** 31 - 1
+        if not _is_int(mt) or not 1 <= mt <= hi:
+            raise _bad("max_tokens", f"null or an integer from 1 to {hi} (the model's context)", mt,
+                       code="context_length_exceeded" if _is_int(mt) and mt > hi else "invalid_value")
+    for name, expected, ok in (
+            ("seed", "null or an integer", lambda v: v is None or _is_int(v)),
+            ("temperature", "a number >= 0", lambda v: _is_num(v) and v >= 0),
+            ("top_p", "a number with 0 < top_p <= 1", lambda v: _is_num(v) and 0 < v <= 1),
+            ("min_p", "a number from 0 to 1", lambda v: _is_num(v) and 0 <= v <= 1),
+            ("top_k", "an integer >= 0", lambda v: _is_int(v) and v >= 0),
+            ("repeat_penalty", "a number > 0 (1 disables it)", lambda v: _is_num(v) and v > 0),
+            ("stream", "true or false", lambda v: isinstance(v, bool)),
+            ("n", "1 (one choice per request)", lambda v: v is None or v == 1 and _is_int(v))):
+        if name in data and not (name == "seed" and data[name] is None) and not ok(data[name]):
+            raise _bad(name, expected, data[name])
+    if data.get("grammar") is not None:
+        raise RequestError(400, "grammar is not supported by the AVIS chat handler; leave it out", param="grammar",
+                           code="unsupported_parameter")
+    return ChatPlan(overrides=overrides, images=images, stream=data.get("stream") is True)
+
+
+# --------------------------------------------------------------------------- #
+# the ASGI guard
+# --------------------------------------------------------------------------- #
+
+def _error_for_exception(exc: BaseException) -> RequestError:
+    """The answer for an exception a request raised: 4xx for AVIS's client-error types, 5xx otherwise."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    for e in leaves:
+        if isinstance(e, RequestError):
+            return e
+        if isinstance(e, ContextOverflowError):
+            return RequestError(400, f"the request does not fit the model's context: {e}", param="messages",
+                                code="context_length_exceeded")
+        if isinstance(e, ImageError):
+            return RequestError(400, f"image: {e}", param="messages", code="invalid_image")
+        if isinstance(e, InvalidArgumentError):
+            return RequestError(400, str(e), code="invalid_value")
+        if isinstance(e, ClosedError):
+            return RequestError(503, "the model is shutting down; retry", type_="server_error")
+    first = leaves[0] if leaves else exc
+    return RequestError(500, f"internal server error ({type(first).__name__})", type_="server_error")
+
+
+async def _send_error(send: Any, err: RequestError, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(err.payload()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *headers]})
     await send({"type": "http.response.body", "body": payload})
 
 
+class AVISGuard:
+    """ASGI middleware in front of llama_cpp.server: bounds request bytes and queued chat requests, validates
+    chat bodies (`avis` settings, limits, image sources), fetches their images under the image policy (the
+    handler sees only those bytes), maps failures to OpenAI-shaped 4xx / 5xx, and puts the handler's `avis`
+    result into JSON responses (llama_cpp.server's response model would drop it)."""
+
+    def __init__(self, app: Any, limits: ServerLimits | None = None,
+                 n_ctx: Callable[[str | None], int | None] | None = None) -> None:
+        self.app = app
+        self.limits = limits or ServerLimits()
+        self.n_ctx = n_ctx or (lambda model: None)
+        self.active = 0  # chat requests held now (running or queued)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        chat = scope.get("path", "").endswith("/chat/completions")
+        if chat and self.active >= self.limits.max_queue:
+            await _send_error(send, RequestError(429, f"server busy: {self.active} requests are queued; retry "
+                                                      "shortly", code="server_busy", type_="rate_limit_error"),
+                              [(b"retry-after", b"1")])
+            return
+        if chat:
+            self.active += 1
+        try:
+            await self._post(scope, receive, send, chat)
+        finally:
+            if chat:
+                self.active -= 1
+
+    async def _read_body(self, scope: dict, receive: Any) -> list[dict]:
+        limit = self.limits.max_request_bytes
+        for k, v in scope.get("headers") or []:
+            if k.lower() == b"content-length" and v.strip().isdigit() and int(v) > limit:
+                raise RequestError(413, f"request body is {int(v)} bytes, over this server's limit of {limit}",
+                                   code="request_too_large")
+        messages, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg.get("type") != "http.request":
+                raise RequestError(400, "client disconnected", code="client_disconnected")
+            size += len(msg.get("body", b""))
+            if size > limit:
+                raise RequestError(413, f"request body is over this server's limit of {limit} bytes",
+                                   code="request_too_large")
+            messages.append(msg)
+            more = msg.get("more_body", False)
+        return messages
+
+    async def _post(self, scope: dict, receive: Any, send: Any, chat: bool) -> None:
+        try:
+            messages = await self._read_body(scope, receive)
+            body = b"".join(m.get("body", b"") for m in messages)
+            if chat:
+                try:
+                    data = json.loads(body or b"null")
+                except (ValueError, RecursionError):
+                    raise RequestError(400, "the body is not valid JSON", code="invalid_json") from None
+                n_ctx = self.n_ctx(data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str)
+                                   else None)
+                plan = validate_chat_request(data, self.limits, n_ctx)
+                resolved = await anyio.to_thread.run_sync(self._fetch_images, plan.images)
+        except RequestError as e:
+            await _send_error(send, e)
+            return
+        queue = list(messages)
+
+        async def replay() -> dict:
+            return queue.pop(0) if queue else await receive()
+
+        if not chat:
+            await self.app(scope, replay, send)
+            return
+        sink: dict[str, Any] = {}
+        out = _HeldResponse(send, sink)
+        token, token_sink = _OVERRIDES.set(plan.overrides or None), _AVIS_SINK.set(sink)
+        try:
+            with request_images(resolved):
+                await self.app(scope, replay, out.send)
+        except Exception as e:  # noqa: BLE001 - every failure gets an answer (or a logged, closed stream)
+            err = _error_for_exception(e)
+            if err.status >= 500:
+                logger.exception("chat request failed")
+            if out.forwarded:
+                raise  # a stream already under way: the connection is closed mid-stream
+            out.held.clear()
+            await _send_error(send, err)
+        finally:
+            _AVIS_SINK.reset(token_sink)
+            _OVERRIDES.reset(token)
+        await out.flush()
+
+    def _fetch_images(self, images: list[tuple[str, str]]) -> dict[str, bytes]:
+        resolved: dict[str, bytes] = {}
+        for param, url in images:
+            if url in resolved:
+                continue
+            try:
+                resolved[url] = fetch_request_image(url, self.limits.images)
+            except ImageError as e:
+                raise RequestError(400, f"{param}: {e}", param=param, code="invalid_image") from None
+        return resolved
+
+
+class _HeldResponse:
+    """Forwards a response, holding its start: a JSON body until complete (to add `avis`), a stream until its
+    second chunk (so a failure in the first steps, e.g. an undecodable image, still gets a proper 4xx)."""
+
+    def __init__(self, send: Any, sink: dict[str, Any]) -> None:
+        self._send, self.sink = send, sink
+        self.held: list[dict] = []
+        self.json = False
+        self.forwarded = False
+
+    async def send(self, msg: dict) -> None:
+        if self.forwarded:
+            await self._send(msg)
+            return
+        if msg["type"] == "http.response.start":
+            headers = dict(msg.get("headers") or [])
+            self.json = headers.get(b"content-type", b"").startswith(b"application/json")
+            self.held.append(msg)
+            return
+        if msg["type"] != "http.response.body":
+            await self._send(msg)
+            return
+        self.held.append(msg)
+        if self.json:
+            if not msg.get("more_body"):
+                await self._flush_json()
+        elif sum(1 for m in self.held if m.get("body")) >= 2:
+            await self.flush()  # the end of a stream (an empty last body) waits for the app to return
+
+    async def _flush_json(self) -> None:
+        start, body = self.held[0], b"".join(m.get("body", b"") for m in self.held[1:])
+        self.held.clear()
+        self.forwarded = True
+        if "avis" in self.sink and start.get("status") == 200:
+            try:
+                data = json.loads(body)
+                if isinstance(data, dict) and "choices" in data:
+                    data["avis"] = self.sink["avis"]
+                    body = json.dumps(data).encode()
+            except ValueError:
+                pass
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._send({**start, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def flush(self) -> None:
+        if self.held and self.json:
+            await self._flush_json()
+            return
+        held, self.held = self.held, []
+        if held:
+            self.forwarded = True
+        for m in held:
+            await self._send(m)
+
+
+# --------------------------------------------------------------------------- #
+# llama_cpp.server integration
+# --------------------------------------------------------------------------- #
+
 def install(handler_defaults: dict[str, Any]) -> None:
-    """Teach llama_cpp.server's model loader the "avis*" chat formats (idempotent)."""
+    """Teach llama_cpp.server's model loader the "avis*" chat formats, and its route error handler that AVIS's
+    client-error exceptions are 4xx (idempotent)."""
     from llama_cpp.server import model as server_model
+    from llama_cpp.server.errors import RouteErrorHandler
 
     proxy = server_model.LlamaProxy
     original = getattr(proxy, "_avis_original_loader", None) or proxy.load_llama_from_model_settings
@@ -127,6 +449,50 @@ def install(handler_defaults: dict[str, Any]) -> None:
     proxy._avis_original_loader = original
     proxy.load_llama_from_model_settings = staticmethod(load)
 
+    wrapper = getattr(RouteErrorHandler, "_avis_original_wrapper", None) or RouteErrorHandler.error_message_wrapper
+
+    def error_message_wrapper(self: Any, error: Exception, body: Any = None) -> tuple[int, dict[str, Any]]:
+        from fastapi.exceptions import RequestValidationError
+
+        if isinstance(error, RequestValidationError):  # the route catches these before FastAPI's handler
+            return 400, _validation_error(error).payload()["error"]
+        if isinstance(error, AVISError):
+            err = _error_for_exception(error)
+            if err.status < 500:
+                return err.status, err.payload()["error"]
+        return wrapper(self, error, body)
+
+    RouteErrorHandler._avis_original_wrapper = wrapper
+    RouteErrorHandler.error_message_wrapper = error_message_wrapper
+
+
+def _validation_error(exc: Any) -> RequestError:
+    """llama_cpp.server's request-model errors (pydantic) as a 400 naming the first field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    msg = str(first.get("msg", "invalid request"))
+    return RequestError(400, f"{param or 'body'}: {msg}", param=param, code="invalid_value")
+
+
+def _openai_error_handlers(app: Any) -> None:
+    """FastAPI's own 422 / 404 / 405 bodies ({"detail": ...}) reshaped as OpenAI errors; validation is a 400."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    async def validation(request: Any, exc: RequestValidationError) -> Any:
+        return JSONResponse(_validation_error(exc).payload(), status_code=400)
+
+    async def http_error(request: Any, exc: HTTPException) -> Any:
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error"
+                                       if exc.status_code < 500 else "server_error", "param": None,
+                                       "code": None}}, status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(HTTPException, http_error)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_cpp.server.cli import add_args_from_model
@@ -145,18 +511,61 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--avis_answer_tags", action="store_true", help="ask for <think>/<answer> and vote on the answers")
     g.add_argument("--avis_content", choices=["auto", "answer", "text"], default="auto", help="message text: voted answer or full text")
     g.add_argument("--avis_early_stop", action="store_true", help="stop rollouts once the vote is decided")
+    d = ServerLimits()
+    s = p.add_argument_group("what requests may do (a server on a network)")
+    s.add_argument("--avis_slots", type=int, default=d.slots, help="rollout slots (n_seq_max): the largest K a request may ask for")
+    s.add_argument("--avis_image_dir", type=str, default=None,
+                   help="local image paths / file:// URLs in requests resolve inside this directory (default: refused)")
+    s.add_argument("--avis_allow_remote_images", action="store_true", help="fetch http(s) image URLs (default: refused)")
+    s.add_argument("--avis_max_request_bytes", type=int, default=d.max_request_bytes, help="largest request body")
+    s.add_argument("--avis_max_image_bytes", type=int, default=d.images.max_bytes, help="largest encoded image")
+    s.add_argument("--avis_max_image_pixels", type=int, default=d.images.max_pixels, help="largest image (width x height)")
+    s.add_argument("--avis_max_images", type=int, default=d.max_images, help="most images per request")
+    s.add_argument("--avis_max_queue", type=int, default=d.max_queue,
+                   help="most chat requests held at once (running or waiting); more get 429")
     return p
 
 
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """The ServerLimits the --avis_* flags describe."""
+    return ServerLimits(max_request_bytes=args.avis_max_request_bytes, max_images=args.avis_max_images,
+                        max_queue=args.avis_max_queue, slots=args.avis_slots,
+                        images=ImageSourcePolicy(image_dir=args.avis_image_dir,
+                                                 allow_remote=args.avis_allow_remote_images,
+                                                 max_bytes=args.avis_max_image_bytes,
+                                                 max_pixels=args.avis_max_image_pixels))
+
+
+def _n_ctx_lookup(model_settings: list[Any]) -> Callable[[str | None], int | None]:
+    """model name -> its context size (as llama_cpp.server picks the model: unknown names get the default)."""
+    from llama_cpp.server import app as server_app
+
+    by_alias = {(m.model_alias or m.model): m for m in model_settings}
+    default = model_settings[0]
+
+    def n_ctx(model: str | None) -> int | None:
+        settings = by_alias.get(model or "", default)
+        if settings.n_ctx:
+            return int(settings.n_ctx)
+        proxy = server_app._llama_proxy  # n_ctx=0: the model's own, known once it is loaded
+        current = getattr(proxy, "_current_model", None)
+        if current is not None and getattr(proxy, "_current_model_alias", None) == (settings.model_alias or settings.model):
+            return int(current.n_ctx())
+        return None
+
+    return n_ctx
+
+
 def create_avis_app(args: argparse.Namespace) -> Any:
-    """The llama_cpp.server FastAPI app with AVIS installed and the overrides middleware around it."""
+    """The llama_cpp.server FastAPI app with AVIS installed and the guard around it; returns (app, settings)."""
     from llama_cpp.server.app import create_app
     from llama_cpp.server.cli import parse_model_from_args
     from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings
 
+    limits = limits_from_args(args)
     install({"k": args.avis_k, "ratio": args.avis_ratio, "tau": args.avis_tau, "policy": args.avis_policy,
              "mode": args.avis_mode, "answer_tags": args.avis_answer_tags, "content": args.avis_content,
-             "early_stop": args.avis_early_stop})
+             "early_stop": args.avis_early_stop, "n_seq_max": limits.slots})
     config_file = os.environ.get("CONFIG_FILE", args.config_file)
     if config_file:
         with open(config_file, "rb") as f:
@@ -166,18 +575,28 @@ def create_avis_app(args: argparse.Namespace) -> Any:
             text = json.dumps(yaml.safe_load(text))
         cfg = ConfigFileSettings.model_validate_json(text)
         server_settings, model_settings = ServerSettings.model_validate(cfg), cfg.models
+        if "interrupt_requests" not in cfg.model_fields_set:
+            server_settings.interrupt_requests = False
     else:
         server_settings = parse_model_from_args(ServerSettings, args)
+        if getattr(args, "interrupt_requests", None) is None:
+            # llama_cpp.server's default cuts a stream short when another request arrives; a shared server must
+            # give every client its whole answer
+            server_settings.interrupt_requests = False
         model_settings = [parse_model_from_args(ModelSettings, args)]
     app = create_app(server_settings=server_settings, model_settings=model_settings)
-    return AVISOverridesMiddleware(app), server_settings
+    _openai_error_handlers(app)
+    return AVISGuard(app, limits, _n_ctx_lookup(model_settings)), server_settings
 
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    app, server_settings = create_avis_app(args)
+    try:
+        app, server_settings = create_avis_app(args)
+    except InvalidArgumentError as e:
+        raise SystemExit(f"avis server: {e}") from None
     uvicorn.run(app, host=os.getenv("HOST", server_settings.host), port=int(os.getenv("PORT", server_settings.port)),
                 ssl_keyfile=server_settings.ssl_keyfile, ssl_certfile=server_settings.ssl_certfile)
 
