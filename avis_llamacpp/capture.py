@@ -9,14 +9,13 @@ import ctypes
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import CaptureError
-from .kdv import vit_keys_to_token_keys
+from .families import KEY_NAMES_POST_ROPE_FIRST, ChunkGeometry, TokenKeys, VisionInfo, family_for
 
 logger = logging.getLogger(__name__)
 
@@ -74,47 +73,73 @@ def _ggml() -> ctypes.CDLL:
     return _GGML
 
 
-# Attention-key tensors the encoder graphs name with cb(): post-RoPE variants are preferred (the paper
-# scores keys after RoPE where the encoder applies it).
 _KEY_NAME = re.compile(r"^(Kcur_rope|Kcur_pos|Kcur)-(\d+)$")
-_PRIORITY = {"Kcur": 0, "Kcur_pos": 1, "Kcur_rope": 2}
+_RAW_INPUT = b"inp_raw"
+
+
+def _dtype_of(t: GGMLTensor) -> tuple[Any, int]:
+    if t.type == GGML_TYPE_F32:
+        return np.float32, 4
+    if t.type == GGML_TYPE_F16:
+        return np.float16, 2
+    raise CaptureError(f"tensor {t.name.decode()} has ggml type {t.type}; only F32/F16 can be captured")
+
+
+def tensor_nbytes(ne: Sequence[int], nb: Sequence[int], item_size: int) -> int:
+    """Bytes spanned by a (possibly strided) tensor view, as ggml_nbytes computes it for block size 1."""
+    if any(n <= 0 for n in ne):
+        return 0
+    return item_size + sum((n - 1) * b for n, b in zip(ne, nb))
+
+
+def strided_to_array(buf: np.ndarray, ne: Sequence[int], nb: Sequence[int]) -> np.ndarray:
+    """A tensor's elements, numpy-shaped (ne reversed), from the raw bytes it spans and its nb strides.
+    Works for contiguous tensors and for views (e.g. K split out of a fused QKV projection)."""
+    item = buf.dtype.itemsize
+    if any(int(b) % item for b in nb):
+        raise CaptureError(f"strides {list(nb)} are not multiples of the element size {item}")
+    view = np.lib.stride_tricks.as_strided(buf, shape=tuple(int(n) for n in ne[::-1]),
+                                           strides=tuple(int(b) for b in nb[::-1]), writeable=False)
+    return np.ascontiguousarray(view)
 
 
 def read_tensor(addr: int) -> tuple[str, np.ndarray]:
-    """Copy a computed F32/F16 ggml tensor (any backend) into numpy, shaped like ggml's ne reversed."""
+    """Copy a computed F32/F16 ggml tensor (any backend; contiguous or a strided view) into numpy, shaped
+    like ggml's ne reversed, as float32."""
     t = GGMLTensor.from_address(addr)
     ne = [int(t.ne[i]) for i in range(GGML_MAX_DIMS)]
-    if t.type == GGML_TYPE_F32:
-        dtype, size = np.float32, 4
-    elif t.type == GGML_TYPE_F16:
-        dtype, size = np.float16, 2
-    else:
-        raise CaptureError(f"tensor {t.name.decode()} has ggml type {t.type}; only F32/F16 can be captured")
-    n = int(np.prod(ne))
-    if int(t.nb[0]) != size or int(t.nb[1]) != size * ne[0] or int(t.nb[2]) != size * ne[0] * ne[1]:
-        raise CaptureError(f"tensor {t.name.decode()} is not contiguous (nb={list(t.nb)})")
-    out = np.empty(n, dtype=dtype)
-    _ggml().ggml_backend_tensor_get(addr, out.ctypes.data, 0, n * size)
-    return t.name.decode(), out.reshape(ne[::-1]).astype(np.float32, copy=False)
+    nb = [int(t.nb[i]) for i in range(GGML_MAX_DIMS)]
+    dtype, size = _dtype_of(t)
+    nbytes = tensor_nbytes(ne, nb, size)
+    buf = np.empty(max(nbytes, size) // size + 1, dtype=dtype)
+    if nbytes:
+        _ggml().ggml_backend_tensor_get(addr, buf.ctypes.data, 0, nbytes)
+    arr = strided_to_array(buf, ne, nb)
+    return t.name.decode(), arr.astype(np.float32, copy=False)
 
 
 class KeyCapture:
     """An eval callback that keeps the keys of the deepest attention block the encoder runs.
 
     The first encode asks for every key tensor and keeps the deepest (learning its name); later encodes ask
-    only for that one tensor, so a single tensor is copied per image.
+    only for that one tensor, so a single tensor is copied per image. Within a block, post-RoPE keys are
+    preferred in the order of `key_names` (the family's). It also records the preprocessed image size from
+    the graph's raw-input tensor (a shape read, no copy), which gives the patch grid of families whose
+    mtmd grid is 1 x N.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key_names: Sequence[str] = KEY_NAMES_POST_ROPE_FIRST) -> None:
+        self.priority = {n: len(key_names) - i for i, n in enumerate(key_names)}
         self.target: str | None = None
         self._best: tuple[int, int] | None = None
         self.name: str | None = None
         self.keys: np.ndarray | None = None  # [n_rows, n_head, d_head]
+        self.image_wh: tuple[int, int] | None = None
         self.copies = 0  # tensors copied during the last encode
 
     def begin(self) -> None:
         """Forget the previous image's keys (call before each encode)."""
-        self._best, self.name, self.keys, self.copies = None, None, None, 0
+        self._best, self.name, self.keys, self.image_wh, self.copies = None, None, None, None, 0
 
     def end(self) -> None:
         """Fix the learned tensor name after the first successful encode."""
@@ -122,17 +147,31 @@ class KeyCapture:
             self.target = self.name
             logger.debug("key capture: using tensor %s", self.name)
 
+    def _see_raw_input(self, t: GGMLTensor) -> None:
+        if self.image_wh is not None:
+            return
+        for i in range(GGML_MAX_SRC):
+            src = t.src[i]
+            if not src:
+                continue
+            s = GGMLTensor.from_address(src)
+            if s.name == _RAW_INPUT:
+                self.image_wh = (int(s.ne[0]), int(s.ne[1]))
+                return
+
     def __call__(self, addr: int, ask: bool) -> bool:
         t = GGMLTensor.from_address(addr)
+        if ask:
+            self._see_raw_input(t)
         name = t.name.decode("utf-8", "replace")
         if self.target is not None:
             if name != self.target:
                 return not ask  # ask: not interested; observe: continue the compute
         else:
             m = _KEY_NAME.match(name)
-            if m is None:
+            if m is None or m.group(1) not in self.priority:
                 return not ask
-            rank = (int(m.group(2)), _PRIORITY[m.group(1)])
+            rank = (int(m.group(2)), self.priority[m.group(1)])
             if self._best is not None and rank < self._best:
                 return not ask
             if ask:
@@ -148,22 +187,8 @@ class KeyCapture:
         return True
 
 
-@dataclass(frozen=True)
-class VisionInfo:
-    """What the key-to-token mapping needs from the mmproj's metadata."""
-
-    projector_type: str | None
-    patch_size: int
-    n_wa_pattern: int
-    window_size: int
-    spatial_merge: int
-    n_layer: int = 0
-    n_embd: int = 0
-    n_ff: int = 0
-
-
 def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
-    """Read projector type, patch size and window-attention settings from an mmproj GGUF."""
+    """Read projector type, patch size, merge / window / pooling settings and ViT size from an mmproj GGUF."""
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(mmproj_path))
@@ -172,9 +197,7 @@ def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
         f = reader.fields.get(key)
         if f is None:
             return default
-        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
-            return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-        return f.parts[f.data[0]].tolist()[0]
+        return f.contents()
 
     proj = get("clip.projector_type") or get("clip.vision.projector_type")
     return VisionInfo(projector_type=proj, patch_size=int(get("clip.vision.patch_size", 14)),
@@ -182,34 +205,12 @@ def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
                       window_size=int(get("clip.vision.window_size", 112)),
                       spatial_merge=int(get("clip.vision.spatial_merge_size", 2)),
                       n_layer=int(get("clip.vision.block_count", 0)), n_embd=int(get("clip.vision.embedding_length", 0)),
-                      n_ff=int(get("clip.vision.feed_forward_length", 0)))
+                      n_ff=int(get("clip.vision.feed_forward_length", 0)),
+                      image_size=int(get("clip.vision.image_size", 0)),
+                      scale_factor=int(get("clip.vision.projector.scale_factor", 0)))
 
 
-# Projector types whose encoder graph we know how to map to LLM tokens.
-LLAVA_LIKE = {"mlp", "mlp_norm", "ldp", "ldpv2"}
-QWEN_LIKE = {"qwen2vl_merger", "qwen2.5vl_merger"}
-QWEN25VL_WINDOW_PX = 112
-
-
-def keys_per_token(keys: np.ndarray, info: VisionInfo, nx: int, ny: int) -> np.ndarray | None:
-    """Captured encoder keys [n_rows, H, D] -> one key per LLM image token [nx*ny, H, D], or None when the
-    projector's row-to-token mapping is unknown (the caller then falls back to the projected embeddings)."""
-    n_tokens = nx * ny
-    if info.projector_type in LLAVA_LIKE:
-        # llama.cpp's llava graph appends the class embedding after the patches and feeds the projector rows
-        # patches[i] = i + 1 when a class embedding exists (clip.cpp, PROJECTOR_TYPE_MLP inputs).
-        if keys.shape[0] == n_tokens + 1:
-            return keys[1:n_tokens + 1]
-        if keys.shape[0] == n_tokens:
-            return keys
-        return None
-    if info.projector_type in QWEN_LIKE:
-        merge = 2  # clip.cpp hard-codes merge_ratio = 2 for Qwen2/2.5-VL
-        if keys.shape[0] != n_tokens * merge * merge:
-            return None
-        window = None
-        if info.projector_type == "qwen2.5vl_merger" and info.n_wa_pattern > 0:
-            # clip.cpp never reads clip.vision.window_size for Qwen2.5-VL: attn_window_size stays 0 -> 112 px
-            window = QWEN25VL_WINDOW_PX // info.patch_size
-        return vit_keys_to_token_keys(keys, nx * merge, ny * merge, merge, window)
-    return None
+def keys_per_token(keys: np.ndarray, info: VisionInfo, geom: ChunkGeometry) -> TokenKeys | None:
+    """Captured encoder keys [n_rows, H, D] -> keys per LLM image token by the projector family's rule, or None
+    when the family has no native mapping or the rows do not fit it (the caller falls back to embeddings)."""
+    return family_for(info.projector_type).token_keys(keys, geom, info)

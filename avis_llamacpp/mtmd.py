@@ -13,9 +13,10 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 
-from .capture import KeyCapture, VisionInfo, read_vision_info
+from .capture import KeyCapture, read_vision_info
+from .families import VisionInfo, family_for
 from .errors import ImageError, InvalidArgumentError, ModelLoadError
-from .native import GGUFHeader, Model, scan_gguf
+from .native import FlashAttn, GGUFHeader, Model, flash_attn_type, scan_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -84,23 +85,8 @@ class Prompt:
             pass
 
 
-# Projector types whose tensor layout check_mmproj_file knows (clip.cpp's names).
-_MLP_TYPES = {"mlp", "mlp_norm"}
-_QWEN_MERGERS = {"qwen2vl_merger", "qwen2.5vl_merger"}
 # clip.cpp loads these without the standard ViT blocks
 _NO_STANDARD_BLOCKS = {"gemma3nv", "qwen3tts_spkenc", "pockettts_gen"}
-
-
-def _projection_dim(hdr: GGUFHeader, proj: str | None) -> int | None:
-    """The embedding size the projector outputs, as clip_n_mmproj_embd computes it, where we know how."""
-    t = hdr.tensors
-    if proj == "mlp" and "mm.2.weight" in t and "mm.3.weight" not in t:
-        return int(t["mm.2.weight"][0][1])
-    if proj == "mlp" and "mm.3.bias" in t:  # Yi-style llava (clip.cpp switches it to mlp_norm)
-        return int(t["mm.3.bias"][0][0])
-    if proj in _QWEN_MERGERS and "mm.2.bias" in t:
-        return int(t["mm.2.bias"][0][0])
-    return None
 
 
 def check_mmproj_file(path: str | os.PathLike, model: Model) -> GGUFHeader:
@@ -122,7 +108,8 @@ def check_mmproj_file(path: str | os.PathLike, model: Model) -> GGUFHeader:
                              f"the text model {model.path!r}")
     proj = hdr.get("clip.projector_type") or hdr.get("clip.vision.projector_type")
     proj = proj if isinstance(proj, str) else None
-    out_dim = _projection_dim(hdr, proj)
+    fam = family_for(proj)
+    out_dim = fam.projection_dim(hdr.tensors)
     if out_dim is not None and model.n_embd_inp > 0 and out_dim != model.n_embd_inp:
         raise ModelLoadError(f"mmproj {p!r} outputs {out_dim}-dim image embeddings but the text model "
                              f"{model.path!r} takes {model.n_embd_inp}-dim inputs (n_embd): the two files belong to "
@@ -130,35 +117,24 @@ def check_mmproj_file(path: str | os.PathLike, model: Model) -> GGUFHeader:
     t = hdr.tensors
     missing: list[str] = []
     n_layer = hdr.get("clip.vision.block_count", 0)
-    known = proj in _MLP_TYPES or proj in _QWEN_MERGERS
     if isinstance(n_layer, int) and proj not in _NO_STANDARD_BLOCKS:
         blocks: list[set[str]] = []
         for il in range(min(n_layer, 4096)):
             b = f"v.blk.{il}."
             if f"{b}attn_qkv.weight" not in t:
                 missing += [f"{b}attn_{x}.weight" for x in "qkv" if f"{b}attn_{x}.weight" not in t]
-            if known:
+            if fam.uniform_blocks:
                 blocks.append({n[len(b):] for n in t if n.startswith(b)})
-        if known and blocks:
+                missing += [n for n in fam.required_per_block(il) if n not in t]
+        if fam.uniform_blocks and blocks:
             # every block of these ViTs has the same tensors: one missing from some blocks is a broken file
             union = set().union(*blocks)
             missing += [f"v.blk.{il}.{n}" for il, names in enumerate(blocks) for n in sorted(union - names)]
-    if proj in _MLP_TYPES:
-        need = ["v.patch_embd.weight", "v.position_embd.weight", "mm.0.weight", "mm.0.bias"]
-        if "mm.3.weight" in t:  # Yi-style llava (clip.cpp's mlp_norm graph)
-            need += ["mm.1.weight", "mm.1.bias", "mm.3.bias", "mm.4.weight", "mm.4.bias"]
-        else:
-            need += ["mm.2.weight", "mm.2.bias"]
-        missing += [n for n in need if n not in t]
-    elif proj in _QWEN_MERGERS:
-        missing += [n for n in ("v.patch_embd.weight", "v.patch_embd.weight.1") if n not in t]
-        if isinstance(n_layer, int):
-            missing += [f"v.blk.{il}.attn_{x}.bias" for il in range(min(n_layer, 4096)) for x in "qkv"
-                        if f"v.blk.{il}.attn_{x}.bias" not in t]
-        extra = [n for n in ("v.patch_embd.bias", "v.class_embd") if n in t]
-        if extra:  # clip.cpp asserts (aborts) on these for Qwen2/2.5-VL
-            raise ModelLoadError(f"mmproj {p!r} is corrupt: {', '.join(extra)} must not exist in a {proj} projector "
-                                 "(mtmd would abort); download or convert the mmproj again")
+    missing += [n for n in fam.required_for(t) if n not in t]
+    extra = [n for n in fam.forbidden_tensors if n in t]
+    if extra:  # clip.cpp asserts (aborts) on these for this projector
+        raise ModelLoadError(f"mmproj {p!r} is corrupt: {', '.join(extra)} must not exist in a {proj} projector "
+                             "(mtmd would abort); download or convert the mmproj again")
     missing = list(dict.fromkeys(missing))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -176,16 +152,18 @@ class Projector:
     """
 
     def __init__(self, mmproj_path: str | os.PathLike, model: Model, *, n_threads: int | None = None,
-                 use_gpu: bool = True, flash_attn: bool = False, verbose: bool = False,
+                 use_gpu: bool = True, flash_attn: FlashAttn = "auto", verbose: bool = False,
                  key_capture: KeyCapture | None = None) -> None:
         mmproj_path = os.fspath(mmproj_path)
+        fa_type = flash_attn_type(flash_attn)  # InvalidArgumentError before any file is read
         check_mmproj_file(mmproj_path, model)  # clear errors for files mtmd would refuse or crash on
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = verbose
         params.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        # "auto": clip.cpp tries flash attention when it first allocates the graph (at the first encode, as
+        # warmup is off) and keeps it if the encoder's backend supports it
+        params.flash_attn_type = fa_type
         params.warmup = False
         self._cb = None
         self.key_capture = key_capture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import threading
 import time
@@ -17,14 +16,15 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .capture import LLAVA_LIKE, QWEN_LIKE, KeyCapture, keys_per_token
-from .errors import CaptureError, ClosedError, ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
+from .capture import KeyCapture
+from .families import ChunkGeometry, Family, TokenKeys, family_for
+from .errors import ClosedError, ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_frames, load_image
 from .features import query_features
 from .kdv import KDVSelection, kdv_scores, prune
 from .mtmd import ImageChunk, Projector
-from .native import Context, ContextSettings, Model, SamplingParams
+from .native import Context, ContextSettings, FlashAttn, Model, SamplingParams
 from .prefill import ImagePrefill, PrefillResult, TokenSelector, prefill
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
 from .snapshot import Snapshot, file_fingerprint, image_digest
@@ -113,16 +113,20 @@ class VLM:
 
     The context holds n_seq_max sequences in a unified KV cache so up to n_seq_max rollouts can share one
     prefill. Queries are serialised by a lock: one object may be shared between threads.
+    flash_attn ("auto" | True | False) applies to the text context and the vision encoder; "auto" (llama.cpp's
+    default) enables it where the backend supports it. Stock llama_cpp.Llama disables it: pass flash_attn=False
+    to reproduce its outputs exactly (with it on, K/V go through f16, so logits differ slightly).
     """
 
     def __init__(self, model_path: str | os.PathLike | Model, mmproj_path: str | os.PathLike, *, n_ctx: int = 4096,
                  n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 8, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
-                 flash_attn: bool = False, chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
+                 flash_attn: FlashAttn = "auto", chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
                  allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False) -> None:
         self._lock = threading.RLock()
         self._closed = False
         self.key_capture = KeyCapture() if capture_keys else None
+        self._capture_warned = False
         # validated before anything is loaded, so bad settings cost nothing and never reach llama.cpp
         self.settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
                                         n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn)
@@ -164,7 +168,7 @@ class VLM:
         kwargs.setdefault("verbose", llama.verbose)
         return cls(Model.borrow(llama.model, llama.model_path), mmproj_path, **kwargs)
 
-    def _make_projector(self, mmproj_path: str | os.PathLike, use_gpu: bool, flash_attn: bool,
+    def _make_projector(self, mmproj_path: str | os.PathLike, use_gpu: bool, flash_attn: FlashAttn,
                         verbose: bool) -> Projector:
         return Projector(mmproj_path, self.model, n_threads=self.settings.resolved_threads()[0], use_gpu=use_gpu,
                          flash_attn=flash_attn, verbose=verbose, key_capture=self.key_capture)
@@ -488,36 +492,53 @@ class VLM:
                       flops=flops, early_stopped=sum(r.finish_reason == "early_stop" for r in rollouts),
                       tokens_saved=estimate_tokens_saved(rollouts))
 
+    @property
+    def family(self) -> Family:
+        """The vision family of the loaded mmproj (families.py): key tensor, token mapping, FLOPs rules."""
+        return family_for(self.projector.vision_info.projector_type)
+
     def _encoder_flops(self, im: Any) -> float:
         info = self.projector.vision_info
         if not info.n_layer or not info.n_embd:
             return 0.0
-        qwen = info.projector_type in QWEN_LIKE
-        n_patches = im.n_tokens * (4 if qwen else 1) + (1 if info.projector_type in LLAVA_LIKE else 0)
-        n_run = info.n_layer - 1 if info.projector_type in LLAVA_LIKE else info.n_layer
-        return encoder_flops(VisionDims(n_run, info.n_embd, info.n_ff, gated_ffn=qwen), n_patches)
+        fam = self.family
+        return encoder_flops(VisionDims(fam.blocks_run(info), info.n_embd, info.n_ff, gated_ffn=fam.gated_ffn),
+                             fam.n_patches(im.n_tokens, info))
 
     # -- KDV ------------------------------------------------------------------------------------------
+    def _geometry(self, chunk: ImageChunk) -> ChunkGeometry:
+        cap = self.key_capture
+        return ChunkGeometry(chunk.n_tokens, chunk.nx, chunk.ny, cap.image_wh if cap is not None else None)
+
     def token_grid(self, chunk: ImageChunk) -> tuple[int, int]:
-        """(nx, ny) of an image's LLM tokens; LLaVA-style projectors report a 1-row grid, made square here."""
-        if chunk.ny == 1 and chunk.nx > 1:
-            side = math.isqrt(chunk.nx)
-            if side * side == chunk.nx:
-                return side, side
-        return chunk.nx, chunk.ny
+        """(nx, ny) of an image's LLM tokens, by the family's rule (a 1-row mtmd grid made 2-D where known)."""
+        return self.family.token_grid(self._geometry(chunk), self.projector.vision_info)
+
+    def scored_keys(self, chunk: ImageChunk, embeddings: np.ndarray) -> tuple[TokenKeys, str]:
+        """Keys of the scored LLM tokens of the chunk just encoded: the last ViT block's captured keys when the
+        family's mapping applies, else the projected embeddings as a single head (the fallback; a failed
+        capture also falls back, with one warning, so a model llama.cpp runs always gets an answer)."""
+        cap = self.key_capture
+        if self.projector.capture_error is not None:
+            if not self._capture_warned:
+                logger.warning("key capture failed (%s); scoring projected embeddings instead",
+                               self.projector.capture_error)
+                self._capture_warned = True
+            source = "projected_embeddings:capture_failed"
+        elif cap is not None and cap.keys is not None:
+            tk = self.family.token_keys(cap.keys, self._geometry(chunk), self.projector.vision_info)
+            if tk is not None and tk.n_tokens == chunk.n_tokens and tk.keys.shape[0] == tk.scored.shape[0]:
+                return tk, f"vit_keys:{cap.name}"
+            source = "projected_embeddings"
+        else:
+            source = "projected_embeddings"
+        emb = embeddings[:, None, :]
+        return TokenKeys(emb, np.arange(chunk.n_tokens, dtype=np.int64), chunk.n_tokens), source
 
     def token_keys(self, chunk: ImageChunk, embeddings: np.ndarray) -> tuple[np.ndarray, str]:
-        """One key per LLM token for the chunk just encoded: the last ViT block's captured keys when the
-        projector's mapping is known, else the projected embeddings as a single head (the fallback)."""
-        if self.projector.capture_error is not None:
-            raise CaptureError(f"key capture failed: {self.projector.capture_error}")
-        cap = self.key_capture
-        if cap is not None and cap.keys is not None:
-            nx, ny = self.token_grid(chunk)
-            keys = keys_per_token(cap.keys, self.projector.vision_info, nx, ny)
-            if keys is not None and keys.shape[0] == chunk.n_tokens:
-                return keys, f"vit_keys:{cap.name}"
-        return embeddings[:, None, :], "projected_embeddings"
+        """Keys of the scored tokens only (see scored_keys), and where they came from."""
+        tk, source = self.scored_keys(chunk, embeddings)
+        return tk.keys, source
 
     def _recorder(self, image_meta: dict[int, dict[str, Any]]) -> TokenSelector:
         """A selector that keeps every token and records the grid and KDV scores (for the features)."""
@@ -534,13 +555,13 @@ class VLM:
         or by one of the baselines at the same kept count (see generate's `selector`)."""
         def select(chunk: ImageChunk, embeddings: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
-            keys, source = self.token_keys(chunk, embeddings)
-            sel = prune(keys, ratio=ratio, tau=tau)
+            tk, source = self.scored_keys(chunk, embeddings)
+            sel = prune(tk.keys, ratio=ratio, tau=tau)  # indices into the scored tokens
             key_scores = sel.scores  # the features always use the KDV key scores
             if selector == "embeddings":
-                sel, source = prune(embeddings[:, None, :], ratio=ratio), "projected_embeddings"
+                sel, source = prune(embeddings[tk.scored][:, None, :], ratio=ratio), "projected_embeddings"
             elif selector in ("random", "uniform"):
-                n, n_keep = chunk.n_tokens, sel.n_kept
+                n, n_keep = sel.n_total, sel.n_kept
                 if selector == "random":
                     rng = np.random.default_rng([seed & 0xFFFFFFFF, chunk.image_index])
                     kept = np.sort(rng.choice(n, size=n_keep, replace=False))
@@ -550,11 +571,14 @@ class VLM:
                                    mode=selector, param=float(ratio), threshold=float("nan"),
                                    score_summary=sel.score_summary, scores=sel.scores)
                 source = selector
+            always = tk.always_kept  # e.g. pixtral's row breaks: kept, never scored
             image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk)), "key_source": source,
-                                             "scores": key_scores,
+                                             "scores": key_scores, "always_kept": int(always.size),
                                              "kdv": {k: v for k, v in sel.to_dict().items() if k != "kept"},
                                              "select_s": time.perf_counter() - t0}
-            return sel.kept
+            if always.size == 0:
+                return sel.kept
+            return np.union1d(tk.scored[sel.kept], always).astype(np.int64)
         return select
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp import llama_chat_format as lcf
 
 from .errors import InvalidArgumentError
+from .families import family_for
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,10 @@ KNOWN_FORMATS = {f.name: f for f in (LLAVA15, QWEN25VL)}
 
 def guess_format(text_arch: str, projector_type: str | None, gguf_template: str | None) -> ChatFormat:
     """Pick the stock llama-cpp-python handler's format for the families it has one for (Qwen2/2.5-VL text
-    models; LLaVA-1.5's `mlp` projector on a llama model); other families use the GGUF's own template."""
+    models; the llava family's projector on a llama model); other families use the GGUF's own template."""
     if text_arch in ("qwen2vl", "qwen25vl"):
         return QWEN25VL
-    if text_arch == "llama" and projector_type == "mlp":
+    if text_arch == "llama" and family_for(projector_type).chat_format == LLAVA15.name:
         return LLAVA15
     if gguf_template:
         return ChatFormat("gguf", gguf_template, None)

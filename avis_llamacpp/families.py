@@ -1,0 +1,283 @@
+"""One registry of vision families, keyed by the mmproj's `clip.projector_type`.
+
+Each entry owns everything family-specific: which encoder tensor holds the last block's keys, how captured
+rows become one key per LLM image token (merge groups averaged, window order undone, pooling groups, tokens
+that are always kept and never scored), the token grid, the encoder's work for FLOPs accounting, pre-flight
+tensor requirements and the chat format. Capture, prefill, FLOPs and pre-flight read this module; nothing
+else names a projector type. Pure numpy: no llama.cpp calls.
+
+Adding a family: see README "Adding a model family" (entry here, fixture in convert/, reference test, README
+row).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .kdv import vit_keys_to_token_keys
+
+logger = logging.getLogger(__name__)
+
+# tensor-name prefixes the encoder graphs give attention keys with cb(); the later one in a block wins
+KEY_NAMES_POST_ROPE_FIRST = ("Kcur_rope", "Kcur_pos", "Kcur")
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    """What the key-to-token mapping needs from the mmproj's metadata (read by mtmd.read_vision_info)."""
+
+    projector_type: str | None
+    patch_size: int
+    n_wa_pattern: int
+    window_size: int
+    spatial_merge: int
+    n_layer: int = 0
+    n_embd: int = 0
+    n_ff: int = 0
+    image_size: int = 0
+    scale_factor: int = 0  # clip.vision.projector.scale_factor (gemma3 / idefics3 / internvl / gemma4v)
+
+
+@dataclass(frozen=True)
+class ChunkGeometry:
+    """One encoded image chunk: mtmd's token count and reported grid, and the preprocessed image size the
+    encoder saw (read off the graph's raw-input tensor during the encode; None when it was not seen)."""
+
+    n_tokens: int
+    nx: int
+    ny: int
+    image_wh: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class TokenKeys:
+    """Keys for the scored LLM image tokens: `keys[i]` belongs to token `scored[i]`; tokens not in `scored`
+    (e.g. pixtral's row breaks) are always kept and never scored."""
+
+    keys: np.ndarray  # [n_scored, H, D]
+    scored: np.ndarray  # int64, ascending, indices into the chunk's n_tokens
+    n_tokens: int
+
+    @property
+    def always_kept(self) -> np.ndarray:
+        mask = np.ones(self.n_tokens, dtype=bool)
+        mask[self.scored] = False
+        return np.flatnonzero(mask).astype(np.int64)
+
+
+def _all_scored(keys: np.ndarray) -> TokenKeys:
+    return TokenKeys(keys, np.arange(keys.shape[0], dtype=np.int64), keys.shape[0])
+
+
+class Family:
+    """The fallback family: no native key mapping (KDV scores the projected embeddings instead).
+
+    Subclasses override what differs; every method is pure and tested without a model."""
+
+    name = "fallback"
+    projector_types: tuple[str, ...] = ()
+    native = False
+    key_names: tuple[str, ...] = KEY_NAMES_POST_ROPE_FIRST
+    gated_ffn = False
+    chat_format: str | None = None  # None: the GGUF's own template
+    # tensors clip.cpp needs for this projector besides the ViT blocks (pre-flight)
+    required_tensors: tuple[str, ...] = ()
+    # tensors whose presence makes clip.cpp abort for this projector
+    forbidden_tensors: tuple[str, ...] = ()
+    uniform_blocks = False  # every ViT block has the same tensors (a block missing one is a broken file)
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        """(nx, ny) of the chunk's LLM tokens as an image grid; a 1-row report is made square when it can be."""
+        if geom.ny == 1 and geom.nx > 1:
+            side = math.isqrt(geom.nx)
+            if side * side == geom.nx:
+                return side, side
+        return geom.nx, geom.ny
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        """Captured encoder keys [n_rows, H, D] -> keys per LLM token, or None when the rows do not match
+        the family's rule (the caller then falls back to the projected embeddings)."""
+        return None
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        """ViT positions the encoder processes for a chunk of n_tokens LLM tokens (FLOPs accounting)."""
+        return n_tokens
+
+    def blocks_run(self, info: VisionInfo) -> int:
+        """ViT blocks the graph runs (FLOPs accounting)."""
+        return info.n_layer
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """The embedding size the projector outputs, as clip_n_mmproj_embd computes it, where known."""
+        return None
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        """Non-block tensors clip.cpp needs for this projector (pre-flight: missing ones would crash mtmd)."""
+        return list(self.required_tensors)
+
+    def required_per_block(self, il: int) -> list[str]:
+        """Tensors every ViT block il must have for this projector (only checked when uniform_blocks)."""
+        return []
+
+
+class LlavaFamily(Family):
+    """LLaVA-1.5 / 1.6, Yi-VL, Granite Vision 3 (CLIP ViT + MLP). clip.cpp's llava graph runs n_layer - 1
+    blocks and appends the class embedding; the projector is fed rows 1..N (clip.cpp PROJECTOR_TYPE_MLP)."""
+
+    name = "llava"
+    projector_types = ("mlp", "mlp_norm")
+    native = True
+    chat_format = "llava-1-5"
+    required_tensors = ("v.patch_embd.weight", "v.position_embd.weight", "mm.0.weight", "mm.0.bias")
+    uniform_blocks = True
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        n = geom.n_tokens
+        if keys.shape[0] == n + 1:
+            return _all_scored(keys[1:n + 1])
+        if keys.shape[0] == n:
+            return _all_scored(keys)
+        return None
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return n_tokens + 1  # + class token
+
+    def blocks_run(self, info: VisionInfo) -> int:
+        return max(info.n_layer - 1, 0)
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.2.weight" in tensors and "mm.3.weight" not in tensors:
+            return int(tensors["mm.2.weight"][0][1])
+        if "mm.3.bias" in tensors:  # Yi-style llava (clip.cpp switches it to mlp_norm)
+            return int(tensors["mm.3.bias"][0][0])
+        return None
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        need = list(self.required_tensors)
+        if "mm.3.weight" in tensors:  # Yi-style llava (clip.cpp's mlp_norm graph)
+            need += ["mm.1.weight", "mm.1.bias", "mm.3.bias", "mm.4.weight", "mm.4.bias"]
+        else:
+            need += ["mm.2.weight", "mm.2.bias"]
+        return need
+
+
+class LdpFamily(LlavaFamily):
+    """MobileVLM (ldp / ldpv2): a llava ViT whose 24x24 patches are pooled 2x2 into 12x12 tokens. The
+    pooling is not mapped natively yet (documented fallback)."""
+
+    name = "mobilevlm"
+    projector_types = ("ldp", "ldpv2")
+    native = False
+    chat_format = None
+    uniform_blocks = False
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        return None
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return 4 * n_tokens + 1
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        return []
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        return None
+
+
+class QwenMergerFamily(Family):
+    """Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni: 2x2 merge of 4 consecutive ViT rows per LLM token; Qwen2.5-VL's
+    window attention reorders the rows by 112 px windows (clip.cpp never reads clip.vision.window_size)."""
+
+    name = "qwen2vl"
+    projector_types = ("qwen2vl_merger", "qwen2.5vl_merger", "qwen2.5o")
+    native = True
+    gated_ffn = True
+    required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1")
+    forbidden_tensors = ("v.patch_embd.bias", "v.class_embd")
+    uniform_blocks = True
+    merge = 2  # clip.cpp hard-codes merge_ratio = 2 for Qwen2/2.5-VL
+    window_px = 112
+
+    def windowed(self, info: VisionInfo) -> bool:
+        return info.projector_type in ("qwen2.5vl_merger", "qwen2.5o") and info.n_wa_pattern > 0
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        nx, ny = self.token_grid(geom, info)
+        m = self.merge
+        if keys.shape[0] != geom.n_tokens * m * m or nx * ny != geom.n_tokens:
+            return None
+        window = self.window_px // info.patch_size if self.windowed(info) else None
+        return _all_scored(vit_keys_to_token_keys(keys, nx * m, ny * m, m, window))
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return n_tokens * self.merge * self.merge
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.2.bias" in tensors:
+            return int(tensors["mm.2.bias"][0][0])
+        return None
+
+    def required_per_block(self, il: int) -> list[str]:
+        return [f"v.blk.{il}.attn_{x}.bias" for x in "qkv"]
+
+
+class Qwen3VLFamily(QwenMergerFamily):
+    """Qwen3-VL, Qwen3.5 / 3.6, Qwen3-Omni vision (qwen3vl.cpp): a fused QKV split into strided views, 2-D
+    M-RoPE keys `Kcur_rope-<il>`, 4 consecutive rows = one 2x2 token in row-major block order, no windows;
+    deepstack adds features to each token, not tokens."""
+
+    name = "qwen3vl"
+    projector_types = ("qwen3vl_merger",)
+    gated_ffn = False
+    required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1", "v.patch_embd.bias", "v.position_embd.weight")
+    forbidden_tensors = ("v.class_embd",)
+
+    def windowed(self, info: VisionInfo) -> bool:
+        return False
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.2.bias" not in tensors:
+            return None
+        n_deepstack = len({n.split(".")[1] for n in tensors if n.startswith("v.deepstack.")
+                           and n.endswith("fc2.bias")})
+        return int(tensors["mm.2.bias"][0][0]) * (1 + n_deepstack)
+
+    def required_per_block(self, il: int) -> list[str]:
+        return [f"v.blk.{il}.attn_qkv.weight", f"v.blk.{il}.attn_qkv.bias"]
+
+
+_REGISTRY: dict[str, Family] = {}
+FALLBACK = Family()
+
+
+def register(family: Family) -> Family:
+    """Add a family under each of its projector types (later registrations replace earlier ones)."""
+    for p in family.projector_types:
+        _REGISTRY[p] = family
+    return family
+
+
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily()):
+    register(_f)
+
+
+def family_for(projector_type: str | None) -> Family:
+    """The registered family of a projector type; the embeddings fallback for unknown or missing types."""
+    if projector_type is None:
+        return FALLBACK
+    return _REGISTRY.get(projector_type, FALLBACK)
+
+
+def registered() -> dict[str, Family]:
+    """Projector type -> family, for docs and tests."""
+    return dict(_REGISTRY)
+
+
+def native_types() -> list[str]:
+    """Projector types with native KDV (keys of the last ViT block)."""
+    return sorted(p for p, f in _REGISTRY.items() if f.native)
