@@ -154,8 +154,26 @@ def test_calibration_end_to_end(tmp_path, items, vlm, llava_fixture, demo_image)
     loaded = load_policy(path, vlm)  # same model: no warning, sizes fit
     assert loaded.info["model_id"] == vlm.model_id and loaded.info["model_file"] == llava_fixture.model.name
     ans = vlm.ask(demo_image, "How many shapes are there?", policy=loaded, max_tokens=MAX_TOKENS)
-    k, p_hat = loaded.decide(ans.features)
-    assert ans.k == k == len(ans.rollouts) and ans.p_hat == pytest.approx(p_hat)
+    # oracle: the fitted (pre-save) predictor's arrays run forward by hand, and the K map read by hand
+    p_hat = _hand_p_hat(policy.predictor, ans.features)
+    k = policy.k_map.ks[sum(p_hat >= e for e in policy.k_map.edges)]
+    assert ans.p_hat == pytest.approx(p_hat, rel=1e-9)
+    assert ans.k == k == len(ans.rollouts)
+
+
+def _hand_p_hat(pred, x) -> float:
+    """standardise -> optional PCA (sklearn's transform: (z - mean) @ components.T) -> dense layers with the
+    hidden activation -> logistic, written out independently of predictor.py."""
+    act = {"identity": lambda z: z, "relu": lambda z: np.maximum(z, 0), "tanh": np.tanh,
+           "logistic": lambda z: 1 / (1 + np.exp(-z))}[pred.activation]
+    z = (np.asarray(x, dtype=np.float64) - pred.scaler_mean) / pred.scaler_scale
+    if pred.pca_components is not None:
+        z = (z - pred.pca_mean) @ pred.pca_components.T
+    for i, (w, b) in enumerate(zip(pred.weights, pred.biases)):
+        z = z @ w + b
+        if i < len(pred.weights) - 1:
+            z = act(z)
+    return float(1 / (1 + np.exp(-z[0])))
 
 
 def test_calibrate_subcommand(tmp_path, items, llava_fixture):

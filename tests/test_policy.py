@@ -299,6 +299,55 @@ def test_policy_against_a_model(tmp_path, llava_fixture, demo_image, caplog):
         assert ans.kept_tokens[0] < ans.image_tokens[0]  # the policy's tau pruned
 
 
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _hand_k(edges, ks, p: float) -> int:
+    """K of the bin holding p: bins are [0, e1), [e1, e2), ..., [e_last, 1]."""
+    return ks[sum(p >= e for e in edges)]
+
+
+def test_k_follows_p_hat_the_right_way_round():
+    """An asymmetric K map (low p_hat -> 1, middle -> 7, high -> 3) and a predictor whose p_hat is
+    sigmoid(feature 0): each query gets the K of its own p_hat's bin, not of 1 - p_hat's."""
+    w = np.zeros((D, 1))
+    w[0, 0] = 1.0
+    pred = NumpyPredictor(np.zeros(D), np.ones(D), (w,), (np.zeros(1),))
+    edges, ks = (0.3, 0.7), (1, 7, 3)
+    pol = AVISPolicy(pred, KMap(edges, ks))
+    for p in (0.02, 0.1, 0.29, 0.31, 0.5, 0.69, 0.71, 0.9, 0.98):
+        x = np.zeros(D)
+        x[0] = _logit(p)
+        k, p_hat = pol.decide(x)
+        assert p_hat == pytest.approx(p, abs=1e-12)
+        assert k == _hand_k(edges, ks, p), (p, k)
+    # the ends differ, so reading the map from the wrong side cannot pass
+    assert _hand_k(edges, ks, 0.1) != _hand_k(edges, ks, 0.9)
+
+
+def test_policy_direction_through_the_pipeline(llava_fixture, demo_image):
+    """In a real query: a predictor that reads only the question-length feature (log1p of its characters),
+    p_hat = sigmoid(4 * (log1p(len(q)) - log1p(20))), computed here by hand; a short question is 'hard'
+    (K = 1), a long one 'easy' (K = 3), one of 20 characters sits in the middle (K = 2)."""
+    d = n_features(64)
+    w = np.zeros((d, 1))
+    w[d - 1, 0] = 4.0  # the last feature: log1p(question characters)
+    pred = NumpyPredictor(np.zeros(d), np.ones(d), (w,), (np.array([-4.0 * math.log1p(20)]),))
+    edges, ks = (0.3, 0.7), (1, 2, 3)
+    pol = AVISPolicy(pred, KMap(edges, ks))
+    questions = ["Shapes?", "How many shapes now?", "Looking at every part of this picture carefully, "
+                 "how many distinct coloured shapes can you count in total?"]
+    assert len(questions[1]) == 20
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=1024, n_threads=1, n_threads_batch=1) as vlm:
+        for q, want_k in zip(questions, (1, 2, 3)):
+            p = 1 / (1 + math.exp(-4.0 * (math.log1p(len(q)) - math.log1p(20))))
+            assert _hand_k(edges, ks, p) == want_k
+            ans = vlm.ask(demo_image, q, policy=pol, max_tokens=2, seed=1)
+            assert ans.p_hat == pytest.approx(p, rel=1e-9)
+            assert ans.k == want_k == len(ans.rollouts), (q, p, ans.k)
+
+
 def test_loading_a_policy_does_not_import_sklearn(tmp_path):
     path = tmp_path / "p.gguf"
     _fitted_policy("mlp").save(path)
