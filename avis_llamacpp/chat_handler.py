@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import ImageError, InvalidArgumentError
 from .images import request_image
-from .native import SamplingParams
+from .native import FlashAttn, SamplingParams, flash_attn_type
 from .pipeline import VRS_SAMPLING, Answer, VLM
 
 logger = logging.getLogger(__name__)
@@ -72,13 +72,15 @@ class AVISChatHandler:
 
     k / ratio / tau / policy set the defaults; `content` chooses the message text: "answer" (the voted
     answer), "text" (the winning rollout's full text) or "auto" (text when K = 1 or no answer was extracted,
-    else the voted answer)."""
+    else the voted answer). flash_attn ("auto" | True | False) is the AVIS context's and the encoder's setting
+    (independent of the Llama's own flash_attn); False reproduces the stock handler's outputs exactly."""
 
     def __init__(self, clip_model_path: str, *, k: int = 1, ratio: float | None = None, tau: float | None = None,
                  policy: Any = None, mode: str = "parallel", answer_tags: bool = False, content: str = "auto",
                  early_stop: bool = False, chat_format: str = "auto", n_seq_max: int = 8,
                  sampling: SamplingParams = VRS_SAMPLING, allow_remote_images: bool = False,
-                 verbose: bool = False) -> None:
+                 flash_attn: FlashAttn = "auto", verbose: bool = False) -> None:
+        flash_attn_type(flash_attn)  # InvalidArgumentError now, not at the first request
         if not os.path.exists(clip_model_path):
             raise InvalidArgumentError(f"clip model path does not exist: {clip_model_path!r}")
         if content not in ("auto", "answer", "text"):
@@ -93,6 +95,7 @@ class AVISChatHandler:
         self.chat_format = chat_format
         self.n_seq_max = n_seq_max
         self.allow_remote_images = allow_remote_images
+        self.flash_attn = flash_attn
         self.verbose = verbose
         self.vlm: VLM | None = None
         self._llama_id: int | None = None
@@ -106,7 +109,7 @@ class AVISChatHandler:
                     self.vlm.close()
                 self.vlm = VLM.from_llama(llama, self.clip_model_path, n_seq_max=self.n_seq_max,
                                           chat_format=self.chat_format, allow_remote_images=self.allow_remote_images,
-                                          verbose=self.verbose)
+                                          flash_attn=self.flash_attn, verbose=self.verbose)
                 self._llama_id = id(llama)
                 llama._stack.callback(self.vlm.close)
             return self.vlm

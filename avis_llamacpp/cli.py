@@ -20,6 +20,14 @@ def _tau(value: str) -> float:
     return float(v)
 
 
+def flash_attn_arg(value: str) -> str | bool:
+    """--flash-attn auto|on|off -> VLM's flash_attn ("auto" | True | False)."""
+    v = value.strip().lower()
+    if v in ("auto", "on", "off"):
+        return {"auto": "auto", "on": True, "off": False}[v]
+    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {value!r}")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model/--mmproj and the context knobs every model-loading subcommand takes."""
     p.add_argument("--model", "-m", required=True, help="text model GGUF")
@@ -28,6 +36,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="text-model layers to offload to the GPU (-1: all)")
     p.add_argument("--chat-format", default="auto", help="prompt format: auto, llava-1-5 or qwen2.5-vl")
+    p.add_argument("--flash-attn", type=flash_attn_arg, default="auto", metavar="{auto,on,off}",
+                   help="flash attention in the text model and the vision encoder (default auto: where supported)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
 
 
@@ -52,7 +62,8 @@ def open_vlm(args: argparse.Namespace) -> Any:
     from .pipeline import VLM
 
     return VLM(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-               chat_format=args.chat_format, verbose=args.verbose, n_seq_max=max(8, getattr(args, "k", 1)))
+               chat_format=args.chat_format, verbose=args.verbose, n_seq_max=max(8, getattr(args, "k", 1)),
+               flash_attn=args.flash_attn)
 
 
 def ask_kwargs(args: argparse.Namespace) -> dict[str, Any]:

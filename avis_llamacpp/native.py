@@ -11,7 +11,7 @@ import numbers
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence, Union
 
 import llama_cpp
 import numpy as np
@@ -400,9 +400,27 @@ def _check_real(name: str, value: Any) -> float:
     return v
 
 
+# flash attention: "auto" lets llama.cpp (text context) and mtmd (encoder) enable it where the backend supports it
+FlashAttn = Union[Literal["auto"], bool]
+
+
+def flash_attn_type(value: Any) -> int:
+    """"auto" | True | False -> llama.cpp's enum llama_flash_attn_type (AUTO / ENABLED / DISABLED), which both
+    llama_context_params and mtmd_context_params take; anything else is an InvalidArgumentError."""
+    if value is True:
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    if value is False:
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if isinstance(value, str) and value == "auto":
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    raise InvalidArgumentError(f"flash_attn must be 'auto', True or False, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ContextSettings:
-    """What a llama.cpp context is created with; defaults mirror llama_cpp.Llama's so outputs match it."""
+    """What a llama.cpp context is created with; defaults mirror llama_cpp.Llama's so outputs match it, except
+    flash_attn: "auto" (llama.cpp's own default) where llama_cpp.Llama disables it; pass flash_attn=False for
+    bit-identical logits with a stock Llama."""
 
     n_ctx: int = 4096
     n_batch: int = 512
@@ -410,10 +428,11 @@ class ContextSettings:
     n_seq_max: int = 1
     n_threads: int | None = None
     n_threads_batch: int | None = None
-    flash_attn: bool = False
+    flash_attn: FlashAttn = "auto"
     kv_unified: bool = True
 
     def __post_init__(self) -> None:
+        flash_attn_type(self.flash_attn)
         _check_int("n_ctx", self.n_ctx, 0, hint="0 means the model's training context")
         _check_int("n_batch", self.n_batch, 1)
         _check_int("n_ubatch", self.n_ubatch, 0)
@@ -447,8 +466,7 @@ class Context:
         params.n_ubatch = min(settings.n_ubatch, settings.n_batch)
         params.n_seq_max = settings.n_seq_max
         params.n_threads, params.n_threads_batch = settings.resolved_threads()
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.flash_attn_type = flash_attn_type(settings.flash_attn)
         params.kv_unified = settings.kv_unified
         params.no_perf = True
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import anyio
 
 from .chat_handler import _AVIS_SINK, _OVERRIDES, OVERRIDE_KEYS, AVISChatHandler
+from .cli import flash_attn_arg
 from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError
 from .images import ImageSourcePolicy, fetch_request_image, request_images
 
@@ -511,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--avis_answer_tags", action="store_true", help="ask for <think>/<answer> and vote on the answers")
     g.add_argument("--avis_content", choices=["auto", "answer", "text"], default="auto", help="message text: voted answer or full text")
     g.add_argument("--avis_early_stop", action="store_true", help="stop rollouts once the vote is decided")
+    g.add_argument("--avis_flash_attn", type=flash_attn_arg, default="auto", metavar="{auto,on,off}",
+                   help="flash attention in AVIS's text context and vision encoder (default auto: where supported; "
+                        "--flash_attn only sets the Llama's own context)")
     d = ServerLimits()
     s = p.add_argument_group("what requests may do (a server on a network)")
     s.add_argument("--avis_slots", type=int, default=d.slots, help="rollout slots (n_seq_max): the largest K a request may ask for")
@@ -565,7 +569,7 @@ def create_avis_app(args: argparse.Namespace) -> Any:
     limits = limits_from_args(args)
     install({"k": args.avis_k, "ratio": args.avis_ratio, "tau": args.avis_tau, "policy": args.avis_policy,
              "mode": args.avis_mode, "answer_tags": args.avis_answer_tags, "content": args.avis_content,
-             "early_stop": args.avis_early_stop, "n_seq_max": limits.slots})
+             "early_stop": args.avis_early_stop, "n_seq_max": limits.slots, "flash_attn": args.avis_flash_attn})
     config_file = os.environ.get("CONFIG_FILE", args.config_file)
     if config_file:
         with open(config_file, "rb") as f:

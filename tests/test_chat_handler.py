@@ -40,7 +40,10 @@ def llm(vlm_fixture):
     llm.close()
 
 
-def test_k1_matches_the_stock_handler(llm, vlm_fixture, data_url):
+def test_k1_matches_the_stock_handler(vlm_fixture, data_url):
+    # flash attention off, as the stock handler runs the encoder and llama_cpp.Llama the text model
+    handler = AVISChatHandler(clip_model_path=str(vlm_fixture.mmproj), flash_attn=False)
+    llm = llama_cpp.Llama(model_path=str(vlm_fixture.model), chat_handler=handler, n_ctx=2048, verbose=False)
     stock = llama_cpp.Llama(model_path=str(vlm_fixture.model), n_ctx=2048, verbose=False,
                             chat_handler=STOCK[vlm_fixture.family](clip_model_path=str(vlm_fixture.mmproj), verbose=False))
     try:
@@ -48,7 +51,11 @@ def test_k1_matches_the_stock_handler(llm, vlm_fixture, data_url):
                                             max_tokens=16)
     finally:
         stock.close()
-    got = llm.create_chat_completion(messages=_messages(data_url), temperature=0.0, repeat_penalty=1.0, max_tokens=16)
+    try:
+        got = llm.create_chat_completion(messages=_messages(data_url), temperature=0.0, repeat_penalty=1.0,
+                                         max_tokens=16)
+    finally:
+        llm.close()
     assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
     assert got["object"] == "chat.completion" and got["choices"][0]["message"]["role"] == "assistant"
     assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]

@@ -1,5 +1,6 @@
 """The vanilla pipeline against two independent oracles: stock llama-cpp-python's chat handler
-(create_chat_completion) and mtmd_helper_eval_chunks followed by a numpy-argmax greedy loop."""
+(create_chat_completion) and mtmd_helper_eval_chunks followed by a numpy-argmax greedy loop.
+Flash attention off throughout, as stock llama-cpp-python runs (tests/test_flash_attn.py covers it on)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _other_image(w: int = 320, h: int = 160) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def vlm(vlm_fixture):
-    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=N_CTX) as v:
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=N_CTX, flash_attn=False) as v:
         yield v
 
 
@@ -69,7 +70,7 @@ def test_greedy_is_deterministic(vlm, vlm_fixture, demo_image):
     a = vlm.ask(demo_image, QUESTION, max_tokens=N_GEN)
     b = vlm.ask(demo_image, QUESTION, max_tokens=N_GEN)
     assert a.tokens == b.tokens and len(a.tokens) > 0
-    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=N_CTX) as fresh:
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=N_CTX, flash_attn=False) as fresh:
         c = fresh.ask(demo_image, QUESTION, max_tokens=N_GEN)
     assert c.tokens == a.tokens
     # a different image changes the visual tokens and (for these random weights) the answer's prefill

@@ -140,7 +140,7 @@ def test_capacity_errors_are_clear_and_recoverable(vlm_fixture, demo_image):
         assert tiny.ask(None, "hi", max_tokens=2).prompt_tokens > 0
 
 
-def test_repeat_penalty_matches_stock(vlm, vlm_fixture, demo_image):
+def test_repeat_penalty_matches_stock(vlm_fixture, demo_image):
     """Greedy with a repeat penalty: the penalties sampler is wired as llama-cpp-python wires it."""
     import base64
 
@@ -157,8 +157,9 @@ def test_repeat_penalty_matches_stock(vlm, vlm_fixture, demo_image):
             temperature=0.0, repeat_penalty=1.5, max_tokens=N)["choices"][0]["message"]["content"]
     finally:
         stock.close()
-    got = vlm.ask(demo_image, Q, max_tokens=N, sampling=SamplingParams(temperature=0.0, repeat_penalty=1.5))
-    plain = vlm.ask(demo_image, Q, max_tokens=N)
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=2048, flash_attn=False) as v:  # as stock runs
+        got = v.ask(demo_image, Q, max_tokens=N, sampling=SamplingParams(temperature=0.0, repeat_penalty=1.5))
+        plain = v.ask(demo_image, Q, max_tokens=N)
     assert got.text == want
     assert got.tokens != plain.tokens  # the penalty changed something
 

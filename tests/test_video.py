@@ -64,7 +64,8 @@ def test_video_matches_mtmd_helper(vlm, vlm_fixture):
     """Vanilla video prefill == mtmd_helper_eval_chunks on mergeable bitmaps + argmax loop."""
     frames = [np.asarray(f) for f in _frames(4)]
     prompt = vlm.render_question(Q, 4)
-    ours = vlm.generate(prompt, frames, video=True, max_tokens=12).tokens
+    with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=4096, flash_attn=False) as v:  # the oracle's setting
+        ours = v.generate(prompt, frames, video=True, max_tokens=12).tokens
     llm = llama_cpp.Llama(model_path=str(vlm_fixture.model), n_ctx=4096, verbose=False)
     params = mtmd_cpp.mtmd_context_params_default()
     params.use_gpu, params.warmup, params.n_threads = False, False, llm.n_threads
