@@ -73,9 +73,19 @@ def test_greedy_is_deterministic(vlm, vlm_fixture, demo_image):
     with VLM(vlm_fixture.model, vlm_fixture.mmproj, n_ctx=N_CTX, flash_attn=False) as fresh:
         c = fresh.ask(demo_image, QUESTION, max_tokens=N_GEN)
     assert c.tokens == a.tokens
-    # a different image changes the visual tokens and (for these random weights) the answer's prefill
+    # a different image changes the visual tokens and so the prefill's next-token logits (the greedy text of
+    # these random-weight models may or may not change with it)
     d = vlm.ask(_other_image(), QUESTION, max_tokens=N_GEN)
     assert d.image_tokens == [vlm_fixture.image_tokens(320, 160)]
+    from avis_llamacpp.prefill import prefill
+    first = []
+    for img in (demo_image, _other_image()):
+        vlm.ctx.clear()
+        with vlm.projector.tokenize(vlm.render_question(QUESTION, 1), [load_image(img)]) as p:
+            prefill(vlm.ctx, vlm.projector, p)
+            first.append(vlm.ctx.logits(-1))
+    vlm.ctx.clear()
+    assert np.abs(first[0] - first[1]).max() > 1e-3
 
 
 def test_matches_stock_create_chat_completion(vlm, vlm_fixture, demo_image):
