@@ -1,0 +1,233 @@
+"""Seeded random-weight Gemma 3 VLM pair (text GGUF + mmproj GGUF, projector type ``gemma3``) for tests.
+
+Vision side, as llama.cpp's ``tools/mtmd/models/siglip.cpp`` (PROJECTOR_TYPE_GEMMA3) and ``clip.cpp`` load it:
+a SigLIP ViT (conv patch embedding with bias, learned position embeddings for the fixed
+(image_size / patch_size)^2 grid, no pre-norm, LayerNorm blocks with biased q/k/v/out, GELU MLP, LayerNorm
+post-norm), then an average pool of ``scale_factor`` x ``scale_factor`` patches per LLM token, RMSNorm with
+``mm.soft_emb_norm.weight`` and the ``mm.input_projection.weight`` matrix (ggml ne [proj_dim, n_embd]).
+clip.cpp defaults the pool to 4 (Gemma 3 4B/12B/27B: 896 px, patch 14, 64x64 -> 16x16 = 256 tokens) and
+reads ``clip.vision.projector.scale_factor`` when present; the fixture writes it.
+
+Text side: llama.cpp's mtmd does not check the text architecture for this projector (only that the
+projection size equals the text model's n_embd), so the text model is convert/text_model.py's ``llama``
+arch with a Gemma-style chat template (``<start_of_turn>user ... <end_of_turn>``). mtmd itself wraps the
+image in ``<start_of_image>`` ... ``<end_of_image>`` text and decodes the image tokens with non-causal
+attention (mtmd_decode_use_non_causal is true for gemma3), whatever the text architecture.
+
+    python -m convert.fixture_gemma3 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+
+from .fixtures import default_cache_dir
+from .text_model import TextModelDims, _render_content_macro, write_text_model
+
+__all__ = ["Gemma3VisionDims", "Gemma3Fixture", "GEMMA3_CHAT_TEMPLATE", "TINY_TEXT", "TINY_VISION",
+           "make_gemma3_fixture", "write_gemma3_mmproj"]
+
+# Gemma 3's turn format; an image part renders as the bare media marker (mtmd adds <start_of_image> /
+# <end_of_image> around the image embeddings itself). BOS comes from llama.cpp (add_bos_token).
+GEMMA3_CHAT_TEMPLATE: str = (
+    _render_content_macro()
+    + "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' }}{{ render_content(message['content']) }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+# SigLIP normalisation of Gemma 3 (image_mean = image_std = 0.5)
+_MEAN = [0.5, 0.5, 0.5]
+_STD = [0.5, 0.5, 0.5]
+
+
+@dataclass(frozen=True)
+class Gemma3VisionDims:
+    """Hyper-parameters of a tiny Gemma 3 SigLIP tower + pooling projector."""
+
+    n_embd: int = 64
+    n_layer: int = 3
+    n_head: int = 4
+    n_ff: int = 128
+    patch_size: int = 8
+    image_size: int = 192  # 24 x 24 patches
+    scale_factor: int = 4  # 4 x 4 average pool -> 6 x 6 = 36 LLM tokens
+    proj_dim: int = 64  # = text n_embd
+    eps: float = 1e-6
+    weight_std: float = 0.05
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.patches_per_side // self.scale_factor
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens_per_side ** 2
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError("n_embd must be divisible by n_head")
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        if self.patches_per_side % self.scale_factor:
+            raise ValueError("patches per side must be a multiple of scale_factor (ggml_pool_2d drops the rest)")
+        if self.n_ff == self.n_embd:
+            raise ValueError("n_ff must differ from n_embd (clip.cpp would swap ffn up/down for gemma3)")
+
+
+TINY_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
+TINY_VISION = Gemma3VisionDims()
+
+
+@dataclass(frozen=True)
+class Gemma3Fixture:
+    """Paths and facts of the generated pair (the shape of convert.fixtures.Fixture)."""
+
+    family: str
+    size: str
+    seed: int
+    model: Path
+    mmproj: Path
+    text: TextModelDims
+    vision: Gemma3VisionDims
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Every image is resized (letterboxed) to image_size x image_size: a fixed token count."""
+        return self.vision.n_tokens
+
+
+def _tensors(d: Gemma3VisionDims, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
+    e, p, s = d.n_embd, d.patch_size, d.weight_std
+
+    def normal(*shape: int, std: float = s) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+    def linear(prefix: str, n_in: int, n_out: int) -> Iterator[tuple[str, np.ndarray]]:
+        yield f"{prefix}.weight", normal(n_out, n_in)
+        yield f"{prefix}.bias", normal(n_out)
+
+    def norm(prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+        yield f"{prefix}.weight", (1.0 + normal(e, std=0.1)).astype(np.float32)
+        yield f"{prefix}.bias", normal(e, std=0.1)
+
+    yield "v.patch_embd.weight", normal(e, 3, p, p, std=0.1)
+    yield "v.patch_embd.bias", normal(e)
+    yield "v.position_embd.weight", normal(d.patches_per_side ** 2, e, std=0.5)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield from norm(f"{b}.ln1")
+        yield from linear(f"{b}.attn_q", e, e)
+        yield from linear(f"{b}.attn_k", e, e)
+        yield from linear(f"{b}.attn_v", e, e)
+        yield from linear(f"{b}.attn_out", e, e)
+        yield from norm(f"{b}.ln2")
+        yield from linear(f"{b}.ffn_up", e, d.n_ff)
+        yield from linear(f"{b}.ffn_down", d.n_ff, e)
+    yield from norm("v.post_ln")
+    yield "mm.soft_emb_norm.weight", normal(e, std=0.1)  # Gemma RMSNorm stores (weight - 1); clip.cpp multiplies
+    # ggml ne [proj_dim, n_embd]: clip_n_mmproj_embd = ne[0]; siglip.cpp multiplies by its transpose
+    yield "mm.input_projection.weight", normal(e, d.proj_dim, std=0.1)
+
+
+def write_gemma3_mmproj(path: str | os.PathLike, d: Gemma3VisionDims, *, seed: int, name: str) -> dict:
+    """Write the random-weight gemma3 mmproj GGUF (f32); returns a summary."""
+    d.validate()
+    path = os.fspath(path)
+    w = gguf.GGUFWriter(path, "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(name)
+    w.add_description("random-weight gemma3 mmproj for tests")
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "gemma3")
+    w.add_bool("clip.use_gelu", True)
+    w.add_uint32("clip.vision.image_size", d.image_size)
+    w.add_uint32("clip.vision.patch_size", d.patch_size)
+    w.add_uint32("clip.vision.embedding_length", d.n_embd)
+    w.add_uint32("clip.vision.feed_forward_length", d.n_ff)
+    w.add_uint32("clip.vision.block_count", d.n_layer)
+    w.add_uint32("clip.vision.projection_dim", d.proj_dim)
+    w.add_uint32("clip.vision.attention.head_count", d.n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
+    w.add_uint32("clip.vision.projector.scale_factor", d.scale_factor)
+    w.add_array("clip.vision.image_mean", list(_MEAN))
+    w.add_array("clip.vision.image_std", list(_STD))
+    n_params = 0
+    for tname, arr in _tensors(d, np.random.default_rng(seed)):
+        n_params += int(arr.size)
+        w.add_tensor(tname, np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"path": path, "n_params": n_params, "n_tokens": d.n_tokens, "file_size": os.path.getsize(path)}
+
+
+def _key(text: TextModelDims, vision: Gemma3VisionDims, seed: int) -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("fixture_gemma3.py", "text_model.py", "tokenizer.py"):
+        h.update((here / name).read_bytes())
+    h.update(repr((text, vision, GEMMA3_CHAT_TEMPLATE, seed)).encode())
+    return f"gemma3-tiny-s{seed}-{h.hexdigest()[:12]}"
+
+
+def make_gemma3_fixture(out_dir: str | os.PathLike | None = None, *, seed: int = 0, force: bool = False,
+                        text: TextModelDims = TINY_TEXT, vision: Gemma3VisionDims = TINY_VISION) -> Gemma3Fixture:
+    """Write (or reuse from the cache) the tiny gemma3 pair; returns its paths."""
+    if vision.proj_dim != text.n_embd:
+        raise ValueError("vision.proj_dim must equal text.n_embd")
+    root = Path(out_dir) if out_dir is not None else default_cache_dir()
+    folder = root / _key(text, vision, seed)
+    model, mmproj, info_path = folder / "model.gguf", folder / "mmproj.gguf", folder / "info.json"
+    fx = Gemma3Fixture("gemma3", "tiny", seed, model, mmproj, text, vision)
+    if info_path.exists() and model.exists() and mmproj.exists() and not force:
+        return fx
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
+    text_info = write_text_model(tmp_model, text, seed=seed, chat_template=GEMMA3_CHAT_TEMPLATE,
+                                 name="avis-gemma3-tiny", ftype="f32")
+    vision_info = write_gemma3_mmproj(tmp_mmproj, vision, seed=seed + 1, name="avis-gemma3-tiny-mmproj")
+    os.replace(tmp_model, model)
+    os.replace(tmp_mmproj, mmproj)
+    info = {"family": "gemma3", "size": "tiny", "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
+            "text": {k: v for k, v in text_info.items() if isinstance(v, (int, float, str))},
+            "vision": vision_info, "text_dims": asdict(text), "vision_dims": asdict(vision)}
+    info_path.write_text(json.dumps(info, indent=2, default=str))
+    return fx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.fixture_gemma3", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output root (default: the cache dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    fx = make_gemma3_fixture(args.out, seed=args.seed, force=args.force)
+    print(json.dumps({"family": "gemma3", "model": str(fx.model), "mmproj": str(fx.mmproj),
+                      "image_tokens": fx.vision.n_tokens, "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
