@@ -281,3 +281,71 @@ def registered() -> dict[str, Family]:
 def native_types() -> list[str]:
     """Projector types with native KDV (keys of the last ViT block)."""
     return sorted(p for p, f in _REGISTRY.items() if f.native)
+
+
+class Gemma3Family(Family):
+    """Gemma 3 4B / 12B / 27B (SigLIP ViT, tools/mtmd/models/siglip.cpp PROJECTOR_TYPE_GEMMA3).
+
+    Every image is resized (letterboxed) to the fixed image_size square (mtmd_image_preprocessor_fixed_size),
+    so the patch grid is P x P with P = image_size / patch_size (64 x 64 on real models). build_vit runs all
+    n_layer blocks; no RoPE, so the last block's keys are `Kcur-(L-1)` ([d_head, n_head, P*P], row y*P + x).
+    The graph then transposes the ViT output to a [P, P, n_embd] image and average-pools it k x k, stride k
+    (k = n_merge: clip.vision.projector.scale_factor, default 4), and reshapes row-major, so LLM token
+    by*(P/k) + bx is the mean of patches (x, y) with x in [bx*k, bx*k+k), y in [by*k, by*k+k): the token's key
+    is the mean of those k*k keys. mtmd reports the chunk as nx = n_tokens, ny = 1; the grid is square.
+    mtmd decodes the image tokens with non-causal attention (mtmd_decode_use_non_causal)."""
+
+    name = "gemma3"
+    projector_types = ("gemma3",)
+    native = True
+    key_names = ("Kcur",)
+    required_tensors = ("v.patch_embd.weight", "mm.input_projection.weight", "mm.soft_emb_norm.weight")
+    uniform_blocks = True
+    default_pool = 4  # clip.cpp: hparams.n_merge = 4 unless the GGUF has clip.vision.projector.scale_factor
+    non_causal_image = True  # mtmd_decode_use_non_causal(): the image chunk is decoded without a causal mask
+
+    def pool(self, info: VisionInfo) -> int:
+        return info.scale_factor if info.scale_factor > 0 else self.default_pool
+
+    def patch_side(self, geom: ChunkGeometry, info: VisionInfo, n_rows: int | None = None) -> int | None:
+        """P: from the encoder's input size when seen, else the mmproj's image_size, else sqrt(rows)."""
+        if geom.image_wh is not None and info.patch_size > 0:
+            w, h = geom.image_wh
+            if w != h:
+                return None  # siglip.cpp asserts a square patch grid for gemma3
+            return w // info.patch_size
+        if info.image_size > 0 and info.patch_size > 0:
+            return info.image_size // info.patch_size
+        if n_rows is not None and math.isqrt(n_rows) ** 2 == n_rows:
+            return math.isqrt(n_rows)
+        return None
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        p = self.patch_side(geom, info)
+        if p is not None:
+            side = p // self.pool(info)
+            if side * side == geom.n_tokens:
+                return side, side
+        return super().token_grid(geom, info)
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        p, k = self.patch_side(geom, info, keys.shape[0]), self.pool(info)
+        if p is None or keys.shape[0] != p * p:
+            return None
+        t = p // k  # ggml_pool_2d drops a remainder of p % k patches
+        if t * t != geom.n_tokens:
+            return None
+        grid = keys.reshape(p, p, *keys.shape[1:])[:t * k, :t * k]  # [y, x, H, D]
+        pooled = grid.reshape(t, k, t, k, *keys.shape[1:]).mean(axis=(1, 3))  # [by, bx, H, D]
+        return _all_scored(pooled.reshape(t * t, *keys.shape[1:]))
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return n_tokens * self.pool(info) ** 2
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.input_projection.weight" in tensors:  # clip_n_mmproj_embd: mm_input_proj_w->ne[0]
+            return int(tensors["mm.input_projection.weight"][0][0])
+        return None
+
+
+register(Gemma3Family())
