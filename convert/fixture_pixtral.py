@@ -1,0 +1,256 @@
+"""Seeded random-weight Pixtral-family VLM pair (text GGUF + mmproj GGUF) for tests, written in about a second.
+
+The mmproj mirrors what llama.cpp's ``tools/mtmd/clip.cpp`` loads for ``clip.projector_type = "pixtral"``
+(Pixtral-12B, Mistral-Small-3.1 / 3.2) and ``"lightonocr"`` (LightOnOCR), run by ``tools/mtmd/models/pixtral.cpp``:
+
+* conv patch embedding without bias, RMS pre-norm (``v.pre_ln``), RMSNorm blocks with separate bias-free
+  q / k / v / out projections, 2-D RoPE on Q and K inside every block (keys named ``Kcur_pos-<il>``),
+  SiLU-gated FFN (``clip.use_silu``), no learned position embedding, no post-norm;
+* the Mistral-Small-3.1 patch merger (``mm.input_norm`` RMSNorm + an ``m x m`` unfold, m =
+  ``clip.vision.spatial_merge_size``, + ``mm.patch_merger``), then ``mm.1`` -> GELU -> ``mm.2``;
+* ``pixtral`` only: the ``[IMG_BREAK]`` embedding ``v.token_embd.img_break`` the graph appends after every
+  token row but the last.
+
+The text side is a tiny ``llama`` model (Mistral-Small / Pixtral-12B GGUFs use the ``llama`` architecture;
+newer Ministral-3 ones ``mistral3``, also 1-D RoPE) with a Mistral ``[INST] ... [/INST]`` chat template.
+Files are cached under a key that includes this generator's source and the helpers it calls.
+
+    python -m convert.fixture_pixtral --out DIR [--projector lightonocr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+
+from .fixtures import default_cache_dir
+from .mmproj import _CLIP_MEAN, _CLIP_STD, _smart_resize
+from .text_model import TextModelDims, _render_content_macro, write_text_model
+
+__all__ = ["PixtralVisionDims", "PixtralFixture", "make_pixtral_fixture", "write_pixtral_mmproj",
+           "MISTRAL_CHAT_TEMPLATE", "PIXTRAL_MIN_TOKENS", "PIXTRAL_MAX_TOKENS"]
+
+# clip.cpp PROJECTOR_TYPE_PIXTRAL: hparams.set_limit_image_tokens(8, 1024) (merged tokens, breaks not counted)
+PIXTRAL_MIN_TOKENS, PIXTRAL_MAX_TOKENS = 8, 1024
+
+# Mistral instruct format. No bos_token: llama.cpp adds BOS (add_bos_token), as for the other fixtures.
+MISTRAL_CHAT_TEMPLATE: str = (
+    _render_content_macro()
+    + "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '[SYSTEM_PROMPT]' }}{{ render_content(message['content']) }}"
+    "{{ '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '[INST]' }}{{ render_content(message['content']) }}{{ '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ render_content(message['content']) }}{{ '</s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+@dataclass(frozen=True)
+class PixtralVisionDims:
+    """Hyper-parameters of a tiny Pixtral vision tower + projector."""
+
+    projector: str = "pixtral"  # "pixtral" | "lightonocr"
+    n_embd: int = 32
+    n_layer: int = 2
+    n_head: int = 2
+    n_ff: int = 48
+    patch_size: int = 8
+    spatial_merge: int | None = 2  # None: key not written (clip.cpp default 1, no merger: Pixtral-12B)
+    proj_dim: int = 64  # = text n_embd
+    image_size: int = 1024  # pixtral: metadata; lightonocr: the longest edge images are resized to
+    eps: float = 1e-5
+    img_break: bool = True  # pixtral only (clip.cpp requires v.token_embd.img_break for pixtral)
+
+    @property
+    def merge(self) -> int:
+        """The n_merge clip.cpp uses (spatial_merge_size, default 1 for both projector types)."""
+        return self.spatial_merge if self.spatial_merge is not None else 1
+
+    def validate(self) -> None:
+        if self.projector not in ("pixtral", "lightonocr"):
+            raise ValueError(f"projector must be 'pixtral' or 'lightonocr', got {self.projector!r}")
+        if self.projector == "pixtral" and not self.img_break:
+            raise ValueError("clip.cpp requires v.token_embd.img_break for a pixtral projector")
+        if self.projector == "lightonocr" and self.img_break:
+            raise ValueError("clip.cpp never reads v.token_embd.img_break for lightonocr")
+        d_head = self.n_embd // self.n_head
+        if self.n_embd % self.n_head or d_head % 4:
+            raise ValueError("head dim must be divisible by 4 (2-D RoPE on two halves of pairs)")
+        if self.n_ff == self.n_embd:
+            raise ValueError("n_ff must differ from n_embd")
+
+
+@dataclass(frozen=True)
+class PixtralFixture:
+    """Paths and facts of one generated Pixtral-family VLM pair."""
+
+    family: str
+    seed: int
+    model: Path
+    mmproj: Path
+    text: TextModelDims
+    vision: PixtralVisionDims = field(default_factory=PixtralVisionDims)
+
+    def preprocessed_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (w, h) mtmd resizes an image to (img_tool::calc_size_preserved_ratio, aligned to patch * merge)."""
+        v = self.vision
+        align = v.patch_size * v.merge
+        if v.projector == "pixtral":
+            area = align * align
+            return _smart_resize(width, height, align, PIXTRAL_MIN_TOKENS * area, PIXTRAL_MAX_TOKENS * area)
+        scale = min(np.float32(v.image_size) / np.float32(width), np.float32(v.image_size) / np.float32(height))
+        return (int(np.ceil(np.float32(width * scale) / np.float32(align))) * align,
+                int(np.ceil(np.float32(height * scale) / np.float32(align))) * align)
+
+    def token_rows(self, width: int, height: int) -> tuple[int, int]:
+        """(p_x, p_y): merged tokens per row and rows, for a width x height input image."""
+        w, h = self.preprocessed_size(width, height)
+        a = self.vision.patch_size * self.vision.merge
+        return w // a, h // a
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """LLM image tokens mtmd produces: p_x * p_y, plus one [IMG_BREAK] per row but the last (pixtral)."""
+        px, py = self.token_rows(width, height)
+        return px * py + (py - 1 if self.vision.img_break else 0)
+
+
+def _norm_weight(rng: np.random.Generator, n: int) -> np.ndarray:
+    # not all ones, so a norm weight that is skipped or misapplied shows in the reference test
+    return (1.0 + 0.2 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+
+def _tensors(d: PixtralVisionDims, rng: np.random.Generator, std: float) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors in PyTorch layout ([n_out, n_in] for linears, [c_out, c_in, kh, kw] for the conv)."""
+    e, p = d.n_embd, d.patch_size
+
+    def w(*shape: int, s: float = std) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(s)).astype(np.float32)
+
+    yield "v.patch_embd.weight", w(e, 3, p, p, s=0.05)
+    yield "v.pre_ln.weight", _norm_weight(rng, e)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield f"{b}.ln1.weight", _norm_weight(rng, e)
+        for x in ("q", "k", "v"):
+            yield f"{b}.attn_{x}.weight", w(e, e, s=0.2)
+        yield f"{b}.attn_out.weight", w(e, e, s=0.1)
+        yield f"{b}.ln2.weight", _norm_weight(rng, e)
+        yield f"{b}.ffn_gate.weight", w(d.n_ff, e, s=0.1)
+        yield f"{b}.ffn_up.weight", w(d.n_ff, e, s=0.1)
+        yield f"{b}.ffn_down.weight", w(e, d.n_ff, s=0.1)
+    if d.merge > 1:
+        yield "mm.input_norm.weight", _norm_weight(rng, e)
+        yield "mm.patch_merger.weight", w(e, e * d.merge * d.merge, s=0.1)
+    yield "mm.1.weight", w(d.proj_dim, e, s=0.1)
+    yield "mm.1.bias", w(d.proj_dim, s=0.1)
+    yield "mm.2.weight", w(d.proj_dim, d.proj_dim, s=0.1)
+    yield "mm.2.bias", w(d.proj_dim, s=0.1)
+    if d.img_break:
+        yield "v.token_embd.img_break", w(d.proj_dim, s=0.5)
+
+
+def write_pixtral_mmproj(path: str | os.PathLike, d: PixtralVisionDims, *, seed: int, name: str,
+                         weight_std: float = 0.02) -> dict:
+    """Write a deterministic random-weight pixtral / lightonocr mmproj GGUF (all f32)."""
+    d.validate()
+    rng = np.random.default_rng(seed)
+    wr = gguf.GGUFWriter(os.fspath(path), "clip")
+    wr.add_type(gguf.GGUFType.MMPROJ)
+    wr.add_name(name)
+    wr.add_description(f"random-weight {d.projector} mmproj for tests")
+    wr.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    wr.add_bool("clip.has_text_encoder", False)
+    wr.add_bool("clip.has_vision_encoder", True)
+    wr.add_string("clip.projector_type", d.projector)
+    wr.add_bool("clip.use_silu", True)
+    wr.add_uint32("clip.vision.image_size", d.image_size)
+    wr.add_uint32("clip.vision.patch_size", d.patch_size)
+    wr.add_uint32("clip.vision.embedding_length", d.n_embd)
+    wr.add_uint32("clip.vision.feed_forward_length", d.n_ff)
+    wr.add_uint32("clip.vision.block_count", d.n_layer)
+    wr.add_uint32("clip.vision.projection_dim", d.proj_dim)
+    wr.add_uint32("clip.vision.attention.head_count", d.n_head)
+    wr.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
+    wr.add_array("clip.vision.image_mean", list(_CLIP_MEAN))
+    wr.add_array("clip.vision.image_std", list(_CLIP_STD))
+    if d.spatial_merge is not None:
+        wr.add_uint32("clip.vision.spatial_merge_size", d.spatial_merge)
+    n_params = 0
+    for tname, arr in _tensors(d, rng, weight_std):
+        n_params += int(arr.size)
+        wr.add_tensor(tname, arr)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return {"path": os.fspath(path), "projector": d.projector, "n_params": n_params,
+            "file_size": os.path.getsize(path)}
+
+
+TINY_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
+
+
+def _key(text: TextModelDims, vision: PixtralVisionDims, seed: int) -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("fixture_pixtral.py", "text_model.py", "mmproj.py", "tokenizer.py"):
+        h.update((here / name).read_bytes())
+    h.update(repr((text, vision, MISTRAL_CHAT_TEMPLATE, seed)).encode())
+    return f"{vision.projector}-tiny-s{seed}-{h.hexdigest()[:12]}"
+
+
+def make_pixtral_fixture(out_dir: str | os.PathLike | None = None, *, projector: str = "pixtral", seed: int = 0,
+                         vision: PixtralVisionDims | None = None, text: TextModelDims = TINY_TEXT,
+                         force: bool = False) -> PixtralFixture:
+    """Write (or reuse from the cache) a tiny pixtral / lightonocr VLM pair; returns its paths and dims."""
+    if vision is None:
+        vision = PixtralVisionDims(projector=projector, img_break=projector == "pixtral",
+                                   image_size=1024 if projector == "pixtral" else 64)
+    if vision.proj_dim != text.n_embd:
+        raise ValueError("vision.proj_dim must equal the text model's n_embd")
+    root = Path(out_dir) if out_dir is not None else default_cache_dir()
+    folder = root / _key(text, vision, seed)
+    fx = PixtralFixture(vision.projector, seed, folder / "model.gguf", folder / "mmproj.gguf", text, vision)
+    info_path = folder / "info.json"
+    if info_path.exists() and fx.model.exists() and fx.mmproj.exists() and not force:
+        return fx
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
+    write_text_model(tmp_model, text, seed=seed, chat_template=MISTRAL_CHAT_TEMPLATE,
+                     name=f"avis-{vision.projector}-tiny")
+    write_pixtral_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{vision.projector}-tiny-mmproj")
+    os.replace(tmp_model, fx.model)
+    os.replace(tmp_mmproj, fx.mmproj)
+    info_path.write_text(json.dumps({"family": vision.projector, "seed": seed,
+                                     "seconds": round(time.perf_counter() - t0, 3),
+                                     "text_dims": asdict(text), "vision_dims": asdict(vision)}, indent=2))
+    return fx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.fixture_pixtral", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--projector", choices=("pixtral", "lightonocr"), default="pixtral")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output root (default: the cache dir)")
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    fx = make_pixtral_fixture(args.out, projector=args.projector, seed=args.seed, force=args.force)
+    print(json.dumps({"family": fx.family, "model": str(fx.model), "mmproj": str(fx.mmproj),
+                      "image_tokens_224": fx.image_tokens(224, 224)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
