@@ -24,7 +24,10 @@ from .text_model import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, TextModelDims
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("llava", "qwen25vl")
+FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
+# further families with their own test files (tests/test_families_*.py)
+EXTRA_FAMILIES = ("qwen3vl",)
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench")
 
 # (text dims, vision dims, chat template, file type) for each family and size.
@@ -37,6 +40,14 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
         TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
         VisionDims("qwen25vl", n_embd=64, n_layer=4, n_head=4, n_ff=128, patch_size=14, image_size=224,
                    proj_dim=64, n_wa_pattern=2),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # Qwen3-VL / Qwen3.5-style: fused-QKV ViT (strided Kcur views), one deepstack merger (text n_embd_inp
+    # = 2 x n_embd), qwen3vl text blocks with q/k norms and interleaved M-RoPE
+    ("qwen3vl", "tiny"): (
+        TextModelDims("qwen3vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0),
+                      n_deepstack=1),
+        VisionDims("qwen3vl", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224,
+                   proj_dim=64, deepstack_layers=(1,)),
         CHATML_CHAT_TEMPLATE, "f32"),
     # bench: ~0.3B text model, ViT giving ~500-1000 image tokens (576 for llava at 336 / patch 14;
     # a 644x644 image gives 23x23 = 529 tokens on the qwen25vl tower)
@@ -73,7 +84,7 @@ class Fixture:
 def spec(family: str, size: str = "tiny") -> tuple[TextModelDims, VisionDims, str, str]:
     """The dims, template and file type of a family at a size."""
     if (family, size) not in _SPECS:
-        raise ValueError(f"unknown fixture {family!r}/{size!r}; families {FAMILIES}, sizes {SIZES}")
+        raise ValueError(f"unknown fixture {family!r}/{size!r}; families {ALL_FAMILIES}, sizes {SIZES}")
     return _SPECS[(family, size)]
 
 
@@ -150,7 +161,7 @@ def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m convert.fixtures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=FAMILIES, action="append", help="family to write (repeatable)")
+    p.add_argument("--family", choices=ALL_FAMILIES, action="append", help="family to write (repeatable)")
     p.add_argument("--size", choices=SIZES, default="tiny", help="tiny (tests) or bench (benchmarks)")
     p.add_argument("--all", action="store_true", help="every family at --size")
     p.add_argument("--seed", type=int, default=0, help="weight seed")

@@ -11,6 +11,10 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   patch-embedding convs (temporal halves), RMSNorm blocks, biased q/k/v, 2-D M-RoPE inside the
   ViT, window attention with a full-attention layer every ``n_wa_pattern`` blocks, SwiGLU MLP,
   RMS post-norm (the merger's ``ln_q``), 2x2 spatial merge and the ``mm.0``/``mm.2`` merger MLP.
+* ``"qwen3vl"``: Qwen3-VL / Qwen3.5 vision tower (``clip.projector_type = "qwen3vl_merger"``): two
+  patch-embedding convs plus a patch bias, learned position embeddings, LayerNorm blocks with one fused
+  QKV projection (so llama.cpp's ``Kcur`` is a strided view), 2-D M-RoPE, GELU MLP, no windows, 2x2
+  merger and optional deepstack mergers (extra embedding slices for chosen blocks).
 
 All weights come from a seeded ``numpy.random.Generator`` and the writer emits no timestamps, so
 the output is byte-for-byte reproducible for a given ``(dims, seed, name, weight_std, ftype)``.
@@ -54,7 +58,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl")
+_FAMILIES = ("llava", "qwen25vl", "qwen3vl")
 
 
 @dataclass
@@ -75,6 +79,12 @@ class VisionDims:
     image_min_pixels: int | None = None  # metadata only (ignored by clip.cpp for qwen2.5vl)
     image_max_pixels: int | None = None  # metadata only (ignored by clip.cpp for qwen2.5vl)
     eps: float = 1e-6
+    deepstack_layers: tuple[int, ...] = ()  # qwen3vl: blocks whose output feeds a deepstack merger
+
+    @property
+    def n_output_dim(self) -> int:
+        """Width of the embeddings mtmd outputs (the text model's n_embd_inp)."""
+        return self.proj_dim * (1 + len(self.deepstack_layers))
 
     def validate(self) -> None:
         """Raise ValueError if the dims cannot produce a file that stock mtmd loads and runs."""
@@ -99,6 +109,9 @@ class VisionDims:
                 raise ValueError("qwen25vl: head dim must be divisible by 4 (M-RoPE sections)")
             if self.spatial_merge != 2:
                 raise ValueError("qwen25vl: clip.cpp only supports spatial_merge == 2")
+            if any(not 0 <= il < self.n_layer for il in self.deepstack_layers) or (
+                    self.deepstack_layers and self.family != "qwen3vl"):
+                raise ValueError("deepstack_layers: qwen3vl only, each a block index < n_layer")
             if self.n_wa_pattern < 0:
                 raise ValueError("qwen25vl: n_wa_pattern must be >= 0")
             if self.window_size != QWEN25VL_WINDOW_SIZE:
@@ -254,6 +267,37 @@ def _qwen25vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndar
     yield from _linear(init, "mm.2", merged, d.proj_dim)
 
 
+def _qwen3vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a Qwen3-VL vision tower (qwen3vl.cpp): fused QKV, LayerNorm, learned positions, deepstack."""
+    e, p = d.n_embd, d.patch_size
+    merged = e * d.spatial_merge * d.spatial_merge
+    n_pos = (d.image_size // p) ** 2
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.patch_embd.weight.1", init.normal(e, 3, p, p)
+    yield "v.patch_embd.bias", init.normal(e)
+    yield "v.position_embd.weight", init.normal(n_pos, e)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield f"{b}.ln1.weight", init.ones(e)
+        yield f"{b}.ln1.bias", init.zeros(e)
+        yield from _linear(init, f"{b}.attn_qkv", e, 3 * e)
+        yield from _linear(init, f"{b}.attn_out", e, e)
+        yield f"{b}.ln2.weight", init.ones(e)
+        yield f"{b}.ln2.bias", init.zeros(e)
+        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
+        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
+    yield "v.post_ln.weight", init.ones(e)
+    yield "v.post_ln.bias", init.zeros(e)
+    yield from _linear(init, "mm.0", merged, merged)
+    yield from _linear(init, "mm.2", merged, d.proj_dim)
+    for il in d.deepstack_layers:
+        b = f"v.deepstack.{il}"
+        yield f"{b}.norm.weight", init.ones(merged)
+        yield f"{b}.norm.bias", init.zeros(merged)
+        yield from _linear(init, f"{b}.fc1", merged, merged)
+        yield from _linear(init, f"{b}.fc2", merged, d.proj_dim)
+
+
 def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, description: str | None = None) -> None:
     """Write the clip.* metadata the loader reads."""
     w.add_type(gguf.GGUFType.MMPROJ)
@@ -277,6 +321,10 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         w.add_bool("clip.has_llava_projector", True)
         # neither use_gelu nor use_silu -> quick-GELU in the ViT MLP, as CLIP ViT-L/14
         w.add_bool("clip.use_gelu", False)
+    elif d.family == "qwen3vl":
+        w.add_string("clip.projector_type", "qwen3vl_merger")
+        w.add_bool("clip.use_gelu", True)
+        w.add_uint32("clip.vision.spatial_merge_size", d.spatial_merge)
     else:
         w.add_string("clip.projector_type", "qwen2.5vl_merger")
         w.add_bool("clip.use_silu", True)
@@ -311,7 +359,7 @@ def write_mmproj(
         raise ValueError(f"ftype must be one of {sorted(_FTYPES)}, got {ftype!r}")
     path = os.fspath(path)
     init = _Init(seed, weight_std)
-    gen = _llava_tensors if dims.family == "llava" else _qwen25vl_tensors
+    gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")
     _write_kv(writer, dims, name, ftype)

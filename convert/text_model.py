@@ -3,7 +3,9 @@
 Two architectures are supported:
 
 * ``llama``   - Llama-2 style decoder with 1-D RoPE (the LLaVA-1.5 language model);
-* ``qwen2vl`` - Qwen2 blocks (q/k/v biases) with M-RoPE sections (Qwen2-/2.5-VL).
+* ``qwen2vl`` - Qwen2 blocks (q/k/v biases) with M-RoPE sections (Qwen2-/2.5-VL);
+* ``qwen3vl`` - Qwen3 blocks (no q/k/v biases, per-head RMS q/k norms) with interleaved M-RoPE sections and
+  optional deepstack inputs (Qwen3-VL, Qwen3.5-style vision-language models).
 
 The output is byte-for-byte deterministic for a given seed: the GGUF writer
 stores no timestamps and tensors are drawn in a fixed order from
@@ -104,7 +106,7 @@ CHATML_CHAT_TEMPLATE: str = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-_ARCHES = ("llama", "qwen2vl")
+_ARCHES = ("llama", "qwen2vl", "qwen3vl")
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 
 
@@ -122,6 +124,7 @@ class TextModelDims:
     rope_theta: float = 10000.0
     rope_sections: tuple[int, int, int, int] | None = None
     rms_eps: float = 1e-6
+    n_deepstack: int = 0  # qwen3vl: extra embedding slices the projector appends (deepstack layers)
 
     @property
     def head_dim(self) -> int:
@@ -147,7 +150,7 @@ class TextModelDims:
             raise ValueError("head_dim must be even for RoPE")
         if self.arch == "llama":
             if self.rope_sections is not None:
-                raise ValueError("rope_sections only applies to arch 'qwen2vl'")
+                raise ValueError("rope_sections only applies to the M-RoPE archs 'qwen2vl' / 'qwen3vl'")
         else:
             sections = self.resolved_rope_sections()
             if len(sections) != 4 or any(s < 0 for s in sections):
@@ -182,6 +185,9 @@ def _tensor_shapes(dims: TextModelDims, n_vocab: int) -> Iterator[tuple[str, tup
             yield p + "attn_q.bias", (n_q,), False
             yield p + "attn_k.bias", (n_kv,), False
             yield p + "attn_v.bias", (n_kv,), False
+        if dims.arch == "qwen3vl":
+            yield p + "attn_q_norm.weight", (d_head,), True
+            yield p + "attn_k_norm.weight", (d_head,), True
         yield p + "attn_output.weight", (dims.n_embd, n_q), False
         yield p + "ffn_norm.weight", (dims.n_embd,), True
         yield p + "ffn_gate.weight", (dims.n_ff, dims.n_embd), False
@@ -204,8 +210,10 @@ def _add_hparams(writer: gguf.GGUFWriter, dims: TextModelDims, name: str, ftype:
     writer.add_layer_norm_rms_eps(dims.rms_eps)
     writer.add_rope_freq_base(dims.rope_theta)
     writer.add_rope_dimension_count(dims.head_dim)
-    if dims.arch == "qwen2vl":
+    if dims.arch in ("qwen2vl", "qwen3vl"):
         writer.add_rope_dimension_sections(list(dims.resolved_rope_sections()))
+    if dims.arch == "qwen3vl" and dims.n_deepstack:
+        writer.add_uint32(f"{dims.arch}.n_deepstack_layers", dims.n_deepstack)
 
 
 def _write_gguf(path: str | os.PathLike[str], dims: TextModelDims, spec: TokenizerSpec, chat_template: str,
@@ -246,7 +254,7 @@ def write_text_model(
     if weight_std <= 0:
         raise ValueError("weight_std must be positive")
 
-    spec: TokenizerSpec = build_vocab(family=dims.arch)
+    spec: TokenizerSpec = build_vocab(family="llama" if dims.arch == "llama" else "qwen2vl")
     n_vocab = spec.n_vocab
     rng = np.random.default_rng(seed)
     # Matrices are stored in f16 for ftype f16; 1-D tensors (norms, biases) stay f32 as llama.cpp expects.
@@ -274,7 +282,7 @@ def write_text_model(
         "add_bos": spec.add_bos,
         "special_ids": dict(spec.special_ids),
     }
-    if dims.arch == "qwen2vl":
+    if dims.arch in ("qwen2vl", "qwen3vl"):
         info["rope_sections"] = dims.resolved_rope_sections()
     logger.info("wrote %s (%s, %d params, %d bytes)", path, dims.arch, n_params, info["file_size"])
     return info

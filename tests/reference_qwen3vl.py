@@ -1,0 +1,67 @@
+"""Numpy re-implementation of llama.cpp's Qwen3-VL vision graph (tools/mtmd/models/qwen3vl.cpp) from the
+mmproj GGUF weights: an independent oracle for the keys the capture reads (which, in that graph, come out of
+one fused QKV projection as strided views).
+
+Covers images mtmd's smart resize leaves alone and whose patch grid equals the learned position table's
+side (no bilinear interpolation of the position embeddings), e.g. 224 x 224 with patch 14 on the fixture.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from tests.reference_vit import (_W, _attention, _ffn, _layer_norm, _linear, _patch_conv, _pixels, _qwen_grid_ok,
+                                 _rope_vision, load_mmproj, qwen25vl_positions)
+
+
+def _merge_order(x: np.ndarray, nx: int, ny: int) -> np.ndarray:
+    """[ny, nx, e] patches -> rows ordered (y/2, x/2, dy, dx): qwen3vl.cpp's "spatial merge" permute."""
+    e = x.shape[-1]
+    return x.reshape(ny // 2, 2, nx // 2, 2, e).transpose(0, 2, 1, 3, 4).reshape(nx * ny, e)
+
+
+def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
+    """Run the qwen3vl.cpp graph on an image; returns per-layer keys before and after the vision M-RoPE
+    ([n_patches, n_head, d_head], ViT row order: 2x2 merge groups contiguous, blocks row-major), the merged
+    grid and the LLM embeddings (main merger only, deepstack slices not mirrored)."""
+    weights, hp = load_mmproj(path)
+    if hp["projector_type"] != "qwen3vl_merger":
+        raise ValueError(f"qwen3vl_forward supports 'qwen3vl_merger', got {hp['projector_type']!r}")
+    W = _W(weights)
+    img = np.asarray(image_rgb)
+    h, w = img.shape[:2]
+    if not _qwen_grid_ok(w, h, hp):
+        raise ValueError(f"{w}x{h} would be resized by mtmd (smart resize is not mirrored)")
+    p, e_dim, n_head, d_head, eps = hp["patch_size"], hp["n_embd"], hp["n_head"], hp["d_head"], hp["eps"]
+    px = _pixels(img, hp)
+    conv = _patch_conv(px, W.req("v.patch_embd.weight"), p) + _patch_conv(px, W.req("v.patch_embd.weight.1"), p)
+    ny, nx = conv.shape[:2]
+    n = nx * ny
+    pos_embd = W.req("v.position_embd.weight")
+    side = int(round(np.sqrt(pos_embd.shape[0])))
+    if (nx, ny) != (side, side):
+        raise ValueError("position-embedding interpolation is not mirrored: use an image of the table's size")
+    x = _merge_order(conv, nx, ny) + W.req("v.patch_embd.bias")
+    x = x + _merge_order(pos_embd.reshape(ny, nx, e_dim), nx, ny)
+    pre_w = W.get("v.pre_ln.weight")
+    if pre_w is not None:
+        x = _layer_norm(x, pre_w, W.get("v.pre_ln.bias"), eps)
+    pos = qwen25vl_positions(nx, ny, np.arange(n // 4))  # no windows: identity block order
+    keys, keys_rope = [], []
+    for il in range(hp["n_layer"]):
+        b = f"v.blk.{il}"
+        cur = _layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
+        qkv = _linear(cur, W.req(f"{b}.attn_qkv.weight"), W.req(f"{b}.attn_qkv.bias"))
+        q = qkv[:, :e_dim].reshape(n, n_head, d_head)
+        k = qkv[:, e_dim:2 * e_dim].reshape(n, n_head, d_head)
+        v = qkv[:, 2 * e_dim:].reshape(n, n_head, d_head)
+        keys.append(k)
+        q, k = _rope_vision(q, pos), _rope_vision(k, pos)
+        keys_rope.append(k)
+        x = x + _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+        cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
+        x = x + _ffn(cur, W, il, hp, act)
+    return {"keys": keys, "keys_rope": keys_rope, "grid": (nx // 2, ny // 2), "positions": pos, "hparams": hp}

@@ -1,0 +1,174 @@
+"""Qwen3-VL / Qwen3.5 family (qwen3vl_merger, fused QKV): the capture reads the strided key views without
+failing, the keys KDV scores equal a numpy re-implementation of qwen3vl.cpp, pruned prefill feeds the kept
+rows at their original M-RoPE positions, and with nothing pruned the answer equals stock llama-cpp-python."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import llama_cpp
+import numpy as np
+import pytest
+from llama_cpp.llama_chat_format import MTMDChatHandler
+from PIL import Image
+
+from avis_llamacpp import VLM
+from avis_llamacpp.capture import strided_to_array, tensor_nbytes
+from avis_llamacpp.families import family_for
+from convert.fixtures import make_fixture
+from convert.mmproj import expected_image_grid
+
+Q = "What shapes do you see?"
+
+
+@pytest.fixture(scope="module")
+def fx(fixture_root):
+    return make_fixture("qwen3vl", "tiny", out_dir=fixture_root)
+
+
+@pytest.fixture(scope="module")
+def vlm(fx):
+    v = VLM(fx.model, fx.mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=False)
+    yield v
+    v.close()
+
+
+def _noise(w: int, h: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_strided_view_read_equals_numpy_slicing():
+    """A K view of a fused [n, 3e] QKV buffer, read by its byte strides, equals slicing the buffer."""
+    n, n_head, d_head = 6, 2, 4
+    e = n_head * d_head
+    qkv = np.arange(n * 3 * e, dtype=np.float32).reshape(n, 3 * e)
+    ne = [d_head, n_head, n, 1]
+    nb = [4, 4 * d_head, 4 * 3 * e, 4 * 3 * e * n]
+    offset = e  # K starts after Q in each row
+    nbytes = tensor_nbytes(ne, nb, 4)
+    flat = qkv.reshape(-1)[offset:]
+    got = strided_to_array(flat[: nbytes // 4 + 1].copy(), ne, nb)
+    want = qkv[:, e:2 * e].reshape(1, n, n_head, d_head)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_registry_maps_qwen3vl_natively():
+    fam = family_for("qwen3vl_merger")
+    assert fam.native and fam.name == "qwen3vl"
+
+
+def test_pruned_query_answers_with_vit_keys(vlm, fx):
+    """The first query on a fused-QKV graph used to end in 'CaptureError: tensor Kcur-... is not contiguous'."""
+    img = _noise(224, 224, 1)
+    n_layer = fx.vision.n_layer
+    for kw in ({"tau": math.pi / 4}, {"ratio": 0.5}, {}):
+        a = vlm.ask(img, Q, max_tokens=4, **kw)
+        assert a.images[0]["key_source"] == f"vit_keys:Kcur_rope-{n_layer - 1}", kw
+    assert vlm.ask(img, Q, max_tokens=4, ratio=0.5).kept_tokens == [32]
+
+
+def test_captured_keys_equal_numpy_reference(vlm, fx):
+    """KDV's per-token keys = mean over each 2x2 merge group of the last block's post-RoPE keys, recomputed in
+    numpy from the GGUF weights (tests/reference_qwen3vl.py) and grouped by a plain loop over the grid."""
+    from tests.reference_qwen3vl import qwen3vl_forward
+
+    img = _noise(224, 224, 11)
+    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
+    assert a.images[0]["key_source"].startswith("vit_keys:")
+    got = vlm.key_capture.keys  # rows as the graph holds them
+    ref = qwen3vl_forward(str(fx.mmproj), img)
+    last = ref["keys_rope"][-1]
+    assert got.shape == last.shape
+    np.testing.assert_allclose(got, last, rtol=2e-3, atol=2e-3 * np.abs(last).max())
+    # token (tx, ty) of the 8x8 grid = patches (2tx+dx, 2ty+dy); the graph's row of patch (x, y) is
+    # 4*(ty*gx + tx) + 2*dy + dx
+    gx, gy = ref["grid"]
+    want = np.zeros((gx * gy,) + last.shape[1:])
+    for ty in range(gy):
+        for tx in range(gx):
+            rows = [4 * (ty * gx + tx) + 2 * dy + dx for dy in range(2) for dx in range(2)]
+            want[ty * gx + tx] = last[rows].mean(axis=0)
+    chunk = type("C", (), {"n_tokens": gx * gy, "nx": gx, "ny": gy, "image_index": 0})()
+    tokens, _ = vlm.token_keys(chunk, np.zeros((gx * gy, 4)))
+    np.testing.assert_allclose(tokens, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, monkeypatch):
+    """A spy on the decode calls: the image rows decoded are exactly the kept rows of the encoder output, at
+    the positions mtmd gives those tokens unpruned; the text after the image continues at its unpruned
+    position."""
+    img = _noise(320, 160, 5)  # non-square
+    seen = []
+    real = vlm.ctx.decode_embeddings
+
+    def spy(embd, positions, seq_id=0, *, logits_last=False):
+        seen.append((np.array(embd, copy=True), np.array(positions, copy=True)))
+        return real(embd, positions, seq_id, logits_last=logits_last)
+
+    full = vlm.ask(img, Q, max_tokens=1)
+    encoded = {}
+    real_encode = vlm.projector.encode
+
+    def encode_spy(chunk):
+        out = real_encode(chunk)
+        encoded["embd"], encoded["pos"] = out.copy(), vlm.projector.positions(chunk, 0)
+        encoded["chunk"] = chunk
+        return out
+
+    monkeypatch.setattr(vlm.ctx, "decode_embeddings", spy)
+    monkeypatch.setattr(vlm.projector, "encode", encode_spy)
+    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
+    monkeypatch.undo()
+    kept = np.asarray(a.images[0]["kept"])
+    nx, ny = a.images[0]["grid"]
+    assert (nx, ny) == (encoded["chunk"].nx, encoded["chunk"].ny) == expected_image_grid(fx.vision, 320, 160)
+    assert nx > ny
+    assert a.image_tokens == full.image_tokens == [nx * ny]
+    assert len(kept) == a.kept_tokens[0] < nx * ny and a.images[0]["key_source"].startswith("vit_keys:")
+    (rows, pos), = seen
+    np.testing.assert_array_equal(rows, encoded["embd"][kept])
+    p0 = int(pos[0, 0]) - int(encoded["pos"][kept[0], 0])
+    np.testing.assert_array_equal(pos, encoded["pos"][kept] + np.array([p0, p0, p0, 0]))
+    # hand check of M-RoPE: (t, y, x) of token i on the nx x ny grid
+    ys, xs = kept // nx, kept % nx
+    np.testing.assert_array_equal(pos[:, 1] - p0, ys)
+    np.testing.assert_array_equal(pos[:, 2] - p0, xs)
+    # text continues where it would without pruning; only the KV cells shrink
+    assert full.prompt_tokens - a.prompt_tokens == nx * ny - len(kept)
+
+
+def _data_url(img: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_nothing_pruned_matches_stock_mtmd_handler(vlm, fx):
+    """K = 1, nothing pruned, greedy: the same text as stock llama-cpp-python's MTMDChatHandler (deepstack
+    embeddings included: the text model takes 2 x n_embd inputs). 10 tokens: stock keeps decoding past
+    max_tokens while a UTF-8 character is incomplete (here from token 11), so longer runs differ by design."""
+    img = _noise(224, 224, 7)
+    handler = MTMDChatHandler(clip_model_path=str(fx.mmproj), verbose=False)
+    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=2048, n_threads=1,
+                          n_threads_batch=1, verbose=False, flash_attn=False)
+    try:
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}},
+                                                   {"type": "text", "text": Q}]}],
+            temperature=0.0, repeat_penalty=1.0, max_tokens=10, seed=0)
+    finally:
+        llm.close()
+    ours = vlm.ask(img, Q, max_tokens=10)
+    assert ours.text == out["choices"][0]["message"]["content"]
+    assert len(ours.tokens) == out["usage"]["completion_tokens"]
+
+
+def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
+    img = _noise(224, 224, 9)
+    with VLM(fx.model, fx.mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=True) as on:
+        for kw in ({"ratio": 0.5}, {"tau": math.pi / 4}):
+            a, b = on.ask(img, Q, max_tokens=1, **kw), vlm.ask(img, Q, max_tokens=1, **kw)
+            assert a.images[0]["key_source"] == b.images[0]["key_source"]
+            assert a.images[0]["kept"] == b.images[0]["kept"], kw
