@@ -349,3 +349,76 @@ class Gemma3Family(Family):
 
 
 register(Gemma3Family())
+
+
+class InternVLFamily(Family):
+    """InternVL 2.5 / 3 / 3.5 (tools/mtmd/models/internvl.cpp): InternViT with the class token appended LAST
+    (`ggml_concat(inp, cls, 1)`), learned position embeddings by row, all n_layer blocks (`build_vit`, keys
+    `Kcur-(L-1)`: separate biased q/k/v, no RoPE); the class row is cut off (`ggml_view_3d(..., n_patches)`)
+    and an s x s pixel shuffle (s = clip.vision.projector.scale_factor, 1 when absent) turns s x s patch blocks
+    into one token. Every chunk (each image_size tile, then the thumbnail) is a square image_size input,
+    mapped on its own; mtmd reports it as a 1 x N grid (no M-RoPE), so the patch grid comes from the encoder's
+    input size (or the square root of the row count)."""
+
+    name = "internvl"
+    projector_types = ("internvl",)
+    native = True
+    key_names = ("Kcur",)
+    required_tensors = ("v.class_embd", "v.position_embd.weight", "v.patch_embd.weight",
+                        "mm.model.mlp.0.weight", "mm.model.mlp.0.bias", "mm.model.mlp.1.weight",
+                        "mm.model.mlp.1.bias", "mm.model.mlp.3.weight", "mm.model.mlp.3.bias")
+    uniform_blocks = True
+
+    @staticmethod
+    def scale(info: VisionInfo) -> int:
+        return info.scale_factor if info.scale_factor > 0 else 1  # clip_hparams.n_merge defaults to 1
+
+    def patch_grid(self, geom: ChunkGeometry, info: VisionInfo, n_patches: int) -> tuple[int, int] | None:
+        """(width, height) in patches of the chunk's encoder input."""
+        if geom.image_wh is not None and info.patch_size > 0:
+            w, h = geom.image_wh[0] // info.patch_size, geom.image_wh[1] // info.patch_size
+            if w * h == n_patches:
+                return w, h
+        side = math.isqrt(n_patches)
+        return (side, side) if side * side == n_patches else None
+
+    @staticmethod
+    def shuffle_groups(width: int, height: int, s: int) -> np.ndarray:
+        """[n_tokens, s*s] patch rows of each LLM token: internvl.cpp's pixel shuffle (reshape_4d to
+        [n_embd*s, height/s, width], permute(0,2,1,3), cont_4d to [n_embd*s*s, height/s, width/s],
+        permute(0,2,1,3), cont_3d) replayed on patch indices (numpy axes = ggml ne reversed). On the square
+        tiles mtmd feeds it, token ty*(width/s)+tx holds patches (ty*s+dy, tx*s+dx)."""
+        idx = np.arange(width * height).reshape(width, height // s, s)  # ggml [s, height/s, width]
+        idx = idx.transpose(1, 0, 2)  # permute(0, 2, 1, 3) swaps ggml dims 1 and 2
+        idx = idx.reshape(width // s, height // s, s * s)  # cont_4d [s*s, height/s, width/s]
+        idx = idx.transpose(1, 0, 2)  # permute(0, 2, 1, 3)
+        return idx.reshape(-1, s * s)  # cont_3d [s*s, n_tokens]
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        s = self.scale(info)
+        grid = self.patch_grid(geom, info, geom.n_tokens * s * s)
+        if grid is not None and grid[0] % s == 0 and grid[1] % s == 0:
+            return grid[0] // s, grid[1] // s
+        return super().token_grid(geom, info)
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        s = self.scale(info)
+        n_patches = geom.n_tokens * s * s
+        if keys.shape[0] != n_patches + 1:  # patch rows, then the class token
+            return None
+        grid = self.patch_grid(geom, info, n_patches)
+        if grid is None or grid[0] % s or grid[1] % s:
+            return None
+        groups = self.shuffle_groups(grid[0], grid[1], s)
+        return _all_scored(keys[:n_patches][groups].mean(axis=1))
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return n_tokens * self.scale(info) ** 2 + 1  # + class token
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.model.mlp.3.weight" in tensors:  # clip_n_mmproj_embd: mm_3_w->ne[1]
+            return int(tensors["mm.model.mlp.3.weight"][0][1])
+        return None
+
+
+register(InternVLFamily())
