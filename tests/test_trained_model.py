@@ -101,3 +101,30 @@ def test_parity_with_pytorch(vlm):
         got = first.double().numpy()
         assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
         assert out == ans.tokens
+
+
+@needs_bundle
+def test_eval_command_writes_elsewhere_unless_asked(tmp_path):
+    """training/eval_shapes_vlm.py writes its results to --out and leaves the model's training.json alone unless
+    --update-training-json is given; --parity without torch is refused with the fix."""
+    from training.eval_shapes_vlm import main
+
+    d = tmp_path / "model"
+    d.mkdir()
+    for name in ("model.gguf", "mmproj.gguf"):
+        (d / name).symlink_to(MODEL_DIR / name)
+    (d / "training.json").write_text('{"seed": 0}')
+    out = tmp_path / "eval.json"
+    args = ["--model-dir", str(d), "--n", "2", "--k", "1", "--parity", "0", "--threads", "1"]
+    assert main(args + ["--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["accuracy"]["n_items"] == 2 and "--out" in res["command"]
+    assert json.loads((d / "training.json").read_text()) == {"seed": 0}
+    assert main(args + ["--out", str(tmp_path / "eval2.json"), "--update-training-json"]) == 0
+    info = json.loads((d / "training.json").read_text())
+    assert info["seed"] == 0 and info["eval"]["accuracy"]["n_items"] == 2
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            main(["--model-dir", str(d), "--n", "0", "--parity", "1", "--out", str(tmp_path / "x.json")])

@@ -1,16 +1,20 @@
 """Evaluate an exported shapes VLM in llama.cpp (greedy and K-rollout voting) and check PyTorch parity.
 
-    .venv/bin/python -m training.eval_shapes_vlm --model-dir avis_llamacpp/data/shapes-vlm --n 300 --parity 50
+    .venv/bin/python -m training.eval_shapes_vlm --model-dir avis_llamacpp/data/shapes-vlm --n 300 --parity 50 \
+        --out eval_shapes_vlm.json
 
 Accuracy runs through the public pipeline: ``VLM.ask(image, question, answer_tags=True, k=..., options=...)``.
-Parity (needs torch) loads the GGUF weights into the PyTorch mirror (training/vlm_torch.py) and compares greedy
-tokens and first-step logits with llama.cpp. Results are printed and merged into MODEL_DIR/training.json.
+Parity (needs torch: ``pip install -e '.[dev]'``, or pass ``--parity 0``) loads the GGUF weights into the PyTorch
+mirror (training/vlm_torch.py) and compares greedy tokens and first-step logits with llama.cpp. Results are printed
+and written to --out (default ./eval_shapes_vlm.json); the bundled MODEL_DIR/training.json is only updated with
+--update-training-json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +50,7 @@ def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 96) -> d
     for lo, hi in ((0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.01)):
         rs = [r for r in rows if lo <= r["difficulty"] < hi]
         by_diff[f"{lo:.2f}-{min(hi, 1):.2f}"] = {
-            "n": len(rs), "greedy": round(float(np.mean([r["greedy"] == r["answer"] for r in rs])), 3)}
+            "n": len(rs), "greedy": round(float(np.mean([r["greedy"] == r["answer"] for r in rs])), 3) if rs else None}
     return {"n_items": n, "k": k, "sampling": "temperature 0.7, top-p 0.9", "greedy_accuracy": round(float(greedy), 4),
             f"k{k}_vote_accuracy": round(float(vote), 4), "vote_differs_from_greedy": round(float(differ), 4),
             "rollouts_disagree": round(float(split), 4), "by_kind": by_kind, "by_difficulty": by_diff,
@@ -118,8 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--parity", type=int, default=50, help="test items for the torch parity check (0 to skip)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for llama.cpp and torch")
-    p.add_argument("--no-write", action="store_true", help="do not update training.json")
+    p.add_argument("--out", default="eval_shapes_vlm.json", help="where to write the results (JSON)")
+    p.add_argument("--update-training-json", action="store_true",
+                   help="also merge the results into MODEL_DIR/training.json (the bundled model's record)")
+    p.add_argument("--no-write", action="store_true", help="write no file, only print")
     args = p.parse_args(argv)
+    if args.parity:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            p.error("--parity needs torch (pip install -e '.[dev]'); pass --parity 0 to skip the parity check")
     d = Path(args.model_dir)
     model, mmproj = d / "model.gguf", d / "mmproj.gguf"
     results: dict = {"files": {"model.gguf": model.stat().st_size, "mmproj.gguf": mmproj.stat().st_size}}
@@ -130,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.n:
             results["accuracy"] = run_accuracy(vlm, args.n, args.k, args.seed)
             print(json.dumps(results["accuracy"], indent=1), flush=True)
+    if args.no_write:
+        return 0
+    results["command"] = "python -m training.eval_shapes_vlm " + " ".join(argv if argv is not None else sys.argv[1:])
+    Path(args.out).write_text(json.dumps(results, indent=1))
     info_path = d / "training.json"
-    if not args.no_write and info_path.exists():
+    if args.update_training_json and info_path.exists():
         info = json.loads(info_path.read_text())
         info.update({"eval": results})
         info_path.write_text(json.dumps(info, indent=1))
