@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .kdv import vit_keys_to_token_keys
+from .kdv import merge_groups, vit_keys_to_token_keys
 
 logger = logging.getLogger(__name__)
 
@@ -167,17 +167,23 @@ class LlavaFamily(Family):
 
 
 class LdpFamily(LlavaFamily):
-    """MobileVLM (ldp / ldpv2): a llava ViT whose 24x24 patches are pooled 2x2 into 12x12 tokens. The
-    pooling is not mapped natively yet (documented fallback)."""
+    """MobileVLM (ldp / ldpv2, llava.cpp): the llava ViT (n_layer - 1 blocks, rows 1..N feed the projector), then
+    a 24 x 24 -> 12 x 12 reduction clip.cpp hard-codes: ldpv2 a 2x2 average pool (exact groups), ldp a 3x3
+    stride-2 depthwise conv (the 2x2 group under each output is its centre; its keys are averaged)."""
 
     name = "mobilevlm"
     projector_types = ("ldp", "ldpv2")
-    native = False
-    chat_format = None
     uniform_blocks = False
+    grid = 24  # llava.cpp: int n_patch = 24
+    required_tensors = ()
 
     def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
-        return None
+        n_patch = self.grid * self.grid
+        half = self.grid // 2
+        if geom.n_tokens != half * half or keys.shape[0] not in (n_patch, n_patch + 1):
+            return None
+        rows = keys[1:n_patch + 1] if keys.shape[0] == n_patch + 1 else keys
+        return _all_scored(merge_groups(rows, self.grid, self.grid, 2))
 
     def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
         return 4 * n_tokens + 1
@@ -186,6 +192,9 @@ class LdpFamily(LlavaFamily):
         return []
 
     def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        for name in ("mm.model.peg.0.bias", "mm.model.mb_block.1.block.2.1.bias"):
+            if name in tensors:
+                return int(tensors[name][0][0])
         return None
 
 

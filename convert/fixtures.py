@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families with their own test files (tests/test_families_*.py)
-EXTRA_FAMILIES = ("qwen3vl",)
+EXTRA_FAMILIES = ("qwen3vl", "ldpv2")
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench")
 
@@ -49,6 +49,11 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
         VisionDims("qwen3vl", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224,
                    proj_dim=64, deepstack_layers=(1,)),
         CHATML_CHAT_TEMPLATE, "f32"),
+    # MobileVLM-V2: the llava ViT on a 24 x 24 patch grid (clip.cpp hard-codes it), 2x2 average pool -> 144
+    ("ldpv2", "tiny"): (
+        TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
+        VisionDims("ldpv2", n_embd=32, n_layer=3, n_head=4, n_ff=96, patch_size=4, image_size=96, proj_dim=64),
+        LLAVA_CHAT_TEMPLATE, "f32"),
     # bench: ~0.3B text model, ViT giving ~500-1000 image tokens (576 for llava at 336 / patch 14;
     # a 644x644 image gives 23x23 = 529 tokens on the qwen25vl tower)
     ("llava", "bench"): (

@@ -15,6 +15,9 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   patch-embedding convs plus a patch bias, learned position embeddings, LayerNorm blocks with one fused
   QKV projection (so llama.cpp's ``Kcur`` is a strided view), 2-D M-RoPE, GELU MLP, no windows, 2x2
   merger and optional deepstack mergers (extra embedding slices for chosen blocks).
+* ``"ldpv2"``: MobileVLM-V2 (``clip.projector_type = "ldpv2"``): the LLaVA CLIP ViT, then an MLP, a 2x2
+  average pool of the 24 x 24 patch grid clip.cpp hard-codes (so image_size / patch_size must be 24) and a
+  depthwise-conv position generator ("peg").
 
 All weights come from a seeded ``numpy.random.Generator`` and the writer emits no timestamps, so
 the output is byte-for-byte reproducible for a given ``(dims, seed, name, weight_std, ftype)``.
@@ -58,7 +61,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "qwen3vl")
+_FAMILIES = ("llava", "qwen25vl", "qwen3vl", "ldpv2")
 
 
 @dataclass
@@ -98,7 +101,9 @@ class VisionDims:
         if self.n_ff == self.n_embd:
             # clip.cpp swaps ffn_up/ffn_down when ffn_down.ne[0] == n_embd ("legacy naming" fix)
             raise ValueError("n_ff must differ from n_embd (clip.cpp would swap ffn up/down)")
-        if self.family == "llava":
+        if self.family == "ldpv2" and self.image_size != 24 * self.patch_size:
+            raise ValueError("ldpv2: clip.cpp hard-codes a 24 x 24 patch grid (image_size = 24 * patch_size)")
+        if self.family in ("llava", "ldpv2"):
             if self.image_size % self.patch_size:
                 raise ValueError("llava: image_size must be a multiple of patch_size")
             if self.n_layer < 2:
@@ -166,9 +171,9 @@ def expected_image_grid(
 ) -> tuple[int, int]:
     """Return (nx, ny) of the LLM-token grid mtmd produces for an input image of width x height."""
     dims.validate()
-    if dims.family == "llava":
-        # fixed-size preprocessor: always resized/padded to image_size x image_size
-        n = dims.image_size // dims.patch_size
+    if dims.family in ("llava", "ldpv2"):
+        # fixed-size preprocessor: always resized/padded to image_size x image_size (ldpv2 then pools 2x2)
+        n = dims.image_size // dims.patch_size // (2 if dims.family == "ldpv2" else 1)
         return n, n
     min_px, max_px = effective_pixel_limits(
         dims, image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens
@@ -267,6 +272,17 @@ def _qwen25vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndar
     yield from _linear(init, "mm.2", merged, d.proj_dim)
 
 
+def _ldpv2_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a MobileVLM-V2 projector on the LLaVA ViT (llava.cpp PROJECTOR_TYPE_LDPV2)."""
+    for name, arr in _llava_tensors(d, init):
+        if not name.startswith("mm."):
+            yield name, arr
+    yield from _linear(init, "mm.model.mlp.0", d.n_embd, d.proj_dim)
+    yield from _linear(init, "mm.model.mlp.2", d.proj_dim, d.proj_dim)
+    yield "mm.model.peg.0.weight", init.normal(d.proj_dim, 1, 3, 3)  # depthwise 3x3
+    yield "mm.model.peg.0.bias", init.normal(d.proj_dim)
+
+
 def _qwen3vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a Qwen3-VL vision tower (qwen3vl.cpp): fused QKV, LayerNorm, learned positions, deepstack."""
     e, p = d.n_embd, d.patch_size
@@ -316,8 +332,8 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
     w.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
     w.add_array("clip.vision.image_mean", list(_CLIP_MEAN))
     w.add_array("clip.vision.image_std", list(_CLIP_STD))
-    if d.family == "llava":
-        w.add_string("clip.projector_type", "mlp")
+    if d.family in ("llava", "ldpv2"):
+        w.add_string("clip.projector_type", "mlp" if d.family == "llava" else "ldpv2")
         w.add_bool("clip.has_llava_projector", True)
         # neither use_gelu nor use_silu -> quick-GELU in the ViT MLP, as CLIP ViT-L/14
         w.add_bool("clip.use_gelu", False)
@@ -341,6 +357,8 @@ def _store_dtype(name: str, arr: np.ndarray, ftype: str) -> np.ndarray:
     """Cast matrices/convs to f16 for ftype f16; keep 1-D tensors and embeddings in f32."""
     if ftype == "f16" and arr.ndim >= 2 and name not in ("v.position_embd.weight",):
         return arr.astype(np.float16)
+    if name == "mm.model.peg.0.weight":  # ggml's CPU depthwise conv (im2col) needs an f16 kernel
+        return arr.astype(np.float16)
     return arr
 
 
@@ -359,7 +377,8 @@ def write_mmproj(
         raise ValueError(f"ftype must be one of {sorted(_FTYPES)}, got {ftype!r}")
     path = os.fspath(path)
     init = _Init(seed, weight_std)
-    gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors}[dims.family]
+    gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
+           "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")
     _write_kv(writer, dims, name, ftype)
@@ -379,7 +398,7 @@ def write_mmproj(
         "image_grid": expected_image_grid(dims, dims.image_size, dims.image_size),
         "file_size": os.path.getsize(path),
         "n_params": n_params,
-        "n_blocks_run": dims.n_layer - 1 if dims.family == "llava" else dims.n_layer,
+        "n_blocks_run": dims.n_layer - 1 if dims.family in ("llava", "ldpv2") else dims.n_layer,
     }
     logger.info("wrote %s mmproj %s (%d params, %d bytes)", dims.family, path, n_params, info["file_size"])
     return info

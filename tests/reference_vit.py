@@ -306,7 +306,7 @@ def llava_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = 
     patch i with pos[i + 1], projector on the n_patches patch rows), for comparison only.
     """
     weights, hp = load_mmproj(path)
-    if hp["projector_type"] != "mlp":
+    if hp["projector_type"] not in ("mlp", "ldp", "ldpv2"):  # ldp(v2): same ViT, keys only (no projector)
         raise ValueError(f"llava_forward supports projector_type 'mlp', got {hp['projector_type']!r}")
     if not hp["has_llava_projector"]:
         raise ValueError("mmproj has no llava projector")
@@ -369,6 +369,9 @@ def llava_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = 
     offset = 1 if cls is not None else 0
     rows = np.arange(n_patches) + offset  # clip.cpp: patches[i] = i + patch_offset
     e = hidden[rows]
+    if W.get("mm.0.weight") is None:  # MobileVLM projectors are not mirrored
+        return {"keys": keys, "layers_run": layers_run, "embeddings": None, "rows": rows, "hidden": hidden,
+                "n_pos": n_pos, "n_patches": n_patches, "hparams": hp}
     e = gelu(_linear(e, W.req("mm.0.weight"), W.req("mm.0.bias")), act)
     if W.get("mm.2.weight") is not None:
         e = _linear(e, W.req("mm.2.weight"), W.req("mm.2.bias"))
