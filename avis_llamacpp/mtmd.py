@@ -284,6 +284,10 @@ class Projector:
         ptr = mtmd_cpp.mtmd_get_output_embd(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens, self.model.n_embd_inp)).copy()
 
+    def non_causal(self, chunk: ImageChunk) -> bool:
+        """Whether mtmd decodes this image chunk with bidirectional attention (Gemma 3 / 4 image tokens)."""
+        return bool(mtmd_cpp.mtmd_decode_use_non_causal(self.ptr, chunk.handle))
+
     def positions(self, chunk: ImageChunk, pos0: int) -> np.ndarray:
         """Decoder positions of the image tokens: [n_tokens, 4] (t, y, x, z) sections for M-RoPE models,
         as mtmd_helper_decode_image_chunk lays them out; [n_tokens, 1] consecutive positions otherwise."""

@@ -550,9 +550,17 @@ class Context:
         self._check(llama_cpp.llama_decode(self.ptr, b), "decoding a generation step")
 
     def decode_embeddings(self, embd: np.ndarray, positions: np.ndarray, seq_id: int = 0, *,
-                          logits_last: bool = False) -> None:
+                          logits_last: bool = False, causal: bool = True) -> None:
         """Decode embedding rows [n, n_embd] with explicit positions [n, n_pos] (n_pos = 4 for M-RoPE,
-        1 otherwise) in slices of n_batch, as mtmd_helper_decode_image_chunk does."""
+        1 otherwise) in slices of n_batch, as mtmd_helper_decode_image_chunk does. causal=False decodes them
+        with bidirectional attention (Gemma 3's image tokens), restoring causal attention afterwards."""
+        if not causal:
+            llama_cpp.llama_set_causal_attn(self.ptr, False)
+            try:
+                self.decode_embeddings(embd, positions, seq_id, logits_last=logits_last)
+            finally:
+                llama_cpp.llama_set_causal_attn(self.ptr, True)
+            return
         embd = np.ascontiguousarray(embd, dtype=np.float32)
         positions = np.ascontiguousarray(positions, dtype=np.int32)
         n, n_embd = embd.shape

@@ -91,7 +91,10 @@ def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int =
         else:
             pos = (n_past + np.arange(len(kept), dtype=np.int32))[:, None]
             advance = len(kept)
-        ctx.decode_embeddings(embd[kept], pos, seq_id, logits_last=(ci == last))
+        if projector.non_causal(chunk):  # as mtmd_helper_decode_image_chunk: bidirectional within the image
+            ctx.decode_embeddings(embd[kept], pos, seq_id, logits_last=(ci == last), causal=False)
+        else:
+            ctx.decode_embeddings(embd[kept], pos, seq_id, logits_last=(ci == last))
         n_past += advance
         n_kv += len(kept)
         images.append(ImagePrefill(chunk.image_index, chunk.n_tokens, len(kept), (chunk.nx, chunk.ny), kept, embd))
