@@ -158,8 +158,8 @@ def _message_images(messages: list[Any], max_images: int) -> list[tuple[str, str
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _bad(where, "a message object with a role and content", m)
-        if not isinstance(m.get("role"), str):
-            raise _bad(f"{where}.role", 'a string ("system", "user" or "assistant")', m.get("role"))
+        if m.get("role") not in ("system", "user", "assistant", "tool", "function"):
+            raise _bad(f"{where}.role", '"system", "user" or "assistant" (or "tool" / "function")', m.get("role"))
         content = m.get("content")
         if content is None or isinstance(content, str):
             continue
@@ -467,11 +467,16 @@ def install(handler_defaults: dict[str, Any]) -> None:
     RouteErrorHandler.error_message_wrapper = error_message_wrapper
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _validation_error(exc: Any) -> RequestError:
     """llama_cpp.server's request-model errors (pydantic) as a 400 naming the first field."""
     errors = exc.errors()
     first = errors[0] if errors else {}
-    loc = [p for p in first.get("loc", ()) if p != "body"]
+    # pydantic puts union members' type names in the path (stop.str, messages[0].ChatCompletionRequest...): drop them
+    loc = [p for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or (
+        isinstance(p, str) and p.isidentifier() and p.islower() and p not in _TYPE_NAMES))]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     msg = str(first.get("msg", "invalid request"))
     return RequestError(400, f"{param or 'body'}: {msg}", param=param, code="invalid_value")
