@@ -32,7 +32,7 @@ import anyio
 from .chat_handler import _AVIS_SINK, _OVERRIDES, OVERRIDE_KEYS, AVISChatHandler
 from .cli import flash_attn_arg
 from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError
-from .images import ImageSourcePolicy, fetch_request_image, request_images
+from .images import ImageSourcePolicy, fetch_request_image, load_image, request_images
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +359,9 @@ class AVISGuard:
             if url in resolved:
                 continue
             try:
-                resolved[url] = fetch_request_image(url, self.limits.images)
+                data = fetch_request_image(url, self.limits.images)
+                load_image(data)  # decode once here (then dropped: bytes are smaller) so a corrupt image is a
+                resolved[url] = data  # 400 naming its field, also for streams
             except ImageError as e:
                 raise RequestError(400, f"{param}: {e}", param=param, code="invalid_image") from None
         return resolved
