@@ -159,6 +159,10 @@ def test_calibration_end_to_end(tmp_path, items, vlm, llava_fixture, demo_image)
     k = policy.k_map.ks[sum(p_hat >= e for e in policy.k_map.edges)]
     assert ans.p_hat == pytest.approx(p_hat, rel=1e-9)
     assert ans.k == k == len(ans.rollouts)
+    if report["predictor"]["chosen"] == "constant":
+        # a junk model gets every greedy answer wrong (or right): the predictor is the smoothed base rate
+        n_right = sum(x["greedy"]["correct"] for x in records)
+        assert ans.p_hat == pytest.approx((n_right + 0.5) / (len(records) + 1))
 
 
 def _hand_p_hat(pred, x) -> float:

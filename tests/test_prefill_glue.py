@@ -76,13 +76,13 @@ class DecodeSpy:
         self.calls: list[tuple] = []
         real_tokens, real_embd = ctx.decode_tokens, ctx.decode_embeddings
 
-        def decode_tokens(tokens, pos0, seq_id=0, *, logits_last=True):
+        def decode_tokens(tokens, pos0, seq_id=0, **kw):
             self.calls.append(("text", list(tokens), int(pos0), seq_id))
-            return real_tokens(tokens, pos0, seq_id, logits_last=logits_last)
+            return real_tokens(tokens, pos0, seq_id, **kw)
 
-        def decode_embeddings(embd, positions, seq_id=0, *, logits_last=False):
+        def decode_embeddings(embd, positions, seq_id=0, **kw):
             self.calls.append(("image", np.array(embd, dtype=np.float32), np.array(positions), seq_id))
-            return real_embd(embd, positions, seq_id, logits_last=logits_last)
+            return real_embd(embd, positions, seq_id, **kw)
 
         monkeypatch.setattr(ctx, "decode_tokens", decode_tokens)
         monkeypatch.setattr(ctx, "decode_embeddings", decode_embeddings)
