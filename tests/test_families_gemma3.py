@@ -266,7 +266,7 @@ def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, demo_image, stock_a
     MTMDChatHandler (mtmd decodes gemma3 image tokens non-causally; so must prefill)."""
     text, n = stock_answer
     ours = vlm.ask(demo_image, Q, max_tokens=N_GEN, k=1)
-    assert n == len(ours.tokens) == N_GEN
+    assert n == len(ours.tokens) >= 8  # a real answer, not an immediate end of generation
     assert ours.text == text
     assert ours.images[0]["key_source"].startswith("vit_keys:") and ours.kept_tokens == [36]
 

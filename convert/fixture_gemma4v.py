@@ -1,0 +1,219 @@
+"""Seeded random-weight Gemma 4 VLM pair (text GGUF + mmproj GGUF, projector type ``gemma4v``) for tests.
+
+Vision side, as llama.cpp's ``tools/mtmd/models/gemma4v.cpp`` and ``clip.cpp`` (PROJECTOR_TYPE_GEMMA4V) load it:
+pixels scaled to [-1, 1] in the graph, a bias-free conv patch embedding, learned x / y position tables
+(``v.position_embd.weight``, ggml ne [n_embd, pos_size, 2]), RMSNorm blocks with per-head q / k norms,
+2-D NEOX RoPE (x on the first half of each head, y on the second, theta 100), RMS-normed V, kq_scale 1,
+post-attention and post-FFN norms, GEGLU FFN, a per-block output scale, then a k x k average pool
+(k = ``clip.vision.projector.scale_factor``, default 3), * sqrt(n_embd), RMSNorm and ``mm.input_projection``.
+Every linear goes through Gemma4ClippableLinear: ``<weight>.input_min/max`` / ``.output_min/max`` scalars
+clamp its input / output; the fixture gives the first block's q projection such clamps.
+Images keep their aspect ratio (dyn-size preprocessor, aligned to patch_size * k, 70..1120 tokens).
+
+Text side: mtmd does not check the text architecture for this projector, so the text model is
+convert/text_model.py's ``llama`` arch with a Gemma 4 style turn template; mtmd wraps the image in
+``<|image>`` ... ``<image|>`` text and, for a text n_embd other than 1536 / 2560, decodes it non-causally.
+
+    python -m convert.fixture_gemma4v --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+
+from .fixtures import default_cache_dir
+from .text_model import TextModelDims, _render_content_macro, write_text_model
+
+__all__ = ["Gemma4VisionDims", "Gemma4Fixture", "GEMMA4_CHAT_TEMPLATE", "TINY_TEXT", "TINY_VISION",
+           "make_gemma4v_fixture", "write_gemma4v_mmproj", "GEMMA4V_MIN_TOKENS", "GEMMA4V_MAX_TOKENS"]
+
+GEMMA4V_MIN_TOKENS, GEMMA4V_MAX_TOKENS = 70, 1120  # clip.cpp: hparams.set_limit_image_tokens(70, 1120)
+
+GEMMA4_CHAT_TEMPLATE: str = (
+    _render_content_macro()
+    + "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<|turn>' + role + '\\n' }}{{ render_content(message['content']) }}{{ '<turn|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class Gemma4VisionDims:
+    """Hyper-parameters of a tiny Gemma 4 vision tower + pooling projector."""
+
+    n_embd: int = 64
+    n_layer: int = 3
+    n_head: int = 4
+    n_ff: int = 128
+    patch_size: int = 8
+    scale_factor: int = 3  # 3 x 3 pool: 24 px per LLM token
+    pos_size: int = 64  # position-table rows per axis (images up to 512 px a side)
+    proj_dim: int = 64  # = text n_embd
+    image_size: int = 224  # metadata only (the converter writes 224; the dyn-size preprocessor ignores it)
+    eps: float = 1e-6
+    weight_std: float = 0.05
+
+    @property
+    def align(self) -> int:
+        return self.patch_size * self.scale_factor
+
+    def validate(self) -> None:
+        d_head = self.n_embd // self.n_head
+        if self.n_embd % self.n_head or d_head % 4:
+            raise ValueError("head dim must be a multiple of 4 (two NEOX halves)")
+
+
+TINY_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
+TINY_VISION = Gemma4VisionDims()
+
+
+@dataclass(frozen=True)
+class Gemma4Fixture:
+    """Paths and facts of the generated pair (the shape of convert.fixtures.Fixture)."""
+
+    family: str
+    size: str
+    seed: int
+    model: Path
+    mmproj: Path
+    text: TextModelDims
+    vision: Gemma4VisionDims
+
+    def image_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(nx, ny) LLM-token grid for an image that mtmd's aligned size already fits (no min/max rescale)."""
+        a = self.vision.align
+        return max(1, round(width / a)), max(1, round(height / a))
+
+
+def _tensors(d: Gemma4VisionDims, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
+    e, p, s, dh = d.n_embd, d.patch_size, d.weight_std, d.n_embd // d.n_head
+
+    def normal(*shape: int, std: float = s) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+    def norm(name: str, n: int = e) -> tuple[str, np.ndarray]:
+        return name, (1.0 + normal(n, std=0.1)).astype(np.float32)
+
+    yield "v.patch_embd.weight", normal(e, 3, p, p, std=0.1)
+    yield "v.position_embd.weight", normal(2, d.pos_size, e, std=0.5)  # ne [n_embd, pos_size, 2]: x table, y table
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield norm(f"{b}.ln1.weight")
+        for x in "qkv":
+            yield f"{b}.attn_{x}.weight", normal(e, e, std=0.15)
+        if il == 0:  # Gemma4ClippableLinear scalars (1-element tensors), tight enough to clamp
+            yield f"{b}.attn_q.input_max", np.array([1.5], dtype=np.float32)
+            yield f"{b}.attn_q.input_min", np.array([-1.5], dtype=np.float32)
+            yield f"{b}.attn_q.output_max", np.array([0.8], dtype=np.float32)
+            yield f"{b}.attn_q.output_min", np.array([-0.8], dtype=np.float32)
+        yield norm(f"{b}.attn_q_norm.weight", dh)
+        yield norm(f"{b}.attn_k_norm.weight", dh)
+        yield f"{b}.attn_out.weight", normal(e, e)
+        yield norm(f"{b}.attn_post_norm.weight")
+        yield norm(f"{b}.ln2.weight")
+        yield f"{b}.ffn_gate.weight", normal(d.n_ff, e)
+        yield f"{b}.ffn_up.weight", normal(d.n_ff, e)
+        yield f"{b}.ffn_down.weight", normal(e, d.n_ff)
+        yield norm(f"{b}.ffn_post_norm.weight")
+        yield f"{b}.out_scale.weight", np.array([0.9], dtype=np.float32)
+    yield "mm.input_projection.weight", normal(d.proj_dim, e, std=0.1)  # ne [n_embd, proj_dim]
+
+
+def write_gemma4v_mmproj(path: str | os.PathLike, d: Gemma4VisionDims, *, seed: int, name: str) -> dict:
+    """Write the random-weight gemma4v mmproj GGUF (f32); returns a summary."""
+    d.validate()
+    path = os.fspath(path)
+    w = gguf.GGUFWriter(path, "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(name)
+    w.add_description("random-weight gemma4v mmproj for tests")
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "gemma4v")
+    w.add_bool("clip.use_gelu", True)
+    w.add_uint32("clip.vision.image_size", d.image_size)
+    w.add_uint32("clip.vision.patch_size", d.patch_size)
+    w.add_uint32("clip.vision.embedding_length", d.n_embd)
+    w.add_uint32("clip.vision.feed_forward_length", d.n_ff)
+    w.add_uint32("clip.vision.block_count", d.n_layer)
+    w.add_uint32("clip.vision.projection_dim", d.proj_dim)
+    w.add_uint32("clip.vision.attention.head_count", d.n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
+    w.add_uint32("clip.vision.projector.scale_factor", d.scale_factor)
+    w.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])  # the graph itself maps [0, 1] to [-1, 1]
+    w.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
+    n_params = 0
+    for tname, arr in _tensors(d, np.random.default_rng(seed)):
+        n_params += int(arr.size)
+        w.add_tensor(tname, np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"path": path, "n_params": n_params, "file_size": os.path.getsize(path)}
+
+
+def _key(text: TextModelDims, vision: Gemma4VisionDims, seed: int) -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("fixture_gemma4v.py", "text_model.py", "tokenizer.py"):
+        h.update((here / name).read_bytes())
+    h.update(repr((text, vision, GEMMA4_CHAT_TEMPLATE, seed)).encode())
+    return f"gemma4v-tiny-s{seed}-{h.hexdigest()[:12]}"
+
+
+def make_gemma4v_fixture(out_dir: str | os.PathLike | None = None, *, seed: int = 0, force: bool = False,
+                         text: TextModelDims = TINY_TEXT, vision: Gemma4VisionDims = TINY_VISION) -> Gemma4Fixture:
+    """Write (or reuse from the cache) the tiny gemma4v pair; returns its paths."""
+    if vision.proj_dim != text.n_embd:
+        raise ValueError("vision.proj_dim must equal text.n_embd")
+    root = Path(out_dir) if out_dir is not None else default_cache_dir()
+    folder = root / _key(text, vision, seed)
+    model, mmproj, info_path = folder / "model.gguf", folder / "mmproj.gguf", folder / "info.json"
+    fx = Gemma4Fixture("gemma4v", "tiny", seed, model, mmproj, text, vision)
+    if info_path.exists() and model.exists() and mmproj.exists() and not force:
+        return fx
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
+    text_info = write_text_model(tmp_model, text, seed=seed, chat_template=GEMMA4_CHAT_TEMPLATE,
+                                 name="avis-gemma4v-tiny", ftype="f32")
+    vision_info = write_gemma4v_mmproj(tmp_mmproj, vision, seed=seed + 1, name="avis-gemma4v-tiny-mmproj")
+    os.replace(tmp_model, model)
+    os.replace(tmp_mmproj, mmproj)
+    info = {"family": "gemma4v", "size": "tiny", "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
+            "text": {k: v for k, v in text_info.items() if isinstance(v, (int, float, str))},
+            "vision": vision_info, "text_dims": asdict(text), "vision_dims": asdict(vision)}
+    info_path.write_text(json.dumps(info, indent=2, default=str))
+    return fx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.fixture_gemma4v", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output root (default: the cache dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    fx = make_gemma4v_fixture(args.out, seed=args.seed, force=args.force)
+    print(json.dumps({"family": "gemma4v", "model": str(fx.model), "mmproj": str(fx.mmproj),
+                      "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
