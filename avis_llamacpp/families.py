@@ -431,3 +431,109 @@ class InternVLFamily(Family):
 
 
 register(InternVLFamily())
+
+
+class PixtralFamily(Family):
+    """Pixtral-12B, Mistral-Small-3.1 / 3.2 (`pixtral`), LightOnOCR (`lightonocr`): tools/mtmd/models/pixtral.cpp.
+
+    The ViT runs every block with 2-D RoPE on Q and K, so the last block's keys are `Kcur_pos-(L-1)`, one row
+    per patch in raster order (clip.cpp sets pos_h = i / n_patches_x, pos_w = i % n_patches_x). With a patch
+    merger (Mistral-Small-3.1+) the rows are unfolded m x m (m = clip.vision.spatial_merge_size, clip.cpp
+    default 1 when the key is absent): LLM token (c, r) merges patches (m*c + dx, m*r + dy), tokens row-major
+    (ggml_im2col with stride m). `pixtral` then appends the `[IMG_BREAK]` embedding after every token row but
+    the last, so token (c, r) sits at index r * (p_x + 1) + c and the breaks at r * (p_x + 1) + p_x; the
+    breaks are always kept and never scored. `lightonocr` has no breaks. mtmd reports a 1 x N grid (1-D RoPE
+    text model): the patch grid comes from the encoder's input size (image_wh), or, with breaks, from the
+    captured row count.
+    """
+
+    name = "pixtral"
+    projector_types = ("pixtral",)
+    native = True
+    key_names = ("Kcur_pos", "Kcur")
+    gated_ffn = True  # clip.use_silu: SiLU-gated FFN (ffn_gate present)
+    required_tensors = ("v.patch_embd.weight", "mm.1.weight", "mm.2.weight", "v.token_embd.img_break")
+    uniform_blocks = True
+    has_breaks = True  # clip.cpp loads v.token_embd.img_break for pixtral (required)
+
+    def layout(self, geom: ChunkGeometry, info: VisionInfo,
+               n_rows: int | None = None) -> tuple[int, int, int, int, bool] | None:
+        """(p_x, p_y, m, patches per row, breaks) of a chunk, or None when it does not fit the graph's rule.
+
+        m is whichever of the mmproj's spatial_merge and 1 reproduces mtmd's token count (VisionInfo gives
+        spatial_merge a default of 2, clip.cpp 1 for these projectors; the two counts never coincide)."""
+        n = geom.n_tokens
+        ps = info.patch_size
+        merges = [m for m in dict.fromkeys((info.spatial_merge, 1)) if m > 0]
+        if geom.image_wh is not None and ps > 0:
+            gx, gy = geom.image_wh[0] // ps, geom.image_wh[1] // ps
+            if n_rows is not None and n_rows != gx * gy:
+                return None
+            for m in merges:
+                px, py = gx // m, gy // m  # clip_n_output_tokens / im2col floor the same way
+                if px < 1 or py < 1:
+                    continue
+                if n == px * py + (py - 1 if self.has_breaks else 0):
+                    return px, py, m, gx, self.has_breaks and py > 1
+            return None
+        if n_rows is None or not self.has_breaks:
+            return None
+        # no input size seen: with breaks, n + 1 = p_y * (p_x + 1) and n_rows = m^2 * p_x * p_y fix the grid
+        for m in merges:
+            if n_rows % (m * m):
+                continue
+            cells = n_rows // (m * m)
+            py = n + 1 - cells
+            if py > 1 and cells % py == 0:
+                return cells // py, py, m, m * (cells // py), True
+        return None
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        """The LLM tokens' row-major layout: p_x + 1 columns with breaks (the last column holds the
+        [IMG_BREAK] tokens; the last row has none), p_x without."""
+        lay = self.layout(geom, info)
+        if lay is None:
+            return super().token_grid(geom, info)
+        px, py, _, _, breaks = lay
+        return (px + 1 if breaks else px), py
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        lay = self.layout(geom, info, keys.shape[0])
+        if lay is None:
+            return None
+        px, py, m, gx, breaks = lay
+        grid = keys.reshape(-1, gx, *keys.shape[1:])[:py * m, :px * m]  # [y, x, H, D]
+        merged = grid.reshape(py, m, px, m, *keys.shape[1:]).mean(axis=(1, 3)).reshape(py * px, *keys.shape[1:])
+        cells = np.arange(py * px, dtype=np.int64)
+        scored = cells + cells // px if breaks else cells  # r * (p_x + 1) + c
+        return TokenKeys(np.ascontiguousarray(merged), scored, geom.n_tokens)
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        # breaks are not patches; without the grid their count (p_y - 1) is estimated for a square-ish image
+        m = max(info.spatial_merge, 1)
+        cells = n_tokens - max(math.isqrt(n_tokens) - 1, 0) if self.has_breaks else n_tokens
+        return max(cells, 1) * m * m
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.2.weight" in tensors:  # clip_n_mmproj_embd: mm_2_w->ne[1]
+            return int(tensors["mm.2.weight"][0][1])
+        return None
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        need = list(self.required_tensors)
+        if "mm.patch_merger.weight" in tensors:  # pixtral.cpp multiplies by mm_input_norm_w unchecked
+            need.append("mm.input_norm.weight")
+        return need
+
+
+class LightOnOCRFamily(PixtralFamily):
+    """LightOnOCR (`lightonocr`): the pixtral graph without [IMG_BREAK] tokens (clip.cpp never loads one)."""
+
+    name = "lightonocr"
+    projector_types = ("lightonocr",)
+    required_tensors = ("v.patch_embd.weight", "mm.1.weight", "mm.2.weight")
+    has_breaks = False
+
+
+register(PixtralFamily())
+register(LightOnOCRFamily())
