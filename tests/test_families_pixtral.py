@@ -296,3 +296,22 @@ def test_kept_sets_same_with_flash_attention(vlm, vlm_fa, kw):
         on = vlm_fa.ask(img, Q, max_tokens=1, **kw).images[0]
         assert off["key_source"] == on["key_source"] == f"vit_keys:{vlm_fa.key_capture.name}"
         assert on["kept"] == off["kept"]
+
+
+def test_preflight_and_projection_dim(vlm, px_fixture, ocr_fixture):
+    """GGUF pre-flight: the fixture's tensor table passes; [IMG_BREAK] is required for pixtral only, the merger's
+    input norm whenever there is a merger (pixtral.cpp multiplies by it unchecked); the output size is
+    mm.2.weight's ne[1] (clip_n_mmproj_embd)."""
+    from avis_llamacpp.mtmd import check_mmproj_file
+    from avis_llamacpp.native import scan_gguf
+
+    hdr = check_mmproj_file(px_fixture.mmproj, vlm.model)
+    px, ocr = family_for("pixtral"), family_for("lightonocr")
+    assert px.projection_dim(hdr.tensors) == px_fixture.text.n_embd == vlm.model.n_embd_inp
+    assert set(px.required_for(hdr.tensors)) <= set(hdr.tensors)
+    assert "v.token_embd.img_break" in px.required_for(hdr.tensors)
+    assert "mm.input_norm.weight" in px.required_for(hdr.tensors)
+    ocr_t = scan_gguf(ocr_fixture.mmproj, "mmproj").tensors
+    assert "v.token_embd.img_break" not in ocr_t and set(ocr.required_for(ocr_t)) <= set(ocr_t)
+    assert "mm.input_norm.weight" not in ocr.required_for({"mm.1.weight": ((1, 1), 0)})
+    assert px.blocks_run(vlm.projector.vision_info) == px_fixture.vision.n_layer and px.gated_ffn
