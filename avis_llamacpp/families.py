@@ -537,3 +537,67 @@ class LightOnOCRFamily(PixtralFamily):
 
 register(PixtralFamily())
 register(LightOnOCRFamily())
+
+
+class Gemma4VFamily(Family):
+    """Gemma 4 vision (tools/mtmd/models/gemma4v.cpp, PROJECTOR_TYPE_GEMMA4V).
+
+    Images keep their aspect ratio: the dyn-size preprocessor aligns each side to patch_size * k (k = n_merge:
+    clip.vision.projector.scale_factor, default 3) within 70..1120 tokens, so the patch grid is Px x Py with
+    (Px, Py) = encoder input size / patch_size (read from the graph's inp_raw; mtmd reports a 1 x N grid).
+    build_vit runs all n_layer blocks with per-head q/k RMS norms and a 2-D NEOX RoPE (x on the first half of
+    each head, y on the second), so the last block's keys are `Kcur_pos-(L-1)` ([d_head, n_head, Px*Py], row
+    y*Px + x). The pooler views the output as a [Px, Py] image, average-pools k x k with stride k and reshapes
+    row-major: LLM token by*(Px/k) + bx is the mean of patches x in [bx*k, bx*k+k), y in [by*k, by*k+k), so its
+    key is the mean of those k*k keys. mtmd decodes the image non-causally unless the text n_embd is 1536 /
+    2560 (E2B / E4B)."""
+
+    name = "gemma4v"
+    projector_types = ("gemma4v",)
+    native = True
+    key_names = ("Kcur_pos", "Kcur")
+    gated_ffn = True  # GEGLU (ffn_gate, ffn_up, ffn_down)
+    # position_embd is dereferenced unconditionally (pos table size); the input projection is required by clip.cpp
+    required_tensors = ("v.patch_embd.weight", "v.position_embd.weight", "mm.input_projection.weight")
+    uniform_blocks = False  # Gemma4ClippableLinear clamp scalars are optional per linear (clip.cpp defaults them)
+    default_pool = 3  # clip.cpp: hparams.n_merge = 3 unless the GGUF has clip.vision.projector.scale_factor
+    non_causal_image = True  # mtmd_decode_use_non_causal(), except text n_embd 1536 / 2560
+
+    def pool(self, info: VisionInfo) -> int:
+        return info.scale_factor if info.scale_factor > 0 else self.default_pool
+
+    def patch_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int] | None:
+        """(Px, Py) from the encoder's input size; None when it was not seen."""
+        if geom.image_wh is None or info.patch_size <= 0:
+            return None
+        w, h = geom.image_wh
+        return w // info.patch_size, h // info.patch_size
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        g, k = self.patch_grid(geom, info), self.pool(info)
+        if g is not None and (g[0] // k) * (g[1] // k) == geom.n_tokens:
+            return g[0] // k, g[1] // k
+        return super().token_grid(geom, info)
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        g, k = self.patch_grid(geom, info), self.pool(info)
+        if g is None:
+            return None
+        px, py = g
+        tx, ty = px // k, py // k  # ggml_pool_2d drops a remainder (the preprocessor aligns it away)
+        if keys.shape[0] != px * py or tx * ty != geom.n_tokens:
+            return None
+        grid = keys.reshape(py, px, *keys.shape[1:])[:ty * k, :tx * k]  # [y, x, H, D]
+        pooled = grid.reshape(ty, k, tx, k, *keys.shape[1:]).mean(axis=(1, 3))  # [by, bx, H, D]
+        return _all_scored(pooled.reshape(ty * tx, *keys.shape[1:]))
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return n_tokens * self.pool(info) ** 2
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.input_projection.weight" in tensors:  # clip_n_mmproj_embd: mm_input_proj_w->ne[1]
+            return int(tensors["mm.input_projection.weight"][0][1])
+        return None
+
+
+register(Gemma4VFamily())

@@ -1,0 +1,221 @@
+"""Native KDV on Gemma 4 vision (projector type `gemma4v`, families.Gemma4VFamily) on the tiny fixture of
+convert/fixture_gemma4v.py (RMS ViT with 2-D NEOX RoPE, patch 8, 3 x 3 average pool: 24 px per LLM token; the
+aspect ratio is kept, so a 240 x 168 image is 30 x 21 patches -> 10 x 7 tokens; llama text model).
+
+Oracles: the numpy re-implementation of gemma4v.cpp (tests/reference_gemma4v.py) for the captured post-RoPE keys
+and the projected embeddings, pooled to tokens by a plain loop here; stock llama-cpp-python
+(Gemma4ChatHandler, the mtmd C helper) for the unpruned answer; a decode spy for the pruned prefill."""
+
+from __future__ import annotations
+
+import base64
+import math
+
+import llama_cpp
+import llama_cpp.llama_chat_format as lcf
+import numpy as np
+import pytest
+
+from avis_llamacpp import VLM
+from avis_llamacpp.families import ChunkGeometry, VisionInfo, family_for
+from avis_llamacpp.images import load_image
+from avis_llamacpp.kdv import kdv_scores
+from avis_llamacpp.prefill import prefill
+from convert.fixture_gemma4v import make_gemma4v_fixture
+from tests.reference_gemma4v import gemma4v_forward
+from tests.test_families_gemma3 import _DecodeSpy, _stock_first_logits
+
+Q = "What shapes do you see?"
+N_GEN = 24
+N_CTX = 512
+SEED = 1  # a seed whose greedy answer on the demo image is N_GEN tokens long
+# the reference matches to ~3e-4 of the largest key: the GEGLU's f16 gelu table (mirrored) flips at f16 rounding
+# boundaries when the inputs differ in the last f32 bits; a wrong row / token mapping is off by O(1)
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return make_gemma4v_fixture(tmp_path_factory.mktemp("gemma4v"), seed=SEED)
+
+
+def _vlm(fx, flash_attn):
+    return VLM(fx.model, fx.mmproj, n_ctx=N_CTX, n_seq_max=1, n_threads=1, n_threads_batch=1,
+               flash_attn=flash_attn, use_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def vlm(fx):
+    with _vlm(fx, False) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def vlm_fa(fx):
+    with _vlm(fx, True) as v:
+        yield v
+
+
+def _noise(w: int, h: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _encode(v: VLM, image: np.ndarray):
+    with v.projector.tokenize(v.render_question(Q, 1), [image]) as p:
+        ch = p.images[0]
+        emb = v.projector.encode(ch)
+        tk, source = v.scored_keys(ch, emb)
+        cap = v.key_capture
+        return (ch.n_tokens, ch.nx, ch.ny), emb, tk, source, cap.keys.copy(), cap.image_wh, v.token_grid(ch)
+
+
+def _pool_by_loop(rows: np.ndarray, px: int, py: int, k: int) -> np.ndarray:
+    """Token by*(px/k)+bx = mean of patches (x, y), x in [bx*k, bx*k+k), y in [by*k, by*k+k); patch (x, y) is
+    row y*px + x."""
+    tx, ty = px // k, py // k
+    out = np.zeros((tx * ty,) + rows.shape[1:])
+    for by in range(ty):
+        for bx in range(tx):
+            acc = np.zeros(rows.shape[1:])
+            for y in range(by * k, by * k + k):
+                for x in range(bx * k, bx * k + k):
+                    acc += rows[y * px + x]
+            out[by * tx + bx] = acc / (k * k)
+    return out
+
+
+def _info(**kw) -> VisionInfo:
+    base = dict(projector_type="gemma4v", patch_size=8, n_wa_pattern=0, window_size=0, spatial_merge=0, n_layer=3,
+                n_embd=64, n_ff=128, image_size=224, scale_factor=3)
+    base.update(kw)
+    return VisionInfo(**base)
+
+
+def test_registry_entry_maps_pool_groups():
+    fam = family_for("gemma4v")
+    assert fam.native and fam.name == "gemma4v"
+    rows = np.random.default_rng(0).standard_normal((30 * 21, 2, 3))
+    geom = ChunkGeometry(70, 70, 1, (240, 168))
+    tk = fam.token_keys(rows, geom, _info())
+    assert tk is not None and tk.always_kept.size == 0
+    np.testing.assert_allclose(tk.keys, _pool_by_loop(rows, 30, 21, 3), rtol=1e-6, atol=1e-9)
+    assert fam.token_grid(geom, _info()) == (10, 7)
+    tall = fam.token_keys(rows, ChunkGeometry(70, 70, 1, (168, 240)), _info())
+    np.testing.assert_allclose(tall.keys, _pool_by_loop(rows, 21, 30, 3), rtol=1e-6, atol=1e-9)
+    assert fam.token_keys(rows, ChunkGeometry(70, 70, 1, None), _info()) is None  # grid unknown: fall back
+    assert fam.token_keys(rows[:-1], geom, _info()) is None
+    assert fam.token_keys(rows, ChunkGeometry(71, 71, 1, (240, 168)), _info()) is None
+    assert fam.n_patches(70, _info(scale_factor=0)) == 630  # clip.cpp default pool 3
+    assert fam.projection_dim({"mm.input_projection.weight": ((768, 2560), 0)}) == 2560
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_key_tensor_is_the_last_blocks_roped_keys(fx, vlm, vlm_fa, flash):
+    v = vlm_fa if flash else vlm
+    (n, nx, ny), _, tk, source, rows, wh, grid = _encode(v, _noise(240, 168, 3))
+    assert source == f"vit_keys:Kcur_pos-{fx.vision.n_layer - 1}"
+    assert rows.shape == (30 * 21, fx.vision.n_head, fx.vision.n_embd // fx.vision.n_head)
+    assert (n, nx, ny) == (70, 70, 1) and wh == (240, 168) and grid == (10, 7)
+
+
+@pytest.mark.parametrize("wh", [(240, 168), (168, 240), (216, 216)])
+def test_captured_keys_equal_numpy_reference(vlm, wh):
+    """Non-square both ways and square; the keys are the post-RoPE ones (pre-RoPE keys differ by O(1))."""
+    img = _noise(*wh, seed=sum(wh))
+    ref = gemma4v_forward(vlm.projector.path, img)
+    (n, _, _), emb, tk, source, rows, got_wh, grid = _encode(vlm, img)
+    px, py = ref["grid"]
+    assert got_wh == wh and (px, py) == (wh[0] // 8, wh[1] // 8)
+    assert grid == (px // 3, py // 3) and n == (px // 3) * (py // 3)
+    last = ref["keys_pos"][-1]
+    scale = np.abs(last).max()
+    np.testing.assert_allclose(rows, last, rtol=TOL, atol=TOL * scale)
+    assert np.abs(rows - ref["keys"][-1]).max() > 0.1 * scale  # not the pre-RoPE keys
+    want = _pool_by_loop(last, px, py, 3)
+    assert tk.keys.shape == want.shape
+    np.testing.assert_allclose(tk.keys, want, rtol=TOL, atol=TOL * scale)
+    e = ref["embeddings"]
+    np.testing.assert_allclose(emb, e, rtol=TOL, atol=TOL * np.abs(e).max())
+
+
+def test_ask_tau_and_ratio_score_vit_keys(vlm, demo_image):
+    for kw in ({"tau": math.pi / 4}, {"ratio": 0.5}):
+        a = vlm.ask(demo_image, Q, max_tokens=4, **kw)
+        im = a.images[0]
+        assert im["key_source"] == "vit_keys:Kcur_pos-2", kw
+        assert a.image_tokens == [81] and im["grid"] == [9, 9]  # 224 px -> 216 px aligned -> 9 x 9 tokens
+        assert im["kept"] == sorted(set(im["kept"])) and 0 < a.kept_tokens[0] <= 81
+    assert a.kept_tokens == [40]
+
+
+def test_non_square_image_through_the_pipeline(vlm):
+    a = vlm.ask(_noise(240, 168, 9), Q, max_tokens=2, ratio=0.5)
+    assert a.image_tokens == [70] and a.kept_tokens == [35] and a.images[0]["grid"] == [10, 7]
+    assert a.images[0]["key_source"].startswith("vit_keys:")
+
+
+def test_kept_sets_equal_with_flash_attention_on_and_off(vlm, vlm_fa, demo_image):
+    for kw in ({"tau": math.pi / 4}, {"ratio": 0.5}, {"ratio": 0.75}):
+        off = vlm.ask(demo_image, Q, max_tokens=1, **kw).images[0]
+        on = vlm_fa.ask(demo_image, Q, max_tokens=1, **kw).images[0]
+        assert on["key_source"] == off["key_source"] == "vit_keys:Kcur_pos-2"
+        assert on["kept"] == off["kept"], kw
+    img = load_image(demo_image)
+    np.testing.assert_allclose(kdv_scores(_encode(vlm_fa, img)[2].keys), kdv_scores(_encode(vlm, img)[2].keys),
+                               atol=1e-3)
+
+
+def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
+    meta: dict = {}
+    select = vlm.kdv_selector(0.5, None, meta)
+    spy = _DecodeSpy(vlm.ctx, monkeypatch)
+    vlm.ctx.clear()
+    with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(demo_image)]) as p:
+        texts = [list(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
+        pre = prefill(vlm.ctx, vlm.projector, p, select=select)
+        pos_max = vlm.ctx.seq_pos_max(0)
+    vlm.ctx.clear()
+    assert [c[0] for c in spy.calls] == ["text", "image", "text"]
+    before, after = texts
+    assert vlm.model.detokenize(before, special=True).endswith("<|image>")
+    assert vlm.model.detokenize(after, special=True).startswith("<image|>")
+    kept = pre.images[0].kept
+    assert len(kept) == 40 and meta[0]["key_source"].startswith("vit_keys:")
+    (_, t0, p0, _), (_, rows, pos, _, causal), (_, t1, p1, _) = spy.calls
+    assert t0 == before and p0 == 0 and t1 == after
+    assert causal is False  # text n_embd 64 (not E2B / E4B): mtmd decodes gemma4v images non-causally
+    np.testing.assert_array_equal(rows, pre.images[0].embeddings[kept])
+    np.testing.assert_array_equal(pos[:, 0], len(before) + np.arange(40))
+    assert p1 == len(before) + 40
+    assert pre.n_past == pre.n_kv == len(before) + 40 + len(after) == pos_max + 1
+
+
+def test_unpruned_answer_equals_stock_gemma4_chat_handler(fx, vlm, demo_image):
+    """Greedy, nothing pruned, K = 1, flash attention off on both sides: the same tokens as llama-cpp-python's
+    stock Gemma4ChatHandler (an MTMDChatHandler rendering the GGUF's template)."""
+    url = "data:image/png;base64," + base64.b64encode(demo_image.read_bytes()).decode()
+    handler = lcf.Gemma4ChatHandler(clip_model_path=str(fx.mmproj), verbose=False, use_gpu=False)
+    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=N_CTX, n_threads=1,
+                          n_gpu_layers=0, verbose=False)
+    try:
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": Q}]}],
+            temperature=0.0, repeat_penalty=1.0, max_tokens=N_GEN, seed=0)
+    finally:
+        llm.close()
+    ours = vlm.ask(demo_image, Q, max_tokens=N_GEN, k=1)
+    assert out["usage"]["completion_tokens"] == len(ours.tokens) >= 8
+    assert ours.text == out["choices"][0]["message"]["content"]
+    assert ours.images[0]["key_source"].startswith("vit_keys:") and ours.kept_tokens == [81]
+
+
+def test_unpruned_first_logits_equal_stock_mtmd_helper(fx, vlm, demo_image):
+    prompt = vlm.render_question(Q, 1)
+    want = _stock_first_logits(fx, prompt, demo_image.read_bytes())
+    vlm.ctx.clear()
+    with vlm.projector.tokenize(prompt, [load_image(demo_image)]) as p:
+        prefill(vlm.ctx, vlm.projector, p)
+        got = vlm.ctx.logits(-1)
+    vlm.ctx.clear()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
