@@ -246,3 +246,66 @@ def test_exception_mapping_4xx_for_client_errors_5xx_for_faults():
     fault = _error_for_exception(CaptureError("secret detail"))
     assert fault.status == 500 and "secret detail" not in fault.message
     assert _error_for_exception(RuntimeError("boom")).status == 500
+
+
+# --------------------------------------------------------------------------- #
+# the ASGI guard around a stub app (no model)
+# --------------------------------------------------------------------------- #
+
+async def _post(app, body: bytes, headers=()) -> tuple[int, dict, dict]:
+    import asyncio
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    out: dict = {"body": b""}
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            out["status"], out["headers"] = msg["status"], dict(msg["headers"])
+        else:
+            out["body"] += msg.get("body", b"")
+
+    await app({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": list(headers)},
+              receive, send)
+    import json
+    return out["status"], out["headers"], json.loads(out["body"])
+
+
+def test_guard_queue_limit_429_and_body_limit_413():
+    import asyncio
+    import json
+
+    from avis_llamacpp.server import AVISGuard
+
+    release = asyncio.Event()
+    seen = []
+
+    async def slow_app(scope, receive, send):  # answers once released; records what reached it
+        body = (await receive())["body"]
+        seen.append(json.loads(body))
+        await release.wait()
+        payload = b'{"choices": []}'
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": payload})
+
+    guard = AVISGuard(slow_app, ServerLimits(max_queue=2, max_request_bytes=5000))
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def scenario():
+        first = [asyncio.create_task(_post(guard, good)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        busy = await _post(guard, good)
+        release.set()
+        done = [await t for t in first]
+        big = await _post(guard, b"x" * 6000, headers=[(b"content-length", b"6000")])
+        big_chunked = await _post(guard, b"x" * 6000)  # no content-length: counted while read
+        return done, busy, big, big_chunked
+
+    done, busy, big, big_chunked = asyncio.run(scenario())
+    assert [s for s, _, _ in done] == [200, 200] and len(seen) == 2
+    assert busy[0] == 429 and busy[2]["error"]["code"] == "server_busy" and busy[1][b"retry-after"] == b"1"
+    assert big[0] == big_chunked[0] == 413 and big[2]["error"]["code"] == "request_too_large"
+    assert guard.active == 0
