@@ -210,6 +210,24 @@ def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
                       scale_factor=int(get("clip.vision.projector.scale_factor", 0)))
 
 
+def read_constant_tensors(mmproj_path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named tensors of an mmproj GGUF as flat float32 arrays (dequantized when stored quantized)."""
+    if not names:
+        return {}
+    import gguf
+
+    reader = gguf.GGUFReader(os.fspath(mmproj_path))
+    out: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        if t.name in names:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+            out[t.name] = np.asarray(data, dtype=np.float32).reshape(-1)
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ValueError(f"missing tensor(s) {missing}")
+    return out
+
+
 def keys_per_token(keys: np.ndarray, info: VisionInfo, geom: ChunkGeometry) -> TokenKeys | None:
     """Captured encoder keys [n_rows, H, D] -> keys per LLM image token by the projector family's rule, or None
     when the family has no native mapping or the rows do not fit it (the caller falls back to embeddings)."""

@@ -9,6 +9,7 @@ __all__ = [
     "ModelLoadError",
     "ContextOverflowError",
     "CaptureError",
+    "EncodeError",
     "PolicyFileError",
     "SnapshotMismatchError",
     "ClosedError",
@@ -37,6 +38,10 @@ class ContextOverflowError(AVISError):
 
 class CaptureError(AVISError):
     """Vision-encoder key capture failed or returned tensors of an unexpected shape."""
+
+
+class EncodeError(AVISError, RuntimeError):
+    """The vision encoder failed or produced unusable (non-finite) embeddings for an image."""
 
 
 class PolicyFileError(AVISError):

@@ -124,6 +124,15 @@ class Family:
         """Tensors every ViT block il must have for this projector (only checked when uniform_blocks)."""
         return []
 
+    # mmproj tensors that some LLM image-token rows copy verbatim (see constant_rows)
+    constant_row_tensors: tuple[str, ...] = ()
+
+    def constant_rows(self, geom: ChunkGeometry, info: VisionInfo, n_key_rows: int | None) -> dict[str, np.ndarray]:
+        """Token rows the graph fills with one fixed mmproj embedding: tensor name -> token indices. The encode
+        restores them from the file, so a corrupt value there (e.g. NaN from an uninitialised buffer) never
+        reaches the model."""
+        return {}
+
 
 class LlavaFamily(Family):
     """LLaVA-1.5 / 1.6, Yi-VL, Granite Vision 3 (CLIP ViT + MLP). clip.cpp's llava graph runs n_layer - 1
@@ -507,6 +516,17 @@ class PixtralFamily(Family):
         cells = np.arange(py * px, dtype=np.int64)
         scored = cells + cells // px if breaks else cells  # r * (p_x + 1) + c
         return TokenKeys(np.ascontiguousarray(merged), scored, geom.n_tokens)
+
+    constant_row_tensors = ("v.token_embd.img_break",)
+
+    def constant_rows(self, geom: ChunkGeometry, info: VisionInfo, n_key_rows: int | None) -> dict[str, np.ndarray]:
+        # pixtral.cpp builds each break row as scale(uninitialised, 0) + img_break: NaN when the reused compute
+        # buffer held NaN/Inf (seen on the tiny fixture in stock llama-cpp-python too); the row is img_break
+        lay = self.layout(geom, info, n_key_rows)
+        if lay is None or not lay[4]:
+            return {}
+        px, py = lay[0], lay[1]
+        return {"v.token_embd.img_break": np.arange(py - 1, dtype=np.int64) * (px + 1) + px}
 
     def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
         # breaks are not patches; without the grid their count (p_y - 1) is estimated for a square-ish image

@@ -13,9 +13,9 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 
-from .capture import KeyCapture, read_vision_info
-from .families import VisionInfo, family_for
-from .errors import ImageError, InvalidArgumentError, ModelLoadError
+from .capture import KeyCapture, read_constant_tensors, read_vision_info
+from .families import ChunkGeometry, VisionInfo, family_for
+from .errors import EncodeError, ImageError, InvalidArgumentError, ModelLoadError
 from .native import FlashAttn, GGUFHeader, Model, flash_attn_type, scan_gguf
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,13 @@ class Projector:
             raise ModelLoadError(f"mmproj {mmproj_path!r}: unreadable vision metadata ({type(e).__name__}: {e}); "
                                  "download or convert the mmproj again") from e
         self.projector_type = self.vision_info.projector_type
+        self.family = family_for(self.projector_type)
+        try:
+            self._constant_rows = read_constant_tensors(mmproj_path, self.family.constant_row_tensors)
+        except Exception as e:
+            self.close()
+            raise ModelLoadError(f"mmproj {mmproj_path!r}: unreadable tensor data ({type(e).__name__}: {e}); "
+                                 "download or convert the mmproj again") from e
         marker = mtmd_cpp.mtmd_default_marker()
         self.marker = marker.decode() if isinstance(marker, bytes) else str(marker)
 
@@ -280,9 +287,21 @@ class Projector:
         if self.key_capture is not None and ret == 0:
             self.key_capture.end()
         if ret != 0:
-            raise RuntimeError(f"mtmd_encode_chunk failed with code {ret}")
+            raise EncodeError(f"mtmd_encode_chunk failed with code {ret} for image {chunk.image_index}")
         ptr = mtmd_cpp.mtmd_get_output_embd(self.ptr)
-        return np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens, self.model.n_embd_inp)).copy()
+        embd = np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens, self.model.n_embd_inp)).copy()
+        if self._constant_rows:
+            cap = self.key_capture
+            geom = ChunkGeometry(chunk.n_tokens, chunk.nx, chunk.ny, cap.image_wh if cap is not None else None)
+            n_key_rows = cap.keys.shape[0] if cap is not None and cap.keys is not None else None
+            for name, rows in self.family.constant_rows(geom, self.vision_info, n_key_rows).items():
+                embd[rows] = self._constant_rows[name]
+        if not np.isfinite(embd).all():
+            bad = np.flatnonzero(~np.isfinite(embd).all(axis=1))
+            raise EncodeError(f"the vision encoder produced non-finite embeddings for image {chunk.image_index} "
+                              f"(token rows {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}); the mmproj may be "
+                              "corrupt or not match this llama.cpp build")
+        return embd
 
     def non_causal(self, chunk: ImageChunk) -> bool:
         """Whether mtmd decodes this image chunk with bidirectional attention (Gemma 3 / 4 image tokens)."""
