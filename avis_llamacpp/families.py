@@ -469,8 +469,8 @@ class PixtralFamily(Family):
                n_rows: int | None = None) -> tuple[int, int, int, int, bool] | None:
         """(p_x, p_y, m, patches per row, breaks) of a chunk, or None when it does not fit the graph's rule.
 
-        m is whichever of the mmproj's spatial_merge and 1 reproduces mtmd's token count (VisionInfo gives
-        spatial_merge a default of 2, clip.cpp 1 for these projectors; the two counts never coincide)."""
+        m is whichever of the mmproj's spatial_merge (0 when the key is absent) and 1 (clip.cpp's default for
+        these projectors) reproduces mtmd's token count; the two counts never coincide)."""
         n = geom.n_tokens
         ps = info.patch_size
         merges = [m for m in dict.fromkeys((info.spatial_merge, 1)) if m > 0]
@@ -557,6 +557,90 @@ class LightOnOCRFamily(PixtralFamily):
 
 register(PixtralFamily())
 register(LightOnOCRFamily())
+
+
+class Idefics3Family(Family):
+    """SmolVLM / SmolVLM2 / Idefics3 (`idefics3`) and LFM2-VL (`lfm2`): the SigLIP graph (models/siglip.cpp)
+    runs all n_layer blocks (keys `Kcur-(L-1)`, no class token, no RoPE; lfm2 resizes the learned position
+    embeddings to the chunk's patch grid), then `build_patch_merge_permute` (clip.cpp): the W x H patch grid
+    is zero-padded to multiples of s (s = clip.vision.projector.scale_factor) and each s x s block becomes one
+    token, row-major over the ceil(W/s) x ceil(H/s) token grid. A token's key is the mean of its real patches
+    (padding has no key). Tiles and the overview / thumbnail are separate chunks, each mapped on its own; mtmd
+    reports a 1 x N grid (no M-RoPE), so the patch grid comes from the encoder's input size."""
+
+    name = "idefics3"
+    projector_types = ("idefics3", "lfm2")
+    native = True
+    key_names = ("Kcur",)
+    required_tensors = ("v.patch_embd.weight",)
+    uniform_blocks = True
+
+    @staticmethod
+    def scale(info: VisionInfo) -> int:
+        return info.scale_factor if info.scale_factor > 0 else 1
+
+    @staticmethod
+    def patch_grid(geom: ChunkGeometry, info: VisionInfo, n_rows: int) -> tuple[int, int] | None:
+        """(width, height) in patches of the chunk's encoder input (square when the input size is unknown)."""
+        if geom.image_wh is not None and info.patch_size > 0:
+            w, h = geom.image_wh[0] // info.patch_size, geom.image_wh[1] // info.patch_size
+            if w * h == n_rows:
+                return w, h
+        side = math.isqrt(n_rows)
+        return (side, side) if side * side == n_rows else None
+
+    @staticmethod
+    def merge_groups(width: int, height: int, s: int) -> np.ndarray:
+        """[n_tokens, s*s] patch rows of each token (-1: padding), in the channel order of
+        build_patch_merge_permute (dx fastest, then dy); token ty*ceil(W/s)+tx holds (tx*s+dx, ty*s+dy)."""
+        tw, th = -(-width // s), -(-height // s)
+        xs = (np.arange(tw)[:, None] * s + np.arange(s)[None, :])  # [tx, dx]
+        ys = (np.arange(th)[:, None] * s + np.arange(s)[None, :])  # [ty, dy]
+        x = np.broadcast_to(xs[None, :, None, :], (th, tw, s, s))
+        y = np.broadcast_to(ys[:, None, :, None], (th, tw, s, s))
+        rows = np.where((x < width) & (y < height), y * width + x, -1)
+        return rows.reshape(tw * th, s * s)
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        s = self.scale(info)
+        if geom.image_wh is not None and info.patch_size > 0:
+            w, h = geom.image_wh[0] // info.patch_size, geom.image_wh[1] // info.patch_size
+            tw, th = -(-w // s), -(-h // s)
+            if tw * th == geom.n_tokens:
+                return tw, th
+        return super().token_grid(geom, info)
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        s = self.scale(info)
+        grid = self.patch_grid(geom, info, keys.shape[0])
+        if grid is None:
+            return None
+        groups = self.merge_groups(grid[0], grid[1], s)
+        if groups.shape[0] != geom.n_tokens:
+            return None
+        real = groups >= 0
+        picked = keys[np.where(real, groups, 0)] * real[:, :, None, None]
+        return _all_scored(picked.sum(axis=1) / real.sum(axis=1)[:, None, None])
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return n_tokens * self.scale(info) ** 2  # padding ignored
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        if "mm.model.fc.weight" in tensors:  # idefics3: clip_n_mmproj_embd = mm_fc_w->ne[1]
+            return int(tensors["mm.model.fc.weight"][0][1])
+        if "mm.2.weight" in tensors:  # lfm2: mm_2_w->ne[1]
+            return int(tensors["mm.2.weight"][0][1])
+        return None
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        if "mm.model.fc.weight" in tensors:
+            return list(self.required_tensors)
+        # lfm2: the projector MLP, and resize_position_embeddings reads the position table's size
+        return list(self.required_tensors) + ["v.position_embd.weight", "mm.1.weight", "mm.1.bias",
+                                              "mm.2.weight", "mm.2.bias"]
+
+
+register(Idefics3Family())
 
 
 class Gemma4VFamily(Family):

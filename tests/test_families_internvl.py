@@ -46,7 +46,7 @@ def fx(fixture_root):
 
 @pytest.fixture(scope="module")
 def vlm(fx):
-    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=False, n_threads=1) as v:
+    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=False, n_threads=1, n_threads_batch=1) as v:
         yield v
 
 
@@ -238,7 +238,7 @@ def test_kept_sets_equal_with_flash_attention_on_and_off(vlm, fx):
     img = Image.fromarray(_noise(448, 224, seed=6))
     off_r = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
     off_t = vlm.ask(img, Q, max_tokens=1, tau=math.pi / 4)
-    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=True, n_threads=1) as on:
+    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=True, n_threads=1, n_threads_batch=1) as on:
         on_r = on.ask(img, Q, max_tokens=1, ratio=0.5)
         on_t = on.ask(img, Q, max_tokens=1, tau=math.pi / 4)
         assert on.key_capture.name == KEY_NAME

@@ -1,0 +1,118 @@
+"""Independent numpy oracle of the SigLIP encoder mtmd runs for the `idefics3` (SmolVLM / Idefics3) and `lfm2`
+(LFM2-VL) projectors (tools/mtmd/models/siglip.cpp + clip.cpp), from the mmproj GGUF weights (numpy + gguf, no
+llama.cpp).
+
+Mirrored from the vendored graph:
+
+* ``build_inp``: conv patch embedding (+ bias), patch rows in raster order (x fastest), no class token;
+* learned position embeddings added by row; lfm2 first resizes the n x n table to the chunk's W x H patch grid
+  with ``ggml_interpolate`` in bilinear + antialias mode (pixel centres, triangle filter whose support widens
+  when shrinking, weights normalised), x fastest in and out;
+* ``build_vit`` over all n_layer blocks: LayerNorm, separate biased q/k/v, non-flash attention, ``up -> GELU ->
+  down`` FFN, post LayerNorm;
+* ``build_patch_merge_permute``: the W x H grid zero-padded to multiples of s, each s x s block concatenated
+  into one token (channels c + n_embd*dx + n_embd*s*dy), tokens row-major; written here as a plain loop;
+* idefics3: ``mm.model.fc`` (no bias); lfm2: LayerNorm(eps 1e-5) ``mm.input_norm`` -> ``mm.1`` -> GELU ->
+  ``mm.2``.
+
+    siglip_forward(path, image_rgb) -> dict(keys, embeddings, grid, scale, token_rows)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from tests.reference_vit import _attention, _layer_norm, _linear, _patch_conv, _pixels, _W, gelu, load_mmproj
+
+__all__ = ["siglip_forward", "merge_rows", "antialias_bilinear_weights"]
+
+
+def antialias_bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] row-normalised weights of ggml-cpu's upscale (GGML_SCALE_MODE_BILINEAR |
+    GGML_SCALE_FLAG_ANTIALIAS) along one axis."""
+    sf = float(np.float32(n_out) / np.float32(n_in))
+    support = max(1.0, 1.0 / sf)
+    invscale = 1.0 / support
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) / sf
+        lo = max(int(x - support + 0.5), 0)  # C++ int64 cast truncates toward zero
+        hi = min(int(x + support + 0.5), n_in)
+        for sx in range(lo, hi):
+            w[i, sx] = max(1.0 - abs((sx - x + 0.5) * invscale), 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def merge_rows(width: int, height: int, s: int) -> list[list[int]]:
+    """Per LLM token (row-major over ceil(W/s) x ceil(H/s)), the patch rows of its s x s block in channel order
+    (dx fastest, then dy); -1 marks a zero-padded position."""
+    out = []
+    for ty in range(math.ceil(height / s)):
+        for tx in range(math.ceil(width / s)):
+            rows = []
+            for dy in range(s):
+                for dx in range(s):
+                    x, y = tx * s + dx, ty * s + dy
+                    rows.append(y * width + x if x < width and y < height else -1)
+            out.append(rows)
+    return out
+
+
+def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
+    """Run the siglip.cpp graph (idefics3 / lfm2) on one chunk's encoder input (the image as mtmd feeds it:
+    no resize is mirrored). Returns keys (per block, [W*H, H, D]), embeddings ([n_tokens, proj_dim]),
+    grid (W, H) in patches, scale, token_rows (merge_rows)."""
+    weights, hp = load_mmproj(path)
+    proj = hp["projector_type"]
+    if proj not in ("idefics3", "lfm2"):
+        raise ValueError(f"siglip_forward supports idefics3 / lfm2, got {proj!r}")
+    import gguf
+
+    f = gguf.GGUFReader(os.fspath(path)).fields.get("clip.vision.projector.scale_factor")
+    s = int(f.contents()) if f is not None else 1
+    W = _W(weights)
+    p, eps, n_head, d_head = hp["patch_size"], hp["eps"], hp["n_head"], hp["d_head"]
+    img = np.asarray(image_rgb)
+    conv = _patch_conv(_pixels(img, hp), W.req("v.patch_embd.weight"), p)
+    gh, gw = conv.shape[:2]
+    n = gw * gh
+    x = conv.reshape(n, -1)
+    if W.get("v.patch_embd.bias") is not None:
+        x = x + W.get("v.patch_embd.bias")
+    pos = W.get("v.position_embd.weight")
+    if pos is not None:
+        side = math.isqrt(pos.shape[0])
+        if proj == "lfm2" and (gw, gh) != (side, side):
+            table = pos.reshape(side, side, -1)  # [y, x, e]
+            wy, wx = antialias_bilinear_weights(side, gh), antialias_bilinear_weights(side, gw)
+            pos = np.einsum("Yy,yxe,Xx->YXe", wy, table, wx).reshape(n, -1)
+        x = x + pos[:n]
+    keys = []
+    for il in range(hp["n_layer"]):
+        b = f"v.blk.{il}"
+        cur = _layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
+        q = _linear(cur, W.req(f"{b}.attn_q.weight"), W.get(f"{b}.attn_q.bias")).reshape(n, n_head, d_head)
+        k = _linear(cur, W.req(f"{b}.attn_k.weight"), W.get(f"{b}.attn_k.bias")).reshape(n, n_head, d_head)
+        v = _linear(cur, W.req(f"{b}.attn_v.weight"), W.get(f"{b}.attn_v.bias")).reshape(n, n_head, d_head)
+        keys.append(k)
+        x = x + _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+        cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
+        h = gelu(_linear(cur, W.req(f"{b}.ffn_up.weight"), W.get(f"{b}.ffn_up.bias")), act)
+        x = x + _linear(h, W.req(f"{b}.ffn_down.weight"), W.get(f"{b}.ffn_down.bias"))
+    if W.get("v.post_ln.weight") is not None:
+        x = _layer_norm(x, W.get("v.post_ln.weight"), W.get("v.post_ln.bias"), eps)
+    rows = merge_rows(gw, gh, s)
+    zero = np.zeros(x.shape[1])
+    merged = np.stack([np.concatenate([x[r] if r >= 0 else zero for r in token]) for token in rows])
+    if proj == "idefics3":
+        e = _linear(merged, W.req("mm.model.fc.weight"), None)
+    else:
+        if W.get("mm.input_norm.weight") is not None:
+            merged = _layer_norm(merged, W.get("mm.input_norm.weight"), W.get("mm.input_norm.bias"), 1e-5)
+        e = gelu(_linear(merged, W.req("mm.1.weight"), W.req("mm.1.bias")), act)
+        e = _linear(e, W.req("mm.2.weight"), W.req("mm.2.bias"))
+    return {"keys": keys, "embeddings": e, "grid": (gw, gh), "scale": s, "token_rows": rows, "hparams": hp}
