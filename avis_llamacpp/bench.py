@@ -259,11 +259,14 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
     elapsed = time.perf_counter() - t0
     records = [done[(it["id"], c.name)] for it in items for c in configs if (it["id"], c.name) in done]
     rows = summarize(records, configs, seed)
+    from .native import ContextSettings
+    flash_attn = ContextSettings().flash_attn  # the VLMs above run with the default
     title = (f"{Path(model).parent.name}/{Path(model).name} on {Path(items_path).parent.name} "
-             f"({len(items)} items, seed {seed}, max_tokens {max_tokens})")
+             f"({len(items)} items, seed {seed}, max_tokens {max_tokens}, flash_attn {flash_attn!r})")
     write_outputs(rows, out, title)
     (out / "run.json").write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "items": str(items_path),
                                               "seed": seed, "max_tokens": max_tokens, "answer_tags": answer_tags,
+                                              "flash_attn": flash_attn,
                                               "configs": cdicts, "elapsed_s": elapsed, "ray_workers": ray_workers,
                                               "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                                              indent=2))

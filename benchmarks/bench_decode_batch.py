@@ -52,7 +52,8 @@ def main() -> None:
             for s in range(1, k):
                 ctx.seq_rm(s)
         ctx.close()
-    print(f"{a.family} {a.size}: {fx.model.stat().st_size / 2**20:.0f} MiB text model, {a.prompt}-token shared prefix\n")
+    print(f"{a.family} {a.size}: {fx.model.stat().st_size / 2**20:.0f} MiB text model, {a.prompt}-token shared prefix, "
+          f"flash_attn={ContextSettings().flash_attn!r}\n")
     print(table(["threads", "batch K", "ms / step", "ms / token", "parallel gain over K single steps"], rows))
 
 

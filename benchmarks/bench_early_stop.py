@@ -18,6 +18,7 @@ from common import table
 
 from avis_llamacpp import VLM
 from avis_llamacpp.defaults import default_model_paths
+from avis_llamacpp.native import ContextSettings
 from convert.shapes_task import format_question, make_item, render
 
 
@@ -59,7 +60,7 @@ def main() -> None:
                          stats["full_tok"], stats["fast_tok"], f"{saved} ({saved / max(1, stats['full_tok']):.0%})",
                          stats["est"], stats["full_s"], stats["fast_s"], stats["full_s"] / stats["fast_s"]])
     print(f"bundled shapes VLM, K={a.k}, temperature 0.7 / top-p 0.9, max {a.max_tokens} tokens, "
-          f"{a.threads} thread(s)\n")
+          f"{a.threads} thread(s), flash_attn={ContextSettings().flash_attn!r}\n")
     print(table(["mode", "items", "same winner", "items stopped early", "rollouts cancelled", "decode tokens (all K)",
                  "decode tokens (early stop)", "tokens saved (exact)", "tokens saved (estimate)", "time all K s",
                  "time early stop s", "speed-up"], rows))

@@ -49,7 +49,7 @@ def run(family: str, size: str, repeat: int, threads: int | None) -> str:
     head = ["config", "kept/total", "encode ms", "prefill ms", "scoring ms", "TTFT ms", "prefill vs vanilla",
             "TTFT vs vanilla", "capture+scoring overhead / encode"]
     return f"{family} {size}: text {fx.model.name} ({fx.model.stat().st_size / 2**20:.0f} MiB), " \
-           f"{repeat} runs (median)\n\n" + table(head, rows)
+           f"{repeat} runs (median), flash_attn={vlms[True].settings.flash_attn!r}\n\n" + table(head, rows)
 
 
 def main() -> None:

@@ -76,7 +76,8 @@ def main() -> None:
         rows.append([k, t["stock"], t["snapshot"], t["parallel"], t["stock"] / t["parallel"],
                      t["snapshot"] / t["parallel"], f"{n['stock']}/{n['snapshot']}/{n['parallel']}"])
     print(f"{a.family} {a.size}: {fx.model.stat().st_size / 2**20:.0f} MiB text model, "
-          f"{vlm.ask(image, q, max_tokens=1).image_tokens[0]} image tokens, {a.tokens} tokens per rollout\n")
+          f"{vlm.ask(image, q, max_tokens=1).image_tokens[0]} image tokens, {a.tokens} tokens per rollout, "
+          f"flash_attn={vlm.settings.flash_attn!r} (stock: False)\n")
     print(table(["K", "stock xK s", "snapshot s", "parallel s", "stock / parallel", "snapshot / parallel",
                  "tokens decoded (stock/snap/par)"], rows))
     vlm.close()
