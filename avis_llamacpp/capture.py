@@ -129,13 +129,17 @@ class KeyCapture:
     """
 
     def __init__(self, key_names: Sequence[str] = KEY_NAMES_POST_ROPE_FIRST) -> None:
-        self.priority = {n: len(key_names) - i for i, n in enumerate(key_names)}
+        self.use_key_names(key_names)
         self.target: str | None = None
         self._best: tuple[int, int] | None = None
         self.name: str | None = None
         self.keys: np.ndarray | None = None  # [n_rows, n_head, d_head]
         self.image_wh: tuple[int, int] | None = None
         self.copies = 0  # tensors copied during the last encode
+
+    def use_key_names(self, key_names: Sequence[str]) -> None:
+        """The family's key tensor names, most preferred first (before the first encode)."""
+        self.priority = {n: len(key_names) - i for i, n in enumerate(key_names)}
 
     def begin(self) -> None:
         """Forget the previous image's keys (call before each encode)."""
@@ -203,7 +207,7 @@ def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
     return VisionInfo(projector_type=proj, patch_size=int(get("clip.vision.patch_size", 14)),
                       n_wa_pattern=int(get("clip.vision.n_wa_pattern", 0)),
                       window_size=int(get("clip.vision.window_size", 112)),
-                      spatial_merge=int(get("clip.vision.spatial_merge_size", 2)),
+                      spatial_merge=int(get("clip.vision.spatial_merge_size", 0)),  # 0: absent (family default)
                       n_layer=int(get("clip.vision.block_count", 0)), n_embd=int(get("clip.vision.embedding_length", 0)),
                       n_ff=int(get("clip.vision.feed_forward_length", 0)),
                       image_size=int(get("clip.vision.image_size", 0)),

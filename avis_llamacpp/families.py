@@ -90,6 +90,7 @@ class Family:
     # tensors whose presence makes clip.cpp abort for this projector
     forbidden_tensors: tuple[str, ...] = ()
     uniform_blocks = False  # every ViT block has the same tensors (a block missing one is a broken file)
+    standard_blocks = True  # clip.cpp loads v.blk.* ViT blocks for this projector (pre-flight checks q/k/v)
 
     def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
         """(nx, ny) of the chunk's LLM tokens as an image grid; a 1-row report is made square when it can be."""
@@ -269,6 +270,14 @@ class Qwen3VLFamily(QwenMergerFamily):
         return [f"v.blk.{il}.attn_qkv.weight", f"v.blk.{il}.attn_qkv.bias"]
 
 
+class NoViTBlocksFamily(Family):
+    """Projectors clip.cpp loads without the standard ViT blocks (MobileNetV5, TTS encoders): fallback only."""
+
+    name = "no-vit-blocks"
+    projector_types = ("gemma3nv", "qwen3tts_spkenc", "pockettts_gen")
+    standard_blocks = False
+
+
 _REGISTRY: dict[str, Family] = {}
 FALLBACK = Family()
 
@@ -280,7 +289,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily()):
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), NoViTBlocksFamily()):
     register(_f)
 
 
@@ -553,6 +562,7 @@ class LightOnOCRFamily(PixtralFamily):
     projector_types = ("lightonocr",)
     required_tensors = ("v.patch_embd.weight", "mm.1.weight", "mm.2.weight")
     has_breaks = False
+    constant_row_tensors = ()
 
 
 register(PixtralFamily())

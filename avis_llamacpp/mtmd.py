@@ -85,10 +85,6 @@ class Prompt:
             pass
 
 
-# clip.cpp loads these without the standard ViT blocks
-_NO_STANDARD_BLOCKS = {"gemma3nv", "qwen3tts_spkenc", "pockettts_gen"}
-
-
 def check_mmproj_file(path: str | os.PathLike, model: Model) -> GGUFHeader:
     """Pre-flight for an mmproj GGUF against the text model it will feed: clear ModelLoadErrors for a text model
     passed as mmproj, an audio-only projector, an embedding-size mismatch, and for tensor tables that load but
@@ -117,7 +113,7 @@ def check_mmproj_file(path: str | os.PathLike, model: Model) -> GGUFHeader:
     t = hdr.tensors
     missing: list[str] = []
     n_layer = hdr.get("clip.vision.block_count", 0)
-    if isinstance(n_layer, int) and proj not in _NO_STANDARD_BLOCKS:
+    if isinstance(n_layer, int) and fam.standard_blocks:
         blocks: list[set[str]] = []
         for il in range(min(n_layer, 4096)):
             b = f"v.blk.{il}."

@@ -444,7 +444,8 @@ class ContextSettings:
     def resolved_threads(self) -> tuple[int, int]:
         cpu = max(1, (os.cpu_count() or 2) // 2)  # llama_cpp.Llama's default
         n = self.n_threads or cpu
-        return n, self.n_threads_batch or (os.cpu_count() or n)
+        # an explicit n_threads also pins the batch threads (threads beyond free cores stall ggml's pool)
+        return n, self.n_threads_batch or self.n_threads or (os.cpu_count() or n)
 
 
 class Context:

@@ -135,6 +135,8 @@ class VLM:
                                                                                verbose=verbose)
             self.ctx = Context(self.model, self.settings)
             self.projector = self._make_projector(mmproj_path, use_gpu, flash_attn, verbose)
+            if self.key_capture is not None:
+                self.key_capture.use_key_names(self.projector.family.key_names)
         except BaseException:
             # free what was loaded here now, not at garbage collection (long-running servers retry loads);
             # a Model the caller passed in stays theirs
