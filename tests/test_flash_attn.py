@@ -30,6 +30,7 @@ from avis_llamacpp.images import load_image
 from avis_llamacpp.mtmd import Projector
 from avis_llamacpp.native import Context, ContextSettings, Model, flash_attn_type
 from avis_llamacpp.prefill import prefill
+from convert.fixtures import EXTRA_FAMILIES, make_fixture
 
 Q = "What shapes do you see?"
 N_GEN = 12
@@ -309,3 +310,22 @@ def test_kdv_same_kept_sets_and_close_continuations(vlm_pair, demo_image, prunin
             break
     else:
         assert len(a_on.tokens) == len(a_off.tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the other generated families (their own test files cover the rest): capture with flash attention on
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family_name", EXTRA_FAMILIES)
+def test_capture_with_flash_attention_on_other_families(family_name, fixture_root, demo_image):
+    fx = make_fixture(family_name, "tiny", out_dir=fixture_root)
+    got = {}
+    for fa in (False, "auto"):
+        with VLM(fx.model, fx.mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=fa) as v:
+            a = v.ask(demo_image, Q, max_tokens=1, ratio=0.5)
+            b = v.ask(demo_image, Q, max_tokens=1, tau=math.pi / 4)
+            got[fa] = (v.key_capture.target, v.key_capture.keys.copy(), a.images[0], b.images[0]["kept"])
+    (t_off, k_off, im_off, tau_off), (t_on, k_on, im_on, tau_on) = got[False], got["auto"]
+    assert t_off is not None and t_on == t_off and "(" not in t_on  # the F32 keys, not a permuted F16 copy
+    assert im_on["key_source"] == im_off["key_source"] == f"vit_keys:{t_off}"
+    assert k_on.shape == k_off.shape and np.abs(k_on - k_off).max() <= KEYS_TOL * np.abs(k_off).max()
+    assert im_on["kept"] == im_off["kept"] and tau_on == tau_off
