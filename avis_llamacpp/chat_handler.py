@@ -98,19 +98,18 @@ class AVISChatHandler:
         self.flash_attn = flash_attn
         self.verbose = verbose
         self.vlm: VLM | None = None
-        self._llama_id: int | None = None
         self._init_lock = threading.Lock()
 
     def _vlm_for(self, llama: Any) -> VLM:
         """The VLM sharing this Llama's weights (created on first use, rebuilt if the Llama changes)."""
         with self._init_lock:
-            if self.vlm is None or self._llama_id != id(llama):
+            # by identity of the owner the VLM holds (an id() can be reused by a new Llama once the old one died)
+            if self.vlm is None or self.vlm.closed or self.vlm.model.owner is not llama:
                 if self.vlm is not None:
                     self.vlm.close()
                 self.vlm = VLM.from_llama(llama, self.clip_model_path, n_seq_max=self.n_seq_max,
                                           chat_format=self.chat_format, allow_remote_images=self.allow_remote_images,
                                           flash_attn=self.flash_attn, verbose=self.verbose)
-                self._llama_id = id(llama)
                 llama._stack.callback(self.vlm.close)
             return self.vlm
 

@@ -297,6 +297,7 @@ class Model:
         params.use_mmap = use_mmap
         self.path = path
         self.owned = True
+        self.owner: Any = None  # set by borrow(): the object whose model this is
         self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load the text model {path!r}: not a GGUF language model, "
@@ -305,10 +306,12 @@ class Model:
         self._read_facts()
 
     @classmethod
-    def borrow(cls, ptr: int, path: str) -> "Model":
-        """Wrap a model another owner (e.g. a llama_cpp.Llama) loaded; close() leaves it alone."""
+    def borrow(cls, ptr: int, path: str, owner: Any = None) -> "Model":
+        """Wrap a model another owner (e.g. a llama_cpp.Llama) loaded; close() leaves it alone. The owner is
+        kept referenced, so its weights are not freed while this wrapper is in use."""
         self = cls.__new__(cls)
         self.path, self.ptr, self.owned = path, ptr, False
+        self.owner = owner
         self._read_facts()
         return self
 

@@ -168,7 +168,7 @@ class VLM:
         kwargs.setdefault("n_batch", llama.n_batch)
         kwargs.setdefault("n_threads", llama.n_threads)
         kwargs.setdefault("verbose", llama.verbose)
-        return cls(Model.borrow(llama.model, llama.model_path), mmproj_path, **kwargs)
+        return cls(Model.borrow(llama.model, llama.model_path, owner=llama), mmproj_path, **kwargs)
 
     def _make_projector(self, mmproj_path: str | os.PathLike, use_gpu: bool, flash_attn: FlashAttn,
                         verbose: bool) -> Projector:
