@@ -297,8 +297,10 @@ def test_guard_queue_limit_429_and_body_limit_413():
     async def scenario():
         first = [asyncio.create_task(_post(guard, good)) for _ in range(2)]
         await asyncio.sleep(0.05)
-        busy = await _post(guard, good)
-        release.set()
+        try:
+            busy = await asyncio.wait_for(_post(guard, good), 10)  # a third request must not wait its turn
+        finally:
+            release.set()
         done = [await t for t in first]
         big = await _post(guard, b"x" * 6000, headers=[(b"content-length", b"6000")])
         big_chunked = await _post(guard, b"x" * 6000)  # no content-length: counted while read
