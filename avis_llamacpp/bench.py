@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .items import iterate, read_records
+from .items import load_items as read_items
 
 logger = logging.getLogger(__name__)
 
@@ -56,28 +57,8 @@ def default_configs(with_policy: bool) -> list[BenchConfig]:
 
 
 def load_items(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read a labelled JSONL set (image path relative to the file, question, options, answer letter)."""
-    path = Path(path)
-    items = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                it = json.loads(line)
-            except ValueError as e:
-                raise InvalidArgumentError(f"{path}:{n}: not JSON ({e})") from e
-            for key in ("image", "question", "answer"):
-                if key not in it:
-                    raise InvalidArgumentError(f"{path}:{n}: missing field {key!r}")
-            if str(it["image"]).startswith(("http://", "https://")):
-                raise InvalidArgumentError(f"{path}:{n}: remote images are not fetched; use a local path")
-            it.setdefault("id", f"item-{n}")
-            it["image_path"] = str((path.parent / it["image"]).resolve())
-            items.append(it)
-            if limit is not None and len(items) >= limit:
-                break
-    return items
+    """A labelled JSONL set as dicts (items.load_items validates; `image_path` is resolved)."""
+    return [it.as_dict() for it in read_items(path, limit)]
 
 
 def kv_bytes_per_cell(vlm: Any) -> int:
@@ -226,11 +207,9 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
     cdicts = [asdict(c) for c in configs]
     rec_path = out / "records.jsonl"
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    if resume and rec_path.exists():
-        for line in rec_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[(r["id"], r["config"])] = r
+    if resume:
+        for r in read_records(rec_path):  # a truncated last line (interrupted run) is dropped
+            done[(r["id"], r["config"])] = r
     todo = [(i, it) for i, it in enumerate(items) if any((it["id"], c.name) not in done for c in configs)]
     kw = dict(configs=cdicts, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, policy_path=policy_path)
     vlm_kwargs = {"n_ctx": n_ctx, "n_seq_max": max(8, max(c.k for c in configs)), "n_threads": n_threads,
@@ -247,7 +226,7 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
                     done[(r["id"], r["config"])] = r
         else:
             from .pipeline import VLM
-            bar = _progress(todo, progress)
+            bar = iterate(todo, desc="bench", enabled=progress)
             with VLM(model, mmproj, **vlm_kwargs) as vlm:
                 if todo:  # warm-up: the first query pays one-time allocations, keep them out of the ratios
                     vlm.ask(todo[0][1]["image_path"], "warm-up", max_tokens=1)
@@ -271,16 +250,6 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
                                               "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                                              indent=2))
     return rows
-
-
-def _progress(seq: Sequence[Any], enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return seq
-    try:
-        from tqdm import tqdm
-        return tqdm(seq, desc="items", file=sys.stderr)
-    except ImportError:
-        return seq
 
 
 def register_cli(sub: Any) -> None:

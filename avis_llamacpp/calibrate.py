@@ -22,7 +22,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -30,6 +29,8 @@ import numpy as np
 
 from .errors import AVISError, InvalidArgumentError
 from .features import FEATURE_VERSION
+from .items import Item, load_items, read_records
+from .items import progress as progress_bar
 from .kdv import DEFAULT_TAU
 from .policy import K_CHOICES, AVISPolicy, FeatureSpec, expected_vote_accuracy, fit_k_map
 from .voting import extract_answer, normalize_answer
@@ -45,7 +46,6 @@ SETTINGS_FILE = "calibration.json"
 POLICY_FILE = "policy.gguf"
 REPORT_FILE = "report.json"
 DEFAULT_LAMBDA = 0.01  # accuracy one unit of compute (a rollout, or a vanilla run's FLOPs) must buy
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:(//|[^\\/])")  # scheme://... or data:..., not C:\ or C:/
 _SETTINGS_CHECKED = ("model_id", "k_max", "seed", "max_tokens", "answer_tags", "tau", "ratio", "feature_version")
 _UNSET: Any = object()
 
@@ -53,69 +53,7 @@ _UNSET: Any = object()
 # ------------------------------------------------------------------------------------------------------------
 # items
 # ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CalibrationItem:
-    """One labelled question: id, resolved image path, question text, options and the gold answer."""
-
-    id: str
-    index: int
-    image: Path
-    image_field: str
-    question: str
-    options: tuple[str, ...]
-    gold: str
-
-
-def load_items(path: str | os.PathLike) -> list[CalibrationItem]:
-    """Read and validate a calibration JSONL (images must be local files; URLs are refused)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgumentError(f"{path}: no such items file")
-    items: list[CalibrationItem] = []
-    seen: set[str] = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidArgumentError(f"{where}: not JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise InvalidArgumentError(f"{where}: each line must be a JSON object")
-        missing = [k for k in ("image", "question", "answer") if k not in d]
-        if missing:
-            raise InvalidArgumentError(f"{where}: missing field(s) {missing}")
-        image, question = d["image"], d["question"]
-        if not isinstance(image, str) or not image:
-            raise InvalidArgumentError(f"{where}: 'image' must be a path string")
-        if _URL_RE.match(image):
-            raise InvalidArgumentError(f"{where}: 'image' must be a local path relative to the JSONL, not a URL "
-                                       f"({image[:60]!r})")
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidArgumentError(f"{where}: 'question' must be a non-empty string")
-        options = d.get("options") or []
-        if not isinstance(options, list) or not all(isinstance(o, (str, int, float)) for o in options):
-            raise InvalidArgumentError(f"{where}: 'options' must be a list of strings")
-        options_t = tuple(str(o) for o in options)
-        if not isinstance(d["answer"], (str, int, float)) or not str(d["answer"]).strip():
-            raise InvalidArgumentError(f"{where}: 'answer' must be a non-empty string")
-        gold = normalize_answer(str(d["answer"]), options_t or None)
-        if options_t:
-            letters = "".join(chr(ord("A") + i) for i in range(min(len(options_t), 26)))
-            if gold not in letters:
-                raise InvalidArgumentError(f"{where}: answer {d['answer']!r} is not one of the option letters {letters}")
-        item_id = str(d.get("id", f"item-{lineno:06d}"))
-        if item_id in seen:
-            raise InvalidArgumentError(f"{where}: duplicate id {item_id!r}")
-        seen.add(item_id)
-        img = (path.parent / image).resolve()
-        if not img.is_file():
-            raise InvalidArgumentError(f"{where}: image {image!r} not found (looked for {img})")
-        items.append(CalibrationItem(item_id, len(items), img, image, question, options_t, gold))
-    if not items:
-        raise InvalidArgumentError(f"{path}: no items")
-    return items
+CalibrationItem = Item  # the shared item type (items.py)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -141,27 +79,6 @@ def _model_info(vlm: Any) -> dict[str, str]:
             "mmproj_file": Path(getattr(proj, "path", "") or "").name}
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """Records from a records.jsonl; a truncated last line (interrupted write) is dropped from the file."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    out: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # no newline after it: the write was interrupted
-                logger.warning("%s: dropping a truncated last record (interrupted run)", path)
-                path.write_bytes(b"\n".join(lines[:-1]) + (b"\n" if i else b""))
-                break
-            raise InvalidArgumentError(f"{path}:{i + 1}: corrupt record ({e})") from None
-    return out
-
-
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Calibration records from a records.jsonl file (or the out_dir holding one)."""
     p = Path(path)
@@ -169,18 +86,7 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         p = p / RECORDS_FILE
     if not p.is_file():
         raise InvalidArgumentError(f"{p}: no records file")
-    return _read_records(p)
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    """A tqdm bar when tqdm is importable and progress is on, else None (logging is used instead)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="calibrate", unit="item", file=sys.stderr)
+    return read_records(p)
 
 
 def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.PathLike, *, k_max: int = 7,
@@ -224,7 +130,7 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
             logger.warning("%s: no %s next to it; assuming its records were made with these settings", rec_path,
                            SETTINGS_FILE)
     set_path.write_text(json.dumps(settings, indent=2))
-    done = {r["id"]: r for r in _read_records(rec_path)}
+    done = {r["id"]: r for r in read_records(rec_path)}
     wanted = {it.id for it in items}
     if set(done) - wanted:
         logger.warning("%s has %d records for ids not in %s; they are kept but not returned", rec_path,
@@ -234,8 +140,8 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
         logger.info("resuming: %d of %d items already recorded", len(items) - len(todo), len(items))
     n_seq_max = getattr(getattr(vlm, "settings", None), "n_seq_max", k_max)
     mode = "parallel" if k_max <= n_seq_max else "snapshot"
-    bar = _progress(len(items), len(items) - len(todo), progress)
-    every = log_every or max(1, len(items) // 20)
+    bar = progress_bar(len(items), initial=len(items) - len(todo), desc="calibrated", enabled=progress,
+                       every=log_every, log=logger)
     failures: list[tuple[str, Exception]] = []
     t_start = time.perf_counter()
     if ray_workers > 0 and todo:
@@ -267,16 +173,11 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 done[it.id] = rec
-                if bar is not None:
-                    bar.update(1)
-                elif progress and (n_done % every == 0 or n_done == len(todo)):
-                    rate = n_done / max(time.perf_counter() - t_start, 1e-9)
-                    logger.info("calibrated %d/%d items (%.2f items/s, greedy accuracy so far %.3f)",
-                                len(items) - len(todo) + n_done, len(items), rate,
-                                np.mean([done[i.id]["greedy"]["correct"] for i in items if i.id in done]))
+                bar.update(1, note=lambda n_done=n_done: (
+                    f"{n_done / max(time.perf_counter() - t_start, 1e-9):.2f} items/s, greedy accuracy so far "
+                    f"{np.mean([done[i.id]['greedy']['correct'] for i in items if i.id in done]):.3f}"))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if failures:
         logger.error("%d item(s) failed (first: %s: %s); rerun to retry them", len(failures), *failures[0])
         if not any(it.id in done for it in items):
