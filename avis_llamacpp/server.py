@@ -67,6 +67,7 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
     def payload(self) -> dict[str, Any]:
+        """The response body, as OpenAI shapes errors (openai raises it as APIStatusError with .param/.code)."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
