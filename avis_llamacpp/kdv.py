@@ -65,7 +65,9 @@ __all__ = [
     "prune",
     "qwen25vl_inv_window_index",
     "qwen25vl_window_index",
+    "random_subset",
     "select_tokens",
+    "uniform_subset",
     "undo_window_order",
     "vit_keys_to_token_keys",
 ]
@@ -418,3 +420,21 @@ def vit_keys_to_token_keys(
         return blocks
     idx = qwen25vl_window_index(grid_w, grid_h, m, window_size_patches)
     return undo_window_order(blocks, idx)
+
+
+def random_subset(n_total: int, n_keep: int, seed: int, image_index: int = 0) -> np.ndarray:
+    """The random-pruning baseline: n_keep of n_total token indices (ascending), drawn from a generator seeded
+    by (seed, image_index) so every image of a query gets its own, reproducible subset."""
+    n_total, n_keep = _int(n_total, "n_total", 1), _int(n_keep, "n_keep", 0)
+    if n_keep > n_total:
+        raise InvalidArgumentError(f"n_keep ({n_keep}) must be <= n_total ({n_total})")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(image_index)])
+    return np.sort(rng.choice(n_total, size=n_keep, replace=False)).astype(np.int64)
+
+
+def uniform_subset(n_total: int, n_keep: int) -> np.ndarray:
+    """The uniform-pruning baseline: n_keep token indices evenly spread over n_total (floor(i * n / k))."""
+    n_total, n_keep = _int(n_total, "n_total", 1), _int(n_keep, "n_keep", 0)
+    if n_keep > n_total:
+        raise InvalidArgumentError(f"n_keep ({n_keep}) must be <= n_total ({n_total})")
+    return np.floor(np.arange(n_keep) * n_total / max(n_keep, 1)).astype(np.int64)

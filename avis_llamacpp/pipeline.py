@@ -22,7 +22,7 @@ from .errors import ClosedError, ContextOverflowError, InvalidArgumentError, Sna
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_frames, load_image
 from .features import query_features
-from .kdv import KDVSelection, kdv_scores, prune
+from .kdv import KDVSelection, kdv_scores, prune, random_subset, uniform_subset
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, FlashAttn, Model, SamplingParams
 from .prefill import ImagePrefill, PrefillResult, TokenSelector, prefill
@@ -564,12 +564,9 @@ class VLM:
                 sel, source = prune(embeddings[tk.scored][:, None, :], ratio=ratio), "projected_embeddings"
             elif selector in ("random", "uniform"):
                 n, n_keep = sel.n_total, sel.n_kept
-                if selector == "random":
-                    rng = np.random.default_rng([seed & 0xFFFFFFFF, chunk.image_index])
-                    kept = np.sort(rng.choice(n, size=n_keep, replace=False))
-                else:
-                    kept = np.floor(np.arange(n_keep) * n / n_keep).astype(np.int64)
-                sel = KDVSelection(kept=kept.astype(np.int64), n_total=n, n_kept=n_keep, kept_fraction=n_keep / n,
+                kept = (random_subset(n, n_keep, seed, chunk.image_index) if selector == "random"
+                        else uniform_subset(n, n_keep))
+                sel = KDVSelection(kept=kept, n_total=n, n_kept=n_keep, kept_fraction=n_keep / n,
                                    mode=selector, param=float(ratio), threshold=float("nan"),
                                    score_summary=sel.score_summary, scores=sel.scores)
                 source = selector

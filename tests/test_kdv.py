@@ -521,3 +521,29 @@ def test_scores_property_vs_oracle(keys):
     got = kdv_scores(keys)
     np.testing.assert_allclose(got, oracle_scores(keys), atol=1e-9)
     assert np.all(np.abs(got) <= 1.0)
+
+
+def test_random_subset_is_seeded_per_image_and_sorted():
+    from avis_llamacpp.kdv import random_subset
+
+    a = random_subset(100, 25, seed=3, image_index=0)
+    assert a.dtype == np.int64 and len(a) == 25 and len(set(a.tolist())) == 25 and list(a) == sorted(a)
+    assert np.array_equal(a, random_subset(100, 25, seed=3, image_index=0))
+    assert not np.array_equal(a, random_subset(100, 25, seed=3, image_index=1))
+    assert not np.array_equal(a, random_subset(100, 25, seed=4, image_index=0))
+    # hand oracle: the same generator the docstring names
+    rng = np.random.default_rng([3, 0])
+    assert np.array_equal(a, np.sort(rng.choice(100, size=25, replace=False)))
+    with pytest.raises(InvalidArgumentError):
+        random_subset(10, 11, seed=0)
+
+
+def test_uniform_subset_by_hand():
+    from avis_llamacpp.kdv import uniform_subset
+
+    assert uniform_subset(10, 5).tolist() == [0, 2, 4, 6, 8]
+    assert uniform_subset(10, 3).tolist() == [0, 3, 6]
+    assert uniform_subset(7, 7).tolist() == list(range(7))
+    assert uniform_subset(7, 0).tolist() == []
+    with pytest.raises(InvalidArgumentError):
+        uniform_subset(3, 4)
