@@ -464,7 +464,11 @@ def install(handler_defaults: dict[str, Any]) -> None:
             err = _error_for_exception(error)
             if err.status < 500:
                 return err.status, err.payload()["error"]
-        return wrapper(self, error, body)
+        status, err = wrapper(self, error, body)  # llama_cpp's own mapping; it prints the traceback of a fault
+        if status >= 500:  # a fault's text (paths, internals) stays in the server's log
+            err = RequestError(status, f"internal server error ({type(error).__name__})",
+                               type_="server_error").payload()["error"]
+        return status, err
 
     RouteErrorHandler._avis_original_wrapper = wrapper
     RouteErrorHandler.error_message_wrapper = error_message_wrapper

@@ -311,3 +311,23 @@ def test_guard_queue_limit_429_and_body_limit_413():
     assert busy[0] == 429 and busy[2]["error"]["code"] == "server_busy" and busy[1][b"retry-after"] == b"1"
     assert big[0] == big_chunked[0] == 413 and big[2]["error"]["code"] == "request_too_large"
     assert guard.active == 0
+
+
+def test_bad_operator_settings_stop_the_launcher_before_loading(tmp_path):
+    from avis_llamacpp.server import main
+    with pytest.raises(SystemExit, match="not a directory"):
+        main(["--model", str(tmp_path / "never-loaded.gguf"), "--avis_image_dir", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="max_images must be an int >= 1"):
+        main(["--model", str(tmp_path / "never-loaded.gguf"), "--avis_max_images", "0"])
+
+
+def test_route_faults_are_500_without_internals():
+    """A non-AVIS exception inside llama_cpp.server's route is a 500 whose message names only its type."""
+    from llama_cpp.server.errors import RouteErrorHandler
+
+    from avis_llamacpp.server import install
+    install({})
+    status, err = RouteErrorHandler.error_message_wrapper(None, RuntimeError("/secret/path exploded"), None)
+    assert status == 500 and err["message"] == "internal server error (RuntimeError)"
+    status, err = RouteErrorHandler.error_message_wrapper(None, ImageError("bad image"), None)
+    assert status == 400 and "bad image" in err["message"] and err["code"] == "invalid_image"
