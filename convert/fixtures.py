@@ -6,6 +6,7 @@ never serves a stale file.
 
     python -m convert.fixtures --family llava --size tiny --out DIR
     python -m convert.fixtures --all
+    python -m convert.fixtures --family qwen25vl --size real --quant-threads 1   # ~9 GB written, minutes
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families with their own test files (tests/test_families_*.py)
 EXTRA_FAMILIES = ("qwen3vl", "ldpv2")
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
-SIZES = ("tiny", "bench")
+SIZES = ("tiny", "bench", "real")
 
 # (text dims, vision dims, chat template, file type) for each family and size.
 _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
@@ -66,6 +67,17 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
         VisionDims("qwen25vl", n_embd=512, n_layer=12, n_head=8, n_ff=1408, patch_size=14, image_size=644,
                    proj_dim=1024, n_wa_pattern=4),
         CHATML_CHAT_TEMPLATE, "f16"),
+    # real: Qwen2.5-VL-3B's dimensions (config.json): text hidden 2048, 36 layers, 16 / 2 heads, ffn 11008,
+    # vocab 151,936 (the small BPE vocab padded, convert/tokenizer.pad_vocab), tied output embeddings,
+    # rope theta 1e6; vision 32 blocks, hidden 1280, 16 heads, ffn 3420, full attention in blocks 7/15/23/31
+    # (n_wa_pattern 8), merger to 2048. Written streaming (convert/fixture_real.py), quantized to Q4_K_M by
+    # default; on demand only (benchmarks), never in tests.
+    ("qwen25vl", "real"): (
+        TextModelDims("qwen2vl", n_embd=2048, n_layer=36, n_head=16, n_head_kv=2, n_ff=11008, n_ctx_train=128000,
+                      rope_theta=1000000.0),
+        VisionDims("qwen25vl", n_embd=1280, n_layer=32, n_head=16, n_ff=3420, patch_size=14, image_size=644,
+                   proj_dim=2048, n_wa_pattern=8),
+        CHATML_CHAT_TEMPLATE, "f16"),
 }
 
 
@@ -102,18 +114,24 @@ def default_cache_dir() -> Path:
 def _key(family: str, size: str, seed: int) -> str:
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("fixtures.py", "text_model.py", "mmproj.py", "tokenizer.py"):
-        h.update((here / name).read_bytes())
+    if size == "real":  # multi-GB: keyed on the code that writes it, not on whole shared files
+        from .fixture_real import source_digest
+        h.update(source_digest().encode())
+    else:
+        for name in ("fixtures.py", "text_model.py", "mmproj.py", "tokenizer.py"):
+            h.update((here / name).read_bytes())
     text, vision, template, ftype = spec(family, size)
     h.update(repr((text, vision, template, ftype, seed)).encode())
     return f"{family}-{size}-s{seed}-{h.hexdigest()[:12]}"
 
 
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "f16": None}
+# quantization when make_fixture's quantize is "default": Q8_0 for bench, Q4_K_M (what people run) for real
+DEFAULT_QUANT = {"bench": "q8_0", "real": "q4_k_m"}
 
 
-def quantize_model(src: Path, dst: Path, qtype: str) -> None:
-    """Quantize a text-model GGUF with llama.cpp's own quantizer (llama_model_quantize)."""
+def quantize_model(src: Path, dst: Path, qtype: str, nthread: int | None = None) -> None:
+    """Quantize a text-model GGUF with llama.cpp's own quantizer (llama_model_quantize); nthread None: all CPUs."""
     import llama_cpp
 
     const = QUANT_TYPES.get(qtype)
@@ -122,16 +140,19 @@ def quantize_model(src: Path, dst: Path, qtype: str) -> None:
         return
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, const)
-    params.nthread = os.cpu_count() or 1
+    params.nthread = nthread or os.cpu_count() or 1
     ret = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if ret != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) failed with {ret}")
 
 
 def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str | os.PathLike | None = None,
-                 force: bool = False, quantize: str | None = "q8_0") -> Fixture:
+                 force: bool = False, quantize: str | None = "default", quant_threads: int | None = None) -> Fixture:
     """Write (or reuse from the cache) the text model + mmproj of a family; returns their paths.
-    f16 (bench) text models are then quantized with llama.cpp's quantizer (`quantize`, default Q8_0)."""
+    f16 (bench, real) text models are then quantized with llama.cpp's quantizer (`quantize`; "default": Q8_0
+    for bench, Q4_K_M for real) on `quant_threads` threads (None: all CPUs)."""
+    if quantize == "default":
+        quantize = DEFAULT_QUANT.get(size, "q8_0")
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {sorted(QUANT_TYPES)} or None")
     text, vision, template, ftype = spec(family, size)
@@ -144,16 +165,27 @@ def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
-    text_info = write_text_model(tmp_model, text, seed=seed, chat_template=template, name=f"avis-{family}-{size}",
-                                 ftype=ftype)
-    vision_info = write_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj", ftype=ftype)
+    if size == "real":
+        from .fixture_real import REAL_N_VOCAB, write_mmproj_streaming, write_text_model_streaming
+        text_info = write_text_model_streaming(tmp_model, text, seed=seed, chat_template=template,
+                                               name=f"avis-{family}-{size}", n_vocab=REAL_N_VOCAB, tie_output=True,
+                                               ftype=ftype)
+        vision_info = write_mmproj_streaming(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj",
+                                             ftype=ftype)
+    else:
+        text_info = write_text_model(tmp_model, text, seed=seed, chat_template=template,
+                                     name=f"avis-{family}-{size}", ftype=ftype)
+        vision_info = write_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj",
+                                   ftype=ftype)
+    t_write = time.perf_counter() - t0
     if ftype == "f16" and quantize:
-        quantize_model(tmp_model, model, quantize)
+        quantize_model(tmp_model, model, quantize, quant_threads)
         tmp_model.unlink()
     else:
         os.replace(tmp_model, model)
     os.replace(tmp_mmproj, mmproj)
     info = {"family": family, "size": size, "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
+            "write_seconds": round(t_write, 3), "quantize": quantize,
             "text": {k: v for k, v in text_info.items() if isinstance(v, (int, float, str))},
             "vision": {k: v for k, v in vision_info.items() if isinstance(v, (int, float, str))},
             "text_dims": asdict(text), "vision_dims": asdict(vision),
@@ -167,24 +199,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m convert.fixtures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=ALL_FAMILIES, action="append", help="family to write (repeatable)")
-    p.add_argument("--size", choices=SIZES, default="tiny", help="tiny (tests) or bench (benchmarks)")
+    p.add_argument("--size", choices=SIZES, default="tiny",
+                   help="tiny (tests), bench (benchmarks) or real (real model dimensions, qwen25vl only; GBs)")
     p.add_argument("--all", action="store_true", help="every family at --size")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.add_argument("--out", default=None, help="output root (default: the cache dir)")
     p.add_argument("--force", action="store_true", help="rewrite even if cached")
-    p.add_argument("--quantize", default="q8_0", choices=sorted(QUANT_TYPES),
-                   help="bench text models: llama.cpp quantization type (f16 keeps them unquantized)")
+    p.add_argument("--quantize", default="default", choices=["default", *sorted(QUANT_TYPES)],
+                   help="bench/real text models: llama.cpp quantization type (default: q8_0 for bench, q4_k_m for "
+                        "real; f16 keeps them unquantized)")
+    p.add_argument("--quant-threads", type=int, default=None, help="quantizer threads (default: all CPUs)")
     p.add_argument("--shell", action="store_true", help="print AVIS_MODEL=... AVIS_MMPROJ=... for one family")
     args = p.parse_args(argv)
-    families = list(FAMILIES) if args.all or not args.family else args.family
+    families = ([f for f in FAMILIES if (f, args.size) in _SPECS] if args.all or not args.family
+                else args.family)
+    if args.size == "real":  # minutes of work: show progress
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.shell:
         import shlex
-        fx = make_fixture(families[0], args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize)
+        fx = make_fixture(families[0], args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize,
+                            quant_threads=args.quant_threads)
         print(f"AVIS_MODEL={shlex.quote(str(fx.model))} AVIS_MMPROJ={shlex.quote(str(fx.mmproj))}")
         return 0
     for fam in families:
         t0 = time.perf_counter()
-        fx = make_fixture(fam, args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize)
+        fx = make_fixture(fam, args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize,
+                            quant_threads=args.quant_threads)
         print(json.dumps({"family": fam, "size": args.size, "model": str(fx.model), "mmproj": str(fx.mmproj),
                           "model_mb": round(fx.model.stat().st_size / 2**20, 2),
                           "mmproj_mb": round(fx.mmproj.stat().st_size / 2**20, 2),

@@ -10,10 +10,13 @@ detokenization, so text round-trips exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import gguf
 
@@ -24,6 +27,7 @@ __all__ = [
     "TokenizerSpec",
     "bytes_to_unicode",
     "build_vocab",
+    "pad_vocab",
     "add_tokenizer",
 ]
 
@@ -240,6 +244,40 @@ def build_vocab(n_merges: int = 200, *, family: str = "llama", corpus: str | Non
         special_ids=special_ids,
         **roles,
     )
+
+
+def _padding_tokens() -> Iterator[str]:
+    """Candidate padding tokens, in a fixed order: 4096 single CJK characters (3-byte UTF-8, as real BPE vocabs
+    hold), then lowercase words of growing length, each plain and space-prefixed ("Ġword"). All are written in
+    GPT-2 byte symbols, so llama.cpp detokenizes them to real UTF-8."""
+    for cp in range(0x4E00, 0x4E00 + 4096):
+        yield _mapped(chr(cp))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for length in itertools.count(2):
+        for combo in itertools.product(letters, repeat=length):
+            word = "".join(combo)
+            yield word
+            yield _mapped(" " + word)
+
+
+def pad_vocab(spec: TokenizerSpec, n_vocab: int) -> TokenizerSpec:
+    """``spec`` grown to exactly ``n_vocab`` tokens with extra NORMAL tokens appended after its own (ids,
+    special roles and merges unchanged), so a fixture gets a real model's vocabulary size (151,936 for
+    Qwen2.5-VL) and with it the real per-token cost of a full-vocabulary logits row. The extra tokens have no
+    merges (the tokenizer never produces them from text) but a model can sample them and they detokenize."""
+    if n_vocab < spec.n_vocab:
+        raise ValueError(f"n_vocab {n_vocab} is smaller than the base vocabulary ({spec.n_vocab} tokens)")
+    tokens, types = list(spec.tokens), list(spec.token_types)
+    seen = set(tokens)
+    normal = int(gguf.TokenType.NORMAL)
+    for tok in _padding_tokens():
+        if len(tokens) >= n_vocab:
+            break
+        if tok not in seen:
+            seen.add(tok)
+            tokens.append(tok)
+            types.append(normal)
+    return dataclasses.replace(spec, tokens=tokens, token_types=types)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, spec: TokenizerSpec, chat_template: str) -> None:
