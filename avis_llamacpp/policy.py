@@ -442,18 +442,10 @@ def save_policy(policy: AVISPolicy, path: str | os.PathLike) -> None:
 
 
 def _field_value(f: Any) -> Any:
-    """A gguf ReaderField's value (scalar, string or array) using only parts/data/types (gguf >= 0.10)."""
-    from gguf import GGUFValueType as V
-
+    """A gguf ReaderField's value (scalar, string or list), decoded by gguf-py itself."""
     if not f.types:
         raise ValueError("field without a type")
-    if f.types[0] == V.ARRAY:
-        if len(f.types) > 1 and f.types[-1] == V.STRING:
-            return [bytes(f.parts[i]).decode() for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    if f.types[0] == V.STRING:
-        return bytes(f.parts[f.data[0]]).decode()
-    return f.parts[f.data[0]].tolist()[0]
+    return f.contents()
 
 
 class _Reader:

@@ -56,6 +56,7 @@ class Snapshot:
     images: list[dict[str, Any]] = field(default_factory=list)  # per-image metadata (kept, grid, ...)
     embeddings: list[np.ndarray] = field(default_factory=list, repr=False)
     scores: list[np.ndarray] = field(default_factory=list, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON metadata of other users (e.g. the prefix cache)
 
     @property
     def digest(self) -> str:
@@ -65,6 +66,8 @@ class Snapshot:
         for d in self.image_digests:
             h.update(d.encode())
         h.update(json.dumps(self.pruning, sort_keys=True).encode())
+        if self.extra:  # absent from older files, whose digests stay as they were
+            h.update(json.dumps(self.extra, sort_keys=True).encode())
         h.update(hashlib.sha256(self.state).digest())  # a corrupted KV payload fails the check on load
         return h.hexdigest()
 
@@ -89,7 +92,8 @@ class Snapshot:
         w.add_string("avis.snapshot.prefix_text", self.prefix_text)
         w.add_string("avis.snapshot.meta", json.dumps({"image_digests": self.image_digests, "pruning": self.pruning,
                                                         "n_past": self.n_past, "n_kv": self.n_kv,
-                                                        "images": self.images, "digest": self.digest}))
+                                                        "images": self.images, "digest": self.digest,
+                                                        **({"extra": self.extra} if self.extra else {})}))
         w.add_tensor("state", np.frombuffer(self.state, dtype=np.int8).copy())
         for i, (e, s) in enumerate(zip(self.embeddings, self.scores)):
             w.add_tensor(f"image.{i}.embeddings", np.ascontiguousarray(e, dtype=np.float32))
@@ -113,13 +117,13 @@ class Snapshot:
             f = r.fields.get(key)
             if f is None:
                 raise SnapshotMismatchError(f"{path}: missing {key}; not an avis snapshot")
-            return bytes(f.parts[f.data[0]]).decode()
+            return str(f.contents())
 
         arch = s("general.architecture")
         if arch != ARCH:
             raise SnapshotMismatchError(f"{path}: general.architecture is {arch!r}, expected {ARCH!r}")
         ver = r.fields.get("avis.snapshot.version")
-        if ver is None or int(ver.parts[ver.data[0]][0]) != VERSION:
+        if ver is None or int(ver.contents()) != VERSION:
             raise SnapshotMismatchError(f"{path}: unsupported snapshot version")
         meta = json.loads(s("avis.snapshot.meta"))
         tensors = {t.name: np.asarray(t.data) for t in r.tensors}
@@ -129,7 +133,8 @@ class Snapshot:
                    n_kv=int(meta["n_kv"]), state=tensors["state"].astype(np.int8).tobytes(),
                    images=list(meta["images"]),
                    embeddings=[tensors[f"image.{i}.embeddings"].astype(np.float32) for i in range(n_images)],
-                   scores=[tensors[f"image.{i}.scores"].astype(np.float64) for i in range(n_images)])
+                   scores=[tensors[f"image.{i}.scores"].astype(np.float64) for i in range(n_images)],
+                   extra=dict(meta.get("extra") or {}))
         if snap.digest != meta.get("digest"):
             raise SnapshotMismatchError(f"{path}: digest mismatch (file edited or corrupted)")
         return snap
