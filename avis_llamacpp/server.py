@@ -315,11 +315,11 @@ class AVISGuard:
         try:
             messages = await self._read_body(scope, receive)
             body = b"".join(m.get("body", b"") for m in messages)
+            try:  # every route takes JSON; llama_cpp.server's error path would crash on a malformed body
+                data = json.loads(body or b"null") if body or chat else None
+            except (ValueError, RecursionError):
+                raise RequestError(400, "the body is not valid JSON", code="invalid_json") from None
             if chat:
-                try:
-                    data = json.loads(body or b"null")
-                except (ValueError, RecursionError):
-                    raise RequestError(400, "the body is not valid JSON", code="invalid_json") from None
                 n_ctx = self.n_ctx(data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str)
                                    else None)
                 plan = validate_chat_request(data, self.limits, n_ctx)
@@ -333,25 +333,31 @@ class AVISGuard:
             return queue.pop(0) if queue else await receive()
 
         if not chat:
-            await self.app(scope, replay, send)
+            await self._answer(scope, replay, send, {})
             return
         sink: dict[str, Any] = {}
-        out = _HeldResponse(send, sink)
         token, token_sink = _OVERRIDES.set(plan.overrides or None), _AVIS_SINK.set(sink)
         try:
             with request_images(resolved):
-                await self.app(scope, replay, out.send)
+                await self._answer(scope, replay, send, sink)
+        finally:
+            _AVIS_SINK.reset(token_sink)
+            _OVERRIDES.reset(token)
+
+    async def _answer(self, scope: dict, receive: Any, send: Any, sink: dict[str, Any]) -> None:
+        """Run the app; an exception before the response got under way is answered as a 4xx / 5xx."""
+        out = _HeldResponse(send, sink)
+        try:
+            await self.app(scope, receive, out.send)
         except Exception as e:  # noqa: BLE001 - every failure gets an answer (or a logged, closed stream)
             err = _error_for_exception(e)
             if err.status >= 500:
-                logger.exception("chat request failed")
+                logger.exception("request failed")
             if out.forwarded:
                 raise  # a stream already under way: the connection is closed mid-stream
             out.held.clear()
             await _send_error(send, err)
-        finally:
-            _AVIS_SINK.reset(token_sink)
-            _OVERRIDES.reset(token)
+            return
         await out.flush()
 
     def _fetch_images(self, images: list[tuple[str, str]]) -> dict[str, bytes]:
