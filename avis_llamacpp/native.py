@@ -10,6 +10,7 @@ import mmap
 import numbers
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence, Union
 
@@ -31,15 +32,33 @@ def ensure_backend() -> None:
         _BACKEND_READY = True
 
 
+# ggml_log_level in the vendored ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5. llama-cpp-python
+# 0.3.36's own callback still maps the old order (WARN as ERROR, ERROR as DEBUG), so without --verbose it
+# prints llama.cpp's warnings and hides its errors; ours maps them as ggml.h says.
+_GGML_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_native_log = {"verbose": False, "last": logging.INFO}
+
+
+@llama_cpp.llama_log_callback
+def _native_log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    lvl = _native_log["last"] if level == 5 else _GGML_LEVELS.get(level, logging.DEBUG)
+    _native_log["last"] = lvl
+    if _native_log["verbose"] or lvl >= logging.ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+        sys.stderr.flush()
+
+
 def set_native_verbosity(verbose: bool) -> None:
-    """Show llama.cpp's (and mtmd's) own logs only when verbose, through llama-cpp-python's log callback,
-    the same switch llama_cpp.Llama(verbose=...) uses."""
-    from llama_cpp import _logger
+    """Show llama.cpp's (and mtmd's) own logs only when verbose (errors always), through one log callback for
+    llama.cpp, ggml and mtmd, the switch llama_cpp.Llama(verbose=...) is meant to be."""
     import llama_cpp.mtmd_cpp as mtmd_cpp
+    from llama_cpp import _logger
 
     _logger.set_verbose(verbose)
-    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, None)
-    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, None)
+    _native_log["verbose"] = bool(verbose)
+    llama_cpp.llama_log_set(_native_log_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_log_set(_native_log_callback, None)
+    mtmd_cpp.mtmd_helper_log_set(_native_log_callback, None)
 
 
 # -- GGUF pre-flight ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ K = 1 this is the vanilla path and reproduces stock llama-cpp-python token for t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _IMAGE_URL = "avis-image://{}"  # placeholder URLs swapped for the media marker after rendering
 
+DEFAULT_N_CTX = 4096  # capped at the model's training context when n_ctx is not given
 # the paper's VRS sampling for K > 1
 VRS_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
 MODES = ("parallel", "snapshot")
@@ -118,7 +120,7 @@ class VLM:
     to reproduce its outputs exactly (with it on, K/V go through f16, so logits differ slightly).
     """
 
-    def __init__(self, model_path: str | os.PathLike | Model, mmproj_path: str | os.PathLike, *, n_ctx: int = 4096,
+    def __init__(self, model_path: str | os.PathLike | Model, mmproj_path: str | os.PathLike, *, n_ctx: int | None = None,
                  n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 8, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
                  flash_attn: FlashAttn = "auto", chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
@@ -128,11 +130,14 @@ class VLM:
         self.key_capture = KeyCapture() if capture_keys else None
         self._capture_warned = False
         # validated before anything is loaded, so bad settings cost nothing and never reach llama.cpp
-        self.settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
+        self.settings = ContextSettings(n_ctx=DEFAULT_N_CTX if n_ctx is None else n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
                                         n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn)
         try:
             self.model = model_path if isinstance(model_path, Model) else Model(model_path, n_gpu_layers=n_gpu_layers,
                                                                                verbose=verbose)
+            if n_ctx is None and 0 < self.model.n_ctx_train < self.settings.n_ctx:
+                # default: 4096, or the model's training context when shorter (no overflow past what it learned)
+                self.settings = dataclasses.replace(self.settings, n_ctx=self.model.n_ctx_train)
             self.ctx = Context(self.model, self.settings)
             self.projector = self._make_projector(mmproj_path, use_gpu, flash_attn, verbose)
             if self.key_capture is not None:

@@ -221,6 +221,26 @@ def validate_chat_request(data: Any, limits: ServerLimits, n_ctx: int | None) ->
     return ChatPlan(overrides=overrides, images=images, stream=data.get("stream") is True)
 
 
+def validate_other_request(path: str, data: Any, n_vocab: int | None, serves_embeddings: bool) -> None:
+    """Checks for llama_cpp.server's other POST routes where a bad value would crash the process or be a 5xx:
+    token ids out of the vocabulary (llama.cpp aborts in detokenize), embeddings from a model not loaded for them."""
+    if not isinstance(data, dict):
+        raise _bad("body", "a JSON object", data)
+    if path.endswith("/embeddings") and not serves_embeddings:
+        raise RequestError(400, "this server does not serve embeddings (the operator starts it with --embedding true)",
+                           code="unsupported_endpoint")
+    hi = n_vocab if n_vocab else 2 ** 31 - 1
+    if path.endswith("/detokenize"):
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t < hi for t in tokens):
+            raise _bad("tokens", f"a list of token ids from 0 to {hi - 1} (the model's vocabulary)", tokens)
+    bias = data.get("logit_bias")
+    if isinstance(bias, dict) and data.get("logit_bias_type") != "tokens":
+        for key in bias:
+            if not (isinstance(key, str) and key.isdigit() and int(key) < hi):
+                raise _bad("logit_bias", f"an object keyed by token ids from 0 to {hi - 1}", {key: bias[key]})
+
+
 # --------------------------------------------------------------------------- #
 # the ASGI guard
 # --------------------------------------------------------------------------- #
@@ -268,10 +288,13 @@ class AVISGuard:
     result into JSON responses (llama_cpp.server's response model would drop it)."""
 
     def __init__(self, app: Any, limits: ServerLimits | None = None,
-                 n_ctx: Callable[[str | None], int | None] | None = None) -> None:
+                 n_ctx: Callable[[str | None], int | None] | None = None,
+                 n_vocab: Callable[[], int | None] | None = None, serves_embeddings: bool = True) -> None:
         self.app = app
         self.limits = limits or ServerLimits()
         self.n_ctx = n_ctx or (lambda model: None)
+        self.n_vocab = n_vocab or (lambda: None)
+        self.serves_embeddings = serves_embeddings
         self.active = 0  # chat requests held now (running or queued)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -319,6 +342,8 @@ class AVISGuard:
                 data = json.loads(body or b"null") if body or chat else None
             except (ValueError, RecursionError):
                 raise RequestError(400, "the body is not valid JSON", code="invalid_json") from None
+            if not chat and data is not None:
+                validate_other_request(scope.get("path", ""), data, self.n_vocab(), self.serves_embeddings)
             if chat:
                 n_ctx = self.n_ctx(data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str)
                                    else None)
@@ -608,7 +633,16 @@ def create_avis_app(args: argparse.Namespace) -> Any:
         model_settings = [parse_model_from_args(ModelSettings, args)]
     app = create_app(server_settings=server_settings, model_settings=model_settings)
     _openai_error_handlers(app)
-    return AVISGuard(app, limits, _n_ctx_lookup(model_settings)), server_settings
+    return AVISGuard(app, limits, _n_ctx_lookup(model_settings), _n_vocab,
+                     serves_embeddings=any(m.embedding for m in model_settings)), server_settings
+
+
+def _n_vocab() -> int | None:
+    """The loaded model's vocabulary size (None before one is loaded)."""
+    from llama_cpp.server import app as server_app
+
+    current = getattr(server_app._llama_proxy, "_current_model", None)
+    return int(current.n_vocab()) if current is not None else None
 
 
 def main(argv: list[str] | None = None) -> None:
