@@ -243,3 +243,29 @@ def test_every_avis_setting_with_odd_values(client):
                 assert json.loads(payload)["error"]["param"] == f"avis.{key}", (key, value, payload)
                 refused += 1
     assert refused > len(OVERRIDE_KEYS) * len(ODD_VALUES) // 2
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(["/extras/detokenize", "/extras/tokenize", "/v1/completions", "/v1/embeddings"]),
+       body=st.one_of(st.fixed_dictionaries({"tokens": st.lists(st.integers(-2 ** 40, 2 ** 40), max_size=4)}),
+                      st.fixed_dictionaries({"prompt": st.text(max_size=8), "max_tokens": st.integers(1, 3)},
+                                            optional={"logit_bias": st.dictionaries(
+                                                st.integers(-5, 10 ** 9).map(str) | st.text(max_size=3),
+                                                st.floats(-5, 5), max_size=2)}),
+                      json_any))
+def test_fuzz_other_routes(client, path, body):
+    """llama_cpp.server's other routes behind the guard: token ids out of the vocabulary made llama.cpp abort the
+    whole process in detokenize; now every answer is a 2xx or an OpenAI-shaped 4xx."""
+    status, payload = client.post(path, _encode(body))
+    assert status < 500, (path, body, payload[:300])
+    if status != 200:
+        assert set(json.loads(payload)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_other_routes_named_cases(client):
+    assert client.post("/extras/detokenize", b'{"tokens": [1000000000]}')[0] == 400  # was an abort (SIGABRT)
+    assert client.post("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "logit_bias": {"99999999": 1}}')[0] == 400
+    status, payload = client.post("/v1/embeddings", b'{"input": "hi"}')
+    assert status == 400 and json.loads(payload)["error"]["code"] == "unsupported_endpoint"
+    assert client.post("/v1/completions", b"{broken")[0] == 400
+    assert client.post("/extras/detokenize", b'{"tokens": [5, 6]}')[0] == 200
