@@ -36,7 +36,7 @@ def _load() -> str:
 
 def run(model_path: Path, mmproj_path: Path, image: Image.Image, *, threads: int, repeat: int, max_tokens: int,
         label: str) -> str:
-    load_before = _load()
+    load_before, started = _load(), datetime.datetime.now(datetime.timezone.utc)
     model = Model(model_path)
     vlms: dict[str, VLM] = {}
     try:
@@ -82,7 +82,7 @@ def run(model_path: Path, mmproj_path: Path, image: Image.Image, *, threads: int
     return (f"{label}: text {model_path.name} ({model_path.stat().st_size / 2**20:.0f} MiB), mmproj "
             f"{mmproj_path.stat().st_size / 2**20:.0f} MiB, {image.width}x{image.height} image, n_threads = "
             f"n_threads_batch = {threads}, {repeat} runs each (median), after one warm-up query each\n"
-            f"{platform.machine()}, {os.cpu_count()} CPUs, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, started {started:%Y-%m-%d %H:%M} UTC, "
             f"load average (1/5/15 min) {load_before} before, {load_after} after\n\n" + table(head, rows))
 
 
