@@ -33,7 +33,7 @@ _OVERRIDES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextV
 # validates responses against its ChatCompletion type, which drops unknown fields
 _AVIS_SINK: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("avis_sink", default=None)
 OVERRIDE_KEYS = {"k", "ratio", "rho", "tau", "mode", "seed", "early_stop", "answer_tags", "content", "options",
-                 "temperature", "top_p", "top_k", "min_p", "policy"}
+                 "temperature", "top_p", "top_k", "min_p", "policy", "wave", "stopping", "stop_threshold"}
 
 
 @contextlib.contextmanager
@@ -72,12 +72,15 @@ class AVISChatHandler:
 
     k / ratio / tau / policy set the defaults; `content` chooses the message text: "answer" (the voted
     answer), "text" (the winning rollout's full text) or "auto" (text when K = 1 or no answer was extracted,
-    else the voted answer). flash_attn ("auto" | True | False) is the AVIS context's and the encoder's setting
+    else the voted answer). mode "staged" runs the k rollouts in waves of `wave` until the stopping rule
+    (`stopping`: "posterior" with `stop_threshold`, or "unanimity") settles the vote.
+    flash_attn ("auto" | True | False) is the AVIS context's and the encoder's setting
     (independent of the Llama's own flash_attn); False reproduces the stock handler's outputs exactly."""
 
     def __init__(self, clip_model_path: str, *, k: int = 1, ratio: float | None = None, tau: float | None = None,
                  policy: Any = None, mode: str = "parallel", answer_tags: bool = False, content: str = "auto",
-                 early_stop: bool = False, chat_format: str = "auto", n_seq_max: int = 8,
+                 early_stop: bool = False, wave: int = 3, stopping: str = "posterior", stop_threshold: float = 0.95,
+                 chat_format: str = "auto", n_seq_max: int = 8,
                  sampling: SamplingParams = VRS_SAMPLING, allow_remote_images: bool = False,
                  flash_attn: FlashAttn = "auto", verbose: bool = False) -> None:
         flash_attn_type(flash_attn)  # InvalidArgumentError now, not at the first request
@@ -90,7 +93,8 @@ class AVISChatHandler:
             policy = load_policy(policy)
         self.clip_model_path = clip_model_path
         self.defaults = {"k": k, "ratio": ratio, "tau": tau, "policy": policy, "mode": mode,
-                         "answer_tags": answer_tags, "content": content, "early_stop": early_stop}
+                         "answer_tags": answer_tags, "content": content, "early_stop": early_stop,
+                         "wave": wave, "stopping": stopping, "stop_threshold": stop_threshold}
         self.sampling = sampling
         self.chat_format = chat_format
         self.n_seq_max = n_seq_max
@@ -152,7 +156,7 @@ class AVISChatHandler:
                       stop_after=("</answer>",) if s["answer_tags"] else (), sampling=sampling, ratio=s["ratio"],
                       tau=s["tau"], k=k, mode=s["mode"], seed=int(s.get("seed", seed or 0) or 0),
                       early_stop=bool(s["early_stop"]), options=s.get("options"), policy=s.get("policy"),
-                      question=question)
+                      question=question, wave=s["wave"], stopping=s["stopping"], stop_threshold=s["stop_threshold"])
         images = [_image_source(u) for u in urls]
         name = model or os.path.basename(vlm.model.path)
         if stream:
@@ -261,7 +265,7 @@ def _avis_field(ans: Answer) -> dict[str, Any]:
             "images": [{"tokens": im["n_tokens"], "kept": im["n_kept"], "kept_fraction": im["kept_fraction"],
                         "key_source": im.get("key_source")} for im in ans.images],
             "decode_tokens": ans.decode_tokens, "early_stopped": ans.early_stopped,
-            "tokens_saved": ans.tokens_saved,
+            "tokens_saved": ans.tokens_saved, "rollouts_saved": ans.rollouts_saved, "waves": ans.waves,
             "timings": {k: round(v, 6) for k, v in ans.timings.items()},
             "flops_vs_vanilla": ans.flops.get("total"),
             "rollouts": [r.text for r in ans.rollouts]}

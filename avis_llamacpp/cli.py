@@ -48,7 +48,14 @@ def add_avis_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=_tau, default=None, help="KDV adaptive mode: prune tokens within tau radians of the mean key (e.g. pi/4)")
     p.add_argument("--k", type=int, default=1, help="rollouts voted on (1 = greedy; the paper uses 1, 3, 5, 7)")
     p.add_argument("--policy", default=None, help="policy GGUF from `avis calibrate`: picks K (and tau) per query")
-    p.add_argument("--mode", choices=["parallel", "snapshot"], default="parallel", help="rollouts decoded together, or one at a time to save memory")
+    p.add_argument("--mode", choices=["parallel", "snapshot", "staged"], default="parallel",
+                   help="rollouts decoded together, one at a time to save memory, or staged: in waves (--wave) until "
+                        "a stopping rule settles the vote (--k is then the most rollouts)")
+    p.add_argument("--wave", type=int, default=3, help="staged mode: rollouts per wave (each wave one batch)")
+    p.add_argument("--stopping", choices=["posterior", "unanimity"], default="posterior",
+                   help="staged mode: stop when P(leader stays the majority of K) > --stop-threshold, or when the "
+                        "rollouts so far agree")
+    p.add_argument("--stop-threshold", type=float, default=0.95, help="staged mode: the posterior rule's threshold")
     p.add_argument("--seed", type=int, default=0, help="seed the rollouts' samplers derive from")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when K > 1")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when K > 1")
@@ -72,6 +79,7 @@ def ask_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     kw: dict[str, Any] = dict(max_tokens=args.max_tokens, ratio=args.rho, tau=args.tau, k=args.k, mode=args.mode,
                               seed=args.seed, answer_tags=args.answer_tags, early_stop=args.early_stop,
+                              wave=args.wave, stopping=args.stopping, stop_threshold=args.stop_threshold,
                               options=args.options.split("|") if args.options else None)
     if args.k > 1:
         kw["sampling"] = SamplingParams(temperature=args.temperature, top_p=args.top_p)

@@ -29,7 +29,8 @@ from .native import Context, ContextSettings, FlashAttn, Model, SamplingParams
 from .prefill import ImagePrefill, PrefillResult, TokenSelector, prefill
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
 from .snapshot import Snapshot, file_fingerprint, image_digest
-from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot
+from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot, run_staged
+from .stopping import StoppingRule, make_stopping_rule, wave_sizes
 from .voting import ANSWER_PROMPT_SUFFIX, can_be_overtaken, extract_answer, majority_vote, normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ _IMAGE_URL = "avis-image://{}"  # placeholder URLs swapped for the media marker 
 DEFAULT_N_CTX = 4096  # capped at the model's training context when n_ctx is not given
 # the paper's VRS sampling for K > 1
 VRS_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
-MODES = ("parallel", "snapshot")
+MODES = ("parallel", "snapshot", "staged")
 SELECTORS = ("kdv", "embeddings", "random", "uniform")
 
 
@@ -81,6 +82,9 @@ class Answer:
     tokens_saved: int = 0
     features: np.ndarray | None = field(default=None, repr=False)  # see features.py
     p_hat: float | None = None  # the policy's predicted solvability, when a policy chose K
+    # staged mode: rollouts of K never started because the stopping rule settled the vote (exact), and waves run
+    rollouts_saved: int = 0
+    waves: int = 0
 
     @property
     def decode_tokens(self) -> list[int]:
@@ -93,7 +97,8 @@ class Answer:
                 "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
                 "kept_tokens": self.kept_tokens, "decode_tokens": self.decode_tokens,
                 "early_stopped": self.early_stopped,
-                "tokens_saved": self.tokens_saved, "p_hat": self.p_hat, "timings": self.timings,
+                "tokens_saved": self.tokens_saved, "rollouts_saved": self.rollouts_saved, "waves": self.waves,
+                "p_hat": self.p_hat, "timings": self.timings,
                 "flops": self.flops,
                 "images": [{k: v for k, v in im.items() if k != "kept"} for im in self.images],
                 "rollouts": [{"text": r.text, "tokens": r.tokens, "mean_logprob": r.mean_logprob,
@@ -243,7 +248,8 @@ class VLM:
                  policy: QueryPolicy | None = None, question: str | None = None,
                  snapshot: Snapshot | None = None, on_text: Callable[[str], None] | None = None,
                  video: bool = False,
-                 selector: str = "kdv") -> Answer:
+                 selector: str = "kdv", wave: int = 3, stopping: str | StoppingRule = "posterior",
+                 stop_threshold: float = 0.95) -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
         ratio / tau: KDV pruning (fraction pruned, or adaptive angle in radians); None for both keeps all.
@@ -256,8 +262,19 @@ class VLM:
         if given, must be the snapshot's.
         on_text: called with the first rollout's text as it decodes (for streaming a K=1 answer).
         selector: which tokens `ratio` keeps: "kdv" (the paper), or the baselines "embeddings" (KDV scores on the
-        projected embeddings), "random" (seeded) and "uniform" (evenly spaced in raster order)."""
+        projected embeddings), "random" (seeded) and "uniform" (evenly spaced in raster order).
+        mode='staged': k is K_max; rollouts run in waves of `wave` (each wave one batch, all from the one prefill)
+        and after each wave the stopping rule (stopping.py: "posterior" with stop_threshold, "unanimity", or a
+        callable rule(answers, k_max) -> settled) decides whether to fork the next; rollout i is the same as in a
+        fixed-K run with the same seed, staging only changes how many run (Answer.rollouts_saved, .waves)."""
         self._validate(max_tokens, k, mode)
+        settled_rule = make_stopping_rule(stopping, stop_threshold) if mode == "staged" else None
+        if mode == "staged":
+            wave_sizes(k, wave)  # validates wave
+            if policy is None and min(wave, k) > self.settings.n_seq_max:
+                raise InvalidArgumentError(f"a staged wave of {min(wave, k)} rollouts needs n_seq_max >= "
+                                           f"{min(wave, k)} (this VLM has n_seq_max={self.settings.n_seq_max}); "
+                                           "lower wave or create the VLM with a larger n_seq_max")
         images, stop, stop_after = self._check_inputs(prompt_text, images, stop, stop_after, sampling, seed, on_text)
         if policy is None and mode == "parallel" and k > self.settings.n_seq_max:
             raise InvalidArgumentError(self._too_many_rollouts(k))
@@ -298,10 +315,17 @@ class VLM:
                 budget = self.ctx.n_ctx - pre.n_kv
                 if budget <= 0:
                     raise ContextOverflowError(f"prompt fills the whole context ({pre.n_kv} of n_ctx={self.ctx.n_ctx})")
-                max_new = min(max_tokens, budget // (k if mode == "parallel" else 1))
-                check_capacity(self.ctx, pre.n_kv, k, max_new, mode)
+                width = min(wave, k) if mode == "staged" else k  # rollouts decoding at once
+                max_new = min(max_tokens, budget // (width if mode in ("parallel", "staged") else 1))
+                check_capacity(self.ctx, pre.n_kv, width, max_new, "parallel" if mode == "staged" else mode)
+                n_waves = 0
                 t_dec = time.perf_counter()
-                if mode == "parallel":
+                if mode == "staged":
+                    rollouts, n_waves = run_staged(
+                        self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params, wave=wave,
+                        settled=self._settled(settled_rule, k, options), max_tokens=max_new, stop=stop,
+                        stop_after=stop_after, early_stop=stopper, on_text=on_text)
+                elif mode == "parallel":
                     rollouts = run_parallel(self.ctx, self.model, pre.n_past, params, max_tokens=max_new,
                                             stop=stop, stop_after=stop_after, early_stop=stopper, on_text=on_text)
                 else:
@@ -313,6 +337,11 @@ class VLM:
                 self.ctx.clear()
         ans = self._answer(pre, rollouts, decode_s, time.perf_counter() - t0, k, mode, options)
         ans.features, ans.p_hat = features, p_hat
+        if mode == "staged":
+            ans.rollouts_saved, ans.waves = k - len(rollouts), n_waves
+            ran = [len(r.tokens) for r in rollouts if r.finish_reason != "early_stop"]
+            # rollouts never started are estimated like cancelled ones (exact when all run to max_tokens)
+            ans.tokens_saved += round(float(np.mean(ran))) * ans.rollouts_saved if ran else 0
         return ans
 
     def _prefill(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None, tau: float | None,
@@ -465,6 +494,10 @@ class VLM:
             a = extract_answer(r.text, options) if r.finish_reason != "early_stop" else None
             out.append(normalize_answer(a, options) if a is not None else None)
         return out
+
+    def _settled(self, rule: StoppingRule, k_max: int, options: Sequence[str] | None) -> Callable[[list[Rollout]], bool]:
+        """The staged runner's check: the stopping rule on the normalised answers of the rollouts so far."""
+        return lambda done: bool(rule(self._normalised_answers(done, options), k_max))
 
     def _early_stopper(self, options: Sequence[str] | None) -> EarlyStop:
         def decided(done: list[Rollout], n_remaining: int) -> bool:

@@ -164,9 +164,12 @@ def required_kv_cells(n_prompt_kv: int, k: int, max_tokens: int, mode: str) -> i
 
 def run_parallel(ctx: Context, model: Model, n_past: int, params: Sequence[SamplingParams], *, max_tokens: int,
                  stop: Sequence[str] = (), stop_after: Sequence[str] = (),
-                 early_stop: EarlyStop | None = None, on_text: Callable[[str], None] | None = None) -> list[Rollout]:
+                 early_stop: EarlyStop | None = None, on_text: Callable[[str], None] | None = None,
+                 first_logits: np.ndarray | None = None) -> list[Rollout]:
     """K rollouts continuing the prompt prefilled in sequence 0 (logits at output -1), decoded as one batch
-    per step on sequences 0..K-1. Sequences 1..K-1 are removed afterwards."""
+    per step on sequences 0..K-1. Sequences 1..K-1 are removed afterwards.
+    first_logits: the prefill's last logits saved earlier, to sample the first tokens from (when other decodes
+    ran since the prefill, as in staged mode's later waves)."""
     k = len(params)
     if k > ctx.settings.n_seq_max:
         raise InvalidArgumentError(f"k={k} rollouts need n_seq_max >= {k} (the context has "
@@ -179,7 +182,8 @@ def run_parallel(ctx: Context, model: Model, n_past: int, params: Sequence[Sampl
         live: list[tuple[Stream, int]] = []
         finished: list[Stream] = []
         for s in streams:
-            tok = s.step(ctx, -1) if max_tokens > 0 else s._finish("length")
+            tok = (s._finish("length") if max_tokens <= 0 else s.step(ctx, -1) if first_logits is None
+                   else s.step_logits(first_logits))
             (live.append((s, tok)) if tok is not None else finished.append(s))
         _maybe_stop(streams, finished, live, early_stop)
         live = [(s, t) for s, t in live if not s.done]
@@ -215,6 +219,44 @@ def _maybe_stop(streams: list[Stream], finished: list[Stream], live: list, early
 
 def _view(s: Stream) -> Rollout:
     return Rollout(s.text, list(s.tokens), list(s.logprobs), s.finish_reason or "length", s.decode_s, s.params.seed)
+
+
+def run_staged(ctx: Context, model: Model, n_past: int, prefill_logits: np.ndarray, params: Sequence[SamplingParams],
+               *, wave: int, settled: Callable[[list[Rollout]], bool], max_tokens: int, stop: Sequence[str] = (),
+               stop_after: Sequence[str] = (), early_stop: EarlyStop | None = None,
+               on_text: Callable[[str], None] | None = None) -> tuple[list[Rollout], int]:
+    """Up to K = len(params) rollouts in waves of `wave`, each wave decoded as one batch (run_parallel) from the
+    prompt prefilled in sequence 0; prefill_logits are the prefill's last logits (the first tokens of every wave
+    are sampled from them). Between waves only the generated tokens are removed, so the prompt's KV is reused.
+    After each wave but the last, `settled(finished rollouts so far)` decides whether to stop. Rollout i always
+    gets params[i], whatever wave it runs in. early_stop sees every rollout not yet started as still to come.
+    Returns the rollouts that ran (in order) and the number of waves."""
+    k = len(params)
+    out: list[Rollout] = []
+    n_waves = 0
+    for start in range(0, k, wave):
+        chunk = params[start:start + wave]
+        upcoming = k - start - len(chunk)
+        prev = list(out)
+        stopper = None
+        if early_stop is not None:
+            def stopper(done: list[Rollout], n_live: int, prev: list[Rollout] = prev, upcoming: int = upcoming) -> bool:
+                return early_stop(prev + done, n_live + upcoming)
+        if n_waves > 0:
+            ctx.seq_rm(0, n_past, -1)  # the previous wave's tokens on sequence 0; the prompt stays
+        got = run_parallel(ctx, model, n_past, chunk, max_tokens=max_tokens, stop=stop, stop_after=stop_after,
+                           early_stop=stopper, on_text=on_text if start == 0 else None,
+                           first_logits=prefill_logits if n_waves > 0 else None)
+        out += got
+        n_waves += 1
+        if upcoming == 0 or any(r.finish_reason == "early_stop" for r in got):
+            break  # K reached, or the vote was decided for all K (early stop cancelled the rest)
+        if early_stop is not None and early_stop(list(out), upcoming):
+            break  # decided for all K: no later wave can change the winner
+        if settled(list(out)):
+            break
+    ctx.seq_rm(0, n_past, -1)
+    return out, n_waves
 
 
 def run_snapshot(ctx: Context, model: Model, n_past: int, prefill_logits: np.ndarray,
