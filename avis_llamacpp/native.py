@@ -617,6 +617,18 @@ class Context:
             raise RuntimeError(f"no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
+    def logits_view(self, i: int = -1) -> np.ndarray:
+        """Logits of output i of the last decode as a read-only float32 view of llama.cpp's buffer, no copy.
+        Valid only until the next decode: for per-token reads (a rollout's log-probability) that should not
+        copy a vocabulary-sized row (600 KB at 152k tokens) per rollout per step."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeError(f"no logits for output {i}")
+        row = (ctypes.c_float * self.model.n_vocab).from_address(ctypes.cast(ptr, ctypes.c_void_p).value)
+        view = np.frombuffer(row, dtype=np.float32)  # ~1 us; np.ctypeslib.as_array takes ~15 us
+        view.flags.writeable = False
+        return view
+
     def close(self) -> None:
         if getattr(self, "_batch_ext", None):
             llama_cpp.llama_batch_ext_free(self._batch_ext)
