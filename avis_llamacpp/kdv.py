@@ -68,6 +68,7 @@ __all__ = [
     "random_subset",
     "select_tokens",
     "uniform_subset",
+    "validate_pruning",
     "undo_window_order",
     "vit_keys_to_token_keys",
 ]
@@ -250,6 +251,16 @@ def _summary(scores: np.ndarray) -> dict[str, float]:
         "q50": float(q50),
         "q90": float(q90),
     }
+
+
+def validate_pruning(ratio: Any = None, tau: Any = None) -> None:
+    """Check pruning arguments without any keys: at most one of ratio (0 <= ratio < 1) and tau (0 < tau < pi)."""
+    if ratio is not None and tau is not None:
+        raise InvalidArgumentError("give at most one of ratio and tau, not both")
+    if ratio is not None:
+        _check_ratio(ratio)
+    if tau is not None:
+        _check_tau(tau)
 
 
 def prune(

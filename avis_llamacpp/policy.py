@@ -353,9 +353,8 @@ class AVISPolicy:
             self.tau = DEFAULT_TAU if self.ratio is None else None
         if self.tau is not None and self.ratio is not None:
             raise InvalidArgumentError("give a KDV tau or a ratio, not both")
-        if self.tau is not None or self.ratio is not None:
-            from .kdv import prune
-            prune(np.ones((1, 1, 1)), ratio=self.ratio, tau=self.tau)  # validates the values
+        from .kdv import validate_pruning
+        validate_pruning(self.ratio, self.tau)
         if not isinstance(self.predictor, NumpyPredictor):
             raise InvalidArgumentError(f"predictor must be a NumpyPredictor (DifficultyPredictor.to_numpy()), "
                                        f"got {type(self.predictor).__name__}")

@@ -1,0 +1,117 @@
+"""One frozen, validated object for a query's knobs: sampling, pruning, K, mode, policy, early stop, selector, staging,
+prefix reuse. Built once (from keywords, the CLI or a chat request) and validated in one place before any model is
+loaded or any image decoded; `VLM.generate` then only reads it. Checks that need the loaded model (n_seq_max, the
+context size) stay in the VLM."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .kdv import validate_pruning
+from .native import SamplingParams
+from .stopping import StoppingRule, make_stopping_rule, wave_sizes
+
+MODES = ("parallel", "snapshot", "staged")
+SELECTORS = ("kdv", "embeddings", "random", "uniform")
+
+__all__ = ["QuerySettings", "MODES", "SELECTORS"]
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    value = (value,) if isinstance(value, str) else tuple(value or ())
+    if not all(isinstance(x, str) for x in value):
+        raise InvalidArgumentError(f"{name} must be a string or a sequence of strings, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    """How to answer one query (everything but the prompt and images).
+
+    max_tokens: most tokens per rollout. stop / stop_after: strings that end a rollout (without / with the string).
+    sampling: K > 1 default is the paper's temperature 0.7, top-p 0.9; K = 1 decodes greedily. ratio / tau: KDV
+    pruning (fraction pruned, or adaptive angle in radians; at most one). k: rollouts (K_max in staged mode).
+    mode: "parallel" | "snapshot" | "staged". seed: rollout i is seeded from it. early_stop: stop once the vote
+    cannot change. options: multiple-choice option texts (answers normalise to letters). policy: picks K (and
+    the pruning when none is given) per query. selector: "kdv" or the baselines "embeddings" / "random" /
+    "uniform" (these need a ratio). wave / stopping / stop_threshold: staged mode. reuse_prefix /
+    cache_namespace: the prefix cache (None: the VLM's setting)."""
+
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_after: tuple[str, ...] = ()
+    sampling: Optional[SamplingParams] = None
+    ratio: Optional[float] = None
+    tau: Optional[float] = None
+    k: int = 1
+    mode: str = "parallel"
+    seed: int = 0
+    early_stop: bool = False
+    options: Optional[tuple[str, ...]] = None
+    policy: Any = None
+    selector: str = "kdv"
+    wave: int = 3
+    stopping: Any = "posterior"  # a rule name or a StoppingRule callable
+    stop_threshold: float = 0.95
+    reuse_prefix: Optional[bool] = None
+    cache_namespace: str = ""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, (int, np.integer)) \
+                or self.max_tokens < 0:
+            raise InvalidArgumentError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise InvalidArgumentError(f"k (rollouts) must be an int >= 1, got {self.k!r}")
+        set_(self, "max_tokens", int(self.max_tokens))
+        set_(self, "k", int(self.k))
+        if self.mode not in MODES:
+            raise InvalidArgumentError(f"mode must be one of {MODES}, got {self.mode!r}")
+        set_(self, "stop", _strings("stop", self.stop))
+        set_(self, "stop_after", _strings("stop_after", self.stop_after))
+        if self.sampling is not None and not isinstance(self.sampling, SamplingParams):
+            raise InvalidArgumentError(f"sampling must be a SamplingParams, got {type(self.sampling).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise InvalidArgumentError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.early_stop, bool):
+            raise InvalidArgumentError(f"early_stop must be a bool, got {self.early_stop!r}")
+        if self.options is not None:
+            if isinstance(self.options, str) or not all(isinstance(o, (str, int, float)) for o in self.options):
+                raise InvalidArgumentError(f"options must be a sequence of option texts, got {self.options!r}")
+            set_(self, "options", tuple(str(o) for o in self.options))
+        if self.policy is not None and not callable(getattr(self.policy, "decide", None)):
+            raise InvalidArgumentError(f"policy must have a decide(features) method, got {type(self.policy).__name__}")
+        if self.selector not in SELECTORS:
+            raise InvalidArgumentError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if self.selector != "kdv" and self.ratio is None:
+            raise InvalidArgumentError(f"selector {self.selector!r} needs a ratio (it has no adaptive mode)")
+        validate_pruning(self.ratio, self.tau)
+        if self.mode == "staged":
+            make_stopping_rule(self.stopping, self.stop_threshold)  # validates rule and threshold
+            wave_sizes(self.k, self.wave)  # validates wave
+        if self.reuse_prefix is not None and not isinstance(self.reuse_prefix, bool):
+            raise InvalidArgumentError(f"reuse_prefix must be None or a bool, got {self.reuse_prefix!r}")
+        if not isinstance(self.cache_namespace, str):
+            raise InvalidArgumentError(f"cache_namespace must be a str, got {self.cache_namespace!r}")
+
+    @classmethod
+    def from_kwargs(cls, base: "QuerySettings | None" = None, **kwargs: Any) -> "QuerySettings":
+        """`base` (or the defaults) with the given fields replaced; unknown names are a typed error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidArgumentError(f"unknown query setting(s) {unknown}; expected some of {sorted(known)}")
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+    def stopping_rule(self) -> Optional[StoppingRule]:
+        """The staged mode's rule (None in the other modes)."""
+        return make_stopping_rule(self.stopping, self.stop_threshold) if self.mode == "staged" else None
+
+    def waves(self) -> list[int]:
+        """Staged mode: rollouts per wave."""
+        return wave_sizes(self.k, self.wave)
