@@ -32,8 +32,12 @@ _OVERRIDES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextV
 # set by the server middleware: the handler leaves the response's `avis` field here, because llama_cpp.server
 # validates responses against its ChatCompletion type, which drops unknown fields
 _AVIS_SINK: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("avis_sink", default=None)
+# set by the server middleware: whose conversation a request belongs to; the prefix cache reuses KV only within
+# one namespace, so clients never see each other's state (not even whether their prompt was cached)
+_CACHE_NAMESPACE: contextvars.ContextVar[str] = contextvars.ContextVar("avis_cache_namespace", default="")
 OVERRIDE_KEYS = {"k", "ratio", "rho", "tau", "mode", "seed", "early_stop", "answer_tags", "content", "options",
-                 "temperature", "top_p", "top_k", "min_p", "policy", "wave", "stopping", "stop_threshold"}
+                 "temperature", "top_p", "top_k", "min_p", "policy", "wave", "stopping", "stop_threshold",
+                 "reuse_prefix"}
 
 
 @contextlib.contextmanager
@@ -82,7 +86,8 @@ class AVISChatHandler:
                  early_stop: bool = False, wave: int = 3, stopping: str = "posterior", stop_threshold: float = 0.95,
                  chat_format: str = "auto", n_seq_max: int = 8,
                  sampling: SamplingParams = VRS_SAMPLING, allow_remote_images: bool = False,
-                 flash_attn: FlashAttn = "auto", verbose: bool = False) -> None:
+                 flash_attn: FlashAttn = "auto", verbose: bool = False, prefix_cache: bool = True,
+                 prefix_store: Any = None) -> None:
         flash_attn_type(flash_attn)  # InvalidArgumentError now, not at the first request
         if not os.path.exists(clip_model_path):
             raise InvalidArgumentError(f"clip model path does not exist: {clip_model_path!r}")
@@ -101,6 +106,10 @@ class AVISChatHandler:
         self.allow_remote_images = allow_remote_images
         self.flash_attn = flash_attn
         self.verbose = verbose
+        # prefix cache: follow-up turns, regenerations and new questions about the same image reuse the earlier
+        # prompt's KV (image encode + prefill); prefix_store (a PrefixStore) also keeps earlier conversations
+        self.prefix_cache = prefix_cache
+        self.prefix_store = prefix_store
         self.vlm: VLM | None = None
         self._init_lock = threading.Lock()
 
@@ -113,7 +122,8 @@ class AVISChatHandler:
                     self.vlm.close()
                 self.vlm = VLM.from_llama(llama, self.clip_model_path, n_seq_max=self.n_seq_max,
                                           chat_format=self.chat_format, allow_remote_images=self.allow_remote_images,
-                                          flash_attn=self.flash_attn, verbose=self.verbose)
+                                          flash_attn=self.flash_attn, verbose=self.verbose,
+                                          prefix_cache=self.prefix_cache, prefix_store=self.prefix_store)
                 llama._stack.callback(self.vlm.close)
             return self.vlm
 
@@ -156,7 +166,8 @@ class AVISChatHandler:
                       stop_after=("</answer>",) if s["answer_tags"] else (), sampling=sampling, ratio=s["ratio"],
                       tau=s["tau"], k=k, mode=s["mode"], seed=int(s.get("seed", seed or 0) or 0),
                       early_stop=bool(s["early_stop"]), options=s.get("options"), policy=s.get("policy"),
-                      question=question, wave=s["wave"], stopping=s["stopping"], stop_threshold=s["stop_threshold"])
+                      question=question, wave=s["wave"], stopping=s["stopping"], stop_threshold=s["stop_threshold"],
+                      reuse_prefix=s.get("reuse_prefix"), cache_namespace=_CACHE_NAMESPACE.get())
         images = [_image_source(u) for u in urls]
         name = model or os.path.basename(vlm.model.path)
         if stream:
@@ -266,6 +277,7 @@ def _avis_field(ans: Answer) -> dict[str, Any]:
                         "key_source": im.get("key_source")} for im in ans.images],
             "decode_tokens": ans.decode_tokens, "early_stopped": ans.early_stopped,
             "tokens_saved": ans.tokens_saved, "rollouts_saved": ans.rollouts_saved, "waves": ans.waves,
+            "prefix_reused": ans.prefix_reused, "tokens_skipped": ans.tokens_skipped,
             "timings": {k: round(v, 6) for k, v in ans.timings.items()},
             "flops_vs_vanilla": ans.flops.get("total"),
             "rollouts": [r.text for r in ans.rollouts]}

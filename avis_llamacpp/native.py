@@ -528,6 +528,10 @@ class Context:
             raise RuntimeError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
         return bytes(buf)
 
+    def seq_state_size(self, seq_id: int = 0) -> int:
+        """Bytes seq_state(seq_id) would return (the sequence's KV cells), without copying them."""
+        return int(llama_cpp.llama_state_seq_get_size(self.ptr, seq_id))
+
     def set_seq_state(self, state: bytes, seq_id: int = 0) -> None:
         """Load a sequence state (from seq_state) into seq_id, replacing what the sequence held."""
         self.seq_rm(seq_id)

@@ -26,7 +26,8 @@ from .features import query_features
 from .kdv import KDVSelection, kdv_scores, prune, random_subset, uniform_subset
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, FlashAttn, Model, SamplingParams
-from .prefill import ImagePrefill, PrefillResult, TokenSelector, prefill
+from .prefill import ImagePrefill, PrefillResult, Resume, TokenSelector, prefill
+from .prefix_cache import NO_MATCH, CachedChunk, ChunkKey, ImageKey, PrefixEntry, PrefixStore, TextKey
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
 from .snapshot import Snapshot, file_fingerprint, image_digest
 from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot, run_staged
@@ -85,6 +86,9 @@ class Answer:
     # staged mode: rollouts of K never started because the stopping rule settled the vote (exact), and waves run
     rollouts_saved: int = 0
     waves: int = 0
+    # prefix cache: whether the prompt's start came from an earlier prompt's KV, and how many cells were reused
+    prefix_reused: bool = False
+    tokens_skipped: int = 0
 
     @property
     def decode_tokens(self) -> list[int]:
@@ -98,6 +102,7 @@ class Answer:
                 "kept_tokens": self.kept_tokens, "decode_tokens": self.decode_tokens,
                 "early_stopped": self.early_stopped,
                 "tokens_saved": self.tokens_saved, "rollouts_saved": self.rollouts_saved, "waves": self.waves,
+                "prefix_reused": self.prefix_reused, "tokens_skipped": self.tokens_skipped,
                 "p_hat": self.p_hat, "timings": self.timings,
                 "flops": self.flops,
                 "images": [{k: v for k, v in im.items() if k != "kept"} for im in self.images],
@@ -129,7 +134,8 @@ class VLM:
                  n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 8, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
                  flash_attn: FlashAttn = "auto", chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
-                 allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False) -> None:
+                 allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False,
+                 prefix_cache: bool = False, prefix_store: PrefixStore | None = None) -> None:
         self._lock = threading.RLock()
         self._closed = False
         self.key_capture = KeyCapture() if capture_keys else None
@@ -169,6 +175,16 @@ class VLM:
         self.allow_remote_images = allow_remote_images
         self.text_dims = self._text_dims()
         self._model_id: str | None = None
+        # prefix cache (prefix_cache.py): sequence 0 keeps the last prompt's cells (the live entry) for the next
+        # query to reuse; prefix_store optionally keeps earlier prompts' KV states too
+        if prefix_store is not None and not isinstance(prefix_store, PrefixStore):
+            raise InvalidArgumentError(f"prefix_store must be a PrefixStore, got {type(prefix_store).__name__}")
+        self.prefix_cache = bool(prefix_cache)
+        self.prefix_store = prefix_store
+        self._live: PrefixEntry | None = None
+        self._live_span: tuple[int, int] = (-1, -1)  # seq 0's (pos_min, pos_max) when the live entry was kept
+        self._pending: PrefixEntry | None = None
+        self._prefix_cache_id: str | None = None
 
     @classmethod
     def from_llama(cls, llama: Any, mmproj_path: str | os.PathLike, **kwargs: Any) -> "VLM":
@@ -249,7 +265,8 @@ class VLM:
                  snapshot: Snapshot | None = None, on_text: Callable[[str], None] | None = None,
                  video: bool = False,
                  selector: str = "kdv", wave: int = 3, stopping: str | StoppingRule = "posterior",
-                 stop_threshold: float = 0.95) -> Answer:
+                 stop_threshold: float = 0.95, reuse_prefix: bool | None = None,
+                 cache_namespace: str = "") -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
         ratio / tau: KDV pruning (fraction pruned, or adaptive angle in radians); None for both keeps all.
@@ -266,7 +283,11 @@ class VLM:
         mode='staged': k is K_max; rollouts run in waves of `wave` (each wave one batch, all from the one prefill)
         and after each wave the stopping rule (stopping.py: "posterior" with stop_threshold, "unanimity", or a
         callable rule(answers, k_max) -> settled) decides whether to fork the next; rollout i is the same as in a
-        fixed-K run with the same seed, staging only changes how many run (Answer.rollouts_saved, .waves)."""
+        fixed-K run with the same seed, staging only changes how many run (Answer.rollouts_saved, .waves).
+        reuse_prefix: reuse the longest prompt prefix an earlier query left in the KV cache or the prefix store
+        (None: the VLM's prefix_cache setting; False bypasses the cache for this call; never with `snapshot` or
+        video). cache_namespace: whose conversation this is; entries are reused only within one namespace
+        (Answer.prefix_reused, .tokens_skipped)."""
         self._validate(max_tokens, k, mode)
         settled_rule = make_stopping_rule(stopping, stop_threshold) if mode == "staged" else None
         if mode == "staged":
@@ -297,9 +318,16 @@ class VLM:
         p_hat = None
         with self._lock:
             self._check_open()
-            self.ctx.clear()
+            reuse = (self.prefix_cache if reuse_prefix is None else bool(reuse_prefix)) and snapshot is None \
+                and not video
+            if not reuse:
+                self._forget_prefix()
+            kept = False
             try:
-                if snapshot is None:
+                if reuse:
+                    pre, scores = self._prefill_cached(prompt_text, arrays, ratio, tau, selector, seed,
+                                                       str(cache_namespace))
+                elif snapshot is None:
                     pre, scores = self._prefill(prompt_text, arrays, ratio, tau, selector, seed, video)
                 else:
                     pre, scores = self._prefill_after(snapshot, prompt_text[len(snapshot.prefix_text):])
@@ -333,10 +361,12 @@ class VLM:
                                             max_tokens=max_new, stop=stop, stop_after=stop_after, early_stop=stopper,
                                             on_text=on_text)
                 decode_s = time.perf_counter() - t_dec
+                kept = reuse
             finally:
-                self.ctx.clear()
+                self._end_query(kept)
         ans = self._answer(pre, rollouts, decode_s, time.perf_counter() - t0, k, mode, options)
         ans.features, ans.p_hat = features, p_hat
+        ans.prefix_reused, ans.tokens_skipped = pre.n_reused > 0, pre.n_reused
         if mode == "staged":
             ans.rollouts_saved, ans.waves = k - len(rollouts), n_waves
             ran = [len(r.tokens) for r in rollouts if r.finish_reason != "early_stop"]
@@ -391,6 +421,170 @@ class VLM:
         pre = PrefillResult(snap.n_past + len(tokens), snap.n_kv + len(tokens), images, 0.0, time.perf_counter() - t0)
         return pre, list(snap.scores)
 
+    # -- prefix cache ---------------------------------------------------------------------------------
+    @property
+    def prefix_cache_id(self) -> str:
+        """What a cached prefix must have been computed with: the model files and the context settings that
+        change the numbers (flash attention, batch sizes)."""
+        if self._prefix_cache_id is None:
+            st = self.settings
+            self._prefix_cache_id = hashlib.sha256(
+                f"{self.model_id}|fa={st.flash_attn}|b={st.n_batch}|ub={st.n_ubatch}|u={st.kv_unified}".encode()
+            ).hexdigest()
+        return self._prefix_cache_id
+
+    @staticmethod
+    def _selection_key(ratio: float | None, tau: float | None, selector: str, seed: int) -> tuple[Any, ...]:
+        """What decides an image's kept set besides its pixels (selection is deterministic in these)."""
+        if ratio is None and tau is None:
+            return ("all",)
+        return (selector, None if ratio is None else float(ratio), None if tau is None else float(tau),
+                int(seed) if selector == "random" else None)
+
+    @staticmethod
+    def _chunk_keys(prompt: Any, arrays: list[np.ndarray], selection: tuple[Any, ...]) -> list[ChunkKey]:
+        """The prompt's chunk keys; an image chunk is named by its image's digest when chunks and images map one
+        to one, else (an image split into several chunks) by all images' digests and its ordinal."""
+        digests = [image_digest(a) for a in arrays]
+        image_chunks = [c for c in prompt.chunks if isinstance(c, ImageChunk)]
+        one_to_one = len(image_chunks) == len(digests)
+        combined = hashlib.sha256("".join(digests).encode()).hexdigest()
+        keys: list[ChunkKey] = []
+        for c in prompt.chunks:
+            if isinstance(c, ImageChunk):
+                d = digests[c.image_index] if one_to_one else f"{combined}:{c.image_index}"
+                keys.append(ImageKey(d, selection, c.n_tokens, c.nx, c.ny, c.n_pos))
+            else:
+                keys.append(TextKey(tuple(int(t) for t in c.tokens)))
+        return keys
+
+    def _live_intact(self) -> bool:
+        """Whether the context still holds exactly the live entry: sequence 0's positions as they were kept and
+        no other sequence (anything else touching the context invalidates it)."""
+        if self._live is None:
+            return False
+        if (self.ctx.seq_pos_min(0), self.ctx.seq_pos_max(0)) != self._live_span:
+            return False
+        return all(self.ctx.seq_pos_max(i) == -1 for i in range(1, self.settings.n_seq_max))
+
+    def _store_live(self) -> None:
+        """Copy the live entry's KV state into the prefix store (before its cells are dropped or cut)."""
+        if self.prefix_store is None or not self._live_intact():
+            return
+        from dataclasses import replace
+        self.prefix_store.put(replace(self._live, state=self.ctx.seq_state(0)))
+
+    def _forget_prefix(self) -> None:
+        """Clear the context; the live entry goes to the prefix store first, if there is one."""
+        if self._live is not None:
+            try:
+                self._store_live()
+            except Exception as e:  # noqa: BLE001 - keeping an old prefix must never fail a query
+                logger.warning("prefix cache: could not store the previous prompt (%s)", e)
+        self._live, self._pending = None, None
+        self.ctx.clear()
+
+    def _end_query(self, keep: bool) -> None:
+        """After a query: keep sequence 0's prompt cells as the live entry (generated tokens and the rollout
+        sequences removed), or clear the context."""
+        pending, self._pending = self._pending, None
+        if keep and pending is not None:
+            self.ctx.seq_rm(0, pending.n_past, -1)
+            for i in range(1, self.settings.n_seq_max):
+                self.ctx.seq_rm(i)
+            self._live = pending
+            self._live_span = (self.ctx.seq_pos_min(0), self.ctx.seq_pos_max(0))
+        else:
+            self._live = None
+            self.ctx.clear()
+
+    def _prefill_cached(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None, tau: float | None,
+                        selector: str, seed: int, namespace: str) -> tuple[PrefillResult, list[np.ndarray]]:
+        """Prefill sequence 0 reusing the longest prefix that the live entry (cells still in the context) or the
+        prefix store holds for this cache id and namespace; only the rest is encoded and decoded. The prompt
+        becomes the pending live entry (kept by _end_query when the query succeeds)."""
+        image_meta: dict[int, dict[str, Any]] = {}
+        pruning = ratio is not None or tau is not None
+        select = (self.kdv_selector(ratio, tau, image_meta, selector, seed) if pruning
+                  else self._recorder(image_meta))
+        with self.projector.tokenize(prompt_text, arrays) as prompt:
+            keys = self._chunk_keys(prompt, arrays, self._selection_key(ratio, tau, selector, seed))
+            cache_id = self.prefix_cache_id
+            live = self._live if self._live_intact() else None
+            m = live.matches(cache_id, namespace, keys) if live is not None else NO_MATCH
+            found = (self.prefix_store.best_match(cache_id, namespace, keys) if self.prefix_store is not None
+                     else None)
+            entry = live
+            if found is not None and found[1].n_kv > m.n_kv:
+                stored = self.prefix_store.get(found[0])
+                if stored is not None:
+                    entry, m = stored, found[1]
+            if self._live is not None and not (entry is live and m.covers_entry):
+                try:
+                    self._store_live()  # its cells are about to be cut or replaced
+                except Exception as e:  # noqa: BLE001
+                    logger.warning("prefix cache: could not store the previous prompt (%s)", e)
+            self._live = None  # until this query succeeds
+            resume = None
+            if m.n_kv > 0 and entry is live:
+                self.ctx.seq_rm(0, m.n_past, -1)
+            elif m.n_kv > 0:
+                self.ctx.clear()
+                try:
+                    self.ctx.set_seq_state(entry.state, 0)
+                except ContextOverflowError:
+                    logger.warning("prefix cache: a stored state did not fit this context; decoding cold")
+                    m = NO_MATCH
+                if m.n_kv > 0 and (self.ctx.seq_pos_min(0), self.ctx.seq_pos_max(0)) != (0, entry.n_past - 1):
+                    logger.warning("prefix cache: a stored state covers the wrong positions; decoding cold")
+                    m = NO_MATCH
+                self.ctx.seq_rm(0, m.n_past, -1)
+            else:
+                self.ctx.clear()
+            if m.n_kv > 0:
+                resume = Resume(m.chunk, m.offset, m.n_past, m.n_kv, list(entry.images[:m.n_images]))
+                logger.debug("prefix cache: reusing %d cells (%d images)", m.n_kv, m.n_images)
+            pre = prefill(self.ctx, self.projector, prompt, select=select, resume=resume)
+            first = resume.chunk if resume is not None else 0
+            records: list[CachedChunk] = list(entry.chunks[:first]) if resume is not None else []
+            new_images = iter(pre.images[m.n_images if resume is not None else 0:])
+            for ci, (n_past, n_kv) in zip(range(first, len(prompt.chunks)), pre.spans):
+                c = prompt.chunks[ci]
+                if isinstance(c, ImageChunk):
+                    n_cells = next(new_images).n_kept
+                    n_pos = c.n_pos if self.projector.uses_mrope else n_cells
+                else:
+                    n_cells = n_pos = len(c.tokens)
+                records.append(CachedChunk(keys[ci], n_past, n_kv, n_pos, n_cells))
+        scores = list(entry.scores[:m.n_images]) if resume is not None else []
+        for im in pre.images[len(scores):]:
+            meta = image_meta.get(im.index, {})
+            scores.append(meta.pop("scores"))
+            im.meta = meta
+        self._pending = PrefixEntry(cache_id, namespace, tuple(records), pre.n_past, pre.n_kv, images=list(pre.images),
+                                    scores=list(scores), prompt_text=prompt_text, model_id=self.model_id)
+        return pre, scores
+
+    def prefix_cache_info(self) -> dict[str, Any]:
+        """What the prefix cache holds now: the live prompt's KV cells and bytes (KV state + image records), and
+        the prefix store's entries and bytes in memory and on disk."""
+        with self._lock:
+            self._check_open()
+            live = self._live if self._live_intact() else None
+            live_bytes = (self.ctx.seq_state_size(0) + live.nbytes) if live is not None else 0
+            store = self.prefix_store
+            return {"live_tokens": live.n_kv if live is not None else 0, "live_bytes": live_bytes,
+                    "store_entries": len(store) if store is not None else 0,
+                    "store_bytes": store.nbytes if store is not None else 0,
+                    "disk_bytes": store.disk_bytes if store is not None else 0}
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the live prompt (the store, if any, keeps what it has)."""
+        with self._lock:
+            self._check_open()
+            self._live, self._pending = None, None
+            self.ctx.clear()
+
     # -- snapshots ------------------------------------------------------------------------------------
     @property
     def model_id(self) -> str:
@@ -413,7 +607,7 @@ class VLM:
         arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
         with self._lock:
             self._check_open()
-            self.ctx.clear()
+            self._forget_prefix()
             try:
                 pre, scores = self._prefill(prefix_text, arrays, ratio, tau)
                 state = self.ctx.seq_state(0)

@@ -46,6 +46,22 @@ class PrefillResult:
     images: list[ImagePrefill]
     encode_s: float
     prefill_s: float
+    # (first position, KV cells before it) of each chunk decoded here, from the resume chunk on (prefix cache)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    n_reused: int = 0  # KV cells taken from an earlier prompt (Resume.n_kv), not decoded
+
+
+@dataclass
+class Resume:
+    """Where prefill continues on a sequence that already holds the prompt's first cells (prefix cache): chunk
+    `chunk` from its token `offset` on (offset > 0 only for text), at position n_past with n_kv cells cached;
+    `images` are the records of the image chunks before it (their kept sets, embeddings, metadata)."""
+
+    chunk: int
+    offset: int
+    n_past: int
+    n_kv: int
+    images: list[ImagePrefill]
 
 
 def count_prefill_tokens(prompt: Prompt) -> int:
@@ -54,27 +70,36 @@ def count_prefill_tokens(prompt: Prompt) -> int:
 
 
 def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int = 0, pos0: int = 0,
-            select: TokenSelector | None = None) -> PrefillResult:
+            select: TokenSelector | None = None, resume: Resume | None = None) -> PrefillResult:
     """Decode the whole prompt into sequence seq_id, leaving the last position's logits ready.
 
     M-RoPE models: kept image tokens keep their original positions and the following text continues
     after the image's full position span. 1-D RoPE models: kept tokens get consecutive positions.
+    resume: the sequence already holds the prompt up to that point (the prefix cache); only the rest is
+    decoded, continuing at its position and cell count (which differ after a pruned M-RoPE image).
     """
     if prompt.n_tokens > ctx.n_ctx:
         raise ContextOverflowError(f"prompt needs {prompt.n_tokens} tokens (text + image) but n_ctx is {ctx.n_ctx}; "
                                    "raise n_ctx or use smaller images")
-    n_past = pos0
-    n_kv = 0
-    images: list[ImagePrefill] = []
+    n_past = pos0 if resume is None else resume.n_past
+    n_kv = 0 if resume is None else resume.n_kv
+    images: list[ImagePrefill] = [] if resume is None else list(resume.images)
+    first = 0 if resume is None else resume.chunk
+    spans: list[tuple[int, int]] = []
     encode_s = 0.0
     t_start = time.perf_counter()
     last = len(prompt.chunks) - 1
     for ci, chunk in enumerate(prompt.chunks):
+        if ci < first:
+            continue
+        skip = resume.offset if resume is not None and ci == first else 0
+        spans.append((n_past - skip, n_kv - skip))
         if isinstance(chunk, TextChunk):
-            if chunk.tokens:
-                ctx.decode_tokens(chunk.tokens, n_past, seq_id, logits_last=True)
-                n_past += len(chunk.tokens)
-                n_kv += len(chunk.tokens)
+            tokens = chunk.tokens[skip:]
+            if tokens:
+                ctx.decode_tokens(tokens, n_past, seq_id, logits_last=True)
+                n_past += len(tokens)
+                n_kv += len(tokens)
             continue
         t0 = time.perf_counter()
         embd = projector.encode(chunk)
@@ -99,4 +124,4 @@ def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int =
         n_kv += len(kept)
         images.append(ImagePrefill(chunk.image_index, chunk.n_tokens, len(kept), (chunk.nx, chunk.ny), kept, embd))
     prefill_s = time.perf_counter() - t_start - encode_s
-    return PrefillResult(n_past, n_kv, images, encode_s, prefill_s)
+    return PrefillResult(n_past, n_kv, images, encode_s, prefill_s, spans, 0 if resume is None else resume.n_kv)

@@ -14,7 +14,10 @@ inside --avis_image_dir (one error message for outside / missing / unreadable fi
 (unknown or ill-typed `avis` keys, K above the server's slots, max_tokens beyond the context, oversized,
 undecodable or too many images, too large a body) is a 4xx with an OpenAI-shaped error body
 {"error": {"message", "type", "param", "code"}}; 5xx means a server fault. Requests are answered one at a time
-(llama_cpp.server's lock), each on a cleared KV cache, so concurrent clients get the single-client answers.
+(llama_cpp.server's lock), each on a cleared KV cache or on the same client's cached prompt prefix (the prefix
+cache, --avis_prefix_cache*: same tokens as a cold run), so concurrent clients get the single-client answers.
+Cached prefixes are kept per client (Authorization header + address + the body's `user`): one client never reuses,
+or learns of, another's; no request can name a file for the server to read (the cache directory is the operator's).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Callable
 
 import anyio
 
-from .chat_handler import _AVIS_SINK, _OVERRIDES, OVERRIDE_KEYS, AVISChatHandler
+from .chat_handler import _AVIS_SINK, _CACHE_NAMESPACE, _OVERRIDES, OVERRIDE_KEYS, AVISChatHandler
 from .cli import flash_attn_arg
 from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError
 from .images import ImageSourcePolicy, fetch_request_image, load_image, request_images
@@ -121,6 +124,7 @@ def _avis_checks(slots: int) -> dict[str, tuple[str, Callable[[Any], bool]]]:
         "seed": ("an integer", _is_int),
         "early_stop": ("true or false", lambda v: isinstance(v, bool)),
         "answer_tags": ("true or false", lambda v: isinstance(v, bool)),
+        "reuse_prefix": ("true or false (reuse this client's earlier prompt prefix)", lambda v: isinstance(v, bool)),
         "content": ('"auto", "answer" or "text"', lambda v: v in ("auto", "answer", "text")),
         "options": ("null or a list of 1 to 26 option strings (each at most 1000 characters)",
                     lambda v: v is None or (isinstance(v, list) and 1 <= len(v) <= 26
@@ -365,10 +369,12 @@ class AVISGuard:
             return
         sink: dict[str, Any] = {}
         token, token_sink = _OVERRIDES.set(plan.overrides or None), _AVIS_SINK.set(sink)
+        token_ns = _CACHE_NAMESPACE.set(cache_namespace(scope, data))
         try:
             with request_images(resolved):
                 await self._answer(scope, replay, send, sink)
         finally:
+            _CACHE_NAMESPACE.reset(token_ns)
             _AVIS_SINK.reset(token_sink)
             _OVERRIDES.reset(token)
 
@@ -400,6 +406,22 @@ class AVISGuard:
             except ImageError as e:
                 raise RequestError(400, f"{param}: {e}", param=param, code="invalid_image") from None
         return resolved
+
+
+def cache_namespace(scope: dict, data: Any) -> str:
+    """Whose conversation a chat request belongs to, for the prefix cache (KV reused only within a namespace):
+    the Authorization header, the client's address and the body's OpenAI `user` field, hashed. Clients that
+    differ in any of them never reuse (or learn of) each other's cached prompts."""
+    import hashlib
+
+    auth = b""
+    for k, v in scope.get("headers") or []:
+        if k.lower() == b"authorization":
+            auth = bytes(v)
+    client = scope.get("client") or ("", 0)
+    user = data.get("user") if isinstance(data, dict) and isinstance(data.get("user"), str) else ""
+    h = hashlib.sha256(auth + b"\0" + str(client[0]).encode() + b"\0" + user.encode())
+    return h.hexdigest()
 
 
 class _HeldResponse:
@@ -558,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--avis_answer_tags", action="store_true", help="ask for <think>/<answer> and vote on the answers")
     g.add_argument("--avis_content", choices=["auto", "answer", "text"], default="auto", help="message text: voted answer or full text")
     g.add_argument("--avis_early_stop", action="store_true", help="stop rollouts once the vote is decided")
+    g.add_argument("--avis_prefix_cache", choices=["on", "off"], default="on",
+                   help="reuse a client's earlier prompt prefix (image encode + prefill) across its turns")
+    g.add_argument("--avis_prefix_cache_bytes", type=int, default=0,
+                   help="also keep earlier prompts' KV states in memory, up to this many bytes (0: only the last)")
+    g.add_argument("--avis_prefix_cache_dir", type=str, default=None,
+                   help="also keep them as snapshot GGUF files in this directory (the server names and reads them; "
+                        "requests cannot)")
+    g.add_argument("--avis_prefix_cache_disk_bytes", type=int, default=None, help="cap on that directory's files")
     g.add_argument("--avis_flash_attn", type=flash_attn_arg, default="auto", metavar="{auto,on,off}",
                    help="flash attention in AVIS's text context and vision encoder (default auto: where supported; "
                         "--flash_attn only sets the Llama's own context)")
@@ -584,6 +614,19 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
                                                  allow_remote=args.avis_allow_remote_images,
                                                  max_bytes=args.avis_max_image_bytes,
                                                  max_pixels=args.avis_max_image_pixels))
+
+
+def prefix_cache_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The handler's prefix-cache settings the --avis_prefix_cache* flags describe."""
+    from .prefix_cache import PrefixStore
+
+    on = getattr(args, "avis_prefix_cache", "on") == "on"
+    n_bytes = getattr(args, "avis_prefix_cache_bytes", 0) or 0
+    directory = getattr(args, "avis_prefix_cache_dir", None)
+    store = None
+    if on and (n_bytes > 0 or directory):
+        store = PrefixStore(n_bytes, directory, getattr(args, "avis_prefix_cache_disk_bytes", None))
+    return {"prefix_cache": on, "prefix_store": store}
 
 
 def _n_ctx_lookup(model_settings: list[Any]) -> Callable[[str | None], int | None]:
@@ -615,7 +658,8 @@ def create_avis_app(args: argparse.Namespace) -> Any:
     limits = limits_from_args(args)
     install({"k": args.avis_k, "ratio": args.avis_ratio, "tau": args.avis_tau, "policy": args.avis_policy,
              "mode": args.avis_mode, "answer_tags": args.avis_answer_tags, "content": args.avis_content,
-             "early_stop": args.avis_early_stop, "n_seq_max": limits.slots, "flash_attn": args.avis_flash_attn})
+             "early_stop": args.avis_early_stop, "n_seq_max": limits.slots, "flash_attn": args.avis_flash_attn,
+             **prefix_cache_from_args(args)})
     config_file = os.environ.get("CONFIG_FILE", args.config_file)
     if config_file:
         with open(config_file, "rb") as f:
