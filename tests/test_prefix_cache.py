@@ -463,6 +463,12 @@ def test_chat_handler_second_turn_reuses_and_says_so(vlm_fixture, demo_image):
             text = first["choices"][0]["message"]["content"]
             second = llm.create_chat_completion(messages=_chat(url, "What is this?", text, "Colour?"), **kw)
             out[cache] = (first, second)
+            if cache:  # the same turn again, streamed: a regeneration, reported in the last chunk's avis field
+                chunks = list(llm.create_chat_completion(messages=_chat(url, "What is this?", text, "Colour?"),
+                                                         stream=True, **kw))
+                streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+                assert streamed == second["choices"][0]["message"]["content"]
+                assert chunks[-1]["avis"]["tokens_skipped"] == second["usage"]["prompt_tokens"] - 1
         finally:
             llm.close()
     (f_on, s_on), (f_off, s_off) = out[True], out[False]
