@@ -192,11 +192,13 @@ def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = ""
 
 def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLike, *,
               configs: Sequence[BenchConfig] | None = None, policy_path: str | None = None, seed: int = 0,
-              max_tokens: int = 64, answer_tags: bool = True, limit: int | None = None, n_ctx: int = 4096,
+              max_tokens: int = 64, answer_tags: bool = True, limit: int | None = None, n_ctx: int | None = 4096,
               resume: bool = True, progress: bool = True, ray_workers: int = 0,
               ray_address: str | None = None, n_threads: int | None = None,
-              n_threads_batch: int | None = None) -> list[dict[str, Any]]:
+              n_threads_batch: int | None = None,
+              vlm_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Evaluate every configuration on every item; returns the summary rows (and writes the outputs).
+    vlm_options: further VLM keywords (n_gpu_layers, chat_format, flash_attn, verbose)
     n_threads / n_threads_batch: CPU threads per model (give both when several runs share the cores)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
     todo = [(i, it) for i, it in enumerate(items) if any((it["id"], c.name) not in done for c in configs)]
     kw = dict(configs=cdicts, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, policy_path=policy_path)
     vlm_kwargs = {"n_ctx": n_ctx, "n_seq_max": max(8, max(c.k for c in configs)), "n_threads": n_threads,
-                  "n_threads_batch": n_threads_batch or n_threads}
+                  "n_threads_batch": n_threads_batch or n_threads, **(vlm_options or {})}
     t0 = time.perf_counter()
     with rec_path.open("a") as rec:
         if ray_workers > 0:
@@ -239,7 +241,7 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
     records = [done[(it["id"], c.name)] for it in items for c in configs if (it["id"], c.name) in done]
     rows = summarize(records, configs, seed)
     from .native import ContextSettings
-    flash_attn = ContextSettings().flash_attn  # the VLMs above run with the default
+    flash_attn = vlm_kwargs.get("flash_attn", ContextSettings().flash_attn)
     title = (f"{Path(model).parent.name}/{Path(model).name} on {Path(items_path).parent.name} "
              f"({len(items)} items, seed {seed}, max_tokens {max_tokens}, flash_attn {flash_attn!r})")
     write_outputs(rows, out, title)
@@ -256,8 +258,9 @@ def register_cli(sub: Any) -> None:
     """The `avis bench` subcommand."""
     p = sub.add_parser("bench", help="accuracy / compute table over a labelled JSONL set",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", required=True, help="text model GGUF")
-    p.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
+    from .cli import add_model_args
+
+    add_model_args(p)
     p.add_argument("--items", required=True, help="labelled JSONL (image, question, options, answer)")
     p.add_argument("--out", default="bench_out", help="output folder (records, table, CSV, plot)")
     p.add_argument("--policy", default=None, help="policy GGUF for the full-AVIS row")
@@ -266,12 +269,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed every rollout derives from")
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens per rollout")
     p.add_argument("--no-answer-tags", action="store_true", help="do not append the <think>/<answer> instruction")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size")
     p.add_argument("--no-resume", action="store_true", help="ignore records of an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per model (default: half the cores)")
-    p.add_argument("--threads-batch", type=int, default=None,
-                   help="CPU threads for prompt batches (default: --threads if given, else all cores)")
     p.add_argument("--ray", type=int, default=0, help="spread items over this many Ray workers (0: in process)")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster address (default: start a local one)")
     p.set_defaults(func=_cmd_bench)
@@ -290,7 +289,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                      seed=args.seed, max_tokens=args.max_tokens, answer_tags=not args.no_answer_tags, limit=args.limit,
                      n_ctx=args.n_ctx, resume=not args.no_resume, progress=not args.no_progress,
                      ray_workers=args.ray, ray_address=args.ray_address, n_threads=args.threads,
-                     n_threads_batch=args.threads_batch)
+                     n_threads_batch=args.threads_batch,
+                     vlm_options=dict(n_gpu_layers=args.n_gpu_layers, chat_format=args.chat_format,
+                                      verbose=args.verbose, flash_attn=args.flash_attn))
     print(markdown_table(rows))
     print(f"\n(wrote {args.out}/table.md, results.csv, accuracy_vs_flops.png, records.jsonl)")
     return 0

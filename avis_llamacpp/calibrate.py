@@ -426,9 +426,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         tau, ratio = args.tau, None
     out = Path(args.out)
-    with VLM(args.model, args.mmproj, n_ctx=args.n_ctx, n_seq_max=max(8, args.k_max), n_threads=args.threads,
-             n_threads_batch=args.threads_batch or args.threads, n_gpu_layers=args.n_gpu_layers,
-             chat_format=args.chat_format, verbose=args.verbose) as vlm:
+    from .cli import vlm_kwargs
+
+    with VLM(args.model, args.mmproj, n_seq_max=max(8, args.k_max), **vlm_kwargs(args)) as vlm:
         records = run_calibration(vlm, args.items, out, k_max=args.k_max, seed=args.seed, max_tokens=args.max_tokens,
                                   answer_tags=args.answer_tags, tau=tau, ratio=ratio, resume=not args.no_resume,
                                   progress=not args.no_progress, limit=args.limit, ray_workers=args.ray,
@@ -446,8 +446,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("calibrate", help="calibrate an AVIS policy (difficulty predictor + K map) on "
                               "labelled items", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", required=True, help="text model GGUF")
-    p.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
+    from .cli import _tau, add_model_args
+
+    add_model_args(p)
     p.add_argument("--items", required=True, help="JSONL of items: image (path relative to the file), question, "
                    "options, answer (letter), optional id")
     p.add_argument("--out", required=True, help="output folder (records.jsonl, policy.gguf, report.json)")
@@ -462,7 +463,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per rollout")
     p.add_argument("--answer-tags", action="store_true", help="ask for <think>/<answer> tags")
     prune = p.add_mutually_exclusive_group()
-    prune.add_argument("--tau", type=float, default=DEFAULT_TAU, help="KDV adaptive angle in radians (default pi/4)")
+    prune.add_argument("--tau", type=_tau, default=DEFAULT_TAU,
+                       help="KDV adaptive angle in radians, e.g. 0.785 or pi/4 (default pi/4)")
     prune.add_argument("--ratio", type=float, default=None, help="KDV fixed pruning ratio instead of tau")
     prune.add_argument("--no-prune", action="store_true", help="keep every visual token")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
@@ -471,13 +473,6 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
     p.add_argument("--ray", type=int, default=0, help="spread items over this many Ray workers (0: in process)")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster address (default: start a local one)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
-    p.add_argument("--threads-batch", type=int, default=None,
-                   help="CPU threads for prompt batches (default: --threads if given, else all cores)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
-    p.add_argument("--chat-format", default="auto", help="'auto', 'llava-1-5' or 'qwen2.5-vl'")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
     p.set_defaults(func=_cmd_calibrate)
     return p
 

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 def _tau(value: str) -> float:
@@ -32,8 +31,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model/--mmproj and the context knobs every model-loading subcommand takes."""
     p.add_argument("--model", "-m", required=True, help="text model GGUF")
     p.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (shared by all rollouts)")
+    p.add_argument("--n-ctx", type=int, default=None,
+                   help="context size in tokens, shared by all rollouts (default 4096, or the model's training "
+                        "context if shorter)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    p.add_argument("--threads-batch", type=int, default=None,
+                   help="CPU threads for prompt batches (default: --threads if given, else all cores)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="text-model layers to offload to the GPU (-1: all)")
     p.add_argument("--chat-format", default="auto", help="prompt format: auto, llava-1-5 or qwen2.5-vl")
     p.add_argument("--flash-attn", type=flash_attn_arg, default="auto", metavar="{auto,on,off}",
@@ -65,12 +68,17 @@ def add_avis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-stop", action="store_true", help="stop remaining rollouts once the vote is decided")
 
 
+def vlm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """VLM keywords from the shared model flags (add_model_args)."""
+    return dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                n_gpu_layers=args.n_gpu_layers, chat_format=args.chat_format, verbose=args.verbose,
+                flash_attn=args.flash_attn)
+
+
 def open_vlm(args: argparse.Namespace) -> Any:
     from .pipeline import VLM
 
-    return VLM(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-               chat_format=args.chat_format, verbose=args.verbose, n_seq_max=max(8, getattr(args, "k", 1)),
-               flash_attn=args.flash_attn)
+    return VLM(args.model, args.mmproj, n_seq_max=max(8, getattr(args, "k", 1)), **vlm_kwargs(args))
 
 
 def ask_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,8 +98,12 @@ def ask_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
+    from .options import QuerySettings
+
+    kw = ask_kwargs(args)
+    QuerySettings.from_kwargs(**{k: v for k, v in kw.items() if k != "answer_tags"})  # bad knobs fail before loading
     with open_vlm(args) as vlm:
-        ans = vlm.ask(args.image, args.question, **ask_kwargs(args))
+        ans = vlm.ask(args.image, args.question, **kw)
     if args.json:
         print(json.dumps(ans.to_dict(), indent=2))
         return 0
@@ -163,13 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the question (options 0-3 are appended as A-D)")
     demo.set_defaults(func=_cmd_demo)
 
-    for name, module in (("calibrate", "calibrate"), ("bench", "bench")):
-        try:
-            mod = __import__(f"{__package__}.{module}", fromlist=["register_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "register_cli"):
-            mod.register_cli(sub)
+    from . import bench, calibrate  # a broken module fails loudly instead of its command vanishing
+
+    calibrate.register_cli(sub)
+    bench.register_cli(sub)
     return parser
 
 

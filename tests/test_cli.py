@@ -50,3 +50,46 @@ def test_errors_exit_2_with_message(llava_fixture, tmp_path):
     r = subprocess.run([sys.executable, "-m", "avis_llamacpp.cli", "ask", "-m", str(llava_fixture.model), "--mmproj",
                         str(llava_fixture.mmproj), "-i", str(bad), "q"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a readable image" in r.stderr
+
+
+def test_bad_knobs_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Argument errors come first: a missing model file would be the error if the model were loaded first."""
+    from avis_llamacpp import pipeline
+
+    def boom(*a, **k):  # pragma: no cover - reached only if validation comes after loading
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline.VLM, "__init__", boom)
+    args = ["ask", "-m", str(tmp_path / "missing.gguf"), "--mmproj", str(tmp_path / "missing-mmproj.gguf"),
+            "-i", "x.png", "q"]
+    for extra, msg in ((["--k", "0"], "k (rollouts)"), (["--mode", "staged", "--wave", "0"], "wave"),
+                       (["--max-tokens", "-3"], "max_tokens"), (["--rho", "1.5"], "ratio")):
+        assert main(args[:-1] + extra + ["q"]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_every_model_command_takes_the_same_model_flags():
+    parser = build_parser()
+    sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"][0]
+    model_flags = {"--model", "--mmproj", "--n-ctx", "--threads", "--threads-batch", "--n-gpu-layers",
+                   "--chat-format", "--flash-attn", "--verbose"}
+    for name in ("ask", "show", "calibrate", "bench"):
+        flags = {o for a in sub.choices[name]._actions for o in a.option_strings}
+        assert model_flags <= flags, (name, model_flags - flags)
+    ns = parser.parse_args(["calibrate", "-m", "m", "--mmproj", "p", "--items", "i", "--out", "o", "--tau", "pi/4"])
+    assert ns.tau == pytest.approx(0.7853981, rel=1e-6)
+
+
+def test_a_broken_subcommand_module_fails_loudly(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *a, **k):
+        if name.endswith("bench") or (a and a[2] and "bench" in a[2]):
+            raise ImportError("simulated broken module")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ImportError, match="simulated broken module"):
+        build_parser()
