@@ -23,15 +23,16 @@ from .errors import ClosedError, ContextOverflowError, InvalidArgumentError, Sna
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_frames, load_image
 from .features import query_features
-from .kdv import KDVSelection, kdv_scores, prune, random_subset, uniform_subset
+from .kdv import KDVSelection, kdv_scores, prune, random_subset, uniform_subset, validate_pruning
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, FlashAttn, Model, SamplingParams
+from .options import MODES, SELECTORS, QuerySettings  # noqa: F401 (MODES, SELECTORS re-exported)
 from .prefill import ImagePrefill, PrefillResult, Resume, TokenSelector, prefill
 from .prefix_cache import NO_MATCH, CachedChunk, ChunkKey, ImageKey, PrefixEntry, PrefixStore, TextKey
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
 from .snapshot import Snapshot, file_fingerprint, image_digest
 from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot, run_staged
-from .stopping import StoppingRule, make_stopping_rule, wave_sizes
+from .stopping import StoppingRule
 from .voting import ANSWER_PROMPT_SUFFIX, can_be_overtaken, extract_answer, majority_vote, normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ _IMAGE_URL = "avis-image://{}"  # placeholder URLs swapped for the media marker 
 DEFAULT_N_CTX = 4096  # capped at the model's training context when n_ctx is not given
 # the paper's VRS sampling for K > 1
 VRS_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
-MODES = ("parallel", "snapshot", "staged")
-SELECTORS = ("kdv", "embeddings", "random", "uniform")
 
 
 class QueryPolicy(Protocol):
@@ -257,57 +256,39 @@ class VLM:
         n_images = len(snap.image_digests) if snap is not None and not images else len(images)
         return self.generate(self.render_question(question, n_images), images, **kwargs)
 
-    def generate(self, prompt_text: str, images: Sequence[ImageInput] = (), *, max_tokens: int = 256,
-                 stop: Sequence[str] = (), stop_after: Sequence[str] = (), sampling: SamplingParams | None = None,
-                 ratio: float | None = None, tau: float | None = None, k: int = 1, mode: str = "parallel",
-                 seed: int = 0, early_stop: bool = False, options: Sequence[str] | None = None,
-                 policy: QueryPolicy | None = None, question: str | None = None,
-                 snapshot: Snapshot | None = None, on_text: Callable[[str], None] | None = None,
-                 video: bool = False,
-                 selector: str = "kdv", wave: int = 3, stopping: str | StoppingRule = "posterior",
-                 stop_threshold: float = 0.95, reuse_prefix: bool | None = None,
-                 cache_namespace: str = "") -> Answer:
+    def generate(self, prompt_text: str, images: Sequence[ImageInput] = (), settings: QuerySettings | None = None,
+                 *, question: str | None = None, snapshot: Snapshot | None = None,
+                 on_text: Callable[[str], None] | None = None, video: bool = False, **knobs: Any) -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
-        ratio / tau: KDV pruning (fraction pruned, or adaptive angle in radians); None for both keeps all.
-        k: rollouts; K=1 decodes greedily unless `sampling` says otherwise, K>1 samples with `sampling`
-        (default temperature 0.7, top-p 0.9), rollout i seeded from `seed`. mode: 'parallel' (one batch per
-        step) or 'snapshot' (one rollout at a time). early_stop: stop once the vote cannot change.
-        options: multiple-choice option texts, used to normalise answers to letters.
-        policy: decides ratio/tau (unless given here) and K (overriding k) from the query's features.
-        snapshot: a prefilled prefix (see `snapshot`); the prompt must start with its prefix text, and images,
-        if given, must be the snapshot's.
-        on_text: called with the first rollout's text as it decodes (for streaming a K=1 answer).
-        selector: which tokens `ratio` keeps: "kdv" (the paper), or the baselines "embeddings" (KDV scores on the
-        projected embeddings), "random" (seeded) and "uniform" (evenly spaced in raster order).
-        mode='staged': k is K_max; rollouts run in waves of `wave` (each wave one batch, all from the one prefill)
-        and after each wave the stopping rule (stopping.py: "posterior" with stop_threshold, "unanimity", or a
-        callable rule(answers, k_max) -> settled) decides whether to fork the next; rollout i is the same as in a
-        fixed-K run with the same seed, staging only changes how many run (Answer.rollouts_saved, .waves).
-        reuse_prefix: reuse the longest prompt prefix an earlier query left in the KV cache or the prefix store
-        (None: the VLM's prefix_cache setting; False bypasses the cache for this call; never with `snapshot` or
-        video). cache_namespace: whose conversation this is; entries are reused only within one namespace
-        (Answer.prefix_reused, .tokens_skipped)."""
-        self._validate(max_tokens, k, mode)
-        settled_rule = make_stopping_rule(stopping, stop_threshold) if mode == "staged" else None
-        if mode == "staged":
-            wave_sizes(k, wave)  # validates wave
-            if policy is None and min(wave, k) > self.settings.n_seq_max:
-                raise InvalidArgumentError(f"a staged wave of {min(wave, k)} rollouts needs n_seq_max >= "
-                                           f"{min(wave, k)} (this VLM has n_seq_max={self.settings.n_seq_max}); "
-                                           "lower wave or create the VLM with a larger n_seq_max")
-        images, stop, stop_after = self._check_inputs(prompt_text, images, stop, stop_after, sampling, seed, on_text)
+        settings: the query's knobs as one validated QuerySettings (options.py); keyword `knobs` are its fields
+        (max_tokens, stop, stop_after, sampling, ratio, tau, k, mode, seed, early_stop, options, policy, selector,
+        wave, stopping, stop_threshold, reuse_prefix, cache_namespace) and replace those of `settings`.
+        In short: ratio / tau prune (fraction, or adaptive angle); k rollouts (greedy at K=1, the paper's
+        sampling at K>1, rollout i seeded from seed); mode 'parallel' | 'snapshot' | 'staged' (k is then K_max,
+        waves of `wave` until the stopping rule settles the vote; rollout i is the same as in a fixed-K run);
+        policy decides the pruning (unless given) and K from the query's features; reuse_prefix /
+        cache_namespace: the prefix cache (Answer.prefix_reused, .tokens_skipped).
+        question: the question text (for the policy's features). snapshot: a prefilled prefix (see `snapshot`);
+        the prompt must start with its prefix text, and images, if given, must be the snapshot's. on_text: called
+        with the first rollout's text as it decodes (streaming a K=1 answer). video: the images are one video's
+        frames."""
+        q = QuerySettings.from_kwargs(settings, **knobs)  # every knob validated here, in one place
+        max_tokens, stop, stop_after, sampling, k, mode, seed = (q.max_tokens, q.stop, q.stop_after, q.sampling,
+                                                                 q.k, q.mode, q.seed)
+        ratio, tau, early_stop, options, policy, selector = q.ratio, q.tau, q.early_stop, q.options, q.policy, q.selector
+        wave, reuse_prefix, cache_namespace = q.wave, q.reuse_prefix, q.cache_namespace
+        settled_rule = q.stopping_rule()
+        if mode == "staged" and policy is None and min(wave, k) > self.settings.n_seq_max:
+            raise InvalidArgumentError(f"a staged wave of {min(wave, k)} rollouts needs n_seq_max >= "
+                                       f"{min(wave, k)} (this VLM has n_seq_max={self.settings.n_seq_max}); "
+                                       "lower wave or create the VLM with a larger n_seq_max")
+        images = self._check_inputs(prompt_text, images, on_text)
         if policy is None and mode == "parallel" and k > self.settings.n_seq_max:
             raise InvalidArgumentError(self._too_many_rollouts(k))
-        if selector not in SELECTORS:
-            raise InvalidArgumentError(f"selector must be one of {SELECTORS}, got {selector!r}")
-        if selector != "kdv" and ratio is None:
-            raise InvalidArgumentError(f"selector {selector!r} needs a ratio (it has no adaptive mode)")
         if policy is not None and ratio is None and tau is None:
             ratio, tau = policy.ratio, policy.tau
         pruning = ratio is not None or tau is not None
-        if pruning:
-            prune(np.ones((1, 1, 1)), ratio=ratio, tau=tau)  # validate the arguments before any work
         t0 = time.perf_counter()
         arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
         if snapshot is not None:
@@ -337,7 +318,7 @@ class VLM:
                     question=question if question is not None else prompt_text)
                 if policy is not None:
                     k, p_hat = policy.decide(features)
-                    self._validate(max_tokens, k, mode)
+                    k = QuerySettings.from_kwargs(q, k=k).k  # the policy's K is checked like a caller's
                 params = self._rollout_params(k, sampling, seed)
                 stopper = self._early_stopper(options) if early_stop and k > 1 else None
                 budget = self.ctx.n_ctx - pre.n_kv
@@ -599,8 +580,7 @@ class VLM:
         """Encode and prefill the prompt up to the question once (system text + images, KDV applied), so
         several questions can follow it: `ask(None, question, snapshot=snap)`; `snap.save(path)` keeps it."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
-        if ratio is not None or tau is not None:
-            prune(np.ones((1, 1, 1)), ratio=ratio, tau=tau)
+        validate_pruning(ratio, tau)
         sentinel = "\x00avis-question\x00"
         full = self.render_question(sentinel, len(images))
         prefix_text = full[:full.index(sentinel)]
@@ -642,10 +622,9 @@ class VLM:
                 f"n_seq_max={self.settings.n_seq_max}); create the VLM with n_seq_max={k} or use mode='snapshot'")
 
     @staticmethod
-    def _check_inputs(prompt_text: Any, images: Any, stop: Any, stop_after: Any, sampling: Any, seed: Any,
-                      on_text: Any) -> tuple[list[Any], tuple[str, ...], tuple[str, ...]]:
-        """Type checks for generate's arguments (InvalidArgumentError naming the argument); a single image or
-        stop string is accepted where a sequence is expected."""
+    def _check_inputs(prompt_text: Any, images: Any, on_text: Any) -> list[Any]:
+        """Type checks for generate's per-call data (InvalidArgumentError naming the argument); a single image
+        is accepted where a sequence is expected."""
         if not isinstance(prompt_text, str):
             raise InvalidArgumentError(f"prompt_text must be a str, got {type(prompt_text).__name__}")
         try:
@@ -658,28 +637,9 @@ class VLM:
         elif (isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray))
               or hasattr(images, "getpixel")):
             images = [images]  # one image (path, bytes, array or PIL image), not a sequence of them
-        out = []
-        for name, val in (("stop", stop), ("stop_after", stop_after)):
-            val = (val,) if isinstance(val, str) else tuple(val or ())
-            if not all(isinstance(x, str) for x in val):
-                raise InvalidArgumentError(f"{name} must be a string or a sequence of strings, got {val!r}")
-            out.append(val)
-        if sampling is not None and not isinstance(sampling, SamplingParams):
-            raise InvalidArgumentError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
         if on_text is not None and not callable(on_text):
             raise InvalidArgumentError("on_text must be callable (it receives each new piece of text)")
-        return list(images), out[0], out[1]
-
-    @staticmethod
-    def _validate(max_tokens: int, k: int, mode: str) -> None:
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise InvalidArgumentError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InvalidArgumentError(f"k (rollouts) must be an int >= 1, got {k!r}")
-        if mode not in MODES:
-            raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+        return list(images)
 
     @staticmethod
     def _normalised_answers(rollouts: Sequence[Rollout], options: Sequence[str] | None) -> list[str | None]:

@@ -57,3 +57,20 @@ def test_validate_pruning_by_hand():
     for bad in ((1.0, None), (None, 4.0), (0.5, 0.5), ("0.5", None)):
         with pytest.raises(InvalidArgumentError):
             validate_pruning(*bad)
+
+
+def test_generate_takes_a_settings_object_or_its_fields(llava_fixture, demo_image):
+    from avis_llamacpp import VLM
+
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=1024, n_threads=1, flash_attn=False) as vlm:
+        prompt = vlm.render_question("What is it?", 1)
+        s = QuerySettings(max_tokens=3, ratio=0.5)
+        a = vlm.generate(prompt, [demo_image], s)
+        b = vlm.generate(prompt, [demo_image], max_tokens=3, ratio=0.5)
+        c = vlm.generate(prompt, [demo_image], s, max_tokens=2)  # a field given as a keyword replaces it
+        assert a.tokens == b.tokens and c.tokens == a.tokens[:2] and a.kept_tokens == c.kept_tokens
+        with pytest.raises(InvalidArgumentError, match="unknown query setting"):
+            vlm.generate(prompt, [demo_image], max_tokns=3)
+        # knobs are checked before any image is read: a missing file would be an ImageError otherwise
+        with pytest.raises(InvalidArgumentError, match="k \\(rollouts\\)"):
+            vlm.ask("/no/such/image.png", "q", k=0)
