@@ -190,7 +190,8 @@ def _sources() -> Iterator[str]:
     for fn in (_text._tensor_shapes, _text._add_hparams, _text.TextModelDims, _text.default_rope_sections,
                _tok.build_vocab, _tok._learn_merges, _tok.pad_vocab, _tok._padding_tokens, _tok.add_tokenizer,
                _tok.bytes_to_unicode, _mmproj._qwen25vl_tensors, _mmproj._linear, _mmproj._Init,
-               _mmproj._write_kv, _mmproj._store_dtype, _mmproj.VisionDims):
+               _mmproj._write_kv, _mmproj.clip_vision_kv, _mmproj.add_clip_kv, _mmproj._store_dtype,
+               _mmproj.VisionDims):
         yield inspect.getsource(fn)
     yield repr((_tok.CONTROL_TOKENS, _tok.USER_DEFINED_TOKENS, _tok._CORPUS, _tok._PRETOKENIZE.pattern,
                 _text.CHATML_CHAT_TEMPLATE, _text.LLAVA_CHAT_TEMPLATE))

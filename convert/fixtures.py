@@ -12,7 +12,6 @@ never serves a stale file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .fixture_common import cached_pair, default_cache_dir, fixture_key, scalars  # noqa: F401 (re-exported)
 from .mmproj import VisionDims, expected_image_tokens, write_mmproj
 from .text_model import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, TextModelDims, write_text_model
 
@@ -105,24 +105,13 @@ def spec(family: str, size: str = "tiny") -> tuple[TextModelDims, VisionDims, st
     return _SPECS[(family, size)]
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("AVIS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avis-llamacpp")
-    return Path(base) / "fixtures"
-
-
 def _key(family: str, size: str, seed: int) -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
+    prefix = f"{family}-{size}-s{seed}"
     if size == "real":  # multi-GB: keyed on the code that writes it, not on whole shared files
         from .fixture_real import source_digest
-        h.update(source_digest().encode())
-    else:
-        for name in ("fixtures.py", "text_model.py", "mmproj.py", "tokenizer.py"):
-            h.update((here / name).read_bytes())
-    text, vision, template, ftype = spec(family, size)
-    h.update(repr((text, vision, template, ftype, seed)).encode())
-    return f"{family}-{size}-s{seed}-{h.hexdigest()[:12]}"
+        return fixture_key(prefix, (), source_digest(), *spec(family, size), seed)
+    return fixture_key(prefix, ("fixtures.py", "text_model.py", "mmproj.py", "tokenizer.py"), *spec(family, size),
+                       seed)
 
 
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "f16": None}
@@ -156,43 +145,35 @@ def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {sorted(QUANT_TYPES)} or None")
     text, vision, template, ftype = spec(family, size)
-    root = Path(out_dir) if out_dir is not None else default_cache_dir()
-    folder = root / (_key(family, size, seed) + (f"-{quantize}" if ftype == "f16" and quantize else ""))
-    model, mmproj, info_path = folder / "model.gguf", folder / "mmproj.gguf", folder / "info.json"
-    fx = Fixture(family, size, seed, model, mmproj, text, vision)
-    if info_path.exists() and model.exists() and mmproj.exists() and not force:
-        return fx
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
-    if size == "real":
-        from .fixture_real import REAL_N_VOCAB, write_mmproj_streaming, write_text_model_streaming
-        text_info = write_text_model_streaming(tmp_model, text, seed=seed, chat_template=template,
-                                               name=f"avis-{family}-{size}", n_vocab=REAL_N_VOCAB, tie_output=True,
-                                               ftype=ftype)
-        vision_info = write_mmproj_streaming(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj",
-                                             ftype=ftype)
-    else:
-        text_info = write_text_model(tmp_model, text, seed=seed, chat_template=template,
-                                     name=f"avis-{family}-{size}", ftype=ftype)
-        vision_info = write_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj",
-                                   ftype=ftype)
-    t_write = time.perf_counter() - t0
-    if ftype == "f16" and quantize:
-        quantize_model(tmp_model, model, quantize, quant_threads)
-        tmp_model.unlink()
-    else:
-        os.replace(tmp_model, model)
-    os.replace(tmp_mmproj, mmproj)
-    info = {"family": family, "size": size, "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
-            "write_seconds": round(t_write, 3), "quantize": quantize,
-            "text": {k: v for k, v in text_info.items() if isinstance(v, (int, float, str))},
-            "vision": {k: v for k, v in vision_info.items() if isinstance(v, (int, float, str))},
-            "text_dims": asdict(text), "vision_dims": asdict(vision),
-            "model_bytes": model.stat().st_size, "mmproj_bytes": mmproj.stat().st_size}
-    info_path.write_text(json.dumps(info, indent=2, default=str))
-    logger.info("wrote %s fixture %s/%s in %.2f s", family, size, folder, info["seconds"])
-    return fx
+    key = _key(family, size, seed) + (f"-{quantize}" if ftype == "f16" and quantize else "")
+
+    def write(tmp_model: Path, tmp_mmproj: Path) -> dict:
+        t0 = time.perf_counter()
+        if size == "real":
+            from .fixture_real import REAL_N_VOCAB, write_mmproj_streaming, write_text_model_streaming
+            text_info = write_text_model_streaming(tmp_model, text, seed=seed, chat_template=template,
+                                                   name=f"avis-{family}-{size}", n_vocab=REAL_N_VOCAB,
+                                                   tie_output=True, ftype=ftype)
+            vision_info = write_mmproj_streaming(tmp_mmproj, vision, seed=seed + 1,
+                                                 name=f"avis-{family}-{size}-mmproj", ftype=ftype)
+        else:
+            text_info = write_text_model(tmp_model, text, seed=seed, chat_template=template,
+                                         name=f"avis-{family}-{size}", ftype=ftype)
+            vision_info = write_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-{size}-mmproj",
+                                       ftype=ftype)
+        return {"family": family, "size": size, "seed": seed, "write_seconds": round(time.perf_counter() - t0, 3),
+                "quantize": quantize, "text": scalars(text_info), "vision": scalars(vision_info),
+                "text_dims": asdict(text), "vision_dims": asdict(vision)}
+
+    def finish_model(tmp_model: Path, model: Path) -> None:
+        if ftype == "f16" and quantize:
+            quantize_model(tmp_model, model, quantize, quant_threads)
+            tmp_model.unlink()
+        else:
+            os.replace(tmp_model, model)
+
+    model, mmproj = cached_pair(out_dir, key, write, force=force, finish_model=finish_model, sizes=True)
+    return Fixture(family, size, seed, model, mmproj, text, vision)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -314,43 +314,78 @@ def _qwen3vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarr
         yield from _linear(init, f"{b}.fc2", merged, d.proj_dim)
 
 
-def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, description: str | None = None) -> None:
-    """Write the clip.* metadata the loader reads."""
+def clip_vision_kv(image_size: int, patch_size: int, n_embd: int, n_ff: int, n_layer: int, proj_dim: int,
+                   n_head: int, eps: float) -> list[tuple[str, object]]:
+    """The clip.vision.* sizes every projector's loader reads, in the order every mmproj here writes them."""
+    return [("clip.vision.image_size", image_size), ("clip.vision.patch_size", patch_size),
+            ("clip.vision.embedding_length", n_embd), ("clip.vision.feed_forward_length", n_ff),
+            ("clip.vision.block_count", n_layer), ("clip.vision.projection_dim", proj_dim),
+            ("clip.vision.attention.head_count", n_head), ("clip.vision.attention.layer_norm_epsilon", eps)]
+
+
+def add_clip_kv(w: gguf.GGUFWriter, name: str, description: str, file_type: int,
+                kv: Iterable[tuple[str, object]], projector_type: str | None = None) -> None:
+    """An mmproj's metadata: general.* and the encoder flags, then (when given) clip.projector_type, then ``kv`` in
+    order, each written by its Python type (bool, int -> uint32, float -> float32, str, list -> array)."""
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
-    w.add_description(description if description is not None else f"random-weight {d.family} mmproj for tests")
-    w.add_file_type(int(_FTYPES[ftype]))
+    w.add_description(description)
+    w.add_file_type(int(file_type))
     w.add_bool("clip.has_text_encoder", False)
     w.add_bool("clip.has_vision_encoder", True)
-    w.add_uint32("clip.vision.image_size", d.image_size)
-    w.add_uint32("clip.vision.patch_size", d.patch_size)
-    w.add_uint32("clip.vision.embedding_length", d.n_embd)
-    w.add_uint32("clip.vision.feed_forward_length", d.n_ff)
-    w.add_uint32("clip.vision.block_count", d.n_layer)
-    w.add_uint32("clip.vision.projection_dim", d.proj_dim)
-    w.add_uint32("clip.vision.attention.head_count", d.n_head)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
-    w.add_array("clip.vision.image_mean", list(_CLIP_MEAN))
-    w.add_array("clip.vision.image_std", list(_CLIP_STD))
+    if projector_type is not None:
+        w.add_string("clip.projector_type", projector_type)
+    for key, value in kv:
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, list(value))
+
+
+def write_tensors(w: gguf.GGUFWriter, tensors: Iterable[tuple[str, np.ndarray]],
+                  store: Callable[[str, np.ndarray], np.ndarray] | None = None) -> int:
+    """Add ``tensors`` in order (through ``store``, e.g. a dtype cast), write the file and close the writer;
+    returns the number of parameters."""
+    n_params = 0
+    try:
+        for tname, arr in tensors:
+            n_params += int(arr.size)
+            w.add_tensor(tname, np.ascontiguousarray(store(tname, arr) if store is not None else arr))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    return n_params
+
+
+def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, description: str | None = None) -> None:
+    """Write the clip.* metadata the loader reads."""
+    kv = clip_vision_kv(d.image_size, d.patch_size, d.n_embd, d.n_ff, d.n_layer, d.proj_dim, d.n_head, d.eps)
+    kv += [("clip.vision.image_mean", _CLIP_MEAN), ("clip.vision.image_std", _CLIP_STD)]
     if d.family in ("llava", "ldpv2"):
-        w.add_string("clip.projector_type", "mlp" if d.family == "llava" else "ldpv2")
-        w.add_bool("clip.has_llava_projector", True)
         # neither use_gelu nor use_silu -> quick-GELU in the ViT MLP, as CLIP ViT-L/14
-        w.add_bool("clip.use_gelu", False)
+        kv += [("clip.projector_type", "mlp" if d.family == "llava" else "ldpv2"),
+               ("clip.has_llava_projector", True), ("clip.use_gelu", False)]
     elif d.family == "qwen3vl":
-        w.add_string("clip.projector_type", "qwen3vl_merger")
-        w.add_bool("clip.use_gelu", True)
-        w.add_uint32("clip.vision.spatial_merge_size", d.spatial_merge)
+        kv += [("clip.projector_type", "qwen3vl_merger"), ("clip.use_gelu", True),
+               ("clip.vision.spatial_merge_size", d.spatial_merge)]
     else:
-        w.add_string("clip.projector_type", "qwen2.5vl_merger")
-        w.add_bool("clip.use_silu", True)
-        w.add_uint32("clip.vision.n_wa_pattern", d.n_wa_pattern)
-        w.add_uint32("clip.vision.window_size", d.window_size)
-        w.add_uint32("clip.vision.spatial_merge_size", d.spatial_merge)
+        kv += [("clip.projector_type", "qwen2.5vl_merger"), ("clip.use_silu", True),
+               ("clip.vision.n_wa_pattern", d.n_wa_pattern), ("clip.vision.window_size", d.window_size),
+               ("clip.vision.spatial_merge_size", d.spatial_merge)]
         if d.image_min_pixels is not None:
-            w.add_uint32("clip.vision.image_min_pixels", d.image_min_pixels)
+            kv.append(("clip.vision.image_min_pixels", d.image_min_pixels))
         if d.image_max_pixels is not None:
-            w.add_uint32("clip.vision.image_max_pixels", d.image_max_pixels)
+            kv.append(("clip.vision.image_max_pixels", d.image_max_pixels))
+    add_clip_kv(w, name, description if description is not None else f"random-weight {d.family} mmproj for tests",
+                _FTYPES[ftype], kv)
 
 
 def _store_dtype(name: str, arr: np.ndarray, ftype: str) -> np.ndarray:
@@ -382,14 +417,7 @@ def write_mmproj(
 
     writer = gguf.GGUFWriter(path, "clip")
     _write_kv(writer, dims, name, ftype)
-    n_params = 0
-    for tname, arr in gen(dims, init):
-        n_params += int(arr.size)
-        writer.add_tensor(tname, _store_dtype(tname, arr, ftype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    n_params = write_tensors(writer, gen(dims, init), lambda tname, arr: _store_dtype(tname, arr, ftype))
 
     info = {
         "path": path,
@@ -439,19 +467,13 @@ def write_mmproj_weights(
     if missing or unknown:
         raise ValueError(f"missing tensors {missing}, unexpected tensors {unknown}")
     path = os.fspath(path)
-    writer = gguf.GGUFWriter(path, "clip")
-    _write_kv(writer, dims, name, ftype, description)
-    n_params = 0
-    for tname, arr in weights.items():
-        arr = np.asarray(arr, dtype=np.float32)
+    arrays = {tname: np.asarray(arr, dtype=np.float32) for tname, arr in weights.items()}
+    for tname, arr in arrays.items():
         if arr.shape != reference[tname]:
             raise ValueError(f"{tname}: shape {arr.shape}, expected {reference[tname]}")
-        n_params += int(arr.size)
-        writer.add_tensor(tname, np.ascontiguousarray(_store_dtype(tname, arr, ftype)))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    writer = gguf.GGUFWriter(path, "clip")
+    _write_kv(writer, dims, name, ftype, description)
+    n_params = write_tensors(writer, arrays.items(), lambda tname, arr: _store_dtype(tname, arr, ftype))
     info = {"path": path, "family": dims.family, "n_image_tokens": n_patches, "file_size": os.path.getsize(path),
             "n_params": n_params, "n_blocks_run": dims.n_layer - 1, "class_embd": has_cls}
     logger.info("wrote trained %s mmproj %s (%d params, %d bytes)", dims.family, path, n_params, info["file_size"])
