@@ -19,8 +19,6 @@ convert/text_model.py's ``llama`` arch with a Gemma 4 style turn template; mtmd 
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import time
@@ -31,7 +29,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixtures import default_cache_dir
+from .fixture_common import cached_pair, fixture_argparser, fixture_key, scalars
+from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import TextModelDims, _render_content_macro, write_text_model
 
 __all__ = ["Gemma4VisionDims", "Gemma4Fixture", "GEMMA4_CHAT_TEMPLATE", "TINY_TEXT", "TINY_VISION",
@@ -75,6 +74,9 @@ class Gemma4VisionDims:
             raise ValueError("head dim must be a multiple of 4 (two NEOX halves)")
 
 
+# the code that decides the bytes (the cache key)
+_SOURCES = ("fixture_gemma4v.py", "fixture_common.py", "mmproj.py", "text_model.py", "tokenizer.py")
+
 TINY_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
 TINY_VISION = Gemma4VisionDims()
 
@@ -97,11 +99,8 @@ class Gemma4Fixture:
         return max(1, round(width / a)), max(1, round(height / a))
 
 
-def _tensors(d: Gemma4VisionDims, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
-    e, p, s, dh = d.n_embd, d.patch_size, d.weight_std, d.n_embd // d.n_head
-
-    def normal(*shape: int, std: float = s) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+def _tensors(d: Gemma4VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    e, p, dh, normal = d.n_embd, d.patch_size, d.n_embd // d.n_head, init.normal
 
     def norm(name: str, n: int = e) -> tuple[str, np.ndarray]:
         return name, (1.0 + normal(n, std=0.1)).astype(np.float32)
@@ -136,43 +135,14 @@ def write_gemma4v_mmproj(path: str | os.PathLike, d: Gemma4VisionDims, *, seed: 
     d.validate()
     path = os.fspath(path)
     w = gguf.GGUFWriter(path, "clip")
-    w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_name(name)
-    w.add_description("random-weight gemma4v mmproj for tests")
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    w.add_bool("clip.has_text_encoder", False)
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_string("clip.projector_type", "gemma4v")
-    w.add_bool("clip.use_gelu", True)
-    w.add_uint32("clip.vision.image_size", d.image_size)
-    w.add_uint32("clip.vision.patch_size", d.patch_size)
-    w.add_uint32("clip.vision.embedding_length", d.n_embd)
-    w.add_uint32("clip.vision.feed_forward_length", d.n_ff)
-    w.add_uint32("clip.vision.block_count", d.n_layer)
-    w.add_uint32("clip.vision.projection_dim", d.proj_dim)
-    w.add_uint32("clip.vision.attention.head_count", d.n_head)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
-    w.add_uint32("clip.vision.projector.scale_factor", d.scale_factor)
-    w.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])  # the graph itself maps [0, 1] to [-1, 1]
-    w.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
-    n_params = 0
-    for tname, arr in _tensors(d, np.random.default_rng(seed)):
-        n_params += int(arr.size)
-        w.add_tensor(tname, np.ascontiguousarray(arr))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    kv = [("clip.use_gelu", True),
+          *clip_vision_kv(d.image_size, d.patch_size, d.n_embd, d.n_ff, d.n_layer, d.proj_dim, d.n_head, d.eps),
+          ("clip.vision.projector.scale_factor", d.scale_factor),
+          ("clip.vision.image_mean", [0.0, 0.0, 0.0]),  # the graph itself maps [0, 1] to [-1, 1]
+          ("clip.vision.image_std", [1.0, 1.0, 1.0])]
+    add_clip_kv(w, name, "random-weight gemma4v mmproj for tests", gguf.LlamaFileType.ALL_F32, kv, "gemma4v")
+    n_params = write_tensors(w, _tensors(d, _Init(seed, d.weight_std)))
     return {"path": path, "n_params": n_params, "file_size": os.path.getsize(path)}
-
-
-def _key(text: TextModelDims, vision: Gemma4VisionDims, seed: int) -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in ("fixture_gemma4v.py", "text_model.py", "tokenizer.py"):
-        h.update((here / name).read_bytes())
-    h.update(repr((text, vision, GEMMA4_CHAT_TEMPLATE, seed)).encode())
-    return f"gemma4v-tiny-s{seed}-{h.hexdigest()[:12]}"
 
 
 def make_gemma4v_fixture(out_dir: str | os.PathLike | None = None, *, seed: int = 0, force: bool = False,
@@ -180,34 +150,21 @@ def make_gemma4v_fixture(out_dir: str | os.PathLike | None = None, *, seed: int 
     """Write (or reuse from the cache) the tiny gemma4v pair; returns its paths."""
     if vision.proj_dim != text.n_embd:
         raise ValueError("vision.proj_dim must equal text.n_embd")
-    root = Path(out_dir) if out_dir is not None else default_cache_dir()
-    folder = root / _key(text, vision, seed)
-    model, mmproj, info_path = folder / "model.gguf", folder / "mmproj.gguf", folder / "info.json"
-    fx = Gemma4Fixture("gemma4v", "tiny", seed, model, mmproj, text, vision)
-    if info_path.exists() and model.exists() and mmproj.exists() and not force:
-        return fx
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
-    text_info = write_text_model(tmp_model, text, seed=seed, chat_template=GEMMA4_CHAT_TEMPLATE,
-                                 name="avis-gemma4v-tiny", ftype="f32")
-    vision_info = write_gemma4v_mmproj(tmp_mmproj, vision, seed=seed + 1, name="avis-gemma4v-tiny-mmproj")
-    os.replace(tmp_model, model)
-    os.replace(tmp_mmproj, mmproj)
-    info = {"family": "gemma4v", "size": "tiny", "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
-            "text": {k: v for k, v in text_info.items() if isinstance(v, (int, float, str))},
-            "vision": vision_info, "text_dims": asdict(text), "vision_dims": asdict(vision)}
-    info_path.write_text(json.dumps(info, indent=2, default=str))
-    return fx
+    key = fixture_key(f"gemma4v-tiny-s{seed}", _SOURCES, text, vision, GEMMA4_CHAT_TEMPLATE, seed)
+
+    def write(tmp_model: Path, tmp_mmproj: Path) -> dict:
+        text_info = write_text_model(tmp_model, text, seed=seed, chat_template=GEMMA4_CHAT_TEMPLATE,
+                                     name="avis-gemma4v-tiny", ftype="f32")
+        vision_info = write_gemma4v_mmproj(tmp_mmproj, vision, seed=seed + 1, name="avis-gemma4v-tiny-mmproj")
+        return {"family": "gemma4v", "size": "tiny", "seed": seed, "text": scalars(text_info),
+                "vision": vision_info, "text_dims": asdict(text), "vision_dims": asdict(vision)}
+
+    model, mmproj = cached_pair(out_dir, key, write, force=force)
+    return Gemma4Fixture("gemma4v", "tiny", seed, model, mmproj, text, vision)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert.fixture_gemma4v", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output root (default: the cache dir)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    args = p.parse_args(argv)
+    args = fixture_argparser("python -m convert.fixture_gemma4v", __doc__).parse_args(argv)
     t0 = time.perf_counter()
     fx = make_gemma4v_fixture(args.out, seed=args.seed, force=args.force)
     print(json.dumps({"family": "gemma4v", "model": str(fx.model), "mmproj": str(fx.mmproj),

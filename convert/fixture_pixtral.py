@@ -20,11 +20,8 @@ Files are cached under a key that includes this generator's source and the helpe
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,8 +29,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixtures import default_cache_dir
-from .mmproj import _CLIP_MEAN, _CLIP_STD, _smart_resize
+from .fixture_common import cached_pair, fixture_argparser, fixture_key
+from .mmproj import _CLIP_MEAN, _CLIP_STD, _Init, _smart_resize, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import TextModelDims, _render_content_macro, write_text_model
 
 __all__ = ["PixtralVisionDims", "PixtralFixture", "make_pixtral_fixture", "write_pixtral_mmproj",
@@ -124,75 +121,50 @@ class PixtralFixture:
         return px * py + (py - 1 if self.vision.img_break else 0)
 
 
-def _norm_weight(rng: np.random.Generator, n: int) -> np.ndarray:
-    # not all ones, so a norm weight that is skipped or misapplied shows in the reference test
-    return (1.0 + 0.2 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
-
-
-def _tensors(d: PixtralVisionDims, rng: np.random.Generator, std: float) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(d: PixtralVisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors in PyTorch layout ([n_out, n_in] for linears, [c_out, c_in, kh, kw] for the conv)."""
-    e, p = d.n_embd, d.patch_size
+    e, p, w = d.n_embd, d.patch_size, init.normal
 
-    def w(*shape: int, s: float = std) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(s)).astype(np.float32)
+    def norm_weight(n: int) -> np.ndarray:
+        # not all ones, so a norm weight that is skipped or misapplied shows in the reference test
+        return (1.0 + w(n, std=0.2)).astype(np.float32)
 
-    yield "v.patch_embd.weight", w(e, 3, p, p, s=0.05)
-    yield "v.pre_ln.weight", _norm_weight(rng, e)
+    yield "v.patch_embd.weight", w(e, 3, p, p, std=0.05)
+    yield "v.pre_ln.weight", norm_weight(e)
     for il in range(d.n_layer):
         b = f"v.blk.{il}"
-        yield f"{b}.ln1.weight", _norm_weight(rng, e)
+        yield f"{b}.ln1.weight", norm_weight(e)
         for x in ("q", "k", "v"):
-            yield f"{b}.attn_{x}.weight", w(e, e, s=0.2)
-        yield f"{b}.attn_out.weight", w(e, e, s=0.1)
-        yield f"{b}.ln2.weight", _norm_weight(rng, e)
-        yield f"{b}.ffn_gate.weight", w(d.n_ff, e, s=0.1)
-        yield f"{b}.ffn_up.weight", w(d.n_ff, e, s=0.1)
-        yield f"{b}.ffn_down.weight", w(e, d.n_ff, s=0.1)
+            yield f"{b}.attn_{x}.weight", w(e, e, std=0.2)
+        yield f"{b}.attn_out.weight", w(e, e, std=0.1)
+        yield f"{b}.ln2.weight", norm_weight(e)
+        yield f"{b}.ffn_gate.weight", w(d.n_ff, e, std=0.1)
+        yield f"{b}.ffn_up.weight", w(d.n_ff, e, std=0.1)
+        yield f"{b}.ffn_down.weight", w(e, d.n_ff, std=0.1)
     if d.merge > 1:
-        yield "mm.input_norm.weight", _norm_weight(rng, e)
-        yield "mm.patch_merger.weight", w(e, e * d.merge * d.merge, s=0.1)
-    yield "mm.1.weight", w(d.proj_dim, e, s=0.1)
-    yield "mm.1.bias", w(d.proj_dim, s=0.1)
-    yield "mm.2.weight", w(d.proj_dim, d.proj_dim, s=0.1)
-    yield "mm.2.bias", w(d.proj_dim, s=0.1)
+        yield "mm.input_norm.weight", norm_weight(e)
+        yield "mm.patch_merger.weight", w(e, e * d.merge * d.merge, std=0.1)
+    yield "mm.1.weight", w(d.proj_dim, e, std=0.1)
+    yield "mm.1.bias", w(d.proj_dim, std=0.1)
+    yield "mm.2.weight", w(d.proj_dim, d.proj_dim, std=0.1)
+    yield "mm.2.bias", w(d.proj_dim, std=0.1)
     if d.img_break:
-        yield "v.token_embd.img_break", w(d.proj_dim, s=0.5)
+        yield "v.token_embd.img_break", w(d.proj_dim, std=0.5)
 
 
 def write_pixtral_mmproj(path: str | os.PathLike, d: PixtralVisionDims, *, seed: int, name: str,
                          weight_std: float = 0.02) -> dict:
     """Write a deterministic random-weight pixtral / lightonocr mmproj GGUF (all f32)."""
     d.validate()
-    rng = np.random.default_rng(seed)
     wr = gguf.GGUFWriter(os.fspath(path), "clip")
-    wr.add_type(gguf.GGUFType.MMPROJ)
-    wr.add_name(name)
-    wr.add_description(f"random-weight {d.projector} mmproj for tests")
-    wr.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    wr.add_bool("clip.has_text_encoder", False)
-    wr.add_bool("clip.has_vision_encoder", True)
-    wr.add_string("clip.projector_type", d.projector)
-    wr.add_bool("clip.use_silu", True)
-    wr.add_uint32("clip.vision.image_size", d.image_size)
-    wr.add_uint32("clip.vision.patch_size", d.patch_size)
-    wr.add_uint32("clip.vision.embedding_length", d.n_embd)
-    wr.add_uint32("clip.vision.feed_forward_length", d.n_ff)
-    wr.add_uint32("clip.vision.block_count", d.n_layer)
-    wr.add_uint32("clip.vision.projection_dim", d.proj_dim)
-    wr.add_uint32("clip.vision.attention.head_count", d.n_head)
-    wr.add_float32("clip.vision.attention.layer_norm_epsilon", d.eps)
-    wr.add_array("clip.vision.image_mean", list(_CLIP_MEAN))
-    wr.add_array("clip.vision.image_std", list(_CLIP_STD))
+    kv = [("clip.use_silu", True),
+          *clip_vision_kv(d.image_size, d.patch_size, d.n_embd, d.n_ff, d.n_layer, d.proj_dim, d.n_head, d.eps),
+          ("clip.vision.image_mean", _CLIP_MEAN), ("clip.vision.image_std", _CLIP_STD)]
     if d.spatial_merge is not None:
-        wr.add_uint32("clip.vision.spatial_merge_size", d.spatial_merge)
-    n_params = 0
-    for tname, arr in _tensors(d, rng, weight_std):
-        n_params += int(arr.size)
-        wr.add_tensor(tname, arr)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
+        kv.append(("clip.vision.spatial_merge_size", d.spatial_merge))
+    add_clip_kv(wr, name, f"random-weight {d.projector} mmproj for tests", gguf.LlamaFileType.ALL_F32, kv,
+                d.projector)
+    n_params = write_tensors(wr, _tensors(d, _Init(seed, weight_std)))
     return {"path": os.fspath(path), "projector": d.projector, "n_params": n_params,
             "file_size": os.path.getsize(path)}
 
@@ -200,13 +172,8 @@ def write_pixtral_mmproj(path: str | os.PathLike, d: PixtralVisionDims, *, seed:
 TINY_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
 
 
-def _key(text: TextModelDims, vision: PixtralVisionDims, seed: int) -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in ("fixture_pixtral.py", "text_model.py", "mmproj.py", "tokenizer.py"):
-        h.update((here / name).read_bytes())
-    h.update(repr((text, vision, MISTRAL_CHAT_TEMPLATE, seed)).encode())
-    return f"{vision.projector}-tiny-s{seed}-{h.hexdigest()[:12]}"
+# the code that decides the bytes (the cache key)
+_SOURCES = ("fixture_pixtral.py", "fixture_common.py", "text_model.py", "mmproj.py", "tokenizer.py")
 
 
 def make_pixtral_fixture(out_dir: str | os.PathLike | None = None, *, projector: str = "pixtral", seed: int = 0,
@@ -218,33 +185,21 @@ def make_pixtral_fixture(out_dir: str | os.PathLike | None = None, *, projector:
                                    image_size=1024 if projector == "pixtral" else 64)
     if vision.proj_dim != text.n_embd:
         raise ValueError("vision.proj_dim must equal the text model's n_embd")
-    root = Path(out_dir) if out_dir is not None else default_cache_dir()
-    folder = root / _key(text, vision, seed)
-    fx = PixtralFixture(vision.projector, seed, folder / "model.gguf", folder / "mmproj.gguf", text, vision)
-    info_path = folder / "info.json"
-    if info_path.exists() and fx.model.exists() and fx.mmproj.exists() and not force:
-        return fx
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    tmp_model, tmp_mmproj = folder / "model.gguf.tmp", folder / "mmproj.gguf.tmp"
-    write_text_model(tmp_model, text, seed=seed, chat_template=MISTRAL_CHAT_TEMPLATE,
-                     name=f"avis-{vision.projector}-tiny")
-    write_pixtral_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{vision.projector}-tiny-mmproj")
-    os.replace(tmp_model, fx.model)
-    os.replace(tmp_mmproj, fx.mmproj)
-    info_path.write_text(json.dumps({"family": vision.projector, "seed": seed,
-                                     "seconds": round(time.perf_counter() - t0, 3),
-                                     "text_dims": asdict(text), "vision_dims": asdict(vision)}, indent=2))
-    return fx
+    key = fixture_key(f"{vision.projector}-tiny-s{seed}", _SOURCES, text, vision, MISTRAL_CHAT_TEMPLATE, seed)
+
+    def write(tmp_model: Path, tmp_mmproj: Path) -> dict:
+        write_text_model(tmp_model, text, seed=seed, chat_template=MISTRAL_CHAT_TEMPLATE,
+                         name=f"avis-{vision.projector}-tiny")
+        write_pixtral_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{vision.projector}-tiny-mmproj")
+        return {"family": vision.projector, "seed": seed, "text_dims": asdict(text), "vision_dims": asdict(vision)}
+
+    model, mmproj = cached_pair(out_dir, key, write, force=force)
+    return PixtralFixture(vision.projector, seed, model, mmproj, text, vision)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert.fixture_pixtral", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = fixture_argparser("python -m convert.fixture_pixtral", __doc__)
     p.add_argument("--projector", choices=("pixtral", "lightonocr"), default="pixtral")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output root (default: the cache dir)")
-    p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     fx = make_pixtral_fixture(args.out, projector=args.projector, seed=args.seed, force=args.force)
     print(json.dumps({"family": fx.family, "model": str(fx.model), "mmproj": str(fx.mmproj),
