@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -21,15 +22,44 @@ import gguf
 import numpy as np
 
 from .mmproj import _Init, write_tensors
-from .text_model import CHATML_CHAT_TEMPLATE
+from .text_model import CHATML_CHAT_TEMPLATE, TextModelDims, write_text_model
 from .tokenizer import TokenizerSpec, add_tokenizer
 
 __all__ = ["default_cache_dir", "fixture_key", "cached_pair", "scalars", "write_chatml_text_model",
-           "fixture_argparser"]
+           "fixture_argparser", "PairFixture", "DimsFixture", "TINY_LLAMA_TEXT", "ln_attention_tensors",
+           "ln_ffn_tensors", "text_model_pair"]
 
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
+
+
+# the tiny llama text model of the llava fixture, reused by the families whose text side is a plain llama
+TINY_LLAMA_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
+
+
+@dataclass(frozen=True)
+class PairFixture:
+    """Paths and facts of one generated VLM pair with a text model and vision dims of its own."""
+
+    family: str
+    size: str
+    seed: int
+    model: Path
+    mmproj: Path
+    text: TextModelDims
+    vision: Any
+
+
+@dataclass(frozen=True)
+class DimsFixture:
+    """Paths and facts of one generated VLM pair whose text and vision sizes are one dims object."""
+
+    family: str
+    seed: int
+    model: Path
+    mmproj: Path
+    dims: Any
 
 
 def default_cache_dir() -> Path:
@@ -74,9 +104,50 @@ def cached_pair(out_dir: str | os.PathLike | None, key: str, write: Callable[[Pa
     return model, mmproj
 
 
+def text_model_pair(family: str, out_dir: str | os.PathLike | None, text: TextModelDims, vision: Any,
+                    chat_template: str, write_mmproj: Callable[..., dict[str, Any]], sources: Iterable[str], *,
+                    seed: int, force: bool = False) -> tuple[Path, Path]:
+    """A tiny pair of a text_model.py text model (f32, ``chat_template``) and the mmproj
+    ``write_mmproj(path, vision, seed=seed + 1, name=...)`` writes, cached under ``family-tiny-s<seed>-<hash of
+    sources, dims, template, seed>``; returns (model, mmproj)."""
+    if vision.proj_dim != text.n_embd:
+        raise ValueError("vision.proj_dim must equal text.n_embd")
+    key = fixture_key(f"{family}-tiny-s{seed}", sources, text, vision, chat_template, seed)
+
+    def write(tmp_model: Path, tmp_mmproj: Path) -> dict[str, Any]:
+        text_info = write_text_model(tmp_model, text, seed=seed, chat_template=chat_template,
+                                     name=f"avis-{family}-tiny", ftype="f32")
+        vision_info = write_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{family}-tiny-mmproj")
+        return {"family": family, "size": "tiny", "seed": seed, "text": scalars(text_info), "vision": vision_info,
+                "text_dims": asdict(text), "vision_dims": asdict(vision)}
+
+    return cached_pair(out_dir, key, write, force=force)
+
+
 def scalars(info: dict[str, Any]) -> dict[str, Any]:
     """The int / float / str entries of a writer's summary (what info.json keeps of it)."""
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+
+
+def ln_attention_tensors(init: _Init, b: str, e: int) -> Iterator[tuple[str, np.ndarray]]:
+    """A LayerNorm ViT block's ln1 and biased q / k / v / out (the SigLIP / InternViT fixtures' draws)."""
+    yield f"{b}.ln1.weight", 1.0 + init.normal(e, std=0.1)
+    yield f"{b}.ln1.bias", init.normal(e)
+    for x in "qkv":
+        yield f"{b}.attn_{x}.weight", init.normal(e, e, std=0.2)
+        yield f"{b}.attn_{x}.bias", init.normal(e)
+    yield f"{b}.attn_out.weight", init.normal(e, e, std=0.1)
+    yield f"{b}.attn_out.bias", init.normal(e)
+
+
+def ln_ffn_tensors(init: _Init, b: str, e: int, n_ff: int) -> Iterator[tuple[str, np.ndarray]]:
+    """The same block's ln2 and biased ffn_up / ffn_down."""
+    yield f"{b}.ln2.weight", 1.0 + init.normal(e, std=0.1)
+    yield f"{b}.ln2.bias", init.normal(e)
+    yield f"{b}.ffn_up.weight", init.normal(n_ff, e, std=0.1)
+    yield f"{b}.ffn_up.bias", init.normal(n_ff)
+    yield f"{b}.ffn_down.weight", init.normal(e, n_ff, std=0.1)
+    yield f"{b}.ffn_down.bias", init.normal(e)
 
 
 def _text_tensors(d: Any, n_vocab: int, init: _Init, qkv_bias: bool) -> Iterator[tuple[str, np.ndarray]]:

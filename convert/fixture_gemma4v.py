@@ -22,16 +22,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator
 
 import gguf
 import numpy as np
 
-from .fixture_common import cached_pair, fixture_argparser, fixture_key, scalars
+from .fixture_common import TINY_LLAMA_TEXT, PairFixture, fixture_argparser, text_model_pair
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
-from .text_model import TextModelDims, _render_content_macro, write_text_model
+from .text_model import TextModelDims, _render_content_macro
 
 __all__ = ["Gemma4VisionDims", "Gemma4Fixture", "GEMMA4_CHAT_TEMPLATE", "TINY_TEXT", "TINY_VISION",
            "make_gemma4v_fixture", "write_gemma4v_mmproj", "GEMMA4V_MIN_TOKENS", "GEMMA4V_MAX_TOKENS"]
@@ -77,21 +76,12 @@ class Gemma4VisionDims:
 # the code that decides the bytes (the cache key)
 _SOURCES = ("fixture_gemma4v.py", "fixture_common.py", "mmproj.py", "text_model.py", "tokenizer.py")
 
-TINY_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
+TINY_TEXT = TINY_LLAMA_TEXT
 TINY_VISION = Gemma4VisionDims()
 
 
-@dataclass(frozen=True)
-class Gemma4Fixture:
-    """Paths and facts of the generated pair (the shape of convert.fixtures.Fixture)."""
-
-    family: str
-    size: str
-    seed: int
-    model: Path
-    mmproj: Path
-    text: TextModelDims
-    vision: Gemma4VisionDims
+class Gemma4Fixture(PairFixture):
+    """Paths and facts of the generated pair (the shape of convert.fixtures.Fixture; .vision a Gemma4VisionDims)."""
 
     def image_grid(self, width: int, height: int) -> tuple[int, int]:
         """(nx, ny) LLM-token grid for an image that mtmd's aligned size already fits (no min/max rescale)."""
@@ -148,18 +138,8 @@ def write_gemma4v_mmproj(path: str | os.PathLike, d: Gemma4VisionDims, *, seed: 
 def make_gemma4v_fixture(out_dir: str | os.PathLike | None = None, *, seed: int = 0, force: bool = False,
                          text: TextModelDims = TINY_TEXT, vision: Gemma4VisionDims = TINY_VISION) -> Gemma4Fixture:
     """Write (or reuse from the cache) the tiny gemma4v pair; returns its paths."""
-    if vision.proj_dim != text.n_embd:
-        raise ValueError("vision.proj_dim must equal text.n_embd")
-    key = fixture_key(f"gemma4v-tiny-s{seed}", _SOURCES, text, vision, GEMMA4_CHAT_TEMPLATE, seed)
-
-    def write(tmp_model: Path, tmp_mmproj: Path) -> dict:
-        text_info = write_text_model(tmp_model, text, seed=seed, chat_template=GEMMA4_CHAT_TEMPLATE,
-                                     name="avis-gemma4v-tiny", ftype="f32")
-        vision_info = write_gemma4v_mmproj(tmp_mmproj, vision, seed=seed + 1, name="avis-gemma4v-tiny-mmproj")
-        return {"family": "gemma4v", "size": "tiny", "seed": seed, "text": scalars(text_info),
-                "vision": vision_info, "text_dims": asdict(text), "vision_dims": asdict(vision)}
-
-    model, mmproj = cached_pair(out_dir, key, write, force=force)
+    model, mmproj = text_model_pair("gemma4v", out_dir, text, vision, GEMMA4_CHAT_TEMPLATE, write_gemma4v_mmproj,
+                                    _SOURCES, seed=seed, force=force)
     return Gemma4Fixture("gemma4v", "tiny", seed, model, mmproj, text, vision)
 
 

@@ -28,7 +28,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixture_common import cached_pair, fixture_argparser, fixture_key, write_chatml_text_model
+from .fixture_common import (DimsFixture, cached_pair, fixture_argparser, fixture_key, ln_attention_tensors,
+                             ln_ffn_tensors, write_chatml_text_model)
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import CHATML_CHAT_TEMPLATE
 from .tokenizer import build_vocab, bytes_to_unicode
@@ -76,15 +77,8 @@ class SiglipDims:
 DEFAULT_DIMS = {"idefics3": SiglipDims("idefics3"), "lfm2": SiglipDims("lfm2", scale_factor=2)}
 
 
-@dataclass(frozen=True)
-class SiglipFixture:
-    """Paths and facts of one generated pair (Fixture-like: .model, .mmproj)."""
-
-    family: str
-    seed: int
-    model: Path
-    mmproj: Path
-    dims: SiglipDims
+class SiglipFixture(DimsFixture):
+    """Paths and facts of one generated pair (Fixture-like: .model, .mmproj; .dims a SiglipDims)."""
 
 
 def _vision_tensors(d: SiglipDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
@@ -94,20 +88,8 @@ def _vision_tensors(d: SiglipDims, init: _Init) -> Iterator[tuple[str, np.ndarra
     yield "v.patch_embd.bias", n(e)
     yield "v.position_embd.weight", n(n_pos, e, std=0.5)
     for il in range(d.v_layer):
-        b = f"v.blk.{il}"
-        yield f"{b}.ln1.weight", 1.0 + n(e, std=0.1)
-        yield f"{b}.ln1.bias", n(e)
-        for x in "qkv":
-            yield f"{b}.attn_{x}.weight", n(e, e, std=0.2)
-            yield f"{b}.attn_{x}.bias", n(e)
-        yield f"{b}.attn_out.weight", n(e, e, std=0.1)
-        yield f"{b}.attn_out.bias", n(e)
-        yield f"{b}.ln2.weight", 1.0 + n(e, std=0.1)
-        yield f"{b}.ln2.bias", n(e)
-        yield f"{b}.ffn_up.weight", n(d.v_ff, e, std=0.1)
-        yield f"{b}.ffn_up.bias", n(d.v_ff)
-        yield f"{b}.ffn_down.weight", n(e, d.v_ff, std=0.1)
-        yield f"{b}.ffn_down.bias", n(e)
+        yield from ln_attention_tensors(init, f"v.blk.{il}", e)
+        yield from ln_ffn_tensors(init, f"v.blk.{il}", e, d.v_ff)
     yield "v.post_ln.weight", 1.0 + n(e, std=0.1)
     yield "v.post_ln.bias", n(e)
     m = e * s * s

@@ -25,7 +25,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixture_common import cached_pair, fixture_argparser, fixture_key, write_chatml_text_model
+from .fixture_common import (DimsFixture, cached_pair, fixture_argparser, fixture_key, ln_attention_tensors,
+                             ln_ffn_tensors, write_chatml_text_model)
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .tokenizer import build_vocab
 
@@ -73,15 +74,9 @@ class InternVLDims:
             raise ValueError("embedding sizes must divide by the head counts")
 
 
-@dataclass(frozen=True)
-class InternVLFixture:
-    """Paths and facts of one generated InternVL pair (Fixture-like: .model, .mmproj, .image_tokens)."""
-
-    family: str
-    seed: int
-    model: Path
-    mmproj: Path
-    dims: InternVLDims
+class InternVLFixture(DimsFixture):
+    """Paths and facts of one generated InternVL pair (Fixture-like: .model, .mmproj, .image_tokens; .dims an
+    InternVLDims)."""
 
     def chunks(self, width: int, height: int) -> int:
         """Image chunks mtmd makes of a width x height image whose best tile layout is exact (no resize):
@@ -105,20 +100,9 @@ def _vision_tensors(d: InternVLDims, init: _Init) -> Iterator[tuple[str, np.ndar
     yield "v.position_embd.weight", n(n_pos, e)
     for il in range(d.v_layer):
         b = f"v.blk.{il}"
-        yield f"{b}.ln1.weight", 1.0 + n(e, std=0.1)
-        yield f"{b}.ln1.bias", n(e)
-        for x in "qkv":
-            yield f"{b}.attn_{x}.weight", n(e, e, std=0.2)
-            yield f"{b}.attn_{x}.bias", n(e)
-        yield f"{b}.attn_out.weight", n(e, e, std=0.1)
-        yield f"{b}.attn_out.bias", n(e)
+        yield from ln_attention_tensors(init, b, e)
         yield f"{b}.ls1.weight", 0.5 + n(e, std=0.1)
-        yield f"{b}.ln2.weight", 1.0 + n(e, std=0.1)
-        yield f"{b}.ln2.bias", n(e)
-        yield f"{b}.ffn_up.weight", n(d.v_ff, e, std=0.1)
-        yield f"{b}.ffn_up.bias", n(d.v_ff)
-        yield f"{b}.ffn_down.weight", n(e, d.v_ff, std=0.1)
-        yield f"{b}.ffn_down.bias", n(e)
+        yield from ln_ffn_tensors(init, b, e, d.v_ff)
         yield f"{b}.ls2.weight", 0.5 + n(e, std=0.1)
     m = e * s * s
     yield "mm.model.mlp.0.weight", 1.0 + n(m, std=0.1)

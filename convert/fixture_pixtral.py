@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import gguf
 import numpy as np
 
-from .fixture_common import cached_pair, fixture_argparser, fixture_key
+from .fixture_common import TINY_LLAMA_TEXT, fixture_argparser, text_model_pair
 from .mmproj import _CLIP_MEAN, _CLIP_STD, _Init, _smart_resize, add_clip_kv, clip_vision_kv, write_tensors
-from .text_model import TextModelDims, _render_content_macro, write_text_model
+from .text_model import TextModelDims, _render_content_macro
 
 __all__ = ["PixtralVisionDims", "PixtralFixture", "make_pixtral_fixture", "write_pixtral_mmproj",
            "MISTRAL_CHAT_TEMPLATE", "PIXTRAL_MIN_TOKENS", "PIXTRAL_MAX_TOKENS"]
@@ -169,7 +169,7 @@ def write_pixtral_mmproj(path: str | os.PathLike, d: PixtralVisionDims, *, seed:
             "file_size": os.path.getsize(path)}
 
 
-TINY_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
+TINY_TEXT = TINY_LLAMA_TEXT
 
 
 # the code that decides the bytes (the cache key)
@@ -183,17 +183,8 @@ def make_pixtral_fixture(out_dir: str | os.PathLike | None = None, *, projector:
     if vision is None:
         vision = PixtralVisionDims(projector=projector, img_break=projector == "pixtral",
                                    image_size=1024 if projector == "pixtral" else 64)
-    if vision.proj_dim != text.n_embd:
-        raise ValueError("vision.proj_dim must equal the text model's n_embd")
-    key = fixture_key(f"{vision.projector}-tiny-s{seed}", _SOURCES, text, vision, MISTRAL_CHAT_TEMPLATE, seed)
-
-    def write(tmp_model: Path, tmp_mmproj: Path) -> dict:
-        write_text_model(tmp_model, text, seed=seed, chat_template=MISTRAL_CHAT_TEMPLATE,
-                         name=f"avis-{vision.projector}-tiny")
-        write_pixtral_mmproj(tmp_mmproj, vision, seed=seed + 1, name=f"avis-{vision.projector}-tiny-mmproj")
-        return {"family": vision.projector, "seed": seed, "text_dims": asdict(text), "vision_dims": asdict(vision)}
-
-    model, mmproj = cached_pair(out_dir, key, write, force=force)
+    model, mmproj = text_model_pair(vision.projector, out_dir, text, vision, MISTRAL_CHAT_TEMPLATE,
+                                    write_pixtral_mmproj, _SOURCES, seed=seed, force=force)
     return PixtralFixture(vision.projector, seed, model, mmproj, text, vision)
 
 

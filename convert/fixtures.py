@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from .fixture_common import cached_pair, default_cache_dir, fixture_key, scalars  # noqa: F401 (re-exported)
+from .fixture_common import PairFixture, cached_pair, default_cache_dir, fixture_key, scalars  # noqa: F401
 from .mmproj import VisionDims, expected_image_tokens, write_mmproj
 from .text_model import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, TextModelDims, write_text_model
 
@@ -81,17 +81,8 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
 }
 
 
-@dataclass(frozen=True)
-class Fixture:
-    """Paths and facts of one generated VLM pair."""
-
-    family: str
-    size: str
-    seed: int
-    model: Path
-    mmproj: Path
-    text: TextModelDims
-    vision: VisionDims
+class Fixture(PairFixture):
+    """Paths and facts of one generated VLM pair (.vision a VisionDims)."""
 
     def image_tokens(self, width: int, height: int) -> int:
         """LLM image tokens mtmd will produce for a width x height image."""
