@@ -132,7 +132,9 @@ def test_adversarial_inputs_are_linear_time(i):
     t4 = 0.0
     if ans is not None:
         _, t4 = _timed(normalize_answer, ans, OPTS4)
-    assert max(t1, t2, t3, t4) < 1.0, (t1, t2, t3, t4)
+    # ~1 MB inputs run in milliseconds when linear; a quadratic or backtracking regex takes minutes. The bound is
+    # a wide margin for a loaded CI machine, not a speed goal (those live in benchmarks/)
+    assert max(t1, t2, t3, t4) < 20.0, (t1, t2, t3, t4)
 
 
 def test_adversarial_scaling_is_linear():
@@ -140,8 +142,9 @@ def test_adversarial_scaling_is_linear():
     pieces = ["answer is (", "<answer>", "</answer>", "1,", " A", "\\boxed{"]
     small = "".join(pieces) * 20_000
     big = small * 4
-    _, t_small = _timed(extract_answer, small, OPTS4)
-    _, t_big = _timed(extract_answer, big, OPTS4)
+    # best of 3 each, so a burst of load on a shared machine does not decide it
+    t_small = min(_timed(extract_answer, small, OPTS4)[1] for _ in range(3))
+    t_big = min(_timed(extract_answer, big, OPTS4)[1] for _ in range(3))
     assert t_big < 12 * t_small + 0.05
 
 
