@@ -236,7 +236,7 @@ def test_bomb_is_refused_before_decoding():
     t0 = time.perf_counter()
     with _raises(ImageError, "decompression bomb"):
         load_image(_png_header_only(20000, 20000))
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # decoding 400 M pixels would take far longer (and raise "truncated")
     img = Image.open(io.BytesIO(_png_header_only(9000, 8000)))  # a lazily opened PIL image: same check
     with _raises(ImageError, f"{MAX_PIXELS}"):
         load_image(img)
