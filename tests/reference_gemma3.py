@@ -24,10 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_vit import (_W, _attention, _ffn, _layer_norm, _linear, _patch_conv, _pixels, _rms_norm,
-                                 load_mmproj)
-
-import gguf
+from tests.reference_vit import (_W, _attn_out, _ffn, _layer_norm, _patch_embed, _qkv, _rms_norm, _square_image,
+                                 avg_pool_rows, load_mmproj, read_scale_factor)
 
 __all__ = ["gemma3_forward", "pool_factor"]
 
@@ -36,8 +34,7 @@ GEMMA3_DEFAULT_POOL = 4  # clip.cpp: hparams.n_merge = 4 for PROJECTOR_TYPE_GEMM
 
 def pool_factor(path: str | os.PathLike) -> int:
     """clip.vision.projector.scale_factor, or clip.cpp's default 4."""
-    f = gguf.GGUFReader(os.fspath(path)).fields.get("clip.vision.projector.scale_factor")
-    return int(f.contents()) if f is not None else GEMMA3_DEFAULT_POOL
+    return read_scale_factor(path, GEMMA3_DEFAULT_POOL)
 
 
 def gemma3_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
@@ -55,19 +52,9 @@ def gemma3_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     if hp["projector_type"] != "gemma3":
         raise ValueError(f"gemma3_forward supports projector_type 'gemma3', got {hp['projector_type']!r}")
     W = _W(weights)
-    size, p = hp["image_size"], hp["patch_size"]
-    img = np.asarray(image_rgb)
-    if img.shape[:2] != (size, size):
-        raise ValueError(f"gemma3_forward needs a {size}x{size} image (no resize is mirrored), got {img.shape[:2]}")
-    eps, n_head, d_head = hp["eps"], hp["n_head"], hp["d_head"]
-
-    grid = _patch_conv(_pixels(img, hp), W.req("v.patch_embd.weight"), p)  # [P, P, n_embd], [y, x]
-    side = grid.shape[0]
+    eps = hp["eps"]
+    x, side, _ = _patch_embed(_square_image(image_rgb, hp, "gemma3_forward"), W, hp)  # rows y * P + x
     n = side * side
-    x = grid.reshape(n, -1)
-    pb = W.get("v.patch_embd.bias")
-    if pb is not None:
-        x = x + pb
     pos = W.get("v.position_embd.weight")
     if pos is not None:
         x = x + pos[:n]
@@ -78,12 +65,9 @@ def gemma3_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     keys: list[np.ndarray] = []
     for il in range(hp["n_layer"]):
         b = f"v.blk.{il}"
-        cur = _layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
-        q = _linear(cur, W.req(f"{b}.attn_q.weight"), W.get(f"{b}.attn_q.bias")).reshape(n, n_head, d_head)
-        k = _linear(cur, W.req(f"{b}.attn_k.weight"), W.get(f"{b}.attn_k.bias")).reshape(n, n_head, d_head)
-        v = _linear(cur, W.req(f"{b}.attn_v.weight"), W.get(f"{b}.attn_v.bias")).reshape(n, n_head, d_head)
+        q, k, v = _qkv(_layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
         keys.append(k)
-        x = x + _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+        x = x + _attn_out(q, k, v, W, b)
         cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
         x = x + _ffn(cur, W, il, hp, act)
     post_w = W.get("v.post_ln.weight")
@@ -91,14 +75,7 @@ def gemma3_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
         x = _layer_norm(x, post_w, W.get("v.post_ln.bias"), eps)
 
     k_pool = pool_factor(path)
-    t = side // k_pool
-    pooled = np.zeros((t * t, x.shape[1]))
-    for by in range(t):
-        for bx in range(t):
-            rows = [yy * side + xx for yy in range(by * k_pool, by * k_pool + k_pool)
-                    for xx in range(bx * k_pool, bx * k_pool + k_pool)]
-            pooled[by * t + bx] = x[rows].mean(axis=0)
-    e = _rms_norm(pooled, W.req("mm.soft_emb_norm.weight"), None, eps)
+    e = _rms_norm(avg_pool_rows(x, side, side, k_pool), W.req("mm.soft_emb_norm.weight"), None, eps)
     e = e @ W.req("mm.input_projection.weight")  # numpy [n_embd, proj_dim]
     return {"keys": keys, "layers_run": hp["n_layer"], "patch_side": side, "pool": k_pool, "hidden": x,
             "embeddings": e, "hparams": hp}

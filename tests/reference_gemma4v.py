@@ -28,19 +28,13 @@ from typing import Any
 
 import numpy as np
 
-import gguf
-from tests.reference_vit import _W, _f16, _pixels, _rms_norm, gelu, load_mmproj
+from tests.reference_vit import _W, _f16, _pixels, _rms_norm, avg_pool_rows, gelu, load_mmproj, read_scale_factor
 
 __all__ = ["gemma4v_forward", "rope_2d_neox"]
 
 ROPE_THETA = 100.0  # clip.cpp: hparams.rope_theta = 100 for PROJECTOR_TYPE_GEMMA4V
 DEFAULT_POOL = 3
 MIN_TOKENS, MAX_TOKENS = 70, 1120
-
-
-def _pool_factor(path: str | os.PathLike) -> int:
-    f = gguf.GGUFReader(os.fspath(path)).fields.get("clip.vision.projector.scale_factor")
-    return int(f.contents()) if f is not None else DEFAULT_POOL
 
 
 def _clippable(x: np.ndarray, W: _W, name: str) -> np.ndarray:
@@ -91,7 +85,7 @@ def gemma4v_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
     if hp["projector_type"] != "gemma4v":
         raise ValueError(f"gemma4v_forward supports projector_type 'gemma4v', got {hp['projector_type']!r}")
     W = _W(weights)
-    p, k_pool = hp["patch_size"], _pool_factor(path)
+    p, k_pool = hp["patch_size"], read_scale_factor(path, DEFAULT_POOL)
     img = np.asarray(image_rgb)
     h, w = img.shape[:2]
     a = p * k_pool
@@ -141,14 +135,7 @@ def gemma4v_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
         scale = W.get(f"{b}.out_scale.weight")
         if scale is not None:
             x = x * scale
-    tx, ty = gx // k_pool, gy // k_pool
-    pooled = np.zeros((tx * ty, n_embd))
-    for by in range(ty):
-        for bx in range(tx):
-            rows = [yy * gx + xx for yy in range(by * k_pool, by * k_pool + k_pool)
-                    for xx in range(bx * k_pool, bx * k_pool + k_pool)]
-            pooled[by * tx + bx] = x[rows].mean(axis=0)
-    e = pooled * math.sqrt(n_embd)
+    e = avg_pool_rows(x, gx, gy, k_pool) * math.sqrt(n_embd)
     if W.get("v.std_bias") is not None and W.get("v.std_scale") is not None:
         e = (e - W.get("v.std_bias")) * W.get("v.std_scale")
     e = _clippable(_rms_norm(e, None, None, eps), W, "mm.input_projection.weight")

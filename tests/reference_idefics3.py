@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_vit import _attention, _layer_norm, _linear, _patch_conv, _pixels, _W, gelu, load_mmproj
+from tests.reference_vit import (_W, _attn_out, _layer_norm, _linear, _patch_embed, _qkv, gelu, load_mmproj,
+                                 read_scale_factor)
 
 __all__ = ["siglip_forward", "merge_rows", "antialias_bilinear_weights"]
 
@@ -70,19 +71,11 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     proj = hp["projector_type"]
     if proj not in ("idefics3", "lfm2"):
         raise ValueError(f"siglip_forward supports idefics3 / lfm2, got {proj!r}")
-    import gguf
-
-    f = gguf.GGUFReader(os.fspath(path)).fields.get("clip.vision.projector.scale_factor")
-    s = int(f.contents()) if f is not None else 1
+    s = read_scale_factor(path, 1)
     W = _W(weights)
-    p, eps, n_head, d_head = hp["patch_size"], hp["eps"], hp["n_head"], hp["d_head"]
-    img = np.asarray(image_rgb)
-    conv = _patch_conv(_pixels(img, hp), W.req("v.patch_embd.weight"), p)
-    gh, gw = conv.shape[:2]
+    eps = hp["eps"]
+    x, gw, gh = _patch_embed(np.asarray(image_rgb), W, hp)
     n = gw * gh
-    x = conv.reshape(n, -1)
-    if W.get("v.patch_embd.bias") is not None:
-        x = x + W.get("v.patch_embd.bias")
     pos = W.get("v.position_embd.weight")
     if pos is not None:
         side = math.isqrt(pos.shape[0])
@@ -94,12 +87,9 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     keys = []
     for il in range(hp["n_layer"]):
         b = f"v.blk.{il}"
-        cur = _layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
-        q = _linear(cur, W.req(f"{b}.attn_q.weight"), W.get(f"{b}.attn_q.bias")).reshape(n, n_head, d_head)
-        k = _linear(cur, W.req(f"{b}.attn_k.weight"), W.get(f"{b}.attn_k.bias")).reshape(n, n_head, d_head)
-        v = _linear(cur, W.req(f"{b}.attn_v.weight"), W.get(f"{b}.attn_v.bias")).reshape(n, n_head, d_head)
+        q, k, v = _qkv(_layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
         keys.append(k)
-        x = x + _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+        x = x + _attn_out(q, k, v, W, b)
         cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
         h = gelu(_linear(cur, W.req(f"{b}.ffn_up.weight"), W.get(f"{b}.ffn_up.bias")), act)
         x = x + _linear(h, W.req(f"{b}.ffn_down.weight"), W.get(f"{b}.ffn_down.bias"))

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_vit import (_attention, _layer_norm, _linear, _patch_conv, _pixels, _rms_norm, _W, gelu,
-                                 gelu_quick, load_mmproj)
+from tests.reference_vit import (_W, _attn_out, _layer_norm, _linear, _patch_embed, _rms_norm, _square_image, gelu,
+                                 gelu_quick, load_mmproj, read_scale_factor)
 
 __all__ = ["internvl_forward", "shuffle_rows"]
 
@@ -63,24 +63,13 @@ def internvl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str
     if hp["projector_type"] != "internvl":
         raise ValueError(f"internvl_forward needs projector_type 'internvl', got {hp['projector_type']!r}")
     W = _W(weights)
-    size, p = hp["image_size"], hp["patch_size"]
-    img = np.asarray(image_rgb)
-    if img.shape[:2] != (size, size):
-        raise ValueError(f"internvl_forward needs a {size}x{size} chunk, got {img.shape[:2]}")
-    import gguf
-
-    reader = gguf.GGUFReader(os.fspath(path))
-    f = reader.fields.get("clip.vision.projector.scale_factor")
-    s = int(f.contents()) if f is not None else 1
+    img = _square_image(image_rgb, hp, "internvl_forward")
+    s = read_scale_factor(path, 1)
     eps, n_head, d_head, n_embd = hp["eps"], hp["n_head"], hp["d_head"], hp["n_embd"]
     norm = _rms_norm if (n_embd == 3200 and hp["n_layer"] == 45) else _layer_norm
 
-    conv = _patch_conv(_pixels(img, hp), W.req("v.patch_embd.weight"), p)
-    grid = conv.shape[0]
+    x, grid, _ = _patch_embed(img, W, hp)
     n_patches = grid * grid
-    x = conv.reshape(n_patches, -1)
-    if W.get("v.patch_embd.bias") is not None:
-        x = x + W.get("v.patch_embd.bias")
     x = np.concatenate([x, W.req("v.class_embd")[None, :]], axis=0)  # class token LAST
     n_pos = n_patches + 1
     x = x + W.req("v.position_embd.weight")[:n_pos]
@@ -99,7 +88,7 @@ def internvl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str
             k = norm(k, W.get(f"{b}.attn_k_norm.weight"), None, eps)
         q, k, v = (t.reshape(n_pos, n_head, d_head) for t in (q, k, v))
         keys.append(k)
-        a = _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+        a = _attn_out(q, k, v, W, b)
         if W.get(f"{b}.ls1.weight") is not None:
             a = a * W.get(f"{b}.ls1.weight")
         x = x + a

@@ -32,7 +32,7 @@ import numpy as np
 
 import gguf
 
-from tests.reference_vit import (_W, _attention, _ffn, _linear, _patch_conv, _pixels, _rms_norm, gelu,
+from tests.reference_vit import (_W, _attn_out, _ffn, _linear, _patch_conv, _pixels, _qkv, _rms_norm, gelu,
                                  load_mmproj_weights, read_hparams)
 
 __all__ = ["read_pixtral_hparams", "pixtral_forward", "rope_2d"]
@@ -87,7 +87,7 @@ def pixtral_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
     h, w = img.shape[:2]
     if w % (p * m) or h % (p * m):
         raise ValueError(f"{w}x{h} would be resized by mtmd (not mirrored): sides must be multiples of {p * m}")
-    eps, n_head, d_head, e_dim = hp["eps"], hp["n_head"], hp["d_head"], hp["n_embd"]
+    eps, e_dim = hp["eps"], hp["n_embd"]
 
     conv = _patch_conv(_pixels(img, hp), W.req("v.patch_embd.weight"), p)  # [gy, gx, e]
     gy, gx = conv.shape[:2]
@@ -103,14 +103,11 @@ def pixtral_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
     keys, keys_pos = [], []
     for il in range(hp["n_layer"]):
         b = f"v.blk.{il}"
-        cur = _rms_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
-        q = _linear(cur, W.req(f"{b}.attn_q.weight"), W.get(f"{b}.attn_q.bias")).reshape(n, n_head, d_head)
-        k = _linear(cur, W.req(f"{b}.attn_k.weight"), W.get(f"{b}.attn_k.bias")).reshape(n, n_head, d_head)
-        v = _linear(cur, W.req(f"{b}.attn_v.weight"), W.get(f"{b}.attn_v.bias")).reshape(n, n_head, d_head)
+        q, k, v = _qkv(_rms_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
         keys.append(k)
         q, k = rope_2d(q, pos_h, pos_w), rope_2d(k, pos_h, pos_w)
         keys_pos.append(k)
-        x = x + _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+        x = x + _attn_out(q, k, v, W, b)
         cur = _rms_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
         x = x + _ffn(cur, W, il, hp, act)
     if W.get("v.post_ln.weight") is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_vit import (_W, _attention, _ffn, _layer_norm, _linear, _patch_conv, _pixels, _qwen_grid_ok,
+from tests.reference_vit import (_W, _attn_out, _ffn, _layer_norm, _linear, _patch_conv, _pixels, _qwen_grid_ok,
                                  _rope_vision, load_mmproj, qwen25vl_positions)
 
 
@@ -61,7 +61,7 @@ def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
         keys.append(k)
         q, k = _rope_vision(q, pos), _rope_vision(k, pos)
         keys_rope.append(k)
-        x = x + _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+        x = x + _attn_out(q, k, v, W, b)
         cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
         x = x + _ffn(cur, W, il, hp, act)
     return {"keys": keys, "keys_rope": keys_rope, "grid": (nx // 2, ny // 2), "positions": pos, "hparams": hp}

@@ -280,6 +280,57 @@ def _patch_conv(px: np.ndarray, kernel: np.ndarray, p: int) -> np.ndarray:
     return out.reshape(ny, nx, kernel.shape[0])
 
 
+def _square_image(image_rgb: np.ndarray, hp: dict[str, Any], who: str) -> np.ndarray:
+    """The image as an array, refused unless image_size x image_size (fixed-size preprocessors copy such an
+    image unchanged; their resize / letterbox is not mirrored)."""
+    size = hp["image_size"]
+    img = np.asarray(image_rgb)
+    if img.shape[:2] != (size, size):
+        raise ValueError(f"{who} needs a {size}x{size} image (no resize is mirrored), got {img.shape[:2]}")
+    return img
+
+
+def _patch_embed(img: np.ndarray, W: _W, hp: dict[str, Any]) -> tuple[np.ndarray, int, int]:
+    """build_inp: the patch conv plus ``v.patch_embd.bias`` when present; (rows [nx*ny, n_embd] with patch (x, y)
+    at row y * nx + x, nx, ny)."""
+    conv = _patch_conv(_pixels(img, hp), W.req("v.patch_embd.weight"), hp["patch_size"])
+    ny, nx = conv.shape[:2]
+    x = conv.reshape(ny * nx, -1)
+    pb = W.get("v.patch_embd.bias")
+    return (x if pb is None else x + pb), nx, ny
+
+
+def _qkv(cur: np.ndarray, W: _W, b: str, hp: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block ``b``'s separate q / k / v projections (+ biases when present), each [n, n_head, d_head]."""
+    return tuple(  # type: ignore[return-value]
+        _linear(cur, W.req(f"{b}.attn_{x}.weight"), W.get(f"{b}.attn_{x}.bias")).reshape(-1, hp["n_head"],
+                                                                                          hp["d_head"])
+        for x in "qkv")
+
+
+def _attn_out(q: np.ndarray, k: np.ndarray, v: np.ndarray, W: _W, b: str) -> np.ndarray:
+    """Unmasked non-flash attention of block ``b`` through its ``attn_out`` projection (+ bias)."""
+    return _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
+
+
+def read_scale_factor(path: str | os.PathLike, default: int) -> int:
+    """clip.vision.projector.scale_factor of an mmproj, or the projector's clip.cpp default."""
+    f = gguf.GGUFReader(os.fspath(path)).fields.get("clip.vision.projector.scale_factor")
+    return int(f.contents()) if f is not None else default
+
+
+def avg_pool_rows(rows: np.ndarray, px: int, py: int, k: int) -> np.ndarray:
+    """ggml_pool_2d AVG, kernel = stride = k, over rows of a px x py grid (patch (x, y) at row y * px + x), by a
+    plain loop: token by * (px/k) + bx = mean of patches x in [bx*k, bx*k+k), y in [by*k, by*k+k)."""
+    tx, ty = px // k, py // k
+    out = np.zeros((tx * ty,) + rows.shape[1:])
+    for by in range(ty):
+        for bx in range(tx):
+            group = [y * px + x for y in range(by * k, by * k + k) for x in range(bx * k, bx * k + k)]
+            out[by * tx + bx] = np.asarray(rows)[group].mean(axis=0)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # LLaVA (CLIP ViT + mlp projector)
 # ---------------------------------------------------------------------------------------------
@@ -311,18 +362,11 @@ def llava_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = 
     if not hp["has_llava_projector"]:
         raise ValueError("mmproj has no llava projector")
     W = _W(weights)
-    size, p = hp["image_size"], hp["patch_size"]
-    img = np.asarray(image_rgb)
-    if img.shape[:2] != (size, size):
-        raise ValueError(f"llava_forward needs a {size}x{size} image (no resize is mirrored), got {img.shape[:2]}")
-    eps, n_head, d_head = hp["eps"], hp["n_head"], hp["d_head"]
+    img = _square_image(image_rgb, hp, "llava_forward")
+    eps = hp["eps"]
 
-    patches = _patch_conv(_pixels(img, hp), W.req("v.patch_embd.weight"), p)
-    n_patches = patches.shape[0] * patches.shape[1]
-    x = patches.reshape(n_patches, -1)
-    pb = W.get("v.patch_embd.bias")
-    if pb is not None:
-        x = x + pb
+    x, nx, ny = _patch_embed(img, W, hp)
+    n_patches = nx * ny
     cls = W.get("v.class_embd")
     pos = W.req("v.position_embd.weight")
     if cls is None:
@@ -347,13 +391,9 @@ def llava_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = 
         b = f"v.blk.{il}"
         if il in feature_layers:
             stack.append(x)
-        cur = _layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
-        q = _linear(cur, W.req(f"{b}.attn_q.weight"), W.get(f"{b}.attn_q.bias")).reshape(n_pos, n_head, d_head)
-        k = _linear(cur, W.req(f"{b}.attn_k.weight"), W.get(f"{b}.attn_k.bias")).reshape(n_pos, n_head, d_head)
-        v = _linear(cur, W.req(f"{b}.attn_v.weight"), W.get(f"{b}.attn_v.bias")).reshape(n_pos, n_head, d_head)
+        q, k, v = _qkv(_layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
         keys.append(k)
-        attn = _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
-        x = x + attn
+        x = x + _attn_out(q, k, v, W, b)
         cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
         x = x + _ffn(cur, W, il, hp, act)
 
