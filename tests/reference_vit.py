@@ -327,7 +327,7 @@ def avg_pool_rows(rows: np.ndarray, px: int, py: int, k: int) -> np.ndarray:
     for by in range(ty):
         for bx in range(tx):
             group = [y * px + x for y in range(by * k, by * k + k) for x in range(bx * k, bx * k + k)]
-            out[by * tx + bx] = np.asarray(rows)[group].mean(axis=0)
+            out[by * tx + bx] = np.asarray(rows, dtype=np.float64)[group].mean(axis=0)
     return out
 
 

@@ -7,25 +7,21 @@ the projected embeddings, with the patch -> token pooling redone by a plain loop
 
 from __future__ import annotations
 
-import base64
-import ctypes
 import math
 
-import llama_cpp
-import llama_cpp.llama_chat_format as lcf
-import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 import pytest
 
-from avis_llamacpp import VLM
 from avis_llamacpp.families import ChunkGeometry, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.kdv import kdv_scores
 from avis_llamacpp.prefill import prefill
 from convert.fixture_gemma3 import make_gemma3_fixture
+from tests.family_helpers import (Q, DecodeSpy, assert_first_logits_equal_stock, encode_one, noise,
+                                  stock_chat_completion, vlm_fixtures)
 from tests.reference_gemma3 import gemma3_forward
+from tests.reference_vit import avg_pool_rows
 
-Q = "What shapes do you see?"
 N_GEN = 24
 N_CTX = 512
 SEED = 1  # a seed whose greedy answer is N_GEN tokens long (seed 0 stops after one token)
@@ -36,50 +32,9 @@ def fx(tmp_path_factory):
     return make_gemma3_fixture(tmp_path_factory.mktemp("gemma3"), seed=SEED)
 
 
-def _vlm(fx, flash_attn):
-    return VLM(fx.model, fx.mmproj, n_ctx=N_CTX, n_seq_max=1, n_threads=1, n_threads_batch=1,
-               flash_attn=flash_attn, use_gpu=False)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    with _vlm(fx, False) as v:
-        yield v
-
-
-@pytest.fixture(scope="module")
-def vlm_fa(fx):
-    with _vlm(fx, True) as v:
-        yield v
-
-
-def _noise(w: int, h: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _encode(v: VLM, image: np.ndarray):
-    """Encode one image; returns (chunk facts, embeddings, TokenKeys, key source, captured rows, image_wh)."""
-    with v.projector.tokenize(v.render_question(Q, 1), [image]) as p:
-        ch = p.images[0]
-        emb = v.projector.encode(ch)
-        tk, source = v.scored_keys(ch, emb)
-        cap = v.key_capture
-        return (ch.n_tokens, ch.nx, ch.ny), emb, tk, source, cap.keys.copy(), cap.image_wh, v.token_grid(ch)
-
-
-def _pool_by_loop(rows: np.ndarray, side: int, k: int) -> np.ndarray:
-    """Independent patch -> token rule: token by*(side/k)+bx = mean of patches (x, y), x in [bx*k, bx*k+k),
-    y in [by*k, by*k+k); patch (x, y) is row y*side + x."""
-    t = side // k
-    out = np.zeros((t * t,) + rows.shape[1:])
-    for by in range(t):
-        for bx in range(t):
-            acc = np.zeros(rows.shape[1:])
-            for y in range(by * k, by * k + k):
-                for x in range(bx * k, bx * k + k):
-                    acc += rows[y * side + x]
-            out[by * t + bx] = acc / (k * k)
-    return out
+vlm, vlm_fa = vlm_fixtures(n_ctx=N_CTX, n_seq_max=1, use_gpu=False)
+# the independent patch -> token rule is reference_vit.avg_pool_rows, a plain loop: token by*(side/k)+bx = mean of
+# patches (x, y), x in [bx*k, bx*k+k), y in [by*k, by*k+k); patch (x, y) is row y*side + x
 
 
 # -- the family entry on its own (no model) ------------------------------------------------------------
@@ -97,12 +52,12 @@ def test_registry_entry_maps_pool_groups():
     geom = ChunkGeometry(36, 36, 1, (192, 192))
     tk = fam.token_keys(rows.astype(np.float32), geom, _info())
     assert tk is not None and tk.always_kept.size == 0
-    np.testing.assert_allclose(tk.keys, _pool_by_loop(rows, 24, 4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tk.keys, avg_pool_rows(rows, 24, 24, 4), rtol=1e-5, atol=1e-6)
     assert fam.token_grid(geom, _info()) == (6, 6)
     # clip.cpp's default pool is 4 when the GGUF has no scale factor; a 2 x 2 pool gives 12 x 12 tokens
     assert fam.token_keys(rows, ChunkGeometry(36, 36, 1, None), _info(scale_factor=0)) is not None
     tk2 = fam.token_keys(rows, ChunkGeometry(144, 144, 1, (192, 192)), _info(scale_factor=2))
-    np.testing.assert_allclose(tk2.keys, _pool_by_loop(rows, 24, 2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tk2.keys, avg_pool_rows(rows, 24, 24, 2), rtol=1e-5, atol=1e-6)
     # rows that do not fit the rule: no native mapping (the pipeline falls back to embeddings)
     assert fam.token_keys(rows[:-1], geom, _info()) is None
     assert fam.token_keys(rows, ChunkGeometry(35, 35, 1, (192, 192)), _info()) is None
@@ -115,7 +70,7 @@ def test_registry_entry_maps_pool_groups():
 @pytest.mark.parametrize("flash", [False, True])
 def test_key_tensor_is_the_last_blocks_keys(fx, vlm, vlm_fa, flash):
     v = vlm_fa if flash else vlm
-    (n, nx, ny), _, tk, source, rows, wh, grid = _encode(v, _noise(192, 192, 3))
+    (n, nx, ny), _, tk, source, rows, wh, grid = encode_one(v, noise(192, 192, 3))
     assert source == f"vit_keys:Kcur-{fx.vision.n_layer - 1}"
     assert rows.shape == (24 * 24, fx.vision.n_head, fx.vision.n_embd // fx.vision.n_head)
     assert (n, nx, ny) == (36, 36, 1)  # mtmd's 1 x N report for a non-M-RoPE text model
@@ -123,14 +78,14 @@ def test_key_tensor_is_the_last_blocks_keys(fx, vlm, vlm_fa, flash):
 
 
 def test_captured_keys_equal_numpy_reference(vlm):
-    img = _noise(192, 192, 11)
+    img = noise(192, 192, 11)
     ref = gemma3_forward(vlm.projector.path, img)
-    _, emb, tk, source, rows, _, _ = _encode(vlm, img)
+    _, emb, tk, source, rows, _, _ = encode_one(vlm, img)
     last = ref["keys"][-1]
     assert source == f"vit_keys:Kcur-{ref['layers_run'] - 1}"
     scale = np.abs(last).max()
     np.testing.assert_allclose(rows, last, rtol=1e-4, atol=1e-4 * scale)  # the captured rows themselves
-    want = _pool_by_loop(last, ref["patch_side"], ref["pool"])
+    want = avg_pool_rows(last, ref["patch_side"], ref["patch_side"], ref["pool"])
     assert tk.keys.shape == want.shape == (36, 4, 16)
     np.testing.assert_array_equal(tk.scored, np.arange(36))
     np.testing.assert_allclose(tk.keys, want, rtol=1e-4, atol=1e-4 * scale)
@@ -141,8 +96,8 @@ def test_captured_keys_equal_numpy_reference(vlm):
 @pytest.mark.parametrize("wh", [(192, 96), (96, 192), (150, 110)])
 def test_non_square_image_is_letterboxed_to_the_square_grid(vlm, wh):
     w, h = wh
-    img = _noise(w, h, 7)
-    (n, _, _), _, tk, source, rows, got_wh, grid = _encode(vlm, img)
+    img = noise(w, h, 7)
+    (n, _, _), _, tk, source, rows, got_wh, grid = encode_one(vlm, img)
     assert (n, grid, got_wh) == (36, (6, 6), (192, 192)) and source.startswith("vit_keys:")
     if max(w, h) == 192:  # no scaling: mtmd pastes the image centred on black; the reference sees the same
         padded = np.zeros((192, 192, 3), dtype=np.uint8)
@@ -150,7 +105,7 @@ def test_non_square_image_is_letterboxed_to_the_square_grid(vlm, wh):
         padded[y0:y0 + h, x0:x0 + w] = img
         last = gemma3_forward(vlm.projector.path, padded)["keys"][-1]
         scale = np.abs(last).max()
-        np.testing.assert_allclose(tk.keys, _pool_by_loop(last, 24, 4), rtol=1e-4, atol=1e-4 * scale)
+        np.testing.assert_allclose(tk.keys, avg_pool_rows(last, 24, 24, 4), rtol=1e-4, atol=1e-4 * scale)
     a = vlm.ask(img, Q, max_tokens=2, ratio=0.5)
     assert a.image_tokens == [36] and a.kept_tokens == [18] and a.images[0]["grid"] == [6, 6]
 
@@ -173,35 +128,8 @@ def test_kept_sets_equal_with_flash_attention_on_and_off(vlm, vlm_fa, demo_image
         assert on["key_source"] == off["key_source"] == "vit_keys:Kcur-2"
         assert on["kept"] == off["kept"], kw
     img = load_image(demo_image)
-    k_off, k_on = _encode(vlm, img)[2].keys, _encode(vlm_fa, img)[2].keys
+    k_off, k_on = encode_one(vlm, img)[2].keys, encode_one(vlm_fa, img)[2].keys
     np.testing.assert_allclose(kdv_scores(k_on), kdv_scores(k_off), atol=1e-3)
-
-
-class _DecodeSpy:
-    """Records the top-level decode calls prefill makes (nested calls a Context makes to itself are not
-    recorded), with copies of their arguments."""
-
-    def __init__(self, ctx, monkeypatch):
-        self.calls: list[tuple] = []
-        self._depth = 0
-        real_tokens, real_embd = ctx.decode_tokens, ctx.decode_embeddings
-
-        def decode_tokens(tokens, pos0, seq_id=0, **kw):
-            self.calls.append(("text", list(tokens), int(pos0), seq_id))
-            return real_tokens(tokens, pos0, seq_id, **kw)
-
-        def decode_embeddings(embd, positions, seq_id=0, **kw):
-            if self._depth == 0:
-                self.calls.append(("image", np.array(embd, dtype=np.float32), np.array(positions), seq_id,
-                                   kw.get("causal", True)))
-            self._depth += 1
-            try:
-                return real_embd(embd, positions, seq_id, **kw)
-            finally:
-                self._depth -= 1
-
-        monkeypatch.setattr(ctx, "decode_tokens", decode_tokens)
-        monkeypatch.setattr(ctx, "decode_embeddings", decode_embeddings)
 
 
 def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
@@ -210,7 +138,7 @@ def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
     right after the last kept row, and the image rows are decoded non-causally."""
     meta: dict = {}
     select = vlm.kdv_selector(0.5, None, meta)
-    spy = _DecodeSpy(vlm.ctx, monkeypatch)
+    spy = DecodeSpy(vlm.ctx, monkeypatch)
     vlm.ctx.clear()
     with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(demo_image)]) as p:
         texts = [list(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
@@ -238,27 +166,9 @@ def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
 def stock_answer(fx, demo_image):
     """llama-cpp-python's stock MTMDChatHandler, greedy, flash attention off (llama_cpp has no gemma3-specific
     handler; MTMDChatHandler renders the GGUF's template): (text, completion tokens)."""
-    url = "data:image/png;base64," + base64.b64encode(demo_image.read_bytes()).decode()
-    handler = lcf.MTMDChatHandler(clip_model_path=str(fx.mmproj), verbose=False, use_gpu=False)
-    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=N_CTX, n_threads=1,
-                          n_gpu_layers=0, verbose=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                   {"type": "text", "text": Q}]}],
-            temperature=0.0, repeat_penalty=1.0, max_tokens=N_GEN, seed=0)
-    finally:
-        llm.close()
+    out = stock_chat_completion(fx.model, fx.mmproj, demo_image.read_bytes(), max_tokens=N_GEN, n_ctx=N_CTX,
+                                handler_kw={"use_gpu": False}, n_gpu_layers=0)
     return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
-
-
-def _first_logits(vlm, prompt: str, image) -> np.ndarray:
-    vlm.ctx.clear()
-    with vlm.projector.tokenize(prompt, [load_image(image)]) as p:
-        prefill(vlm.ctx, vlm.projector, p)
-        got = vlm.ctx.logits(-1)
-    vlm.ctx.clear()
-    return got
 
 
 def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, demo_image, stock_answer):
@@ -271,37 +181,6 @@ def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, demo_image, stock_a
     assert ours.images[0]["key_source"].startswith("vit_keys:") and ours.kept_tokens == [36]
 
 
-def _stock_first_logits(fx, prompt: str, png: bytes) -> np.ndarray:
-    """mtmd_helper_eval_chunks (stock image decode) -> next-token logits."""
-    llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=N_CTX, n_threads=1, verbose=False)
-    params = mtmd_cpp.mtmd_context_params_default()
-    params.use_gpu, params.warmup, params.n_threads = False, False, 1
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = mtmd_cpp.mtmd_init_from_file(str(fx.mmproj).encode(), llm.model, params)
-    assert ctx
-    try:
-        buf = (ctypes.c_uint8 * len(png)).from_buffer(bytearray(png))
-        bm = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(png), False)
-        chunks = mtmd_cpp.mtmd_input_chunks_init()
-        text = mtmd_cpp.mtmd_input_text()
-        data = prompt.encode()
-        text.text, text.text_len, text.add_special, text.parse_special = data, len(data), True, True
-        arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bm)
-        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), arr, 1) == 0
-        n_past = llama_cpp.llama_pos(0)
-        assert mtmd_cpp.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, llm.n_batch, True,
-                                                ctypes.byref(n_past)) == 0
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-        mtmd_cpp.mtmd_input_chunks_free(chunks)
-        mtmd_cpp.mtmd_bitmap_free(bm)
-        return logits
-    finally:
-        mtmd_cpp.mtmd_free(ctx)
-        llm.close()
-
-
 def test_unpruned_first_logits_equal_stock_mtmd_helper(fx, vlm, demo_image):
     """Bit-for-bit (to 1e-5) the next-token logits of mtmd_helper_eval_chunks after the same prompt."""
-    prompt = vlm.render_question(Q, 1)
-    want = _stock_first_logits(fx, prompt, demo_image.read_bytes())
-    np.testing.assert_allclose(_first_logits(vlm, prompt, demo_image), want, rtol=0, atol=1e-5)
+    assert_first_logits_equal_stock(fx, vlm, demo_image, N_CTX)

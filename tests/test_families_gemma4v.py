@@ -8,24 +8,22 @@ and the projected embeddings, pooled to tokens by a plain loop here; stock llama
 
 from __future__ import annotations
 
-import base64
 import math
 
-import llama_cpp
 import llama_cpp.llama_chat_format as lcf
 import numpy as np
 import pytest
 
-from avis_llamacpp import VLM
 from avis_llamacpp.families import ChunkGeometry, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.kdv import kdv_scores
 from avis_llamacpp.prefill import prefill
 from convert.fixture_gemma4v import make_gemma4v_fixture
+from tests.family_helpers import (Q, DecodeSpy, assert_first_logits_equal_stock, encode_one, noise,
+                                  stock_chat_completion, vlm_fixtures)
 from tests.reference_gemma4v import gemma4v_forward
-from tests.test_families_gemma3 import _DecodeSpy, _stock_first_logits
+from tests.reference_vit import avg_pool_rows
 
-Q = "What shapes do you see?"
 N_GEN = 24
 N_CTX = 512
 SEED = 1  # a seed whose greedy answer on the demo image is N_GEN tokens long
@@ -39,49 +37,9 @@ def fx(tmp_path_factory):
     return make_gemma4v_fixture(tmp_path_factory.mktemp("gemma4v"), seed=SEED)
 
 
-def _vlm(fx, flash_attn):
-    return VLM(fx.model, fx.mmproj, n_ctx=N_CTX, n_seq_max=1, n_threads=1, n_threads_batch=1,
-               flash_attn=flash_attn, use_gpu=False)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    with _vlm(fx, False) as v:
-        yield v
-
-
-@pytest.fixture(scope="module")
-def vlm_fa(fx):
-    with _vlm(fx, True) as v:
-        yield v
-
-
-def _noise(w: int, h: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _encode(v: VLM, image: np.ndarray):
-    with v.projector.tokenize(v.render_question(Q, 1), [image]) as p:
-        ch = p.images[0]
-        emb = v.projector.encode(ch)
-        tk, source = v.scored_keys(ch, emb)
-        cap = v.key_capture
-        return (ch.n_tokens, ch.nx, ch.ny), emb, tk, source, cap.keys.copy(), cap.image_wh, v.token_grid(ch)
-
-
-def _pool_by_loop(rows: np.ndarray, px: int, py: int, k: int) -> np.ndarray:
-    """Token by*(px/k)+bx = mean of patches (x, y), x in [bx*k, bx*k+k), y in [by*k, by*k+k); patch (x, y) is
-    row y*px + x."""
-    tx, ty = px // k, py // k
-    out = np.zeros((tx * ty,) + rows.shape[1:])
-    for by in range(ty):
-        for bx in range(tx):
-            acc = np.zeros(rows.shape[1:])
-            for y in range(by * k, by * k + k):
-                for x in range(bx * k, bx * k + k):
-                    acc += rows[y * px + x]
-            out[by * tx + bx] = acc / (k * k)
-    return out
+vlm, vlm_fa = vlm_fixtures(n_ctx=N_CTX, n_seq_max=1, use_gpu=False)
+# the pooling oracle is reference_vit.avg_pool_rows, a plain loop: token by*(px/k)+bx = mean of patches (x, y),
+# x in [bx*k, bx*k+k), y in [by*k, by*k+k); patch (x, y) is row y*px + x
 
 
 def _info(**kw) -> VisionInfo:
@@ -98,10 +56,10 @@ def test_registry_entry_maps_pool_groups():
     geom = ChunkGeometry(70, 70, 1, (240, 168))
     tk = fam.token_keys(rows, geom, _info())
     assert tk is not None and tk.always_kept.size == 0
-    np.testing.assert_allclose(tk.keys, _pool_by_loop(rows, 30, 21, 3), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(tk.keys, avg_pool_rows(rows, 30, 21, 3), rtol=1e-6, atol=1e-9)
     assert fam.token_grid(geom, _info()) == (10, 7)
     tall = fam.token_keys(rows, ChunkGeometry(70, 70, 1, (168, 240)), _info())
-    np.testing.assert_allclose(tall.keys, _pool_by_loop(rows, 21, 30, 3), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(tall.keys, avg_pool_rows(rows, 21, 30, 3), rtol=1e-6, atol=1e-9)
     assert fam.token_keys(rows, ChunkGeometry(70, 70, 1, None), _info()) is None  # grid unknown: fall back
     assert fam.token_keys(rows[:-1], geom, _info()) is None
     assert fam.token_keys(rows, ChunkGeometry(71, 71, 1, (240, 168)), _info()) is None
@@ -112,7 +70,7 @@ def test_registry_entry_maps_pool_groups():
 @pytest.mark.parametrize("flash", [False, True])
 def test_key_tensor_is_the_last_blocks_roped_keys(fx, vlm, vlm_fa, flash):
     v = vlm_fa if flash else vlm
-    (n, nx, ny), _, tk, source, rows, wh, grid = _encode(v, _noise(240, 168, 3))
+    (n, nx, ny), _, tk, source, rows, wh, grid = encode_one(v, noise(240, 168, 3))
     assert source == f"vit_keys:Kcur_pos-{fx.vision.n_layer - 1}"
     assert rows.shape == (30 * 21, fx.vision.n_head, fx.vision.n_embd // fx.vision.n_head)
     assert (n, nx, ny) == (70, 70, 1) and wh == (240, 168) and grid == (10, 7)
@@ -121,9 +79,9 @@ def test_key_tensor_is_the_last_blocks_roped_keys(fx, vlm, vlm_fa, flash):
 @pytest.mark.parametrize("wh", [(240, 168), (168, 240), (216, 216)])
 def test_captured_keys_equal_numpy_reference(vlm, wh):
     """Non-square both ways and square; the keys are the post-RoPE ones (pre-RoPE keys differ by O(1))."""
-    img = _noise(*wh, seed=sum(wh))
+    img = noise(*wh, seed=sum(wh))
     ref = gemma4v_forward(vlm.projector.path, img)
-    (n, _, _), emb, tk, source, rows, got_wh, grid = _encode(vlm, img)
+    (n, _, _), emb, tk, source, rows, got_wh, grid = encode_one(vlm, img)
     px, py = ref["grid"]
     assert got_wh == wh and (px, py) == (wh[0] // 8, wh[1] // 8)
     assert grid == (px // 3, py // 3) and n == (px // 3) * (py // 3)
@@ -131,7 +89,7 @@ def test_captured_keys_equal_numpy_reference(vlm, wh):
     scale = np.abs(last).max()
     np.testing.assert_allclose(rows, last, rtol=TOL, atol=TOL * scale)
     assert np.abs(rows - ref["keys"][-1]).max() > 0.1 * scale  # not the pre-RoPE keys
-    want = _pool_by_loop(last, px, py, 3)
+    want = avg_pool_rows(last, px, py, 3)
     assert tk.keys.shape == want.shape
     np.testing.assert_allclose(tk.keys, want, rtol=TOL, atol=TOL * scale)
     e = ref["embeddings"]
@@ -149,7 +107,7 @@ def test_ask_tau_and_ratio_score_vit_keys(vlm, demo_image):
 
 
 def test_non_square_image_through_the_pipeline(vlm):
-    a = vlm.ask(_noise(240, 168, 9), Q, max_tokens=2, ratio=0.5)
+    a = vlm.ask(noise(240, 168, 9), Q, max_tokens=2, ratio=0.5)
     assert a.image_tokens == [70] and a.kept_tokens == [35] and a.images[0]["grid"] == [10, 7]
     assert a.images[0]["key_source"].startswith("vit_keys:")
 
@@ -161,14 +119,14 @@ def test_kept_sets_equal_with_flash_attention_on_and_off(vlm, vlm_fa, demo_image
         assert on["key_source"] == off["key_source"] == "vit_keys:Kcur_pos-2"
         assert on["kept"] == off["kept"], kw
     img = load_image(demo_image)
-    np.testing.assert_allclose(kdv_scores(_encode(vlm_fa, img)[2].keys), kdv_scores(_encode(vlm, img)[2].keys),
+    np.testing.assert_allclose(kdv_scores(encode_one(vlm_fa, img)[2].keys), kdv_scores(encode_one(vlm, img)[2].keys),
                                atol=1e-3)
 
 
 def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
     meta: dict = {}
     select = vlm.kdv_selector(0.5, None, meta)
-    spy = _DecodeSpy(vlm.ctx, monkeypatch)
+    spy = DecodeSpy(vlm.ctx, monkeypatch)
     vlm.ctx.clear()
     with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(demo_image)]) as p:
         texts = [list(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
@@ -193,17 +151,8 @@ def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
 def test_unpruned_answer_equals_stock_gemma4_chat_handler(fx, vlm, demo_image):
     """Greedy, nothing pruned, K = 1, flash attention off on both sides: the same tokens as llama-cpp-python's
     stock Gemma4ChatHandler (an MTMDChatHandler rendering the GGUF's template)."""
-    url = "data:image/png;base64," + base64.b64encode(demo_image.read_bytes()).decode()
-    handler = lcf.Gemma4ChatHandler(clip_model_path=str(fx.mmproj), verbose=False, use_gpu=False)
-    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=N_CTX, n_threads=1,
-                          n_gpu_layers=0, verbose=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                   {"type": "text", "text": Q}]}],
-            temperature=0.0, repeat_penalty=1.0, max_tokens=N_GEN, seed=0)
-    finally:
-        llm.close()
+    out = stock_chat_completion(fx.model, fx.mmproj, demo_image.read_bytes(), max_tokens=N_GEN, n_ctx=N_CTX,
+                                handler=lcf.Gemma4ChatHandler, handler_kw={"use_gpu": False}, n_gpu_layers=0)
     ours = vlm.ask(demo_image, Q, max_tokens=N_GEN, k=1)
     assert out["usage"]["completion_tokens"] == len(ours.tokens) >= 8
     assert ours.text == out["choices"][0]["message"]["content"]
@@ -211,11 +160,4 @@ def test_unpruned_answer_equals_stock_gemma4_chat_handler(fx, vlm, demo_image):
 
 
 def test_unpruned_first_logits_equal_stock_mtmd_helper(fx, vlm, demo_image):
-    prompt = vlm.render_question(Q, 1)
-    want = _stock_first_logits(fx, prompt, demo_image.read_bytes())
-    vlm.ctx.clear()
-    with vlm.projector.tokenize(prompt, [load_image(demo_image)]) as p:
-        prefill(vlm.ctx, vlm.projector, p)
-        got = vlm.ctx.logits(-1)
-    vlm.ctx.clear()
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert_first_logits_equal_stock(fx, vlm, demo_image, N_CTX)

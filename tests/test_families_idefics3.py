@@ -5,14 +5,10 @@ llama-cpp-python parity with nothing pruned, 1-D positions after pruning, flash 
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 
-import llama_cpp
 import numpy as np
 import pytest
-from llama_cpp import llama_chat_format as lcf
 from PIL import Image
 
 from avis_llamacpp import VLM
@@ -20,17 +16,12 @@ from avis_llamacpp.capture import read_vision_info
 from avis_llamacpp.families import ChunkGeometry, Idefics3Family, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.native import scan_gguf
-from avis_llamacpp.prefill import prefill
 from convert.fixture_idefics3 import make_idefics3_fixture
+from tests.family_helpers import Q, check_pruned_positions, noise, open_vlm, png_bytes, stock_chat_completion
 from tests.reference_idefics3 import merge_rows, siglip_forward
 
-Q = "What shapes do you see?"
 N_CTX = 1024
 KEY_NAME = "Kcur-2"  # 3 SigLIP blocks, all run; no RoPE, no class token
-
-
-def _noise(w: int, h: int, seed: int = 3) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module", params=["idefics3", "lfm2"])
@@ -40,7 +31,7 @@ def fx(request, fixture_root):
 
 @pytest.fixture(scope="module")
 def vlm(fx):
-    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=False, n_threads=1, n_threads_batch=1) as v:
+    with open_vlm(fx, n_ctx=N_CTX, flash_attn=False) as v:
         yield v
 
 
@@ -112,7 +103,7 @@ def _sizes(fx) -> list[tuple[int, int]]:
 
 def test_captured_keys_equal_numpy_reference(vlm, fx):
     for w, h in _sizes(fx):
-        img = _noise(w, h, seed=w + h)
+        img = noise(w, h, seed=w + h)
         chunks = _encode_all(vlm, img)
         assert len(chunks) == (2 if fx.family == "idefics3" else 1)
         ref = siglip_forward(fx.mmproj, img)
@@ -128,11 +119,11 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
 # -- (e) non-square: tiles + overview (idefics3), one non-square chunk (lfm2) ----------------------------
 def test_non_square_image(vlm, fx):
     if fx.family == "lfm2":  # a dynamic-size chunk: 432 x 144 px -> 54 x 18 patches -> 27 x 9 tokens
-        a = vlm.ask(Image.fromarray(_noise(600, 200, seed=8)), Q, max_tokens=2, ratio=0.5)
+        a = vlm.ask(Image.fromarray(noise(600, 200, seed=8)), Q, max_tokens=2, ratio=0.5)
         assert a.image_tokens == [243] and a.images[0]["grid"] == [27, 9]
         assert a.images[0]["key_source"] == f"vit_keys:{KEY_NAME}"
         return
-    img = _noise(256, 128, seed=5)
+    img = noise(256, 128, seed=5)
     chunks = _encode_all(vlm, img)
     assert len(chunks) == 3  # tiles row-major, then the overview
     tiles = [img[:, :128], img[:, 128:]]  # the refined image is exactly 2 x 1 tiles: crops, no resize
@@ -148,7 +139,7 @@ def test_non_square_image(vlm, fx):
 
 # -- (b) KDV through ask -----------------------------------------------------------------------------------
 def test_ask_with_tau_and_ratio_scores_vit_keys(vlm):
-    img = Image.fromarray(_noise(128, 128, seed=2))
+    img = Image.fromarray(noise(128, 128, seed=2))
     a = vlm.ask(img, Q, max_tokens=4, tau=math.pi / 4)
     assert all(im["key_source"].startswith("vit_keys:") for im in a.images)
     assert all(1 <= k <= n for k, n in zip(a.kept_tokens, a.image_tokens))
@@ -159,23 +150,12 @@ def test_ask_with_tau_and_ratio_scores_vit_keys(vlm):
 
 # -- (c) stock parity ----------------------------------------------------------------------------------------
 def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, fx, tmp_path):
-    img = _noise(256, 128, seed=9) if fx.family == "idefics3" else _noise(192, 128, seed=9)
+    img = noise(256, 128, seed=9) if fx.family == "idefics3" else noise(192, 128, seed=9)
     path = tmp_path / f"{fx.family}.png"
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    path.write_bytes(buf.getvalue())
-    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    path.write_bytes(png_bytes(img))
     n_gen = 16
-    handler = lcf.MTMDChatHandler(clip_model_path=str(fx.mmproj), verbose=False)
-    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=N_CTX, n_threads=1,
-                          n_threads_batch=1, verbose=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                   {"type": "text", "text": Q}]}],
-            temperature=0.0, repeat_penalty=1.0, max_tokens=n_gen, seed=0)
-    finally:
-        llm.close()
+    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=n_gen, n_ctx=N_CTX,
+                                n_threads_batch=1)
     ours = vlm.ask(path, Q, max_tokens=n_gen)
     assert len(ours.tokens) > 0
     assert ours.text == out["choices"][0]["message"]["content"]
@@ -185,55 +165,18 @@ def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, fx, tmp_path):
 
 # -- (d) positions after pruning (llama text: 1-D RoPE) ----------------------------------------------------
 def test_pruned_prefill_uses_consecutive_positions(vlm, fx, monkeypatch):
-    calls: list[tuple[str, list[int]]] = []
-    ctx = vlm.ctx
-    orig_tokens, orig_embd = ctx.decode_tokens, ctx.decode_embeddings
-
-    def spy_tokens(tokens, pos0, seq_id=0, **kw):
-        calls.append(("text", list(range(pos0, pos0 + len(tokens)))))
-        return orig_tokens(tokens, pos0, seq_id, **kw)
-
-    def spy_embd(embd, positions, seq_id=0, **kw):
-        assert positions.shape[1] == 1
-        calls.append(("image", positions[:, 0].tolist()))
-        return orig_embd(embd, positions, seq_id, **kw)
-
-    img = Image.fromarray(_noise(256, 128, seed=4) if fx.family == "idefics3" else _noise(192, 128, seed=4))
-    results = {}
-    for ratio in (None, 0.5):
-        calls.clear()
-        monkeypatch.setattr(ctx, "decode_tokens", spy_tokens)
-        monkeypatch.setattr(ctx, "decode_embeddings", spy_embd)
-        select = vlm.kdv_selector(ratio, None, {}) if ratio is not None else None
-        ctx.clear()
-        try:
-            with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(img)]) as p:
-                text_tokens = sum(len(c.tokens) for c in p.chunks if not hasattr(c, "nx"))
-                pre = prefill(ctx, vlm.projector, p, select=select)
-                pos_max = ctx.seq_pos_max(0)
-        finally:
-            ctx.clear()
-            monkeypatch.undo()
-        results[ratio] = (pre, pos_max, list(calls), text_tokens)
-    (full, full_max, full_calls, text_tokens), (half, half_max, half_calls, _) = results[None], results[0.5]
-    for pre, pos_max, calls_ in ((full, full_max, full_calls), (half, half_max, half_calls)):
-        seq = [q for _, ps in calls_ for q in ps]
-        assert seq == list(range(len(seq))) and pos_max == len(seq) - 1 == pre.n_past - 1 == pre.n_kv - 1
     # the special tokens around and between the chunks (<fake_token_around_image>, <row_i_col_j>, <global-img>,
     # <|image_start|>, ...) are text: decoded in full either way
-    assert [len(ps) for k, ps in half_calls if k == "text"] == [len(ps) for k, ps in full_calls if k == "text"]
-    assert sum(len(ps) for k, ps in half_calls if k == "text") == text_tokens
-    pruned = sum(im.n_tokens - im.n_kept for im in half.images)
+    img = Image.fromarray(noise(256, 128, seed=4) if fx.family == "idefics3" else noise(192, 128, seed=4))
+    full, half, _ = check_pruned_positions(vlm, img, monkeypatch)
     assert [im.n_kept for im in half.images] == [im.n_tokens // 2 for im in full.images]
-    assert full.n_past - half.n_past == pruned > 0 and full_max - half_max == pruned
-    assert [len(ps) for k, ps in half_calls if k == "image"] == [im.n_kept for im in half.images]
 
 
 # -- (f) flash attention on / off ------------------------------------------------------------------------
 def test_kept_sets_equal_with_flash_attention_on_and_off(vlm, fx):
-    img = Image.fromarray(_noise(256, 128, seed=6) if fx.family == "idefics3" else _noise(96, 304, seed=6))
+    img = Image.fromarray(noise(256, 128, seed=6) if fx.family == "idefics3" else noise(96, 304, seed=6))
     off = [vlm.ask(img, Q, max_tokens=1, ratio=0.5), vlm.ask(img, Q, max_tokens=1, tau=math.pi / 4)]
-    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=True, n_threads=1, n_threads_batch=1) as v_on:
+    with open_vlm(fx, n_ctx=N_CTX, flash_attn=True) as v_on:
         on = [v_on.ask(img, Q, max_tokens=1, ratio=0.5), v_on.ask(img, Q, max_tokens=1, tau=math.pi / 4)]
         assert v_on.key_capture.name == KEY_NAME
     for a, b in zip(off, on):

@@ -5,14 +5,10 @@ flash attention on / off."""
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 
-import llama_cpp
 import numpy as np
 import pytest
-from llama_cpp import llama_chat_format as lcf
 from PIL import Image
 
 from avis_llamacpp import VLM
@@ -20,23 +16,12 @@ from avis_llamacpp.capture import read_vision_info
 from avis_llamacpp.families import ChunkGeometry, InternVLFamily, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.native import scan_gguf
-from avis_llamacpp.prefill import prefill
 from convert.fixture_internvl import make_internvl_fixture
+from tests.family_helpers import Q, check_pruned_positions, noise, open_vlm, png_bytes, stock_chat_completion
 from tests.reference_internvl import internvl_forward, shuffle_rows
 
-Q = "What shapes do you see?"
 N_CTX = 1024
 KEY_NAME = "Kcur-2"  # the fixture's ViT has 3 blocks: the last block's keys (no RoPE in InternViT)
-
-
-def _noise(w: int, h: int, seed: int = 3) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +31,7 @@ def fx(fixture_root):
 
 @pytest.fixture(scope="module")
 def vlm(fx):
-    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=False, n_threads=1, n_threads_batch=1) as v:
+    with open_vlm(fx, n_ctx=N_CTX, flash_attn=False) as v:
         yield v
 
 
@@ -117,7 +102,7 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     """The keys KDV scores are the last ViT block's keys (class token appended last, dropped before the
     2x2 shuffle), recomputed in numpy from the mmproj weights and mapped to tokens by a plain loop; the
     projected embeddings agree too, which pins the patch -> token rule to the graph's own output."""
-    img = _noise(224, 224, seed=11)
+    img = noise(224, 224, seed=11)
     (chunk, raw, got, src, emb), = _encode_all(vlm, img)
     assert src == f"vit_keys:{KEY_NAME}" and vlm.key_capture.name == KEY_NAME
     ref = internvl_forward(fx.mmproj, img)
@@ -132,7 +117,7 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
 # -- (e) non-square image: tiles + thumbnail, each mapped on its own -------------------------------------
 @pytest.mark.parametrize("w,h", [(448, 224), (224, 448)])
 def test_tiles_are_mapped_chunk_by_chunk(vlm, fx, w, h):
-    img = _noise(w, h, seed=5)
+    img = noise(w, h, seed=5)
     chunks = _encode_all(vlm, img)
     assert len(chunks) == fx.chunks(w, h) == 3  # two tiles (row-major), then the thumbnail
     s = fx.dims.image_size
@@ -152,7 +137,7 @@ def test_tiles_are_mapped_chunk_by_chunk(vlm, fx, w, h):
 
 # -- (b) KDV through ask -----------------------------------------------------------------------------------
 def test_ask_with_tau_and_ratio_scores_vit_keys(vlm):
-    img = Image.fromarray(_noise(224, 224, seed=2))
+    img = Image.fromarray(noise(224, 224, seed=2))
     a = vlm.ask(img, Q, max_tokens=4, tau=math.pi / 4)
     assert a.images[0]["key_source"].startswith("vit_keys:")
     assert a.images[0]["kdv"]["mode"] == "tau" and 1 <= a.kept_tokens[0] <= a.image_tokens[0] == 64
@@ -165,21 +150,12 @@ def test_ask_with_tau_and_ratio_scores_vit_keys(vlm):
 def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, fx, tmp_path):
     """Nothing pruned, K=1, greedy, flash attention off on both sides: the same tokens as llama-cpp-python's
     MTMDChatHandler (there is no InternVL-specific stock handler), on an image that tiles (3 chunks)."""
-    img = _noise(448, 224, seed=9)
+    img = noise(448, 224, seed=9)
     path = tmp_path / "tiles.png"
-    path.write_bytes(_png(img))
-    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    path.write_bytes(png_bytes(img))
     n_gen = 16
-    handler = lcf.MTMDChatHandler(clip_model_path=str(fx.mmproj), verbose=False)
-    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=N_CTX, n_threads=1,
-                          n_threads_batch=1, verbose=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                   {"type": "text", "text": Q}]}],
-            temperature=0.0, repeat_penalty=1.0, max_tokens=n_gen, seed=0)
-    finally:
-        llm.close()
+    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=n_gen, n_ctx=N_CTX,
+                                n_threads_batch=1)
     ours = vlm.ask(path, Q, max_tokens=n_gen)
     assert len(ours.tokens) > 0
     assert ours.text == out["choices"][0]["message"]["content"]
@@ -189,56 +165,18 @@ def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, fx, tmp_path):
 
 # -- (d) positions after pruning (qwen2 text: 1-D RoPE) ----------------------------------------------------
 def test_pruned_prefill_uses_consecutive_positions(vlm, monkeypatch):
-    calls: list[tuple[str, list[int]]] = []
-    ctx = vlm.ctx
-    orig_tokens, orig_embd = ctx.decode_tokens, ctx.decode_embeddings
-
-    def spy_tokens(tokens, pos0, seq_id=0, **kw):
-        calls.append(("text", list(range(pos0, pos0 + len(tokens)))))
-        return orig_tokens(tokens, pos0, seq_id, **kw)
-
-    def spy_embd(embd, positions, seq_id=0, **kw):
-        assert positions.shape[1] == 1  # no M-RoPE sections
-        calls.append(("image", positions[:, 0].tolist()))
-        return orig_embd(embd, positions, seq_id, **kw)
-
-    img = Image.fromarray(_noise(448, 224, seed=4))
-    results = {}
-    for ratio in (None, 0.5):
-        calls.clear()
-        monkeypatch.setattr(ctx, "decode_tokens", spy_tokens)
-        monkeypatch.setattr(ctx, "decode_embeddings", spy_embd)
-        meta: dict = {}
-        select = vlm.kdv_selector(ratio, None, meta) if ratio is not None else None
-        ctx.clear()
-        try:
-            with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(img)]) as p:
-                text_tokens = [len(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
-                pre = prefill(ctx, vlm.projector, p, select=select)
-                pos_max = ctx.seq_pos_max(0)
-        finally:
-            ctx.clear()
-            monkeypatch.undo()
-        results[ratio] = (pre, pos_max, list(calls), text_tokens)
-    (full, full_max, full_calls, text_tokens), (half, half_max, half_calls, _) = results[None], results[0.5]
-    for pre, pos_max, calls_ in ((full, full_max, full_calls), (half, half_max, half_calls)):
-        seq = [q for _, ps in calls_ for q in ps]
-        assert seq == list(range(len(seq))) and pos_max == len(seq) - 1 == pre.n_past - 1 == pre.n_kv - 1
     # the text around the tiles ("<img>", "</img>", the question) is decoded in full either way
-    assert [len(ps) for k, ps in half_calls if k == "text"] == [len(ps) for k, ps in full_calls if k == "text"]
-    assert sum(len(ps) for k, ps in half_calls if k == "text") == sum(text_tokens)
-    pruned = sum(im.n_tokens - im.n_kept for im in half.images)
-    assert [im.n_kept for im in half.images] == [32, 32, 32] and pruned == 96
-    assert full.n_past - half.n_past == pruned and full_max - half_max == pruned
+    full, half, half_calls = check_pruned_positions(vlm, Image.fromarray(noise(448, 224, seed=4)), monkeypatch)
+    assert [im.n_kept for im in half.images] == [32, 32, 32] and full.n_past - half.n_past == 96
     assert [len(ps) for k, ps in half_calls if k == "image"] == [32, 32, 32]
 
 
 # -- (f) flash attention on / off ------------------------------------------------------------------------
 def test_kept_sets_equal_with_flash_attention_on_and_off(vlm, fx):
-    img = Image.fromarray(_noise(448, 224, seed=6))
+    img = Image.fromarray(noise(448, 224, seed=6))
     off_r = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
     off_t = vlm.ask(img, Q, max_tokens=1, tau=math.pi / 4)
-    with VLM(fx.model, fx.mmproj, n_ctx=N_CTX, flash_attn=True, n_threads=1, n_threads_batch=1) as on:
+    with open_vlm(fx, n_ctx=N_CTX, flash_attn=True) as on:
         on_r = on.ask(img, Q, max_tokens=1, ratio=0.5)
         on_t = on.ask(img, Q, max_tokens=1, tau=math.pi / 4)
         assert on.key_capture.name == KEY_NAME

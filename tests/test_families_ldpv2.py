@@ -3,42 +3,20 @@ over the 2x2 groups of the 24 x 24 grid that clip.cpp's average pool merges into
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 
-import llama_cpp
 import numpy as np
-import pytest
 from llama_cpp.llama_chat_format import Llava15ChatHandler
-from PIL import Image
 
-from avis_llamacpp import VLM
-from convert.fixtures import make_fixture
+from tests.family_helpers import Q, core_family_fixtures, noise, png_bytes, stock_chat_completion
 
-Q = "What shapes do you see?"
-
-
-@pytest.fixture(scope="module")
-def fx(fixture_root):
-    return make_fixture("ldpv2", "tiny", out_dir=fixture_root)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    v = VLM(fx.model, fx.mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=False)
-    yield v
-    v.close()
-
-
-def _noise(seed: int, w: int = 96, h: int = 96) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+fx, vlm = core_family_fixtures("ldpv2")
 
 
 def test_keys_equal_numpy_reference_pooled_by_hand(vlm, fx):
     from tests.reference_vit import llava_forward
 
-    img = _noise(11)
+    img = noise(96, 96, 11)
     a = vlm.ask(img, Q, max_tokens=1, tau=math.pi / 4)
     ref = llava_forward(str(fx.mmproj), img)
     assert a.images[0]["key_source"] == f"vit_keys:Kcur-{ref['layers_run'] - 1}"
@@ -56,7 +34,7 @@ def test_keys_equal_numpy_reference_pooled_by_hand(vlm, fx):
 
 
 def test_pruned_queries_use_vit_keys_and_consecutive_positions(vlm, monkeypatch):
-    img = _noise(3, 160, 90)  # non-square: letterboxed to the fixed square input
+    img = noise(160, 90, 3)  # non-square: letterboxed to the fixed square input
     seen = []
     real = vlm.ctx.decode_embeddings
 
@@ -76,19 +54,8 @@ def test_pruned_queries_use_vit_keys_and_consecutive_positions(vlm, monkeypatch)
 
 
 def test_nothing_pruned_matches_stock_llava15_handler(vlm, fx):
-    img = _noise(7)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    handler = Llava15ChatHandler(clip_model_path=str(fx.mmproj), verbose=False)
-    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=2048, n_threads=1,
-                          n_threads_batch=1, verbose=False, flash_attn=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                   {"type": "text", "text": Q}]}],
-            temperature=0.0, repeat_penalty=1.0, max_tokens=8, seed=0)
-    finally:
-        llm.close()
+    img = noise(96, 96, 7)
+    out = stock_chat_completion(fx.model, fx.mmproj, png_bytes(img), max_tokens=8, n_ctx=2048,
+                                handler=Llava15ChatHandler, n_threads_batch=1, flash_attn=False)
     ours = vlm.ask(img, Q, max_tokens=8)
     assert ours.text == out["choices"][0]["message"]["content"]

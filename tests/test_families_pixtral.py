@@ -11,16 +11,11 @@ tiny fixture of convert/fixture_pixtral.py. Oracles:
 
 from __future__ import annotations
 
-import base64
 import ctypes
-import io
 import math
 
-import llama_cpp
 import numpy as np
 import pytest
-from llama_cpp import llama_chat_format as lcf
-from PIL import Image
 
 from avis_llamacpp import VLM
 from avis_llamacpp.families import ChunkGeometry, family_for
@@ -29,14 +24,10 @@ from avis_llamacpp.kdv import n_keep_for_ratio
 from avis_llamacpp.prefill import prefill
 from convert.fixture_pixtral import make_pixtral_fixture
 from convert.gguf_tensors import read_tensors
+from tests.family_helpers import Q, noise, open_vlm, png_bytes, stock_chat_completion, vlm_fixtures
 
-Q = "What shapes do you see?"
 N_CTX = 1024
 M_PERTURB = -6  # glibc mallopt parameter
-
-
-def _noise(w: int, h: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,20 +58,7 @@ def ocr_fixture(fixture_root):
     return make_pixtral_fixture(fixture_root, projector="lightonocr")
 
 
-def _vlm(fx, flash_attn):
-    return VLM(fx.model, fx.mmproj, n_ctx=N_CTX, n_threads=1, n_threads_batch=1, flash_attn=flash_attn)
-
-
-@pytest.fixture(scope="module")
-def vlm(px_fixture):
-    with _vlm(px_fixture, False) as v:
-        yield v
-
-
-@pytest.fixture(scope="module")
-def vlm_fa(px_fixture):
-    with _vlm(px_fixture, True) as v:
-        yield v
+vlm, vlm_fa = vlm_fixtures("px_fixture", n_ctx=N_CTX)
 
 
 def _encode(v: VLM, image: np.ndarray, select=None):
@@ -116,7 +94,7 @@ def test_fixture_loads_in_stock_mtmd_and_counts_breaks(vlm, px_fixture):
     """mtmd's token count is p_x * p_y + p_y - 1 and its grid 1 x N (no M-RoPE on a llama text model)."""
     assert vlm.projector.projector_type == "pixtral" and not vlm.projector.uses_mrope
     assert vlm.family.name == "pixtral" and vlm.family.native
-    _, _, _, (n, nx, ny), _ = _encode(vlm, _noise(96, 64, 1))
+    _, _, _, (n, nx, ny), _ = _encode(vlm, noise(96, 64, 1))
     assert n == 6 * 4 + 3 == px_fixture.image_tokens(96, 64) and (nx, ny) == (n, 1)
 
 
@@ -126,7 +104,7 @@ def test_captured_keys_equal_numpy_reference(vlm, px_fixture, size, zeroed_mallo
     the token indices that skip the [IMG_BREAK] after each row; mtmd's embeddings equal the numpy graph's."""
     from tests.reference_pixtral import pixtral_forward
 
-    img = _noise(*size, seed=11)
+    img = noise(*size, seed=11)
     emb, tk, src, (n, _, _), _ = _encode(vlm, img)
     ref = pixtral_forward(str(px_fixture.mmproj), img)
     assert src == f"vit_keys:Kcur_pos-{ref['layers_run'] - 1}" == f"vit_keys:{vlm.key_capture.name}"
@@ -157,9 +135,9 @@ def test_lightonocr_keys_equal_numpy_reference(ocr_fixture):
     """The same graph without [IMG_BREAK] tokens: every token scored, index r * p_x + c."""
     from tests.reference_pixtral import pixtral_forward
 
-    img = _noise(64, 48, seed=12)  # longest edge 64 = image_size: not resized
+    img = noise(64, 48, seed=12)  # longest edge 64 = image_size: not resized
     assert ocr_fixture.preprocessed_size(64, 48) == (64, 48)
-    with _vlm(ocr_fixture, False) as v:
+    with open_vlm(ocr_fixture, n_ctx=N_CTX, flash_attn=False) as v:
         assert v.family.name == "lightonocr"
         emb, tk, src, (n, _, _), _ = _encode(v, img)
     ref = pixtral_forward(str(ocr_fixture.mmproj), img)
@@ -174,7 +152,7 @@ def test_lightonocr_keys_equal_numpy_reference(ocr_fixture):
 @pytest.mark.parametrize("kw", [{"tau": math.pi / 4}, {"ratio": 0.5}])
 def test_ask_prunes_with_vit_keys_and_keeps_breaks(vlm, px_fixture, kw):
     """(b) tau = pi/4 and ratio = 0.5 answer from ViT keys; the breaks are kept and not counted as scored."""
-    img = _noise(96, 64, 3)
+    img = noise(96, 64, 3)
     a = vlm.ask(img, Q, max_tokens=4, **kw)
     im = a.images[0]
     assert im["key_source"].startswith("vit_keys:Kcur_pos-")
@@ -188,26 +166,12 @@ def test_ask_prunes_with_vit_keys_and_keeps_breaks(vlm, px_fixture, kw):
         assert im["kdv"]["mode"] == "tau" and len(breaks) < a.kept_tokens[0] <= n
 
 
-def _png_url(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def test_matches_stock_mtmd_chat_handler(vlm, px_fixture, demo_image):
     """(c) nothing pruned, K = 1: the same text and token count as stock create_chat_completion (the GGUF's
     template through MTMDChatHandler), flash attention off on both sides; ratio 0 is the same answer."""
-    img = _noise(96, 64, 5)
-    handler = lcf.MTMDChatHandler(clip_model_path=str(px_fixture.mmproj), verbose=False)
-    llm = llama_cpp.Llama(model_path=str(px_fixture.model), chat_handler=handler, n_ctx=N_CTX, n_threads=1,
-                          n_threads_batch=1, verbose=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url(img)}},
-                                                   {"type": "text", "text": Q}]}],
-            temperature=0.0, repeat_penalty=1.0, max_tokens=16, seed=0)
-    finally:
-        llm.close()
+    img = noise(96, 64, 5)
+    out = stock_chat_completion(px_fixture.model, px_fixture.mmproj, png_bytes(img), max_tokens=16, n_ctx=N_CTX,
+                                n_threads_batch=1)
     ours = vlm.ask(img, Q, max_tokens=16)
     assert ours.text == out["choices"][0]["message"]["content"]
     assert len(ours.tokens) == out["usage"]["completion_tokens"]
@@ -232,7 +196,7 @@ def test_pruned_prefill_positions_and_break_rows(vlm, px_fixture, monkeypatch, z
     monkeypatch.setattr(vlm.ctx, "decode_tokens", decode_tokens)
     monkeypatch.setattr(vlm.ctx, "decode_embeddings", decode_embeddings)
     meta: dict = {}
-    emb, tk, _, (n, _, _), pre = _encode(vlm, _noise(96, 64, 7), select=vlm.kdv_selector(0.75, None, meta))
+    emb, tk, _, (n, _, _), pre = _encode(vlm, noise(96, 64, 7), select=vlm.kdv_selector(0.75, None, meta))
     kept = pre.images[0].kept
     breaks = tk.always_kept
     assert set(breaks.tolist()) <= set(kept.tolist()) and len(kept) == n_keep_for_ratio(24, 0.75) + 3
@@ -247,7 +211,7 @@ def test_pruned_prefill_positions_and_break_rows(vlm, px_fixture, monkeypatch, z
     np.testing.assert_array_equal(image[2].reshape(-1), p0 + np.arange(len(kept)))
     assert text_after[2] == p0 + len(kept) == pre.n_past - text_after[1]
     monkeypatch.undo()
-    a = vlm.ask(_noise(96, 64, 7), Q, max_tokens=4, ratio=0.75)
+    a = vlm.ask(noise(96, 64, 7), Q, max_tokens=4, ratio=0.75)
     assert a.kept_tokens == [len(kept)] and a.images[0]["kept"] == kept.tolist() and len(a.tokens) > 0
 
 
@@ -255,7 +219,7 @@ def test_pruned_prefill_positions_and_break_rows(vlm, px_fixture, monkeypatch, z
 def test_non_square_grid(vlm, px_fixture, size, rows):
     """(e) Non-square images (one that mtmd resizes to 96 x 48): the grid is (p_x + 1, p_y) token columns (the
     last one the breaks) and keys map natively; the mtmd-reported grid is 1 x N."""
-    img = _noise(*size, seed=9)
+    img = noise(*size, seed=9)
     assert px_fixture.token_rows(*size) == rows
     a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
     px, py = rows
@@ -291,7 +255,7 @@ def test_layout_without_input_size_and_mismatches():
 def test_kept_sets_same_with_flash_attention(vlm, vlm_fa, kw):
     """(f) The encoder with flash attention (f16 K/V) captures the same tensor and keeps the same tokens."""
     for seed in (3, 4):
-        img = _noise(96, 64, seed)
+        img = noise(96, 64, seed)
         off = vlm.ask(img, Q, max_tokens=1, **kw).images[0]
         on = vlm_fa.ask(img, Q, max_tokens=1, **kw).images[0]
         assert off["key_source"] == on["key_source"] == f"vit_keys:{vlm_fa.key_capture.name}"

@@ -4,39 +4,16 @@ rows at their original M-RoPE positions, and with nothing pruned the answer equa
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 
-import llama_cpp
 import numpy as np
-import pytest
-from llama_cpp.llama_chat_format import MTMDChatHandler
-from PIL import Image
 
-from avis_llamacpp import VLM
 from avis_llamacpp.capture import strided_to_array, tensor_nbytes
 from avis_llamacpp.families import family_for
-from convert.fixtures import make_fixture
 from convert.mmproj import expected_image_grid
+from tests.family_helpers import Q, core_family_fixtures, noise, open_vlm, png_bytes, stock_chat_completion
 
-Q = "What shapes do you see?"
-
-
-@pytest.fixture(scope="module")
-def fx(fixture_root):
-    return make_fixture("qwen3vl", "tiny", out_dir=fixture_root)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    v = VLM(fx.model, fx.mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=False)
-    yield v
-    v.close()
-
-
-def _noise(w: int, h: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+fx, vlm = core_family_fixtures("qwen3vl")
 
 
 def test_strided_view_read_equals_numpy_slicing():
@@ -61,7 +38,7 @@ def test_registry_maps_qwen3vl_natively():
 
 def test_pruned_query_answers_with_vit_keys(vlm, fx):
     """The first query on a fused-QKV graph used to end in 'CaptureError: tensor Kcur-... is not contiguous'."""
-    img = _noise(224, 224, 1)
+    img = noise(224, 224, 1)
     n_layer = fx.vision.n_layer
     for kw in ({"tau": math.pi / 4}, {"ratio": 0.5}, {}):
         a = vlm.ask(img, Q, max_tokens=4, **kw)
@@ -74,7 +51,7 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     numpy from the GGUF weights (tests/reference_qwen3vl.py) and grouped by a plain loop over the grid."""
     from tests.reference_qwen3vl import qwen3vl_forward
 
-    img = _noise(224, 224, 11)
+    img = noise(224, 224, 11)
     a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
     assert a.images[0]["key_source"].startswith("vit_keys:")
     got = vlm.key_capture.keys  # rows as the graph holds them
@@ -99,7 +76,7 @@ def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, mon
     """A spy on the decode calls: the image rows decoded are exactly the kept rows of the encoder output, at
     the positions mtmd gives those tokens unpruned; the text after the image continues at its unpruned
     position."""
-    img = _noise(320, 160, 5)  # non-square
+    img = noise(320, 160, 5)  # non-square
     seen = []
     real = vlm.ctx.decode_embeddings
 
@@ -139,35 +116,21 @@ def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, mon
     assert full.prompt_tokens - a.prompt_tokens == nx * ny - len(kept)
 
 
-def _data_url(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def test_nothing_pruned_matches_stock_mtmd_handler(vlm, fx):
     """K = 1, nothing pruned, greedy: the same text as stock llama-cpp-python's MTMDChatHandler (deepstack
     embeddings included: the text model takes 2 x n_embd inputs). 10 tokens: stock keeps decoding past
     max_tokens while a UTF-8 character is incomplete (here from token 11), so longer runs differ by design."""
-    img = _noise(224, 224, 7)
-    handler = MTMDChatHandler(clip_model_path=str(fx.mmproj), verbose=False)
-    llm = llama_cpp.Llama(model_path=str(fx.model), chat_handler=handler, n_ctx=2048, n_threads=1,
-                          n_threads_batch=1, verbose=False, flash_attn=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}},
-                                                   {"type": "text", "text": Q}]}],
-            temperature=0.0, repeat_penalty=1.0, max_tokens=10, seed=0)
-    finally:
-        llm.close()
+    img = noise(224, 224, 7)
+    out = stock_chat_completion(fx.model, fx.mmproj, png_bytes(img), max_tokens=10, n_ctx=2048, n_threads_batch=1,
+                                flash_attn=False)
     ours = vlm.ask(img, Q, max_tokens=10)
     assert ours.text == out["choices"][0]["message"]["content"]
     assert len(ours.tokens) == out["usage"]["completion_tokens"]
 
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
-    img = _noise(224, 224, 9)
-    with VLM(fx.model, fx.mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=True) as on:
+    img = noise(224, 224, 9)
+    with open_vlm(fx, n_ctx=2048, flash_attn=True) as on:
         for kw in ({"ratio": 0.5}, {"tau": math.pi / 4}):
             a, b = on.ask(img, Q, max_tokens=1, **kw), vlm.ask(img, Q, max_tokens=1, **kw)
             assert a.images[0]["key_source"] == b.images[0]["key_source"]

@@ -1,0 +1,228 @@
+"""What the per-family tests (tests/test_families_*.py) share: seeded noise images and PNG data URLs, opening a
+VLM on a fixture and the module fixtures for it, the stock llama-cpp-python oracles (create_chat_completion
+through a stock chat handler, the next-token logits of mtmd's own C helper), and spies on the decode calls.
+
+The oracles here use numpy, PIL and llama_cpp only, never avis_llamacpp's mappings; the spies drive
+avis_llamacpp's prefill and only record what it decodes."""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import io
+from typing import Any, Callable
+
+import llama_cpp
+import llama_cpp.llama_chat_format as lcf
+import llama_cpp.mtmd_cpp as mtmd_cpp
+import numpy as np
+import pytest
+from PIL import Image
+
+from avis_llamacpp import VLM
+from avis_llamacpp.images import load_image
+from avis_llamacpp.prefill import prefill
+from convert.fixtures import make_fixture
+
+Q = "What shapes do you see?"
+
+
+def noise(w: int, h: int, seed: int = 3) -> np.ndarray:
+    """A seeded uint8 RGB noise image, h x w."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """The image as PNG file bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    """A PNG as the data URL an OpenAI-style image_url part carries."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def open_vlm(fx: Any, *, n_ctx: int, flash_attn: bool, **kw: Any) -> VLM:
+    """A VLM on a fixture pair, one thread for prompt and batch."""
+    return VLM(fx.model, fx.mmproj, n_ctx=n_ctx, n_threads=1, n_threads_batch=1, flash_attn=flash_attn, **kw)
+
+
+def vlm_fixtures(fx_name: str = "fx", **kw: Any) -> tuple[Callable, Callable]:
+    """Module-scoped ``vlm`` (flash attention off) and ``vlm_fa`` (on) fixtures over the module's fixture named
+    ``fx_name``, opened by open_vlm(fx, **kw); assign them as ``vlm, vlm_fa = vlm_fixtures(...)``."""
+
+    @pytest.fixture(scope="module")
+    def vlm(request: pytest.FixtureRequest):
+        with open_vlm(request.getfixturevalue(fx_name), flash_attn=False, **kw) as v:
+            yield v
+
+    @pytest.fixture(scope="module")
+    def vlm_fa(request: pytest.FixtureRequest):
+        with open_vlm(request.getfixturevalue(fx_name), flash_attn=True, **kw) as v:
+            yield v
+
+    return vlm, vlm_fa
+
+
+def core_family_fixtures(family: str, n_ctx: int = 2048) -> tuple[Callable, Callable]:
+    """Module-scoped ``fx`` (convert.fixtures' tiny ``family`` pair, in the session's fixture_root) and ``vlm``
+    (flash attention off) fixtures; assign them as ``fx, vlm = core_family_fixtures(family)``."""
+
+    @pytest.fixture(scope="module")
+    def fx(fixture_root):
+        return make_fixture(family, "tiny", out_dir=fixture_root)
+
+    @pytest.fixture(scope="module")
+    def vlm(fx):
+        with open_vlm(fx, n_ctx=n_ctx, flash_attn=False) as v:
+            yield v
+
+    return fx, vlm
+
+
+def stock_chat_completion(model: Any, mmproj: Any, png: bytes, *, max_tokens: int, n_ctx: int,
+                          handler: type = lcf.MTMDChatHandler, handler_kw: dict | None = None, question: str = Q,
+                          **llama_kw: Any) -> dict:
+    """Stock llama-cpp-python's greedy answer (temperature 0, no repeat penalty, seed 0) to one user message
+    (the image, then ``question``) through the stock chat ``handler``; one thread, the response dict."""
+    chat_handler = handler(clip_model_path=str(mmproj), verbose=False, **(handler_kw or {}))
+    llm = llama_cpp.Llama(model_path=str(model), chat_handler=chat_handler, n_ctx=n_ctx, n_threads=1, verbose=False,
+                          **llama_kw)
+    try:
+        return llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}},
+                                                   {"type": "text", "text": question}]}],
+            temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, seed=0)
+    finally:
+        llm.close()
+
+
+def stock_first_logits(fx: Any, prompt: str, png: bytes, n_ctx: int) -> np.ndarray:
+    """mtmd_helper_eval_chunks (stock image decode, one thread, flash attention off) -> next-token logits."""
+    llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=1, verbose=False)
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu, params.warmup, params.n_threads = False, False, 1
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = mtmd_cpp.mtmd_init_from_file(str(fx.mmproj).encode(), llm.model, params)
+    assert ctx
+    try:
+        buf = (ctypes.c_uint8 * len(png)).from_buffer(bytearray(png))
+        bm = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(png), False)
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        text = mtmd_cpp.mtmd_input_text()
+        data = prompt.encode()
+        text.text, text.text_len, text.add_special, text.parse_special = data, len(data), True, True
+        arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bm)
+        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), arr, 1) == 0
+        n_past = llama_cpp.llama_pos(0)
+        assert mtmd_cpp.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, llm.n_batch, True,
+                                                ctypes.byref(n_past)) == 0
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+        mtmd_cpp.mtmd_bitmap_free(bm)
+        return logits
+    finally:
+        mtmd_cpp.mtmd_free(ctx)
+        llm.close()
+
+
+def assert_first_logits_equal_stock(fx: Any, vlm: VLM, image_path: Any, n_ctx: int) -> None:
+    """Nothing pruned: prefill's next-token logits after Q with the image equal mtmd_helper_eval_chunks' (1e-5)."""
+    prompt = vlm.render_question(Q, 1)
+    want = stock_first_logits(fx, prompt, image_path.read_bytes(), n_ctx)
+    vlm.ctx.clear()
+    with vlm.projector.tokenize(prompt, [load_image(image_path)]) as p:
+        prefill(vlm.ctx, vlm.projector, p)
+        got = vlm.ctx.logits(-1)
+    vlm.ctx.clear()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def encode_one(v: VLM, image: Any, question: str = Q) -> tuple:
+    """Encode one single-chunk image: ((n_tokens, nx, ny), embeddings, TokenKeys, key source, captured rows,
+    encoder input (w, h), token grid)."""
+    with v.projector.tokenize(v.render_question(question, 1), [image]) as p:
+        ch = p.images[0]
+        emb = v.projector.encode(ch)
+        tk, source = v.scored_keys(ch, emb)
+        cap = v.key_capture
+        return (ch.n_tokens, ch.nx, ch.ny), emb, tk, source, cap.keys.copy(), cap.image_wh, v.token_grid(ch)
+
+
+class DecodeSpy:
+    """Records the top-level decode calls prefill makes (nested calls a Context makes to itself are not
+    recorded), with copies of their arguments: ("text", tokens, pos0, seq_id) and ("image", rows, positions,
+    seq_id, causal)."""
+
+    def __init__(self, ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple] = []
+        self._depth = 0
+        real_tokens, real_embd = ctx.decode_tokens, ctx.decode_embeddings
+
+        def decode_tokens(tokens, pos0, seq_id=0, **kw):
+            self.calls.append(("text", list(tokens), int(pos0), seq_id))
+            return real_tokens(tokens, pos0, seq_id, **kw)
+
+        def decode_embeddings(embd, positions, seq_id=0, **kw):
+            if self._depth == 0:
+                self.calls.append(("image", np.array(embd, dtype=np.float32), np.array(positions), seq_id,
+                                   kw.get("causal", True)))
+            self._depth += 1
+            try:
+                return real_embd(embd, positions, seq_id, **kw)
+            finally:
+                self._depth -= 1
+
+        monkeypatch.setattr(ctx, "decode_tokens", decode_tokens)
+        monkeypatch.setattr(ctx, "decode_embeddings", decode_embeddings)
+
+
+def _positions_by_decode(vlm: VLM, image: Any, select: Any, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """Prefill Q with one image, recording each decode call's positions (1-D only): (PrefillResult, seq_pos_max,
+    [(kind, positions)], tokens per text chunk)."""
+    calls: list[tuple[str, list[int]]] = []
+    ctx = vlm.ctx
+    orig_tokens, orig_embd = ctx.decode_tokens, ctx.decode_embeddings
+
+    def spy_tokens(tokens, pos0, seq_id=0, **kw):
+        calls.append(("text", list(range(pos0, pos0 + len(tokens)))))
+        return orig_tokens(tokens, pos0, seq_id, **kw)
+
+    def spy_embd(embd, positions, seq_id=0, **kw):
+        assert positions.shape[1] == 1  # no M-RoPE sections
+        calls.append(("image", positions[:, 0].tolist()))
+        return orig_embd(embd, positions, seq_id, **kw)
+
+    monkeypatch.setattr(ctx, "decode_tokens", spy_tokens)
+    monkeypatch.setattr(ctx, "decode_embeddings", spy_embd)
+    ctx.clear()
+    try:
+        with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(image)]) as p:
+            text_tokens = [len(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
+            pre = prefill(ctx, vlm.projector, p, select=select)
+            pos_max = ctx.seq_pos_max(0)
+    finally:
+        ctx.clear()
+        monkeypatch.undo()
+    return pre, pos_max, calls, text_tokens
+
+
+def check_pruned_positions(vlm: VLM, image: Any, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """Prefill one image unpruned and at ratio 0.5 (1-D RoPE text model): every decode call continues at the next
+    position, the text chunks are decoded in full either way, and pruning moves n_past, n_kv and the last
+    position down by exactly the pruned token count. Returns (full, half, half's decode calls)."""
+    runs = {ratio: _positions_by_decode(vlm, image, vlm.kdv_selector(ratio, None, {}) if ratio else None,
+                                        monkeypatch) for ratio in (None, 0.5)}
+    (full, full_max, full_calls, text_tokens), (half, half_max, half_calls, _) = runs[None], runs[0.5]
+    for pre, pos_max, calls in ((full, full_max, full_calls), (half, half_max, half_calls)):
+        seq = [q for _, ps in calls for q in ps]
+        assert seq == list(range(len(seq))) and pos_max == len(seq) - 1 == pre.n_past - 1 == pre.n_kv - 1
+    # the text around and between the image chunks is text: decoded in full either way
+    assert [len(ps) for k, ps in half_calls if k == "text"] == [len(ps) for k, ps in full_calls if k == "text"]
+    assert sum(len(ps) for k, ps in half_calls if k == "text") == sum(text_tokens)
+    pruned = sum(im.n_tokens - im.n_kept for im in half.images)
+    assert full.n_past - half.n_past == pruned > 0 and full_max - half_max == pruned
+    assert [len(ps) for k, ps in half_calls if k == "image"] == [im.n_kept for im in half.images]
+    return full, half, half_calls
