@@ -99,6 +99,25 @@ def stock_chat_completion(model: Any, mmproj: Any, png: bytes, *, max_tokens: in
         llm.close()
 
 
+def assert_same_answer(ours: Any, out: dict) -> None:
+    """Our Answer equals stock create_chat_completion's: a non-empty answer with the same text, completion
+    token count and prompt token count."""
+    assert len(ours.tokens) > 0
+    assert ours.text == out["choices"][0]["message"]["content"]
+    assert len(ours.tokens) == out["usage"]["completion_tokens"]
+    assert ours.prompt_tokens == out["usage"]["prompt_tokens"]
+
+
+def check_unpruned_equals_stock(vlm: VLM, fx: Any, img: np.ndarray, path: Any, n_ctx: int,
+                                max_tokens: int = 16) -> None:
+    """Nothing pruned, K = 1, greedy, flash attention off on both sides: ``img`` saved as a PNG at ``path`` gets
+    the same answer from vlm.ask as from stock MTMDChatHandler."""
+    path.write_bytes(png_bytes(img))
+    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=max_tokens, n_ctx=n_ctx,
+                                n_threads_batch=1)
+    assert_same_answer(vlm.ask(path, Q, max_tokens=max_tokens), out)
+
+
 def stock_first_logits(fx: Any, prompt: str, png: bytes, n_ctx: int) -> np.ndarray:
     """mtmd_helper_eval_chunks (stock image decode, one thread, flash attention off) -> next-token logits."""
     llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=1, verbose=False)
@@ -177,6 +196,37 @@ class DecodeSpy:
 
         monkeypatch.setattr(ctx, "decode_tokens", decode_tokens)
         monkeypatch.setattr(ctx, "decode_embeddings", decode_embeddings)
+
+
+def check_non_causal_pruned_prefill(vlm: VLM, image_path: Any, monkeypatch: pytest.MonkeyPatch, *, opens: str,
+                                    closes: str, n_kept: int) -> None:
+    """Ratio 0.5 on a 1-D RoPE text model whose image mtmd decodes non-causally: the text before the image (ending
+    in mtmd's ``opens`` marker), the ``n_kept`` kept rows, then the text after (starting with ``closes``) are
+    decoded in that order on sequence 0; the kept rows are the encoder's rows, at consecutive positions right after
+    the text before, decoded non-causally; the text after continues right after the last kept row."""
+    meta: dict = {}
+    select = vlm.kdv_selector(0.5, None, meta)
+    spy = DecodeSpy(vlm.ctx, monkeypatch)
+    vlm.ctx.clear()
+    with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(image_path)]) as p:
+        texts = [list(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
+        pre = prefill(vlm.ctx, vlm.projector, p, select=select)
+        pos_max = vlm.ctx.seq_pos_max(0)
+    vlm.ctx.clear()
+    assert [c[0] for c in spy.calls] == ["text", "image", "text"]
+    before, after = texts
+    assert vlm.model.detokenize(before, special=True).endswith(opens)
+    assert vlm.model.detokenize(after, special=True).startswith(closes)
+    kept = pre.images[0].kept
+    assert len(kept) == n_kept and meta[0]["key_source"].startswith("vit_keys:")
+    (_, t0, p0, s0), (_, rows, pos, s1, causal), (_, t1, p1, s2) = spy.calls
+    assert s0 == s1 == s2 == 0
+    assert t0 == before and p0 == 0 and t1 == after  # every special / text token is decoded
+    assert causal is False  # the kept image tokens attend to each other, as mtmd decodes these images
+    np.testing.assert_array_equal(rows, pre.images[0].embeddings[kept])
+    np.testing.assert_array_equal(pos[:, 0], len(before) + np.arange(n_kept))
+    assert p1 == len(before) + n_kept
+    assert pre.n_past == pre.n_kv == len(before) + n_kept + len(after) == pos_max + 1
 
 
 def _positions_by_decode(vlm: VLM, image: Any, select: Any, monkeypatch: pytest.MonkeyPatch) -> tuple:

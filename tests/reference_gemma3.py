@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_vit import (_W, _attn_out, _ffn, _layer_norm, _patch_embed, _qkv, _rms_norm, _square_image,
-                                 avg_pool_rows, load_mmproj, read_scale_factor)
+from tests.reference_vit import (_W, _layer_norm, _ln_block, _patch_embed, _rms_norm, _square_image, avg_pool_rows,
+                                 load_mmproj, read_scale_factor)
 
 __all__ = ["gemma3_forward", "pool_factor"]
 
@@ -64,12 +64,7 @@ def gemma3_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
 
     keys: list[np.ndarray] = []
     for il in range(hp["n_layer"]):
-        b = f"v.blk.{il}"
-        q, k, v = _qkv(_layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
-        keys.append(k)
-        x = x + _attn_out(q, k, v, W, b)
-        cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
-        x = x + _ffn(cur, W, il, hp, act)
+        x = _ln_block(x, W, il, hp, act, keys)
     post_w = W.get("v.post_ln.weight")
     if post_w is not None:
         x = _layer_norm(x, post_w, W.get("v.post_ln.bias"), eps)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_vit import (_W, _attn_out, _layer_norm, _linear, _patch_embed, _qkv, gelu, load_mmproj,
+from tests.reference_vit import (_W, _layer_norm, _linear, _ln_block, _patch_embed, gelu, load_mmproj,
                                  read_scale_factor)
 
 __all__ = ["siglip_forward", "merge_rows", "antialias_bilinear_weights"]
@@ -63,6 +63,13 @@ def merge_rows(width: int, height: int, s: int) -> list[list[int]]:
     return out
 
 
+def _gelu_ffn(cur: np.ndarray, W: _W, il: int, hp: dict[str, Any], act: str) -> np.ndarray:
+    """siglip's build_ffn: ffn_up -> GELU -> ffn_down (no gate, no up / down swap)."""
+    b = f"v.blk.{il}"
+    h = gelu(_linear(cur, W.req(f"{b}.ffn_up.weight"), W.get(f"{b}.ffn_up.bias")), act)
+    return _linear(h, W.req(f"{b}.ffn_down.weight"), W.get(f"{b}.ffn_down.bias"))
+
+
 def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
     """Run the siglip.cpp graph (idefics3 / lfm2) on one chunk's encoder input (the image as mtmd feeds it:
     no resize is mirrored). Returns keys (per block, [W*H, H, D]), embeddings ([n_tokens, proj_dim]),
@@ -86,13 +93,7 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
         x = x + pos[:n]
     keys = []
     for il in range(hp["n_layer"]):
-        b = f"v.blk.{il}"
-        q, k, v = _qkv(_layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
-        keys.append(k)
-        x = x + _attn_out(q, k, v, W, b)
-        cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
-        h = gelu(_linear(cur, W.req(f"{b}.ffn_up.weight"), W.get(f"{b}.ffn_up.bias")), act)
-        x = x + _linear(h, W.req(f"{b}.ffn_down.weight"), W.get(f"{b}.ffn_down.bias"))
+        x = _ln_block(x, W, il, hp, act, keys, ffn=_gelu_ffn)
     if W.get("v.post_ln.weight") is not None:
         x = _layer_norm(x, W.get("v.post_ln.weight"), W.get("v.post_ln.bias"), eps)
     rows = merge_rows(gw, gh, s)

@@ -313,6 +313,18 @@ def _attn_out(q: np.ndarray, k: np.ndarray, v: np.ndarray, W: _W, b: str) -> np.
     return _linear(_attention(q, k, v, None), W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
 
 
+def _ln_block(x: np.ndarray, W: _W, il: int, hp: dict[str, Any], act: str, keys: list[np.ndarray],
+              ffn: Any = None) -> np.ndarray:
+    """One build_vit block with LayerNorm and no RoPE: ln1 -> separate q / k / v (K appended to ``keys``) ->
+    attention -> attn_out, residual; ln2 -> ``ffn(cur, W, il, hp, act)`` (default _ffn), residual."""
+    b, eps = f"v.blk.{il}", hp["eps"]
+    q, k, v = _qkv(_layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
+    keys.append(k)
+    x = x + _attn_out(q, k, v, W, b)
+    cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
+    return x + (ffn or _ffn)(cur, W, il, hp, act)
+
+
 def read_scale_factor(path: str | os.PathLike, default: int) -> int:
     """clip.vision.projector.scale_factor of an mmproj, or the projector's clip.cpp default."""
     f = gguf.GGUFReader(os.fspath(path)).fields.get("clip.vision.projector.scale_factor")
@@ -388,14 +400,9 @@ def llava_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = 
     stack: list[np.ndarray] = []
     keys: list[np.ndarray] = []
     for il in range(layers_run):
-        b = f"v.blk.{il}"
         if il in feature_layers:
             stack.append(x)
-        q, k, v = _qkv(_layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
-        keys.append(k)
-        x = x + _attn_out(q, k, v, W, b)
-        cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
-        x = x + _ffn(cur, W, il, hp, act)
+        x = _ln_block(x, W, il, hp, act, keys)
 
     post_w = W.get("v.post_ln.weight")
     if post_w is not None:

@@ -15,10 +15,9 @@ import pytest
 from avis_llamacpp.families import ChunkGeometry, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.kdv import kdv_scores
-from avis_llamacpp.prefill import prefill
 from convert.fixture_gemma3 import make_gemma3_fixture
-from tests.family_helpers import (Q, DecodeSpy, assert_first_logits_equal_stock, encode_one, noise,
-                                  stock_chat_completion, vlm_fixtures)
+from tests.family_helpers import (Q, assert_first_logits_equal_stock, check_non_causal_pruned_prefill, encode_one,
+                                  noise, stock_chat_completion, vlm_fixtures)
 from tests.reference_gemma3 import gemma3_forward
 from tests.reference_vit import avg_pool_rows
 
@@ -136,29 +135,8 @@ def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
     """1-D RoPE text model: the kept image rows get consecutive positions right after the text before them
     (which ends in mtmd's <start_of_image> text), the text after the image (<end_of_image> ...) continues
     right after the last kept row, and the image rows are decoded non-causally."""
-    meta: dict = {}
-    select = vlm.kdv_selector(0.5, None, meta)
-    spy = DecodeSpy(vlm.ctx, monkeypatch)
-    vlm.ctx.clear()
-    with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(demo_image)]) as p:
-        texts = [list(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
-        pre = prefill(vlm.ctx, vlm.projector, p, select=select)
-        pos_max = vlm.ctx.seq_pos_max(0)
-    vlm.ctx.clear()
-    assert [c[0] for c in spy.calls] == ["text", "image", "text"]
-    before, after = texts
-    assert vlm.model.detokenize(before, special=True).endswith("<start_of_image>")
-    assert vlm.model.detokenize(after, special=True).startswith("<end_of_image>")
-    kept = pre.images[0].kept
-    assert len(kept) == 18 and meta[0]["key_source"].startswith("vit_keys:")
-    (_, t0, p0, s0), (_, rows, pos, s1, causal), (_, t1, p1, s2) = spy.calls
-    assert s0 == s1 == s2 == 0
-    assert t0 == before and p0 == 0 and t1 == after  # every special / text token is decoded
-    assert causal is False  # the kept image tokens attend to each other, as mtmd decodes gemma3 images
-    np.testing.assert_array_equal(rows, pre.images[0].embeddings[kept])
-    np.testing.assert_array_equal(pos[:, 0], len(before) + np.arange(18))
-    assert p1 == len(before) + 18
-    assert pre.n_past == pre.n_kv == len(before) + 18 + len(after) == pos_max + 1
+    check_non_causal_pruned_prefill(vlm, demo_image, monkeypatch, opens="<start_of_image>", closes="<end_of_image>",
+                                    n_kept=18)
 
 
 # -- stock parity ------------------------------------------------------------------------------------------

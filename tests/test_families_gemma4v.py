@@ -17,10 +17,9 @@ import pytest
 from avis_llamacpp.families import ChunkGeometry, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.kdv import kdv_scores
-from avis_llamacpp.prefill import prefill
 from convert.fixture_gemma4v import make_gemma4v_fixture
-from tests.family_helpers import (Q, DecodeSpy, assert_first_logits_equal_stock, encode_one, noise,
-                                  stock_chat_completion, vlm_fixtures)
+from tests.family_helpers import (Q, assert_first_logits_equal_stock, check_non_causal_pruned_prefill, encode_one,
+                                  noise, stock_chat_completion, vlm_fixtures)
 from tests.reference_gemma4v import gemma4v_forward
 from tests.reference_vit import avg_pool_rows
 
@@ -124,28 +123,8 @@ def test_kept_sets_equal_with_flash_attention_on_and_off(vlm, vlm_fa, demo_image
 
 
 def test_pruned_prefill_positions_are_consecutive(vlm, demo_image, monkeypatch):
-    meta: dict = {}
-    select = vlm.kdv_selector(0.5, None, meta)
-    spy = DecodeSpy(vlm.ctx, monkeypatch)
-    vlm.ctx.clear()
-    with vlm.projector.tokenize(vlm.render_question(Q, 1), [load_image(demo_image)]) as p:
-        texts = [list(c.tokens) for c in p.chunks if not hasattr(c, "nx")]
-        pre = prefill(vlm.ctx, vlm.projector, p, select=select)
-        pos_max = vlm.ctx.seq_pos_max(0)
-    vlm.ctx.clear()
-    assert [c[0] for c in spy.calls] == ["text", "image", "text"]
-    before, after = texts
-    assert vlm.model.detokenize(before, special=True).endswith("<|image>")
-    assert vlm.model.detokenize(after, special=True).startswith("<image|>")
-    kept = pre.images[0].kept
-    assert len(kept) == 40 and meta[0]["key_source"].startswith("vit_keys:")
-    (_, t0, p0, _), (_, rows, pos, _, causal), (_, t1, p1, _) = spy.calls
-    assert t0 == before and p0 == 0 and t1 == after
-    assert causal is False  # text n_embd 64 (not E2B / E4B): mtmd decodes gemma4v images non-causally
-    np.testing.assert_array_equal(rows, pre.images[0].embeddings[kept])
-    np.testing.assert_array_equal(pos[:, 0], len(before) + np.arange(40))
-    assert p1 == len(before) + 40
-    assert pre.n_past == pre.n_kv == len(before) + 40 + len(after) == pos_max + 1
+    # text n_embd 64 (not E2B / E4B): mtmd decodes gemma4v images non-causally
+    check_non_causal_pruned_prefill(vlm, demo_image, monkeypatch, opens="<|image>", closes="<image|>", n_kept=40)
 
 
 def test_unpruned_answer_equals_stock_gemma4_chat_handler(fx, vlm, demo_image):

@@ -17,7 +17,7 @@ from avis_llamacpp.families import ChunkGeometry, Idefics3Family, VisionInfo, fa
 from avis_llamacpp.images import load_image
 from avis_llamacpp.native import scan_gguf
 from convert.fixture_idefics3 import make_idefics3_fixture
-from tests.family_helpers import Q, check_pruned_positions, noise, open_vlm, png_bytes, stock_chat_completion
+from tests.family_helpers import Q, check_pruned_positions, check_unpruned_equals_stock, noise, open_vlm
 from tests.reference_idefics3 import merge_rows, siglip_forward
 
 N_CTX = 1024
@@ -151,16 +151,7 @@ def test_ask_with_tau_and_ratio_scores_vit_keys(vlm):
 # -- (c) stock parity ----------------------------------------------------------------------------------------
 def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, fx, tmp_path):
     img = noise(256, 128, seed=9) if fx.family == "idefics3" else noise(192, 128, seed=9)
-    path = tmp_path / f"{fx.family}.png"
-    path.write_bytes(png_bytes(img))
-    n_gen = 16
-    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=n_gen, n_ctx=N_CTX,
-                                n_threads_batch=1)
-    ours = vlm.ask(path, Q, max_tokens=n_gen)
-    assert len(ours.tokens) > 0
-    assert ours.text == out["choices"][0]["message"]["content"]
-    assert len(ours.tokens) == out["usage"]["completion_tokens"]
-    assert ours.prompt_tokens == out["usage"]["prompt_tokens"]
+    check_unpruned_equals_stock(vlm, fx, img, tmp_path / f"{fx.family}.png", N_CTX)
 
 
 # -- (d) positions after pruning (llama text: 1-D RoPE) ----------------------------------------------------

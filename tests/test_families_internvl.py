@@ -17,7 +17,7 @@ from avis_llamacpp.families import ChunkGeometry, InternVLFamily, VisionInfo, fa
 from avis_llamacpp.images import load_image
 from avis_llamacpp.native import scan_gguf
 from convert.fixture_internvl import make_internvl_fixture
-from tests.family_helpers import Q, check_pruned_positions, noise, open_vlm, png_bytes, stock_chat_completion
+from tests.family_helpers import Q, check_pruned_positions, check_unpruned_equals_stock, noise, open_vlm
 from tests.reference_internvl import internvl_forward, shuffle_rows
 
 N_CTX = 1024
@@ -150,17 +150,7 @@ def test_ask_with_tau_and_ratio_scores_vit_keys(vlm):
 def test_unpruned_answer_equals_stock_mtmd_chat_handler(vlm, fx, tmp_path):
     """Nothing pruned, K=1, greedy, flash attention off on both sides: the same tokens as llama-cpp-python's
     MTMDChatHandler (there is no InternVL-specific stock handler), on an image that tiles (3 chunks)."""
-    img = noise(448, 224, seed=9)
-    path = tmp_path / "tiles.png"
-    path.write_bytes(png_bytes(img))
-    n_gen = 16
-    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=n_gen, n_ctx=N_CTX,
-                                n_threads_batch=1)
-    ours = vlm.ask(path, Q, max_tokens=n_gen)
-    assert len(ours.tokens) > 0
-    assert ours.text == out["choices"][0]["message"]["content"]
-    assert len(ours.tokens) == out["usage"]["completion_tokens"]
-    assert ours.prompt_tokens == out["usage"]["prompt_tokens"]
+    check_unpruned_equals_stock(vlm, fx, noise(448, 224, seed=9), tmp_path / "tiles.png", N_CTX)
 
 
 # -- (d) positions after pruning (qwen2 text: 1-D RoPE) ----------------------------------------------------
