@@ -26,7 +26,7 @@ from .text_model import CHATML_CHAT_TEMPLATE, TextModelDims, write_text_model
 from .tokenizer import TokenizerSpec, add_tokenizer
 
 __all__ = ["default_cache_dir", "fixture_key", "cached_pair", "scalars", "write_chatml_text_model",
-           "fixture_argparser", "PairFixture", "DimsFixture", "TINY_LLAMA_TEXT", "ln_attention_tensors",
+           "fixture_argparser", "TinyPairDims", "PairFixture", "DimsFixture", "TINY_LLAMA_TEXT", "ln_attention_tensors",
            "ln_ffn_tensors", "text_model_pair"]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,25 @@ _HERE = Path(__file__).parent
 
 # the tiny llama text model of the llava fixture, reused by the families whose text side is a plain llama
 TINY_LLAMA_TEXT = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyPairDims:
+    """Sizes every one-dims-object pair (idefics3 / lfm2, internvl) starts from, keyword-only: a tiny text model
+    (n_*) and a tiny ViT (v_*); a family's subclass adds its patch / tile / projector sizes."""
+
+    # text
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 160
+    # vision
+    v_embd: int = 64
+    v_layer: int = 3
+    v_head: int = 4
+    v_ff: int = 128
+    eps: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -59,7 +78,7 @@ class DimsFixture:
     seed: int
     model: Path
     mmproj: Path
-    dims: Any
+    dims: TinyPairDims
 
 
 def default_cache_dir() -> Path:
@@ -150,7 +169,7 @@ def ln_ffn_tensors(init: _Init, b: str, e: int, n_ff: int) -> Iterator[tuple[str
     yield f"{b}.ffn_down.bias", init.normal(e)
 
 
-def _text_tensors(d: Any, n_vocab: int, init: _Init, qkv_bias: bool) -> Iterator[tuple[str, np.ndarray]]:
+def _text_tensors(d: TinyPairDims, n_vocab: int, init: _Init, qkv_bias: bool) -> Iterator[tuple[str, np.ndarray]]:
     hd = d.n_embd // d.n_head
     nq, nkv = d.n_head * hd, d.n_head_kv * hd
     yield "token_embd.weight", init.normal(n_vocab, d.n_embd)
@@ -173,13 +192,12 @@ def _text_tensors(d: Any, n_vocab: int, init: _Init, qkv_bias: bool) -> Iterator
     yield "output.weight", init.normal(n_vocab, d.n_embd)
 
 
-def write_chatml_text_model(path: str | os.PathLike, d: Any, spec: TokenizerSpec, *, arch: str, seed: int,
+def write_chatml_text_model(path: str | os.PathLike, d: TinyPairDims, spec: TokenizerSpec, *, arch: str, seed: int,
                             name: str, rms_eps: float, rope_base: float, rope_dim: bool = False,
                             qkv_bias: bool = False) -> int:
     """A seeded random-weight f32 text GGUF (``arch`` llama or qwen2; context 4096) with ``spec``'s vocabulary
-    and the ChatML template, from dims ``d`` with n_embd / n_layer / n_head / n_head_kv / n_ff (weights std
-    0.02, norms 1); ``rope_dim`` writes the rope dimension count, ``qkv_bias`` adds q/k/v biases. Returns the
-    parameter count."""
+    and the ChatML template, from the text sizes of ``d`` (weights std 0.02, norms 1); ``rope_dim`` writes the
+    rope dimension count, ``qkv_bias`` adds q/k/v biases. Returns the parameter count."""
     w = gguf.GGUFWriter(os.fspath(path), arch)
     w.add_name(name)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))

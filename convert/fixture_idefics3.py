@@ -28,8 +28,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixture_common import (DimsFixture, cached_pair, fixture_argparser, fixture_key, ln_attention_tensors,
-                             ln_ffn_tensors, write_chatml_text_model)
+from .fixture_common import (DimsFixture, TinyPairDims, cached_pair, fixture_argparser, fixture_key,
+                             ln_attention_tensors, ln_ffn_tensors, write_chatml_text_model)
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import CHATML_CHAT_TEMPLATE
 from .tokenizer import build_vocab, bytes_to_unicode
@@ -44,26 +44,14 @@ _EXTRA_CONTROL = ["<fake_token_around_image>", "<global-img>", "<|img_thumbnail|
 
 
 @dataclass(frozen=True)
-class SiglipDims:
-    """Sizes of one tiny pair."""
+class SiglipDims(TinyPairDims):
+    """Sizes of one tiny pair: text (llama) and vision as TinyPairDims, plus these."""
 
     variant: str = "idefics3"
-    # text (llama)
-    n_embd: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    n_head_kv: int = 2
-    n_ff: int = 160
-    # vision
-    v_embd: int = 64
-    v_layer: int = 3
-    v_head: int = 4
-    v_ff: int = 128
     patch_size: int = 8
     image_size: int = 128  # idefics3: tile size; both: the position table is (image_size / patch_size)^2
     scale_factor: int = 4
     proj_ff: int = 96  # lfm2: mm.1 width
-    eps: float = 1e-6
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:

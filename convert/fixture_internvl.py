@@ -25,8 +25,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixture_common import (DimsFixture, cached_pair, fixture_argparser, fixture_key, ln_attention_tensors,
-                             ln_ffn_tensors, write_chatml_text_model)
+from .fixture_common import (DimsFixture, TinyPairDims, cached_pair, fixture_argparser, fixture_key,
+                             ln_attention_tensors, ln_ffn_tensors, write_chatml_text_model)
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .tokenizer import build_vocab
 
@@ -40,26 +40,14 @@ _IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclass(frozen=True)
-class InternVLDims:
-    """Sizes of the tiny pair (text + vision)."""
+class InternVLDims(TinyPairDims):
+    """Sizes of the tiny pair: text (qwen2) and vision (InternViT + mlp projector) as TinyPairDims, plus these."""
 
-    # text (qwen2)
-    n_embd: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    n_head_kv: int = 2
-    n_ff: int = 160
-    # vision (InternViT + mlp projector)
-    v_embd: int = 64
-    v_layer: int = 3
-    v_head: int = 4
-    v_ff: int = 128
     patch_size: int = 14
     image_size: int = 224  # tile size (448 in real models)
     scale_factor: int = 2  # 1 / downsample_ratio
     min_tiles: int = 1
     max_tiles: int = 6
-    eps: float = 1e-6
 
     @property
     def tokens_per_tile(self) -> int:
