@@ -22,7 +22,9 @@ from convert.fixtures import make_fixture
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen25vl", choices=["llava", "qwen25vl"])
-    p.add_argument("--size", default="bench", choices=["tiny", "bench"])
+    p.add_argument("--size", default="bench", choices=["tiny", "bench", "real"],
+                   help="fixture size; real: Qwen2.5-VL-3B dimensions, vocab 151,936, Q4_K_M "
+                        "(qwen25vl only; written on first use, minutes)")
     p.add_argument("--threads", default="1", help="comma-separated thread counts (single-token and batch)")
     p.add_argument("--batches", default="1,2,4,7")
     p.add_argument("--prompt", type=int, default=500, help="tokens already in the KV cache (shared prefix)")

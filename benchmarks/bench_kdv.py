@@ -16,8 +16,8 @@ from common import bench_fixture, table
 from avis_llamacpp import VLM
 
 
-def run(family: str, size: str, repeat: int, threads: int | None) -> str:
-    fx, image = bench_fixture(family, size)
+def run(family: str, size: str, repeat: int, threads: int | None, image_side: int | None = None) -> str:
+    fx, image = bench_fixture(family, size, image_side)
     q = "How many shapes are in the image?"
     configs = [("vanilla (no capture)", None, None, False), ("ratio 0", 0.0, None, True),
                ("ratio 0.5", 0.5, None, True), ("ratio 0.75", 0.75, None, True), ("ratio 0.9", 0.9, None, True),
@@ -55,11 +55,15 @@ def run(family: str, size: str, repeat: int, threads: int | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen25vl", choices=["llava", "qwen25vl"])
-    p.add_argument("--size", default="bench", choices=["tiny", "bench"])
+    p.add_argument("--size", default="bench", choices=["tiny", "bench", "real"],
+                   help="fixture size; real: Qwen2.5-VL-3B dimensions, vocab 151,936, Q4_K_M "
+                        "(qwen25vl only; written on first use, minutes)")
+    p.add_argument("--image-side", type=int, default=None,
+                   help="square image side in pixels (default: the encoder's native size, 644 for qwen25vl)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="threads for single-token AND batch decoding (avoid oversubscribing)")
     a = p.parse_args()
-    print(run(a.family, a.size, a.repeat, a.threads))
+    print(run(a.family, a.size, a.repeat, a.threads, a.image_side))
 
 
 if __name__ == "__main__":

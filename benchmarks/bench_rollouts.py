@@ -29,13 +29,17 @@ STOCK = {"llava": lcf.Llava15ChatHandler, "qwen25vl": lcf.Qwen25VLChatHandler}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen25vl", choices=["llava", "qwen25vl"])
-    p.add_argument("--size", default="bench", choices=["tiny", "bench"])
+    p.add_argument("--size", default="bench", choices=["tiny", "bench", "real"],
+                   help="fixture size; real: Qwen2.5-VL-3B dimensions, vocab 151,936, Q4_K_M "
+                        "(qwen25vl only; written on first use, minutes)")
+    p.add_argument("--image-side", type=int, default=None,
+                   help="square image side in pixels (default: the encoder's native size, 644 for qwen25vl)")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per rollout")
     p.add_argument("--ks", default="1,3,5,7")
     p.add_argument("--threads", type=int, default=None, help="threads for single-token AND batch decoding (avoid oversubscribing)")
     a = p.parse_args()
     ks = [int(k) for k in a.ks.split(",")]
-    fx, image = bench_fixture(a.family, a.size)
+    fx, image = bench_fixture(a.family, a.size, a.image_side)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

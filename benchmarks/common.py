@@ -19,11 +19,12 @@ from convert.fixtures import Fixture, make_fixture  # noqa: E402
 DEMO_IMAGE = ROOT / "avis_llamacpp" / "data" / "shapes.png"
 
 
-def bench_fixture(family: str, size: str) -> tuple[Fixture, Image.Image]:
+def bench_fixture(family: str, size: str, side: int | None = None) -> tuple[Fixture, Image.Image]:
     """The fixture pair and an image at the size its encoder takes natively (644x644 for qwen25vl bench:
-    529 tokens; the llava tower always resizes to its image_size)."""
+    529 tokens; the llava tower always resizes to its image_size), or side x side when given (a smaller image
+    for a quick smoke run of a benchmark on the real-size fixture, whose 644 px encode takes about a minute)."""
     fx = make_fixture(family, size)
-    side = fx.vision.image_size
+    side = side or fx.vision.image_size
     return fx, Image.open(DEMO_IMAGE).convert("RGB").resize((side, side), Image.BICUBIC)
 
 
