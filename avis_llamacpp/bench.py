@@ -43,8 +43,21 @@ class BenchConfig:
     policy: bool = False  # use the calibrated policy (tau and K per query)
 
 
-def default_configs(with_policy: bool) -> list[BenchConfig]:
-    """The paper's configurations plus pruning baselines at 75% (the first is the vanilla reference)."""
+def policy_label(policy_path: str | os.PathLike) -> str:
+    """The policy row's name, saying what the policy file does: K per query, and its pruning if it has one."""
+    from .policy import load_policy
+
+    pol = load_policy(policy_path)
+    if pol.tau is not None:
+        return f"avis (policy K, tau={pol.tau:.3g})"
+    if pol.ratio is not None:
+        return f"avis (policy K, rho={pol.ratio:.3g})"
+    return "avis (policy K, no pruning)"
+
+
+def default_configs(with_policy: bool, policy_name: str = "avis (policy K)") -> list[BenchConfig]:
+    """The paper's configurations plus pruning baselines at 75% (the first is the vanilla reference); the policy
+    row is named by `policy_name` (see policy_label)."""
     c = [BenchConfig("vanilla")]
     c += [BenchConfig(f"kdv rho={r}", ratio=r) for r in (0.5, 0.75, 0.9)]
     c += [BenchConfig(f"kdv tau=pi/{d}", tau=math.pi / d) for d in (6, 4, 3)]
@@ -52,7 +65,7 @@ def default_configs(with_policy: bool) -> list[BenchConfig]:
     c += [BenchConfig("joint rho=0.75 k=5", ratio=0.75, k=5)]
     c += [BenchConfig(f"{s} rho=0.75", ratio=0.75, selector=s) for s in ("random", "uniform", "embeddings")]
     if with_policy:
-        c += [BenchConfig("avis (tau + policy)", policy=True)]
+        c += [BenchConfig(policy_name, policy=True)]
     return c
 
 
@@ -202,7 +215,8 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
     n_threads / n_threads_batch: CPU threads per model (give both when several runs share the cores)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    configs = list(configs or default_configs(with_policy=policy_path is not None))
+    configs = list(configs or default_configs(with_policy=policy_path is not None,
+                                              policy_name=policy_label(policy_path) if policy_path else ""))
     if any(c.policy for c in configs) and not policy_path:
         raise InvalidArgumentError("a policy configuration needs --policy")
     items = load_items(items_path, limit)
@@ -277,7 +291,8 @@ def register_cli(sub: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    configs = default_configs(with_policy=args.policy is not None)
+    configs = default_configs(with_policy=args.policy is not None,
+                              policy_name=policy_label(args.policy) if args.policy else "")
     if args.configs:
         wanted = [s.strip() for s in args.configs.split(",")]
         names = {c.name: c for c in configs}
