@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import llama_cpp
@@ -120,40 +115,15 @@ def test_image_sources_and_refusals(llm, demo_image, data_url):
     assert again["usage"] == by_data["usage"] and again["usage"]["completion_tokens"] > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(vlm_fixture):
-    llava_fixture = vlm_fixture  # one server per fixture family
-    port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "avis_llamacpp.server", "--model", str(llava_fixture.model),
-                             "--clip_model_path", str(llava_fixture.mmproj), "--chat_format", "avis",
-                             "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(port), "--avis_k", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    import urllib.request
-    deadline = time.time() + 90
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    out = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
-                    pytest.fail(f"server did not start: {out[-2000:]}")
-                time.sleep(0.3)
+def server(vlm_fixture, tmp_path_factory):
+    from tests.server_process import running_server
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = ["--model", str(vlm_fixture.model), "--clip_model_path", str(vlm_fixture.mmproj), "--chat_format", "avis",
+            "--n_ctx", "2048", "--avis_k", "1"]
+    with running_server(args, log) as port:  # one server per fixture family
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_server_with_openai_client(server, data_url):

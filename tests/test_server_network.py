@@ -7,12 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,38 +46,17 @@ def served(llava_fixture, demo_image, tmp_path_factory):
     secret = root / "secret.png"
     secret.write_bytes(demo_image.read_bytes())  # a real image the server must not read
     (public / "escape.png").symlink_to(secret)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avis_llamacpp.server", "--model", str(llava_fixture.model), "--clip_model_path",
-         str(llava_fixture.mmproj), "--chat_format", "avis", "--n_ctx", "1024", "--n_threads", "1",
-         "--n_threads_batch", "1", "--host", "127.0.0.1", "--port", str(port), "--avis_image_dir", str(public),
-         "--avis_slots", "4", "--avis_max_images", "2", "--avis_max_image_pixels", str(500 * 500),
-         "--avis_max_image_bytes", "300000", "--avis_max_request_bytes", "600000"],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT)
-    deadline = time.time() + 90
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+    from tests.server_process import running_server
+
+    args = ["--model", str(llava_fixture.model), "--clip_model_path", str(llava_fixture.mmproj), "--chat_format",
+            "avis", "--n_ctx", "1024", "--n_threads", "1", "--n_threads_batch", "1", "--avis_image_dir", str(public),
+            "--avis_slots", "4", "--avis_max_images", "2", "--avis_max_image_pixels", str(500 * 500),
+            "--avis_max_image_bytes", "300000", "--avis_max_request_bytes", "600000"]
+    with running_server(args, root / "server.log") as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
         yield client, public, secret, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        # a fault would have been logged with a traceback; client mistakes never are
-        assert "Traceback" not in (root / "server.log").read_text()
+    # a fault would have been logged with a traceback; client mistakes never are
+    assert "Traceback" not in (root / "server.log").read_text()
 
 
 def _ask(client, messages, **kw):
