@@ -593,12 +593,7 @@ class VLM:
                 state = self.ctx.seq_state(0)
             finally:
                 self.ctx.clear()
-        metas = []
-        for im in pre.images:
-            meta = {"index": im.index, "n_tokens": im.n_tokens, "n_kept": im.n_kept, "grid": list(im.grid),
-                    "kept": im.kept.tolist()}
-            meta.update({k: v for k, v in im.meta.items() if k != "select_s"})
-            metas.append(meta)
+        metas = [im.record(drop=("select_s",)) for im in pre.images]
         return Snapshot(model_id=self.model_id, prefix_text=prefix_text, image_digests=[image_digest(a) for a in arrays],
                         pruning={"ratio": ratio, "tau": tau}, n_past=pre.n_past, n_kv=pre.n_kv, state=state,
                         images=metas, embeddings=[im.embeddings for im in pre.images], scores=scores)
@@ -664,12 +659,7 @@ class VLM:
 
     def _answer(self, pre: PrefillResult, rollouts: list[Rollout], decode_s: float, total_s: float, k: int,
                 mode: str, options: Sequence[str] | None) -> Answer:
-        images = []
-        for im in pre.images:
-            meta = {"index": im.index, "n_tokens": im.n_tokens, "n_kept": im.n_kept,
-                    "kept_fraction": im.kept_fraction, "grid": list(im.grid), "kept": im.kept.tolist()}
-            meta.update(im.meta)
-            images.append(meta)
+        images = [im.record(with_fraction=True) for im in pre.images]
         answers = self._normalised_answers(rollouts, options)
         vote = majority_vote(answers, [r.mean_logprob for r in rollouts])
         best = rollouts[vote.winner_index] if vote.winner is not None else rollouts[0]

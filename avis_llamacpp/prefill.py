@@ -36,6 +36,16 @@ class ImagePrefill:
     def kept_fraction(self) -> float:
         return self.n_kept / self.n_tokens if self.n_tokens else 1.0
 
+    def record(self, *, with_fraction: bool = False, drop: tuple[str, ...] = ()) -> dict:
+        """The image as a JSON-able dict (index, counts, grid, kept indices, the selector's metadata): what
+        Answer.images, snapshot files and prefix-cache files store. `drop` leaves out metadata keys."""
+        out: dict = {"index": self.index, "n_tokens": self.n_tokens, "n_kept": self.n_kept}
+        if with_fraction:
+            out["kept_fraction"] = self.kept_fraction
+        out.update(grid=list(self.grid), kept=self.kept.tolist())
+        out.update({k: v for k, v in self.meta.items() if k not in drop})
+        return out
+
 
 @dataclass
 class PrefillResult:

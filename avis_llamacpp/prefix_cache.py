@@ -204,12 +204,7 @@ class PrefixEntry:
     def to_snapshot(self) -> Snapshot:
         if self.state is None:
             raise InvalidArgumentError("only a stored entry (with its KV state) can be written as a snapshot")
-        metas = []
-        for im in self.images:
-            meta = {"index": im.index, "n_tokens": im.n_tokens, "n_kept": im.n_kept, "grid": list(im.grid),
-                    "kept": im.kept.tolist()}
-            meta.update({k: v for k, v in im.meta.items() if k != "select_s"})
-            metas.append(meta)
+        metas = [im.record(drop=("select_s",)) for im in self.images]
         extra = {"prefix_cache": {"cache_id": self.cache_id, "namespace": self.namespace,
                                   "chunks": [_chunk_json(c) for c in self.chunks],
                                   "arrays": _arrays_digest([im.embeddings for im in self.images], self.scores)}}
