@@ -8,9 +8,10 @@ avis_llamacpp's prefill and only record what it decodes."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import io
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import llama_cpp
 import llama_cpp.llama_chat_format as lcf
@@ -118,14 +119,17 @@ def check_unpruned_equals_stock(vlm: VLM, fx: Any, img: np.ndarray, path: Any, n
     assert_same_answer(vlm.ask(path, Q, max_tokens=max_tokens), out)
 
 
-def stock_first_logits(fx: Any, prompt: str, png: bytes, n_ctx: int) -> np.ndarray:
-    """mtmd_helper_eval_chunks (stock image decode, one thread, flash attention off) -> next-token logits."""
-    llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=1, verbose=False)
+@contextlib.contextmanager
+def stock_mtmd_prefill(fx: Any, prompt: str, png: bytes, n_ctx: int, n_threads: int = 1) -> Iterator[tuple[Any, int]]:
+    """A stock Llama whose context holds `prompt` with the image, prefilled by mtmd_helper_eval_chunks (stock
+    image decode, flash attention off): yields (llm, n_past); the last output's logits are the next token's."""
+    llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
     params = mtmd_cpp.mtmd_context_params_default()
-    params.use_gpu, params.warmup, params.n_threads = False, False, 1
+    params.use_gpu, params.warmup, params.n_threads = False, False, n_threads
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = mtmd_cpp.mtmd_init_from_file(str(fx.mmproj).encode(), llm.model, params)
     assert ctx
+    chunks = bm = None
     try:
         buf = (ctypes.c_uint8 * len(png)).from_buffer(bytearray(png))
         bm = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(png), False)
@@ -138,13 +142,25 @@ def stock_first_logits(fx: Any, prompt: str, png: bytes, n_ctx: int) -> np.ndarr
         n_past = llama_cpp.llama_pos(0)
         assert mtmd_cpp.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, llm.n_batch, True,
                                                 ctypes.byref(n_past)) == 0
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-        mtmd_cpp.mtmd_input_chunks_free(chunks)
-        mtmd_cpp.mtmd_bitmap_free(bm)
-        return logits
+        yield llm, n_past.value
     finally:
+        if chunks is not None:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+        if bm is not None:
+            mtmd_cpp.mtmd_bitmap_free(bm)
         mtmd_cpp.mtmd_free(ctx)
         llm.close()
+
+
+def last_logits(llm: Any) -> np.ndarray:
+    """A stock Llama's next-token logits after its last decode (copied)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def stock_first_logits(fx: Any, prompt: str, png: bytes, n_ctx: int) -> np.ndarray:
+    """mtmd_helper_eval_chunks (stock image decode, one thread, flash attention off) -> next-token logits."""
+    with stock_mtmd_prefill(fx, prompt, png, n_ctx) as (llm, _):
+        return last_logits(llm)
 
 
 def assert_first_logits_equal_stock(fx: Any, vlm: VLM, image_path: Any, n_ctx: int) -> None:

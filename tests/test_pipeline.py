@@ -9,7 +9,6 @@ import ctypes
 import io
 
 import llama_cpp
-import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 import pytest
 from llama_cpp import llama_chat_format as lcf
@@ -110,28 +109,10 @@ def test_matches_stock_create_chat_completion(vlm, vlm_fixture, demo_image):
 
 def _oracle_greedy(fx, prompt_text: str, png: bytes, n: int) -> tuple[list[int], np.ndarray]:
     """mtmd_helper_eval_chunks (stb_image decoding, the C helper's positions) + argmax loop."""
-    llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=N_CTX, verbose=False)
-    params = mtmd_cpp.mtmd_context_params_default()
-    params.use_gpu = False
-    params.warmup = False
-    params.n_threads = llm.n_threads
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = mtmd_cpp.mtmd_init_from_file(str(fx.mmproj).encode(), llm.model, params)
-    assert ctx
-    try:
-        buf = (ctypes.c_uint8 * len(png)).from_buffer(bytearray(png))
-        bm = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(png), False)
-        chunks = mtmd_cpp.mtmd_input_chunks_init()
-        text = mtmd_cpp.mtmd_input_text()
-        data = prompt_text.encode()
-        text.text, text.text_len, text.add_special, text.parse_special = data, len(data), True, True
-        arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bm)
-        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), arr, 1) == 0
-        n_past = llama_cpp.llama_pos(0)
-        assert mtmd_cpp.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, llm.n_batch, True,
-                                                ctypes.byref(n_past)) == 0
-        pos = n_past.value
-        first = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    from tests.family_helpers import last_logits, stock_mtmd_prefill
+
+    with stock_mtmd_prefill(fx, prompt_text, png, N_CTX) as (llm, pos):
+        first = last_logits(llm)
         logits, tokens = first, []
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         for _ in range(n):
@@ -145,13 +126,8 @@ def _oracle_greedy(fx, prompt_text: str, png: bytes, n: int) -> tuple[list[int],
             batch.pos = ctypes.cast(pos_arr, ctypes.POINTER(llama_cpp.llama_pos))
             assert llama_cpp.llama_decode(llm.ctx, batch) == 0
             pos += 1
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        mtmd_cpp.mtmd_input_chunks_free(chunks)
-        mtmd_cpp.mtmd_bitmap_free(bm)
+            logits = last_logits(llm)
         return tokens, first
-    finally:
-        mtmd_cpp.mtmd_free(ctx)
-        llm.close()
 
 
 def test_matches_mtmd_helper_token_for_token(vlm, vlm_fixture, demo_image):
