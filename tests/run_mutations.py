@@ -98,6 +98,36 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "arr[y:y + cell_px, x:x + cell_px] *= dim",
         "arr[x:x + cell_px, y:y + cell_px] *= dim",
         ["tests/test_kdv_pipeline.py", "-k", "overlay"]),
+    "capture_contiguous_only": (
+        "avis_llamacpp/capture.py",
+        "    arr = strided_to_array(buf, ne, nb)\n",
+        "    arr = buf[:int(np.prod(ne))].reshape(ne[::-1])\n",
+        ["tests/test_families_qwen3vl.py"]),
+    "items_no_truncation_repair": (
+        "avis_llamacpp/items.py",
+        "            if i == len(lines) - 1:  # no newline after it: the write was interrupted",
+        "            if False:",
+        ["tests/test_items.py"]),
+    "native_log_levels_old_order": (
+        "avis_llamacpp/native.py",
+        "3: logging.WARNING, 4: logging.ERROR}",
+        "3: logging.ERROR, 4: logging.DEBUG}",
+        ["tests/test_native_logs.py"]),
+    "options_mode_unchecked": (
+        "avis_llamacpp/options.py",
+        "        if self.mode not in MODES:",
+        "        if False:",
+        ["tests/test_options.py"]),
+    "random_subset_ignores_image": (
+        "avis_llamacpp/kdv.py",
+        "rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(image_index)])",
+        "rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0])",
+        ["tests/test_kdv.py", "-k", "subset"]),
+    "pixtral_breaks_not_restored": (
+        "avis_llamacpp/mtmd.py",
+        "                embd[rows] = self._constant_rows[name]\n",
+        "                pass\n",
+        ["tests/test_encode_guard.py"]),
     "eval_always_rewrites_bundle": (
         "training/eval_shapes_vlm.py",
         "    if args.update_training_json and info_path.exists():",

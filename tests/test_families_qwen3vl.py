@@ -135,3 +135,19 @@ def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
             a, b = on.ask(img, Q, max_tokens=1, **kw), vlm.ask(img, Q, max_tokens=1, **kw)
             assert a.images[0]["key_source"] == b.images[0]["key_source"]
             assert a.images[0]["kept"] == b.images[0]["kept"], kw
+
+
+def test_strided_kcur_view_is_read_by_its_strides(fx):
+    """Capture the pre-RoPE `Kcur-(L-1)`, a strided view into the fused QKV output, and compare with the numpy
+    reference's K projection: read_tensor must follow the view's nb strides, not its raw bytes."""
+    from tests.reference_qwen3vl import qwen3vl_forward
+
+    img = noise(224, 224, 13)
+    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
+        v.key_capture.use_key_names(("Kcur",))  # only the plain (view) key tensors
+        v.ask(img, Q, max_tokens=1)
+        assert v.key_capture.name == f"Kcur-{fx.vision.n_layer - 1}"
+        got = v.key_capture.keys
+    want = qwen3vl_forward(str(fx.mmproj), img)["keys"][-1]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
