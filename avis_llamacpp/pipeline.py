@@ -274,86 +274,109 @@ class VLM:
         with the first rollout's text as it decodes (streaming a K=1 answer). video: the images are one video's
         frames."""
         q = QuerySettings.from_kwargs(settings, **knobs)  # every knob validated here, in one place
-        max_tokens, stop, stop_after, sampling, k, mode, seed = (q.max_tokens, q.stop, q.stop_after, q.sampling,
-                                                                 q.k, q.mode, q.seed)
-        ratio, tau, early_stop, options, policy, selector = q.ratio, q.tau, q.early_stop, q.options, q.policy, q.selector
-        wave, reuse_prefix, cache_namespace = q.wave, q.reuse_prefix, q.cache_namespace
-        settled_rule = q.stopping_rule()
-        if mode == "staged" and policy is None and min(wave, k) > self.settings.n_seq_max:
-            raise InvalidArgumentError(f"a staged wave of {min(wave, k)} rollouts needs n_seq_max >= "
-                                       f"{min(wave, k)} (this VLM has n_seq_max={self.settings.n_seq_max}); "
-                                       "lower wave or create the VLM with a larger n_seq_max")
-        images = self._check_inputs(prompt_text, images, on_text)
-        if policy is None and mode == "parallel" and k > self.settings.n_seq_max:
-            raise InvalidArgumentError(self._too_many_rollouts(k))
-        if policy is not None and ratio is None and tau is None:
-            ratio, tau = policy.ratio, policy.tau
-        pruning = ratio is not None or tau is not None
+        images = self._check_query(q, prompt_text, images, on_text)
+        ratio, tau = self._pruning(q)
         t0 = time.perf_counter()
-        arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
-        if snapshot is not None:
-            snapshot.check(self.model_id, prompt_text[:len(snapshot.prefix_text)],
-                           [image_digest(a) for a in arrays] if arrays else None)
-            if snapshot.pruning != {"ratio": ratio, "tau": tau} and pruning:
-                raise SnapshotMismatchError(f"the snapshot was pruned with {snapshot.pruning}, not ratio={ratio}, tau={tau}")
-        p_hat = None
+        arrays = self._load_inputs(prompt_text, images, snapshot, ratio, tau)
         with self._lock:
             self._check_open()
-            reuse = (self.prefix_cache if reuse_prefix is None else bool(reuse_prefix)) and snapshot is None \
+            reuse = (self.prefix_cache if q.reuse_prefix is None else bool(q.reuse_prefix)) and snapshot is None \
                 and not video
             if not reuse:
                 self._forget_prefix()
             kept = False
             try:
-                if reuse:
-                    pre, scores = self._prefill_cached(prompt_text, arrays, ratio, tau, selector, seed,
-                                                       str(cache_namespace))
-                elif snapshot is None:
-                    pre, scores = self._prefill(prompt_text, arrays, ratio, tau, selector, seed, video)
-                else:
-                    pre, scores = self._prefill_after(snapshot, prompt_text[len(snapshot.prefix_text):])
-                features = query_features(
-                    [im.embeddings for im in pre.images], scores, n_embd=self.model.n_embd_inp,
-                    n_text_tokens=pre.n_kv - sum(im.n_kept for im in pre.images),
-                    question=question if question is not None else prompt_text)
-                if policy is not None:
-                    k, p_hat = policy.decide(features)
-                    k = QuerySettings.from_kwargs(q, k=k).k  # the policy's K is checked like a caller's
-                params = self._rollout_params(k, sampling, seed)
-                stopper = self._early_stopper(options) if early_stop and k > 1 else None
-                budget = self.ctx.n_ctx - pre.n_kv
-                if budget <= 0:
-                    raise ContextOverflowError(f"prompt fills the whole context ({pre.n_kv} of n_ctx={self.ctx.n_ctx})")
-                width = min(wave, k) if mode == "staged" else k  # rollouts decoding at once
-                max_new = min(max_tokens, budget // (width if mode in ("parallel", "staged") else 1))
-                check_capacity(self.ctx, pre.n_kv, width, max_new, "parallel" if mode == "staged" else mode)
-                n_waves = 0
-                t_dec = time.perf_counter()
-                if mode == "staged":
-                    rollouts, n_waves = run_staged(
-                        self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params, wave=wave,
-                        settled=self._settled(settled_rule, k, options), max_tokens=max_new, stop=stop,
-                        stop_after=stop_after, early_stop=stopper, on_text=on_text)
-                elif mode == "parallel":
-                    rollouts = run_parallel(self.ctx, self.model, pre.n_past, params, max_tokens=max_new,
-                                            stop=stop, stop_after=stop_after, early_stop=stopper, on_text=on_text)
-                else:
-                    rollouts = run_snapshot(self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params,
-                                            max_tokens=max_new, stop=stop, stop_after=stop_after, early_stop=stopper,
-                                            on_text=on_text)
-                decode_s = time.perf_counter() - t_dec
+                pre, scores = self._select_and_prefill(prompt_text, arrays, q, ratio, tau, snapshot, video, reuse)
+                features = self._features(pre, scores, question if question is not None else prompt_text)
+                k, p_hat = self._decide_k(q, features)
+                rollouts, n_waves, decode_s = self._decode(pre, q, k, on_text)
                 kept = reuse
             finally:
                 self._end_query(kept)
-        ans = self._answer(pre, rollouts, decode_s, time.perf_counter() - t0, k, mode, options)
-        ans.features, ans.p_hat = features, p_hat
-        ans.prefix_reused, ans.tokens_skipped = pre.n_reused > 0, pre.n_reused
-        if mode == "staged":
-            ans.rollouts_saved, ans.waves = k - len(rollouts), n_waves
-            ran = [len(r.tokens) for r in rollouts if r.finish_reason != "early_stop"]
-            # rollouts never started are estimated like cancelled ones (exact when all run to max_tokens)
-            ans.tokens_saved += round(float(np.mean(ran))) * ans.rollouts_saved if ran else 0
-        return ans
+        return self._answer(pre, rollouts, q, k, timings={"decode_s": decode_s, "total_s": time.perf_counter() - t0},
+                            features=features, p_hat=p_hat, n_waves=n_waves)
+
+    # -- generate's steps: check -> load -> select + prefill -> decide K -> decode -> answer ------------------
+    def _check_query(self, q: QuerySettings, prompt_text: Any, images: Any, on_text: Any) -> list[Any]:
+        """The checks that need this VLM (n_seq_max) and the per-call data's types, before any image is read."""
+        n_seq_max = self.settings.n_seq_max
+        if q.mode == "staged" and q.policy is None and min(q.wave, q.k) > n_seq_max:
+            raise InvalidArgumentError(f"a staged wave of {min(q.wave, q.k)} rollouts needs n_seq_max >= "
+                                       f"{min(q.wave, q.k)} (this VLM has n_seq_max={n_seq_max}); "
+                                       "lower wave or create the VLM with a larger n_seq_max")
+        images = self._check_inputs(prompt_text, images, on_text)
+        if q.policy is None and q.mode == "parallel" and q.k > n_seq_max:
+            raise InvalidArgumentError(self._too_many_rollouts(q.k))
+        return images
+
+    @staticmethod
+    def _pruning(q: QuerySettings) -> tuple[float | None, float | None]:
+        """(ratio, tau) of the query: the caller's, else the policy's (a policy decides how much to see too)."""
+        if q.policy is not None and q.ratio is None and q.tau is None:
+            return q.policy.ratio, q.policy.tau
+        return q.ratio, q.tau
+
+    def _load_inputs(self, prompt_text: str, images: list[Any], snapshot: Snapshot | None, ratio: float | None,
+                     tau: float | None) -> list[np.ndarray]:
+        """Decode the images to arrays and check them (and the prompt) against the snapshot, if one is given."""
+        arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
+        if snapshot is not None:
+            snapshot.check(self.model_id, prompt_text[:len(snapshot.prefix_text)],
+                           [image_digest(a) for a in arrays] if arrays else None)
+            pruning = ratio is not None or tau is not None
+            if snapshot.pruning != {"ratio": ratio, "tau": tau} and pruning:
+                raise SnapshotMismatchError(f"the snapshot was pruned with {snapshot.pruning}, not ratio={ratio}, "
+                                            f"tau={tau}")
+        return arrays
+
+    def _select_and_prefill(self, prompt_text: str, arrays: list[np.ndarray], q: QuerySettings, ratio: float | None,
+                            tau: float | None, snapshot: Snapshot | None, video: bool,
+                            reuse: bool) -> tuple[PrefillResult, list[np.ndarray]]:
+        """Encode, select and prefill sequence 0 from the prefix cache, from scratch or after a snapshot."""
+        if reuse:
+            return self._prefill_cached(prompt_text, arrays, ratio, tau, q.selector, q.seed, str(q.cache_namespace))
+        if snapshot is None:
+            return self._prefill(prompt_text, arrays, ratio, tau, q.selector, q.seed, video)
+        return self._prefill_after(snapshot, prompt_text[len(snapshot.prefix_text):])
+
+    def _features(self, pre: PrefillResult, scores: list[np.ndarray], question: str) -> np.ndarray:
+        """The query's features (features.py): what the policy decides K from, and Answer.features."""
+        return query_features([im.embeddings for im in pre.images], scores, n_embd=self.model.n_embd_inp,
+                              n_text_tokens=pre.n_kv - sum(im.n_kept for im in pre.images), question=question)
+
+    @staticmethod
+    def _decide_k(q: QuerySettings, features: np.ndarray) -> tuple[int, float | None]:
+        """K and p_hat: the caller's K, or the policy's (checked like a caller's)."""
+        if q.policy is None:
+            return q.k, None
+        k, p_hat = q.policy.decide(features)
+        return QuerySettings.from_kwargs(q, k=k).k, p_hat
+
+    def _decode(self, pre: PrefillResult, q: QuerySettings, k: int,
+                on_text: Callable[[str], None] | None) -> tuple[list[Rollout], int, float]:
+        """Decode K rollouts from the prefilled sequence 0 in the query's mode, within the context left; returns
+        the rollouts, the staged waves run and the decode time (s)."""
+        params = self._rollout_params(k, q.sampling, q.seed)
+        stopper = self._early_stopper(q.options) if q.early_stop and k > 1 else None
+        budget = self.ctx.n_ctx - pre.n_kv
+        if budget <= 0:
+            raise ContextOverflowError(f"prompt fills the whole context ({pre.n_kv} of n_ctx={self.ctx.n_ctx})")
+        width = min(q.wave, k) if q.mode == "staged" else k  # rollouts decoding at once
+        max_new = min(q.max_tokens, budget // (width if q.mode in ("parallel", "staged") else 1))
+        check_capacity(self.ctx, pre.n_kv, width, max_new, "parallel" if q.mode == "staged" else q.mode)
+        decode: dict[str, Any] = {"max_tokens": max_new, "stop": q.stop, "stop_after": q.stop_after,
+                                  "early_stop": stopper, "on_text": on_text}
+        n_waves = 0
+        t_dec = time.perf_counter()
+        if q.mode == "staged":
+            rollouts, n_waves = run_staged(self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params,
+                                           wave=q.wave, settled=self._settled(q.stopping_rule(), k, q.options),
+                                           **decode)
+        elif q.mode == "parallel":
+            rollouts = run_parallel(self.ctx, self.model, pre.n_past, params, **decode)
+        else:
+            rollouts = run_snapshot(self.ctx, self.model, pre.n_past, self.ctx.logits(-1), params, **decode)
+        return rollouts, n_waves, time.perf_counter() - t_dec
 
     def _prefill(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None, tau: float | None,
                  selector: str = "kdv", seed: int = 0, video: bool = False) -> tuple[PrefillResult, list[np.ndarray]]:
@@ -657,10 +680,12 @@ class VLM:
             return bool(counts) and not can_be_overtaken(counts, n_remaining)
         return decided
 
-    def _answer(self, pre: PrefillResult, rollouts: list[Rollout], decode_s: float, total_s: float, k: int,
-                mode: str, options: Sequence[str] | None) -> Answer:
+    def _answer(self, pre: PrefillResult, rollouts: list[Rollout], q: QuerySettings, k: int, *,
+                timings: dict[str, float], features: np.ndarray | None = None, p_hat: float | None = None,
+                n_waves: int = 0) -> Answer:
+        """The Answer: the vote over the rollouts' normalised answers, the chosen text, FLOPs, savings."""
         images = [im.record(with_fraction=True) for im in pre.images]
-        answers = self._normalised_answers(rollouts, options)
+        answers = self._normalised_answers(rollouts, q.options)
         vote = majority_vote(answers, [r.mean_logprob for r in rollouts])
         best = rollouts[vote.winner_index] if vote.winner is not None else rollouts[0]
         n_pruned = sum(im.n_tokens - im.n_kept for im in pre.images)
@@ -668,13 +693,19 @@ class VLM:
         flops = relative_flops(self.text_dims, n_prompt_kv=pre.n_kv, n_prompt_kv_vanilla=pre.n_kv + n_pruned,
                                generated=generated, vanilla_generated=round(float(np.mean(generated))),
                                encoder=sum(self._encoder_flops(im) for im in pre.images))
-        return Answer(text=best.text, tokens=best.tokens, finish_reason=best.finish_reason, prompt_tokens=pre.n_kv,
-                      image_tokens=[im.n_tokens for im in pre.images], kept_tokens=[im.n_kept for im in pre.images],
-                      timings={"encode_s": pre.encode_s, "prefill_s": pre.prefill_s, "decode_s": decode_s,
-                               "total_s": total_s},
-                      images=images, rollouts=rollouts, answer=vote.winner, votes=dict(vote.counts), k=k, mode=mode,
-                      flops=flops, early_stopped=sum(r.finish_reason == "early_stop" for r in rollouts),
-                      tokens_saved=estimate_tokens_saved(rollouts))
+        ans = Answer(text=best.text, tokens=best.tokens, finish_reason=best.finish_reason, prompt_tokens=pre.n_kv,
+                     image_tokens=[im.n_tokens for im in pre.images], kept_tokens=[im.n_kept for im in pre.images],
+                     timings={"encode_s": pre.encode_s, "prefill_s": pre.prefill_s, **timings},
+                     images=images, rollouts=rollouts, answer=vote.winner, votes=dict(vote.counts), k=k,
+                     mode=q.mode, flops=flops, early_stopped=sum(r.finish_reason == "early_stop" for r in rollouts),
+                     tokens_saved=estimate_tokens_saved(rollouts), features=features, p_hat=p_hat,
+                     prefix_reused=pre.n_reused > 0, tokens_skipped=pre.n_reused)
+        if q.mode == "staged":
+            ans.rollouts_saved, ans.waves = k - len(rollouts), n_waves
+            ran = [len(r.tokens) for r in rollouts if r.finish_reason != "early_stop"]
+            # rollouts never started are estimated like cancelled ones (exact when all run to max_tokens)
+            ans.tokens_saved += round(float(np.mean(ran))) * ans.rollouts_saved if ran else 0
+        return ans
 
     @property
     def family(self) -> Family:
