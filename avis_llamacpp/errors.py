@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AVISError",
     "InvalidArgumentError",
+    "SelectorError",
     "ImageError",
     "ModelLoadError",
     "ContextOverflowError",
@@ -22,6 +23,10 @@ class AVISError(Exception):
 
 class InvalidArgumentError(AVISError, ValueError):
     """An argument has the wrong shape, type or range; also a ValueError for generic handlers."""
+
+
+class SelectorError(InvalidArgumentError):
+    """A token selector returned an unusable kept set (not integers, out of range, duplicated, empty)."""
 
 
 class ImageError(AVISError, ValueError):

@@ -47,18 +47,23 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Protocol
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, SelectorError
 
 __all__ = [
     "DEFAULT_TAU",
+    "ImageTokens",
     "KDVSelection",
+    "SELECTORS",
+    "TokenSelector",
     "angle_to_anchor",
     "apply_window_order",
+    "check_kept",
     "kdv_scores",
+    "make_selector",
     "merge_consecutive",
     "merge_groups",
     "n_keep_for_ratio",
@@ -449,3 +454,86 @@ def uniform_subset(n_total: int, n_keep: int) -> np.ndarray:
     if n_keep > n_total:
         raise InvalidArgumentError(f"n_keep ({n_keep}) must be <= n_total ({n_total})")
     return np.floor(np.arange(n_keep) * n_total / max(n_keep, 1)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- #
+# token selectors: which of an image's tokens to keep, given how many
+# --------------------------------------------------------------------------- #
+
+#: The built-in selectors' names (make_selector): KDV and the baselines compared with it.
+SELECTORS = ("kdv", "embeddings", "random", "uniform")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageTokens:
+    """What a token selector sees of one image: row i of keys / scores / embeddings is scored token i.
+
+    keys: [n, n_heads, d_head] (the last ViT block's keys, or the projected embeddings as one head when the
+    family has no key mapping); scores: [n] KDV scores (higher = more diverse); embeddings: [n, n_embd]
+    projected embeddings; image_index: the image's place in the prompt (random selectors seed per image)."""
+
+    keys: np.ndarray = field(repr=False)
+    scores: np.ndarray = field(repr=False)
+    embeddings: np.ndarray = field(repr=False)
+    image_index: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Scored tokens the selector chooses among."""
+        return int(self.scores.shape[0])
+
+
+class TokenSelector(Protocol):
+    """Chooses the tokens of one image to keep: ``selector(image, n_keep)`` returns kept indices into
+    ``image``'s scored tokens (integers in [0, image.n_tokens), no duplicates, at least one, any order).
+
+    n_keep is what KDV keeps at the query's ratio (or tau): the built-in selectors keep exactly n_keep so the
+    baselines compare at the same cost; a user's selector may keep another count. A bad return value raises
+    SelectorError (the query fails, the VLM stays usable)."""
+
+    def __call__(self, image: ImageTokens, n_keep: int) -> Any:
+        """Kept indices (a sequence or array of ints)."""
+        ...
+
+
+def _top(scores: np.ndarray, n_keep: int) -> np.ndarray:
+    """Ascending indices of the n_keep highest scores (among equal scores the lower index first)."""
+    return np.sort(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:n_keep]).astype(np.int64)
+
+
+def make_selector(name: str, *, seed: int = 0) -> TokenSelector:
+    """The built-in selector `name`: "kdv" (the n_keep highest KDV scores: what prune keeps at the same ratio or
+    tau), "embeddings" (KDV scores of the projected embeddings instead of the keys), "random" (seeded by seed and
+    the image's index) or "uniform" (evenly spread). Pure functions of their input, so testable without a model."""
+    if name == "kdv":
+        return lambda image, n_keep: _top(image.scores, n_keep)
+    if name == "embeddings":
+        return lambda image, n_keep: _top(kdv_scores(np.asarray(image.embeddings)[:, None, :]), n_keep)
+    if name == "random":
+        seed = _int(seed, "seed", -(2**63))
+        return lambda image, n_keep: random_subset(image.n_tokens, n_keep, seed, image.image_index)
+    if name == "uniform":
+        return lambda image, n_keep: uniform_subset(image.n_tokens, n_keep)
+    raise InvalidArgumentError(f"selector must be one of {SELECTORS} or a TokenSelector callable, got {name!r}")
+
+
+def check_kept(kept: Any, n_total: int) -> np.ndarray:
+    """A selector's return value as ascending int64 indices; SelectorError unless it is 1-D integers in
+    [0, n_total), without duplicates and not empty (a bad kept set must never reach llama_decode)."""
+    try:
+        arr = np.asarray(kept)
+    except Exception as e:  # noqa: BLE001 - whatever the user's object does, the error is typed
+        raise SelectorError(f"the selector returned {type(kept).__name__}, not kept indices ({e})") from None
+    if arr.ndim == 1 and arr.size == 0:
+        raise SelectorError("the selector kept no token; keep at least one")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise SelectorError(f"the selector must return integer token indices, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise SelectorError(f"the selector must return a 1-D array of indices, got shape {arr.shape}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= n_total:
+        raise SelectorError(f"the selector returned index {lo if lo < 0 else hi}, outside [0, {n_total})")
+    out = np.sort(arr.astype(np.int64))
+    if np.any(out[1:] == out[:-1]):
+        raise SelectorError(f"the selector returned duplicate index {int(out[1:][out[1:] == out[:-1]][0])}")
+    return out

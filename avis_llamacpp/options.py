@@ -6,18 +6,18 @@ context size) stay in the VLM."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .kdv import validate_pruning
+from .kdv import SELECTORS, TokenSelector, validate_pruning
 from .native import SamplingParams
 from .stopping import StoppingRule, make_stopping_rule, wave_sizes
 
 MODES = ("parallel", "snapshot", "staged")
-SELECTORS = ("kdv", "embeddings", "random", "uniform")
 
 __all__ = ["QuerySettings", "MODES", "SELECTORS"]
 
@@ -29,6 +29,22 @@ def _strings(name: str, value: Any) -> tuple[str, ...]:
     return value
 
 
+def _check_selector_callable(fn: Any) -> None:
+    """A user's selector must be callable as selector(image, n_keep) (kdv.TokenSelector)."""
+    if not callable(fn):
+        raise InvalidArgumentError(f"selector must be one of {SELECTORS} or a callable (image, n_keep) -> kept "
+                                   f"indices, got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # no signature to read (some builtins): its return value is still checked per image
+    try:
+        signature.bind(None, 0)
+    except TypeError:
+        raise InvalidArgumentError(f"a selector callable takes (image, n_keep); {fn!r} has the signature "
+                                   f"{signature}") from None
+
+
 @dataclass(frozen=True)
 class QuerySettings:
     """How to answer one query (everything but the prompt and images).
@@ -38,9 +54,10 @@ class QuerySettings:
     pruning (fraction pruned, or adaptive angle in radians; at most one). k: rollouts (K_max in staged mode).
     mode: "parallel" | "snapshot" | "staged". seed: rollout i is seeded from it. early_stop: stop once the vote
     cannot change. options: multiple-choice option texts (answers normalise to letters). policy: picks K (and
-    the pruning when none is given) per query. selector: "kdv" or the baselines "embeddings" / "random" /
-    "uniform" (these need a ratio). wave / stopping / stop_threshold: staged mode. reuse_prefix /
-    cache_namespace: the prefix cache (None: the VLM's setting)."""
+    the pruning when none is given) per query. selector: "kdv", the baselines "embeddings" / "random" / "uniform"
+    (these need a ratio), or a kdv.TokenSelector callable (needs a ratio or tau: it chooses which tokens, KDV at
+    that setting says how many; such queries bypass the prefix cache). wave / stopping / stop_threshold: staged
+    mode. reuse_prefix / cache_namespace: the prefix cache (None: the VLM's setting)."""
 
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
@@ -54,7 +71,7 @@ class QuerySettings:
     early_stop: bool = False
     options: Optional[tuple[str, ...]] = None
     policy: Any = None
-    selector: str = "kdv"
+    selector: Union[str, TokenSelector] = "kdv"
     wave: int = 3
     stopping: Any = "posterior"  # a rule name or a StoppingRule callable
     stop_threshold: float = 0.95
@@ -86,10 +103,16 @@ class QuerySettings:
             set_(self, "options", tuple(str(o) for o in self.options))
         if self.policy is not None and not callable(getattr(self.policy, "decide", None)):
             raise InvalidArgumentError(f"policy must have a decide(features) method, got {type(self.policy).__name__}")
-        if self.selector not in SELECTORS:
-            raise InvalidArgumentError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
-        if self.selector != "kdv" and self.ratio is None:
-            raise InvalidArgumentError(f"selector {self.selector!r} needs a ratio (it has no adaptive mode)")
+        if isinstance(self.selector, str):
+            if self.selector not in SELECTORS:
+                raise InvalidArgumentError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+            if self.selector != "kdv" and self.ratio is None:
+                raise InvalidArgumentError(f"selector {self.selector!r} needs a ratio (it has no adaptive mode)")
+        else:
+            _check_selector_callable(self.selector)
+            if self.ratio is None and self.tau is None:
+                raise InvalidArgumentError("a selector callable needs a ratio or tau (KDV at that setting gives "
+                                           "the count it is offered)")
         validate_pruning(self.ratio, self.tau)
         if self.mode == "staged":
             make_stopping_rule(self.stopping, self.stop_threshold)  # validates rule and threshold

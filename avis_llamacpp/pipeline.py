@@ -23,11 +23,12 @@ from .errors import ClosedError, ContextOverflowError, InvalidArgumentError, Sna
 from .flops import TextDims, VisionDims, encoder_flops, relative_flops
 from .images import ImageInput, load_frames, load_image
 from .features import query_features
-from .kdv import KDVSelection, kdv_scores, prune, random_subset, uniform_subset, validate_pruning
+from .kdv import (ImageTokens, KDVSelection, TokenSelector, check_kept, kdv_scores, make_selector, prune,
+                  validate_pruning)
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, FlashAttn, Model, SamplingParams
 from .options import MODES, SELECTORS, QuerySettings  # noqa: F401 (MODES, SELECTORS re-exported)
-from .prefill import ImagePrefill, PrefillResult, Resume, TokenSelector, prefill
+from .prefill import ChunkSelector, ImagePrefill, PrefillResult, Resume, prefill
 from .prefix_cache import NO_MATCH, CachedChunk, ChunkKey, ImageKey, PrefixEntry, PrefixStore, TextKey
 from .prompt import KNOWN_FORMATS, ChatFormat, guess_format, render, user_message
 from .snapshot import Snapshot, file_fingerprint, image_digest
@@ -280,8 +281,9 @@ class VLM:
         arrays = self._load_inputs(prompt_text, images, snapshot, ratio, tau)
         with self._lock:
             self._check_open()
+            # a selector callable is not cached: nothing names what it keeps (a new function can reuse an id)
             reuse = (self.prefix_cache if q.reuse_prefix is None else bool(q.reuse_prefix)) and snapshot is None \
-                and not video
+                and not video and isinstance(q.selector, str)
             if not reuse:
                 self._forget_prefix()
             kept = False
@@ -379,7 +381,7 @@ class VLM:
         return rollouts, n_waves, time.perf_counter() - t_dec
 
     def _prefill(self, prompt_text: str, arrays: list[np.ndarray], ratio: float | None, tau: float | None,
-                 selector: str = "kdv", seed: int = 0, video: bool = False) -> tuple[PrefillResult, list[np.ndarray]]:
+                 selector: str | TokenSelector = "kdv", seed: int = 0, video: bool = False) -> tuple[PrefillResult, list[np.ndarray]]:
         """Tokenize, encode (with token selection) and prefill sequence 0; returns the prefill and each image's
         KDV scores."""
         image_meta: dict[int, dict[str, Any]] = {}
@@ -439,7 +441,10 @@ class VLM:
 
     @staticmethod
     def _selection_key(ratio: float | None, tau: float | None, selector: str, seed: int) -> tuple[Any, ...]:
-        """What decides an image's kept set besides its pixels (selection is deterministic in these)."""
+        """What decides an image's kept set besides its pixels (selection is deterministic in these); only the
+        built-in selectors have one (generate does not cache queries with a selector callable)."""
+        if not isinstance(selector, str):
+            raise TypeError("a selector callable has no prefix-cache key")
         if ratio is None and tau is None:
             return ("all",)
         return (selector, None if ratio is None else float(ratio), None if tau is None else float(tau),
@@ -755,7 +760,7 @@ class VLM:
         tk, source = self.scored_keys(chunk, embeddings)
         return tk.keys, source
 
-    def _recorder(self, image_meta: dict[int, dict[str, Any]]) -> TokenSelector:
+    def _recorder(self, image_meta: dict[int, dict[str, Any]]) -> ChunkSelector:
         """A selector that keeps every token and records the grid and KDV scores (for the features)."""
         def record(chunk: ImageChunk, embeddings: np.ndarray) -> None:
             keys, source = self.token_keys(chunk, embeddings)
@@ -765,27 +770,30 @@ class VLM:
         return record
 
     def kdv_selector(self, ratio: float | None, tau: float | None, image_meta: dict[int, dict[str, Any]],
-                     selector: str = "kdv", seed: int = 0) -> TokenSelector:
+                     selector: str | TokenSelector = "kdv", seed: int = 0) -> ChunkSelector:
         """A prefill token selector that keeps each image's tokens chosen by KDV (fixed ratio or adaptive tau),
-        or by one of the baselines at the same kept count (see generate's `selector`)."""
+        or by another selector (a built-in baseline's name or a TokenSelector callable, kdv.py) given the count
+        KDV keeps at that setting."""
+        choose = None if selector == "kdv" else make_selector(selector, seed=seed) if isinstance(selector, str) \
+            else selector
+
         def select(chunk: ImageChunk, embeddings: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
             tk, source = self.scored_keys(chunk, embeddings)
-            sel = prune(tk.keys, ratio=ratio, tau=tau)  # indices into the scored tokens
-            key_scores = sel.scores  # the features always use the KDV key scores
-            if selector == "embeddings":
-                sel, source = prune(embeddings[tk.scored][:, None, :], ratio=ratio), "projected_embeddings"
-            elif selector in ("random", "uniform"):
-                n, n_keep = sel.n_total, sel.n_kept
-                kept = (random_subset(n, n_keep, seed, chunk.image_index) if selector == "random"
-                        else uniform_subset(n, n_keep))
-                sel = KDVSelection(kept=kept, n_total=n, n_kept=n_keep, kept_fraction=n_keep / n,
-                                   mode=selector, param=float(ratio), threshold=float("nan"),
+            sel = prune(tk.keys, ratio=ratio, tau=tau)  # indices into the scored tokens; the features use its scores
+            if choose is not None:
+                image = ImageTokens(tk.keys, sel.scores, embeddings[tk.scored], chunk.image_index)
+                kept = check_kept(choose(image, sel.n_kept), sel.n_total)
+                name = selector if isinstance(selector, str) else "custom"
+                sel = KDVSelection(kept=kept, n_total=sel.n_total, n_kept=int(kept.size),
+                                   kept_fraction=kept.size / sel.n_total, mode=name,
+                                   param=float(ratio if ratio is not None else tau), threshold=float("nan"),
                                    score_summary=sel.score_summary, scores=sel.scores)
-                source = selector
+                source = {"embeddings": "projected_embeddings", "random": "random", "uniform": "uniform"}.get(
+                    name, source)
             always = tk.always_kept  # e.g. pixtral's row breaks: kept, never scored
             image_meta[chunk.image_index] = {"grid": list(self.token_grid(chunk)), "key_source": source,
-                                             "scores": key_scores, "always_kept": int(always.size),
+                                             "scores": sel.scores, "always_kept": int(always.size),
                                              "kdv": {k: v for k, v in sel.to_dict().items() if k != "kept"},
                                              "select_s": time.perf_counter() - t0}
             if always.size == 0:

@@ -16,8 +16,9 @@ from .mtmd import ImageChunk, Projector, Prompt, TextChunk
 from .native import Context
 
 # Given an image chunk and its projected embeddings [n_tokens, n_embd], return the kept token indices
-# (ascending) or None to keep all. Called after the chunk is encoded, before it is decoded.
-TokenSelector = Callable[[ImageChunk, np.ndarray], "np.ndarray | None"]
+# (ascending) or None to keep all. Called after the chunk is encoded, before it is decoded. (kdv.TokenSelector
+# chooses among one image's scored tokens; VLM.kdv_selector makes a ChunkSelector of it.)
+ChunkSelector = Callable[[ImageChunk, np.ndarray], "np.ndarray | None"]
 
 
 @dataclass
@@ -80,7 +81,7 @@ def count_prefill_tokens(prompt: Prompt) -> int:
 
 
 def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int = 0, pos0: int = 0,
-            select: TokenSelector | None = None, resume: Resume | None = None) -> PrefillResult:
+            select: ChunkSelector | None = None, resume: Resume | None = None) -> PrefillResult:
     """Decode the whole prompt into sequence seq_id, leaving the last position's logits ready.
 
     M-RoPE models: kept image tokens keep their original positions and the following text continues
