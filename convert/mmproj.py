@@ -445,24 +445,29 @@ def write_mmproj_weights(
     description: str = "trained llava mmproj",
     ftype: str = "f32",
 ) -> dict:
-    """Write given (trained) llava-family weights (PyTorch layout, GGUF tensor names) as an mmproj GGUF.
+    """Write given (trained) weights (PyTorch layout, GGUF tensor names) as an mmproj GGUF (llava or qwen25vl).
 
-    Required: the tensors ``write_mmproj`` writes for the family, except the optional ``v.class_embd`` and
-    ``v.pre_ln.*``; without ``v.class_embd`` clip.cpp feeds all patch rows 0..N-1 to the projector and
-    ``v.position_embd.weight`` needs N rows (N + 1 with a class embedding). Tensors are written in the
-    order given.
+    llava: the tensors ``write_mmproj`` writes, except the optional ``v.class_embd`` and ``v.pre_ln.*``; without
+    ``v.class_embd`` clip.cpp feeds all patch rows 0..N-1 to the projector and ``v.position_embd.weight`` needs
+    N rows (N + 1 with a class embedding). qwen25vl: exactly the tensors ``write_mmproj`` writes. Tensors are
+    written in the order given.
     """
     dims.validate()
-    if dims.family != "llava":
-        raise ValueError("write_mmproj_weights supports the llava family only")
+    if dims.family not in ("llava", "qwen25vl"):
+        raise ValueError("write_mmproj_weights supports the llava and qwen25vl families only")
     if ftype not in _FTYPES:
         raise ValueError(f"ftype must be one of {sorted(_FTYPES)}, got {ftype!r}")
-    reference = {n: a.shape for n, a in _llava_tensors(dims, _Init(0, 1.0))}
-    reference["v.patch_embd.bias"] = (dims.n_embd,)
-    n_patches = (dims.image_size // dims.patch_size) ** 2
-    has_cls = "v.class_embd" in weights
-    reference["v.position_embd.weight"] = (n_patches + int(has_cls), dims.n_embd)
-    missing = sorted(set(reference) - set(weights) - _LLAVA_OPTIONAL)
+    gen = _llava_tensors if dims.family == "llava" else _qwen25vl_tensors
+    reference = {n: a.shape for n, a in gen(dims, _Init(0, 1.0))}
+    optional: set[str] = set()
+    has_cls = False
+    if dims.family == "llava":
+        reference["v.patch_embd.bias"] = (dims.n_embd,)
+        n_patches = (dims.image_size // dims.patch_size) ** 2
+        has_cls = "v.class_embd" in weights
+        reference["v.position_embd.weight"] = (n_patches + int(has_cls), dims.n_embd)
+        optional = _LLAVA_OPTIONAL
+    missing = sorted(set(reference) - set(weights) - optional)
     unknown = sorted(set(weights) - set(reference))
     if missing or unknown:
         raise ValueError(f"missing tensors {missing}, unexpected tensors {unknown}")
@@ -474,7 +479,9 @@ def write_mmproj_weights(
     writer = gguf.GGUFWriter(path, "clip")
     _write_kv(writer, dims, name, ftype, description)
     n_params = write_tensors(writer, arrays.items(), lambda tname, arr: _store_dtype(tname, arr, ftype))
-    info = {"path": path, "family": dims.family, "n_image_tokens": n_patches, "file_size": os.path.getsize(path),
-            "n_params": n_params, "n_blocks_run": dims.n_layer - 1, "class_embd": has_cls}
+    info = {"path": path, "family": dims.family,
+            "n_image_tokens": expected_image_tokens(dims, dims.image_size, dims.image_size),
+            "file_size": os.path.getsize(path), "n_params": n_params,
+            "n_blocks_run": dims.n_layer - 1 if dims.family == "llava" else dims.n_layer, "class_embd": has_cls}
     logger.info("wrote trained %s mmproj %s (%d params, %d bytes)", dims.family, path, n_params, info["file_size"])
     return info

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avis_llamacpp.prompt import LLAVA15, render, user_message
+from avis_llamacpp.prompt import LLAVA15, QWEN25VL, ChatFormat, render, user_message
 from avis_llamacpp.voting import ANSWER_PROMPT_SUFFIX
 from convert.shapes_task import Question, format_question, make_item
 from convert.text_model import MEDIA_MARKER
@@ -35,11 +35,14 @@ def user_text(q: Question | str | dict) -> str:
     return f"{text} {ANSWER_PROMPT_SUFFIX}"
 
 
-def prompt_parts(text: str) -> tuple[str, str]:
-    """(text before the image, text after it) of the LLaVA-1.5 prompt the pipeline renders for one image."""
+def prompt_parts(text: str, fmt: ChatFormat = LLAVA15) -> tuple[str, str]:
+    """(text before the image, text after it) of the prompt the pipeline renders for one image in `fmt`, with
+    the image markers mtmd adds around a Qwen2/2.5-VL image."""
     url = "avis-image://0"
-    full = render(LLAVA15, [user_message(text, 1, url)], marker=MEDIA_MARKER, image_urls=[url])
+    full = render(fmt, [user_message(text, 1, url)], marker=MEDIA_MARKER, image_urls=[url])
     before, after = full.split(MEDIA_MARKER)
+    if fmt == QWEN25VL:
+        before, after = before + "<|vision_start|>", "<|vision_end|>" + after
     return before, after
 
 
@@ -63,12 +66,14 @@ def task_vocab() -> TokenizerSpec:
 class Tokenizer:
     """llama.cpp's tokenizer for a GGUF (vocab-only load)."""
 
-    def __init__(self, gguf_path: str | os.PathLike) -> None:
+    def __init__(self, gguf_path: str | os.PathLike, fmt: ChatFormat = LLAVA15) -> None:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(os.fspath(gguf_path), vocab_only=True, verbose=False)
+        self.fmt = fmt
         self.bos = int(self.llm.token_bos())
         self.eos = int(self.llm.token_eos())
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(self.llm.model)))
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Tokens of text with special tokens parsed (as mtmd tokenizes prompt chunks)."""
@@ -81,11 +86,11 @@ class Tokenizer:
     @functools.lru_cache(maxsize=1)
     def prefix(self) -> list[int]:
         """BOS + system line + 'USER: ' (identical for every question)."""
-        return self.encode(prompt_parts("x")[0], bos=True)
+        return self.encode(prompt_parts("x", self.fmt)[0], bos=self.add_bos)
 
     def question(self, q: Question | str | dict) -> list[int]:
         """The text chunk after the image: question, options, instruction, 'ASSISTANT: '."""
-        return self.encode(prompt_parts(user_text(q))[1])
+        return self.encode(prompt_parts(user_text(q), self.fmt)[1])
 
     def target(self, q: Question) -> list[int]:
         """Assistant tokens: reasoning trace, tagged answer, EOS."""

@@ -5,7 +5,7 @@
 
 Accuracy runs through the public pipeline: ``VLM.ask(image, question, answer_tags=True, k=..., options=...)``.
 Parity (needs torch: ``pip install -e '.[dev]'``, or pass ``--parity 0``) loads the GGUF weights into the PyTorch
-mirror (training/vlm_torch.py) and compares greedy tokens and first-step logits with llama.cpp. Results are printed
+mirror (training/vlm_torch.py or training/qwen_torch.py, by the text model's architecture) and compares greedy tokens and first-step logits with llama.cpp. Results are printed
 and written to --out (default ./eval_shapes_vlm.json); the bundled MODEL_DIR/training.json is only updated with
 --update-training-json.
 """
@@ -75,17 +75,34 @@ def llama_prompt(vlm: VLM, image: np.ndarray, question: str | dict) -> tuple[lis
         vlm.ctx.clear()
 
 
-def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens: int = 96, threads: int = 1) -> dict:
-    """Greedy tokens and first-step logits of llama.cpp vs the PyTorch mirror on test items 0..n-1."""
+def torch_mirror(model_path: Path, mmproj_path: Path) -> tuple[object, object]:
+    """(PyTorch mirror holding the pair's weights, the training tokenizer) for a llava-style (llama) or a
+    Qwen2.5-VL-style (qwen2vl) shapes VLM."""
+    import gguf
+
+    from avis_llamacpp.prompt import LLAVA15, QWEN25VL
+    from training.data import Tokenizer
+
+    arch = gguf.GGUFReader(str(model_path)).fields["general.architecture"].contents()
+    if arch == "qwen2vl":
+        from training import qwen_torch as mirror
+    else:
+        from training import vlm_torch as mirror
+    tm = mirror.load_from_gguf(model_path, mmproj_path, mirror.dims_from_gguf(model_path, mmproj_path))
+    return tm, Tokenizer(model_path, QWEN25VL if arch == "qwen2vl" else LLAVA15)
+
+
+def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens: int = 96, threads: int = 1,
+               ratio: float | None = None) -> dict:
+    """Greedy tokens and first-step logits of llama.cpp vs the PyTorch mirror on test items 0..n-1; with `ratio`,
+    llama.cpp prunes by KDV and the mirror is fed the same kept tokens at their original M-RoPE positions
+    (Qwen2.5-VL-style models only: a 1-D RoPE mirror does not model pruned positions)."""
     import torch
 
-    from training.data import Tokenizer
-    from training.vlm_torch import dims_from_gguf, load_from_gguf
-
     torch.set_num_threads(threads)
-    dims = dims_from_gguf(model_path, mmproj_path)
-    tm = load_from_gguf(model_path, mmproj_path, dims)
-    tok = Tokenizer(model_path)
+    tm, tok = torch_mirror(model_path, mmproj_path)
+    if ratio is not None and not hasattr(tm, "grid"):
+        raise ValueError("pruned parity needs the Qwen2.5-VL-style mirror")
     stop_tok = tok.encode("</answer>")
     same, max_abs, max_rel, argmax_same, n_tok_prompt_ok = 0, 0.0, 0.0, 0, 0
     mismatches = []
@@ -94,23 +111,27 @@ def run_parity(vlm: VLM, model_path: Path, mmproj_path: Path, n: int, max_tokens
         q = item.question
         img = np.asarray(render(item.scene))
         text = format_question(q)
-        ans = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens)
-        chunks, lc = llama_prompt(vlm, img, text)
+        ans = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens, ratio=ratio)
         prefix, question = tok.prefix(), tok.question(q)
-        n_tok_prompt_ok += chunks == [prefix, question]
-        out, first = tm.greedy(img, prefix, question, max_tokens=max_tokens, eos=tok.eos, stop=stop_tok)
-        lt = first.double().numpy()
-        diff = np.abs(lt - lc).max()
-        max_abs = max(max_abs, float(diff))
-        max_rel = max(max_rel, float(diff / np.abs(lc).max()))
-        argmax_same += int(np.argmax(lt) == np.argmax(lc))
+        kw = {} if ratio is None else {"kept": np.asarray(ans.images[0]["kept"])}
+        out, first = tm.greedy(img, prefix, question, max_tokens=max_tokens, eos=tok.eos, stop=stop_tok, **kw)
+        if ratio is None:  # first-step logits of the unpruned prompt straight from llama.cpp's context
+            chunks, lc = llama_prompt(vlm, img, text)
+            n_tok_prompt_ok += chunks == [prefix, question]
+            lt = first.double().numpy()
+            diff = np.abs(lt - lc).max()
+            max_abs = max(max_abs, float(diff))
+            max_rel = max(max_rel, float(diff / np.abs(lc).max()))
+            argmax_same += int(np.argmax(lt) == np.argmax(lc))
         if out == ans.tokens:
             same += 1
         else:
             mismatches.append({"id": item.id, "llama": tok.decode(ans.tokens), "torch": tok.decode(out)})
-    return {"n_items": n, "greedy_tokens_identical": same, "first_step_argmax_identical": argmax_same,
-            "prompt_tokens_identical": n_tok_prompt_ok, "first_logits_max_abs_diff": max_abs,
-            "first_logits_max_rel_diff": max_rel, "mismatches": mismatches[:5]}
+    res = {"n_items": n, "ratio": ratio, "greedy_tokens_identical": same, "mismatches": mismatches[:5]}
+    if ratio is None:
+        res.update({"first_step_argmax_identical": argmax_same, "prompt_tokens_identical": n_tok_prompt_ok,
+                    "first_logits_max_abs_diff": max_abs, "first_logits_max_rel_diff": max_rel})
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=7)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--parity", type=int, default=50, help="test items for the torch parity check (0 to skip)")
+    p.add_argument("--parity-ratio", type=float, default=None,
+                   help="also check parity with this KDV pruning ratio (Qwen2.5-VL-style models)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for llama.cpp and torch")
     p.add_argument("--out", default="eval_shapes_vlm.json", help="where to write the results (JSON)")
     p.add_argument("--update-training-json", action="store_true",
@@ -139,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.parity:
             results["parity"] = run_parity(vlm, model, mmproj, args.parity, threads=args.threads)
             print(json.dumps(results["parity"], indent=1), flush=True)
+            if args.parity_ratio is not None:
+                results["parity_pruned"] = run_parity(vlm, model, mmproj, args.parity, threads=args.threads,
+                                                      ratio=args.parity_ratio)
+                print(json.dumps(results["parity_pruned"], indent=1), flush=True)
         if args.n:
             results["accuracy"] = run_accuracy(vlm, args.n, args.k, args.seed)
             print(json.dumps(results["accuracy"], indent=1), flush=True)

@@ -57,11 +57,12 @@ N_IMAGE_TOKENS = 196
 GRID = 14  # 224 / 16
 
 
-def patch_labels(scene: Scene) -> np.ndarray:
-    """[3, 196] per-patch targets: colour (0 = background), shape (0 = background), object centre in patch."""
-    c = (np.arange(GRID) * 16 + 8).astype(np.float32)
+def patch_labels(scene: Scene, grid: int = GRID, cell: int = 16) -> np.ndarray:
+    """[3, grid * grid] per-token targets: colour (0 = background), shape (0 = background), object centre in the
+    token's cell (cell x cell pixels, raster order)."""
+    c = (np.arange(grid) * cell + cell / 2).astype(np.float32)
     cy, cx = np.meshgrid(c, c, indexing="ij")
-    out = np.zeros((3, GRID * GRID), dtype=np.int64)
+    out = np.zeros((3, grid * grid), dtype=np.int64)
     if not scene.objects:
         return out
     ox = np.array([o.x for o in scene.objects], np.float32)
@@ -76,7 +77,7 @@ def patch_labels(scene: Scene) -> np.ndarray:
     shp = np.array([1 + shapes.index(o.shape) for o in scene.objects])
     out[0] = np.where(hit, col[nearest], 0)
     out[1] = np.where(hit, shp[nearest], 0)
-    centre = (np.clip(oy // 16, 0, GRID - 1) * GRID + np.clip(ox // 16, 0, GRID - 1)).astype(np.int64)
+    centre = (np.clip(oy // cell, 0, grid - 1) * grid + np.clip(ox // cell, 0, grid - 1)).astype(np.int64)
     out[0, centre], out[1, centre], out[2, centre] = col, shp, 1  # small shapes may miss every patch centre
     return out
 

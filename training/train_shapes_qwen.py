@@ -1,0 +1,351 @@
+"""Train the Qwen2.5-VL-architecture shapes VLM on CPU, for pruned inputs, and export it as a GGUF pair.
+
+Reproduce the bundled model (PyTorch 2.13 CPU, one torch thread; the recipe's one command):
+
+    .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    .venv/bin/python -m training.train_shapes_qwen --seed 0 --max-minutes 55 --threads 1 \
+        --init-text-from training/llava-shapes/model.gguf --work /tmp/sq --out /tmp/sq/out
+
+The architecture is the paper's (qwen2.5vl_merger mmproj + qwen2vl text model): a window-attention ViT with 2-D
+RoPE (patch 7 on 224 px: 32 x 32 patches, 112 px windows, full attention every second block), a 2x2 merger to 256
+image tokens per image, and a text model with M-RoPE, so an image token keeps its (t, h, w) position wherever it
+was pruned. The text model starts from the llava-style shapes model's text weights (its q/k rows permuted from
+RoPE NORM to NEOX pairs: the same function on text), so this run spends its time on the new vision tower and on
+the image-position change; that model took 44 minutes, so the whole recipe is 44 + 55 minutes on one thread.
+
+Training for pruned inputs (--prune-prob): in that share of batches every image keeps n of 256 tokens (n drawn
+so the kept fraction is uniform in [0.1, 1)), chosen by KDV on the current model's own last-block keys (as the
+plugin scores them), at random, or evenly spread, with each kept token at its original M-RoPE position and the
+question after the image at the unpruned position, exactly as the plugin feeds llama.cpp.
+
+Besides the answer loss (assistant tokens), a per-token auxiliary loss (heads dropped on export) makes every
+image embedding name the colour and shape under its 14 px cell, whether an object's centre is in it, and the
+cell's row and column: the ViT has no absolute position embedding, and the text model's M-RoPE at this head size
+(sections 4/6/6 of 16 pairs) resolves columns only coarsely, so the embeddings carry their own place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avis_llamacpp.kdv import kdv_scores, random_subset, uniform_subset
+from avis_llamacpp.prompt import QWEN25VL
+from convert.gguf_tensors import read_tensors
+from convert.mmproj import VisionDims, write_mmproj_weights
+from convert.shapes_task import COLOURS, SHAPES, SPLITS, make_question, make_scene, render
+from convert.text_model import CHATML_CHAT_TEMPLATE, TextModelDims, write_text_model_weights
+from convert.tokenizer import build_vocab
+from training.data import N_MERGES, Tokenizer, task_corpus
+from training.qwen_torch import (QwenVLMDims, ShapesQwenVLM, export_weights, image_positions,
+                                 permute_rope_norm_to_neox, text_positions)
+from training.train_shapes_vlm import lr_at, patch_labels
+from training.vlm_torch import pixels
+
+IMAGE_SIZE = 224
+PATCH = 7
+GRID = IMAGE_SIZE // PATCH // 2  # 16 x 16 = 256 image tokens
+CELL = IMAGE_SIZE // GRID  # 14 px per image token
+SELECTORS = ("kdv", "random", "uniform")
+
+
+def qwen_vocab():
+    """The task vocabulary (same tokens and ids as the llava-style model's) with Qwen's special-token roles."""
+    return build_vocab(N_MERGES, family="qwen2vl", corpus=task_corpus())
+
+
+def default_dims(n_vocab: int, args: argparse.Namespace) -> QwenVLMDims:
+    """The architecture trained here."""
+    vision = VisionDims("qwen25vl", n_embd=args.vit_embd, n_layer=args.vit_layers, n_head=args.vit_heads,
+                        n_ff=args.vit_ff, patch_size=PATCH, image_size=IMAGE_SIZE, proj_dim=args.embd,
+                        n_wa_pattern=args.vit_layers)
+    text = TextModelDims("qwen2vl", n_embd=args.embd, n_layer=args.layers, n_head=args.heads, n_head_kv=args.heads,
+                         n_ff=args.ff, n_ctx_train=2048)
+    return QwenVLMDims(vision, text, n_vocab)
+
+
+def write_gguf_pair(model: ShapesQwenVLM, out: Path, spec, *, ftype: str = "f32") -> dict:
+    """Export the model to out/model.gguf + out/mmproj.gguf."""
+    vision_w, text_w = export_weights(model)
+    out.mkdir(parents=True, exist_ok=True)
+    ti = write_text_model_weights(out / "model.gguf", model.dims.text, text_w, spec=spec,
+                                  chat_template=CHATML_CHAT_TEMPLATE, name="avis-shapes-qwen", ftype=ftype)
+    vi = write_mmproj_weights(out / "mmproj.gguf", model.dims.vision, vision_w, name="avis-shapes-qwen-mmproj",
+                              description="shapes VLM, Qwen2.5-VL vision tower + merger (trained)", ftype=ftype)
+    return {"text": ti, "mmproj": vi}
+
+
+def init_text_from_llama(model: ShapesQwenVLM, path: str) -> None:
+    """Copy a llama-arch shapes text model's weights into the qwen2vl text model (q/k rows to NEOX pairs, biases
+    zero)."""
+    w = read_tensors(path)
+    t = model.text
+    sd = {"embd.weight": w["token_embd.weight"], "out_norm.weight": w["output_norm.weight"]}
+    n_head = model.dims.text.n_head
+    for i in range(model.dims.text.n_layer):
+        b = f"blk.{i}."
+        sd.update({f"blocks.{i}.attn_norm.weight": w[b + "attn_norm.weight"],
+                   f"blocks.{i}.q.weight": permute_rope_norm_to_neox(w[b + "attn_q.weight"], n_head),
+                   f"blocks.{i}.k.weight": permute_rope_norm_to_neox(w[b + "attn_k.weight"], n_head),
+                   f"blocks.{i}.v.weight": w[b + "attn_v.weight"], f"blocks.{i}.o.weight": w[b + "attn_output.weight"],
+                   f"blocks.{i}.ffn_norm.weight": w[b + "ffn_norm.weight"],
+                   f"blocks.{i}.gate.weight": w[b + "ffn_gate.weight"], f"blocks.{i}.up.weight": w[b + "ffn_up.weight"],
+                   f"blocks.{i}.down.weight": w[b + "ffn_down.weight"]})
+        for p in "qkv":
+            sd[f"blocks.{i}.{p}.bias"] = np.zeros(t.blocks[i].q.bias.shape if p == "q" else t.blocks[i].k.bias.shape,
+                                                  np.float32)
+    t.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in sd.items()}, strict=True)
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only per-token classifiers on the image embeddings: colour, shape, centre, row, column."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        sizes = (1 + len(COLOURS), 1 + len(SHAPES), 2, GRID, GRID)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in sizes)
+        rows = torch.arange(GRID * GRID)
+        self.register_buffer("place", torch.stack((rows // GRID, rows % GRID)), persistent=False)
+
+    def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy; img [B, 256, D], labels [B, 3, 256]."""
+        b = img.shape[0]
+        targets = torch.cat((labels, self.place[None].expand(b, -1, -1)), dim=1)
+        loss = img.new_zeros(())
+        for i, head in enumerate(self.heads):
+            loss = loss + F.cross_entropy(head(img).flatten(0, 1).float(), targets[:, i].flatten())
+        return loss
+
+
+class Batcher:
+    """Packed batches: per image [prefix | kept image tokens | q1+t1 | q2+t2 | ...] with a block mask."""
+
+    def __init__(self, tok: Tokenizer, batch: int, questions: int, seed: int, prune_prob: float) -> None:
+        self.tok, self.batch, self.questions, self.seed = tok, batch, questions, seed
+        self.prune_prob = prune_prob
+        self.rng = np.random.default_rng([11, seed])
+        self.prefix = tok.prefix()
+        self.next_index = 0
+
+    def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
+        """Image, (question tokens, target tokens) pairs and per-token labels of training image `index`."""
+        rng = np.random.default_rng([SPLITS["train"], self.seed, index])
+        scene = make_scene(rng)
+        seen, pairs = set(), []
+        for _ in range(self.questions * 3):
+            q = make_question(scene, rng)
+            if q.text in seen:
+                continue
+            seen.add(q.text)
+            pairs.append((self.tok.question(q), self.tok.target(q)))
+            if len(pairs) == self.questions:
+                break
+        return np.asarray(render(scene)), pairs, patch_labels(scene, GRID, CELL)
+
+    def pruning(self) -> tuple[int, str]:
+        """(tokens kept per image, selector) for the next batch."""
+        n = GRID * GRID
+        if self.rng.uniform() >= self.prune_prob:
+            return n, "none"
+        keep = int(np.clip(round(self.rng.uniform(0.1, 1.0) * n), 1, n))
+        return keep, str(self.rng.choice(SELECTORS, p=[0.5, 0.25, 0.25]))
+
+    def next(self) -> dict:
+        """The next batch (kept indices are chosen in loss_fn once the keys are known)."""
+        samples = [self.sample(self.next_index + i) for i in range(self.batch)]
+        self.next_index += self.batch
+        n_keep, selector = self.pruning()
+        n_q = max(len(p) for _, p, _ in samples)
+        L = max(len(q) + len(t) for _, p, _ in samples for q, t in p)
+        p0 = len(self.prefix)
+        P = p0 + n_keep
+        T = P + n_q * L
+        rest = torch.zeros(self.batch, n_q * L, dtype=torch.long)
+        rows, cols, labels, q_rows, q_cols, q_labels = [], [], [], [], [], []
+        for b, (_, pairs, _) in enumerate(samples):
+            for j, (q, t) in enumerate(pairs):
+                seq = q + t
+                rest[b, j * L:j * L + len(seq)] = torch.tensor(seq)
+                for k in range(len(q) - 1, len(seq) - 1):
+                    rows.append(b)
+                    cols.append(P + j * L + k)
+                    labels.append(seq[k + 1])
+                for k in range(len(q) - 1):
+                    q_rows.append(b)
+                    q_cols.append(P + j * L + k)
+                    q_labels.append(seq[k + 1])
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        mask[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        start = p0 + GRID  # text after the image: p0 + max(nx, ny), pruned or not
+        rest_pos = []
+        for j in range(n_q):
+            s = P + j * L
+            mask[s:s + L, :P] = True
+            mask[s:s + L, s:s + L] = causal
+            rest_pos.append(text_positions(start, L))
+        return {"px": pixels(np.stack([im for im, _, _ in samples])), "index": self.next_index - self.batch,
+                "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
+                "prefix": torch.tensor([self.prefix] * self.batch), "rest": rest, "mask": mask,
+                "prefix_pos": text_positions(0, p0), "rest_pos": torch.cat(rest_pos), "p0": p0,
+                "n_keep": n_keep, "selector": selector,
+                "rows": torch.tensor(rows), "cols": torch.tensor(cols), "labels": torch.tensor(labels),
+                "q_rows": torch.tensor(q_rows), "q_cols": torch.tensor(q_cols), "q_labels": torch.tensor(q_labels)}
+
+
+def choose_kept(b: dict, keys: torch.Tensor, seed: int) -> torch.Tensor:
+    """[B, n_keep] ascending raster indices of the kept image tokens of each image in the batch."""
+    n_total, n_keep, sel = keys.shape[1], b["n_keep"], b["selector"]
+    rows = []
+    for i in range(keys.shape[0]):
+        if sel == "none":
+            rows.append(np.arange(n_total))
+        elif sel == "kdv":
+            scores = kdv_scores(keys[i].detach().float().numpy().astype(np.float64))
+            rows.append(np.sort(np.argsort(-scores, kind="stable")[:n_keep]))
+        elif sel == "random":
+            rows.append(random_subset(n_total, n_keep, seed, b["index"] + i))
+        else:
+            rows.append(uniform_subset(n_total, n_keep))
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def loss_fn(model: ShapesQwenVLM, aux: AuxHeads, b: dict, seed: int,
+            question_loss: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer cross-entropy, auxiliary per-token loss, question-token cross-entropy (0 unless question_loss))."""
+    img, keys = model.vision(b["px"])
+    kept = choose_kept(b, keys, seed)
+    n_b = img.shape[0]
+    kept_img = torch.gather(img, 1, kept[..., None].expand(-1, -1, img.shape[-1]))
+    x = torch.cat([model.text.embd(b["prefix"]), kept_img, model.text.embd(b["rest"])], dim=1)
+    img_pos = torch.stack([image_positions(b["p0"], kept[i], GRID) for i in range(n_b)])
+    pos = torch.cat([b["prefix_pos"][None].expand(n_b, -1, -1), img_pos, b["rest_pos"][None].expand(n_b, -1, -1)],
+                    dim=1)
+    h = model.text.hidden(x, pos, b["mask"])
+    loss = F.cross_entropy(model.text.logits(h[b["rows"], b["cols"]]).float(), b["labels"])
+    q_loss = img.new_zeros(())
+    if question_loss:
+        q_loss = F.cross_entropy(model.text.logits(h[b["q_rows"], b["q_cols"]]).float(), b["q_labels"])
+    return loss, aux(img, b["patch_labels"]), q_loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.train_shapes_qwen", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=100000)
+    p.add_argument("--max-minutes", type=float, default=55.0, help="stop (and export) after this long; the LR "
+                   "schedule anneals by then")
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--questions", type=int, default=4, help="questions per image")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--text-lr-scale", type=float, default=0.5, help="LR factor for the warm-started text model")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--embd", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--ff", type=int, default=384)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vit-embd", type=int, default=32, help="ViT width (small: with 1024 patches per image the "
+                   "encoder's share of a query's FLOPs stays near the paper model's, about a quarter)")
+    p.add_argument("--vit-heads", type=int, default=2)
+    p.add_argument("--vit-ff", type=int, default=128)
+    p.add_argument("--vit-layers", type=int, default=3, help="ViT blocks; the last one attends over the whole "
+                   "image, the others inside 112 px windows")
+    p.add_argument("--prune-prob", type=float, default=0.5, help="share of batches trained on pruned images")
+    p.add_argument("--question-loss", type=float, default=0.5)
+    p.add_argument("--aux-weight", type=float, default=0.5)
+    p.add_argument("--init-text-from", default=None, help="llama-arch shapes text GGUF to start the text model from")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (slower than f32 on CPUs without bf16 matmul units)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="/tmp/shapes-qwen/out")
+    p.add_argument("--work", default=None, help="checkpoint folder (default: a temp dir)")
+    p.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
+    args = p.parse_args(argv)
+    command = "python -m training.train_shapes_qwen " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"command: {command}\nseed: {args.seed}", flush=True)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    spec = qwen_vocab()
+    dims = default_dims(spec.n_vocab, args)
+    model = ShapesQwenVLM(dims)
+    if args.init_text_from:
+        init_text_from_llama(model, args.init_text_from)
+    n_params = {"vision": sum(x.numel() for x in model.vision.parameters()),
+                "text": sum(x.numel() for x in model.text.parameters())}
+    print(f"dims: {json.dumps(dims.to_dict())}\nparams: {n_params}", flush=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="shapes-qwen-"))
+    write_gguf_pair(model, work / "init", spec)
+    tok = Tokenizer(work / "init" / "model.gguf", QWEN25VL)
+    batcher = Batcher(tok, args.batch, args.questions, args.seed, args.prune_prob)
+    print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}, eos: {tok.eos}", flush=True)
+
+    aux = AuxHeads(dims.vision.proj_dim)
+    text_scale = args.text_lr_scale if args.init_text_from else 1.0
+    groups = []
+    for mod, scale in ((model.vision, 1.0), (aux, 1.0), (model.text, text_scale)):
+        named = list(mod.named_parameters())
+        groups.append({"params": [x for _, x in named if x.dim() >= 2], "weight_decay": 0.05, "scale": scale})
+        groups.append({"params": [x for _, x in named if x.dim() < 2], "weight_decay": 0.0, "scale": scale})
+    all_params = [x for g in groups for x in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    t0 = time.perf_counter()
+    curve: list[dict] = []
+    run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "n": 0}
+    step = 0
+    for step in range(args.steps):
+        progress = max(step / args.steps, (time.perf_counter() - t0) / (args.max_minutes * 60))
+        lr = lr_at(step, progress, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["scale"]
+        batch = batcher.next()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, aux_loss, q_loss = loss_fn(model, aux, batch, args.seed, args.question_loss > 0)
+        opt.zero_grad(set_to_none=True)
+        (loss + args.aux_weight * aux_loss + args.question_loss * q_loss).backward()
+        torch.nn.utils.clip_grad_norm_(all_params, 1.0)
+        opt.step()
+        run["loss"] += float(loss.detach())
+        run["aux"] += float(aux_loss.detach())
+        run["question"] += float(q_loss.detach())
+        run["n"] += 1
+        elapsed = time.perf_counter() - t0
+        if args.bench and step + 1 >= args.bench:
+            print(f"bench: {elapsed / (step + 1):.3f} s/step, loss {float(loss.detach()):.3f}")
+            return 0
+        if (step + 1) % 25 == 0:
+            curve.append({"step": step + 1, **{k: round(v / run["n"], 4) for k, v in run.items() if k != "n"},
+                          "minutes": round(elapsed / 60, 2)})
+            print(json.dumps(curve[-1]), flush=True)
+            run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "n": 0}
+        if (step + 1) % 200 == 0:
+            torch.save(model.state_dict(), work / "ckpt.pt")
+        if elapsed > args.max_minutes * 60:
+            print(f"time cap reached at step {step + 1}", flush=True)
+            break
+    train_s = time.perf_counter() - t0
+    torch.save(model.state_dict(), work / "ckpt.pt")
+    out = Path(args.out)
+    files = write_gguf_pair(model.eval(), out, spec)
+    info = {"command": command, "seed": args.seed, "steps_done": step + 1, "args": vars(args),
+            "dims": dims.to_dict(), "n_params": n_params, "train_seconds": round(train_s, 1),
+            "final_train_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
+            "torch": torch.__version__, "threads": args.threads, "checkpoint": str(work / "ckpt.pt"),
+            "files": {k: {"bytes": v["file_size"], "n_params": v["n_params"]} for k, v in files.items()}}
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    print(f"trained {step + 1} steps in {train_s / 60:.1f} min; wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
