@@ -46,7 +46,8 @@ SETTINGS_FILE = "calibration.json"
 POLICY_FILE = "policy.gguf"
 REPORT_FILE = "report.json"
 DEFAULT_LAMBDA = 0.01  # accuracy one unit of compute (a rollout, or a vanilla run's FLOPs) must buy
-_SETTINGS_CHECKED = ("model_id", "k_max", "seed", "max_tokens", "answer_tags", "tau", "ratio", "feature_version")
+_SETTINGS_CHECKED = ("model_id", "k_max", "seed", "max_tokens", "answer_tags", "tau", "ratio", "feature_version",
+                     "temperature", "top_p")
 _UNSET: Any = object()
 
 
@@ -93,7 +94,8 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
                     seed: int = 0, max_tokens: int = 256, answer_tags: bool = False, tau: float | None = DEFAULT_TAU,
                     ratio: float | None = None, resume: bool = True, progress: bool = True,
                     limit: int | None = None, log_every: int | None = None,
-                    ray_workers: int = 0, ray_address: str | None = None) -> list[dict[str, Any]]:
+                    ray_workers: int = 0, ray_address: str | None = None, temperature: float = 0.7,
+                    top_p: float = 0.9) -> list[dict[str, Any]]:
     """Run `vlm` over the items (greedy K=1 + k_max rollouts each) and return one record per item.
 
     Records are appended to out_dir/records.jsonl as they are made; with resume, items already recorded are
@@ -101,7 +103,8 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
     pruning the policy will use (features do not depend on it, accuracies do). limit: only the first N items.
     Progress: a tqdm bar if tqdm is importable, else an INFO log line every `log_every` items.
     ray_workers > 0 shards the items over that many Ray workers (each loads the model once); the records
-    are the same as in-process because every item's seed derives from its id."""
+    are the same as in-process because every item's seed derives from its id. temperature / top_p: the k_max
+    rollouts' sampling (the greedy call never samples); choose them on a calibration split, never on test."""
     if not (isinstance(k_max, int) and k_max >= 1):
         raise InvalidArgumentError(f"k_max must be an int >= 1, got {k_max!r}")
     if tau is not None and ratio is not None:
@@ -115,7 +118,7 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
     info = _model_info(vlm)
     settings = {"version": RECORD_VERSION, "items": str(Path(items_jsonl).resolve()), **info, "k_max": k_max,
                 "seed": seed, "max_tokens": max_tokens, "answer_tags": bool(answer_tags), "tau": tau, "ratio": ratio,
-                "feature_version": FEATURE_VERSION}
+                "feature_version": FEATURE_VERSION, "temperature": float(temperature), "top_p": float(top_p)}
     if rec_path.exists():
         if not resume:
             logger.warning("%s: starting over (resume off); old records removed", rec_path)
@@ -144,11 +147,11 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
                        every=log_every, log=logger)
     failures: list[tuple[str, Exception]] = []
     t_start = time.perf_counter()
+    kw = dict(k_max=k_max, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, tau=tau, ratio=ratio,
+              mode=mode, info=info, temperature=temperature, top_p=top_p)
     if ray_workers > 0 and todo:
         from .distributed import ray_map
 
-        kw = dict(k_max=k_max, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, tau=tau, ratio=ratio,
-                  mode=mode, info=info)
         results = ray_map("avis_llamacpp.calibrate:calibrate_job", todo, model=vlm.model.path,
                           mmproj=vlm.projector.path, n_workers=ray_workers, address=ray_address,
                           vlm_kwargs={"n_ctx": vlm.ctx.n_ctx, "n_seq_max": n_seq_max}, fn_kwargs=kw)
@@ -164,8 +167,7 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
         with rec_path.open("a", encoding="utf-8") as f:
             for n_done, it in enumerate(todo, 1):
                 try:
-                    rec = _calibrate_item(vlm, it, k_max=k_max, seed=seed, max_tokens=max_tokens,
-                                          answer_tags=answer_tags, tau=tau, ratio=ratio, mode=mode, info=info)
+                    rec = _calibrate_item(vlm, it, **kw)
                 except AVISError as e:
                     logger.warning("item %s failed: %s", it.id, e)
                     failures.append((it.id, e))
@@ -194,14 +196,18 @@ def calibrate_job(vlm: Any, it: CalibrationItem, *, index: int, **kwargs: Any) -
 
 
 def _calibrate_item(vlm: Any, it: CalibrationItem, *, k_max: int, seed: int, max_tokens: int, answer_tags: bool,
-                    tau: float | None, ratio: float | None, mode: str, info: Mapping[str, str]) -> dict[str, Any]:
+                    tau: float | None, ratio: float | None, mode: str, info: Mapping[str, str],
+                    temperature: float = 0.7, top_p: float = 0.9) -> dict[str, Any]:
     """Greedy K=1 call + one k_max-rollout call for one item -> its record."""
+    from .native import SamplingParams
+
     t0 = time.perf_counter()
     opts = list(it.options) or None
     s = _item_seed(seed, it.id)
     kw = dict(options=opts, answer_tags=answer_tags, max_tokens=max_tokens, tau=tau, ratio=ratio, seed=s)
     greedy = vlm.ask(str(it.image), it.question, k=1, **kw)
-    multi = vlm.ask(str(it.image), it.question, k=k_max, mode=mode, **kw)
+    multi = vlm.ask(str(it.image), it.question, k=k_max, mode=mode,
+                    sampling=SamplingParams(temperature=temperature, top_p=top_p) if k_max > 1 else None, **kw)
     g_ans = _normalised(greedy.rollouts[0].text, opts) if greedy.rollouts else None
     rollouts = []
     for r in multi.rollouts:
@@ -218,6 +224,7 @@ def _calibrate_item(vlm: Any, it: CalibrationItem, *, k_max: int, seed: int, max
             "rollouts": rollouts, "vote": {"answer": multi.answer, "correct": multi.answer == it.gold,
                                            "votes": dict(multi.votes)},
             "k_max": k_max, "seed": s, "pruning": {"tau": tau, "ratio": ratio},
+            "sampling": {"temperature": float(temperature), "top_p": float(top_p)},
             "prompt_tokens": multi.prompt_tokens, "image_tokens": list(multi.image_tokens),
             "kept_tokens": list(multi.kept_tokens),
             "flops": {"greedy": dict(greedy.flops), "k_max": dict(multi.flops)},
@@ -363,6 +370,7 @@ def fit_policy(records: Sequence[Mapping[str, Any]] | str | os.PathLike, lambda_
         "n_items": len(records), "k_max": k_max, "ks": ks, "cost_unit": unit, "lambda": lambda_, "budget": budget,
         "seed": seed, "created": created, "model": model,
         "pruning": {"tau": tau, "ratio": ratio},
+        "sampling": records[0].get("sampling", {"temperature": 0.7, "top_p": 0.9}),
         "predictor": {"chosen": pred.chosen_, "reason": pred.selection_["reason"], "kind": pred.to_numpy().kind,
                       "base_rate": float(y.mean()), "held_out": held_out,
                       "candidates": pred.selection_.get("candidates", {})},
@@ -432,7 +440,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         records = run_calibration(vlm, args.items, out, k_max=args.k_max, seed=args.seed, max_tokens=args.max_tokens,
                                   answer_tags=args.answer_tags, tau=tau, ratio=ratio, resume=not args.no_resume,
                                   progress=not args.no_progress, limit=args.limit, ray_workers=args.ray,
-                                  ray_address=args.ray_address)
+                                  ray_address=args.ray_address, temperature=args.temperature, top_p=args.top_p)
     policy, report = fit_policy(records, lambda_=args.lambda_, budget=args.budget, seed=args.seed, cost=args.cost)
     policy.save(out / POLICY_FILE)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -462,6 +470,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="rollout seeds, CV folds")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per rollout")
     p.add_argument("--answer-tags", action="store_true", help="ask for <think>/<answer> tags")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the k_max rollouts")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of the k_max rollouts")
     prune = p.add_mutually_exclusive_group()
     prune.add_argument("--tau", type=_tau, default=DEFAULT_TAU,
                        help="KDV adaptive angle in radians, e.g. 0.785 or pi/4 (default pi/4)")
