@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
 
+from .flops import VisionDims as EncoderDims
 from .kdv import merge_groups, vit_keys_to_token_keys
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class Family:
     def blocks_run(self, info: VisionInfo) -> int:
         """ViT blocks the graph runs (FLOPs accounting)."""
         return info.n_layer
+
+    def encoder_dims(self, info: VisionInfo) -> EncoderDims:
+        """What the encoder's FLOPs depend on: blocks run, widths, gating and attention windows."""
+        return EncoderDims(self.blocks_run(info), info.n_embd, info.n_ff, gated_ffn=self.gated_ffn)
 
     def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
         """The embedding size the projector outputs, as clip_n_mmproj_embd computes it, where known."""
@@ -224,6 +229,13 @@ class QwenMergerFamily(Family):
 
     def windowed(self, info: VisionInfo) -> bool:
         return info.projector_type in ("qwen2.5vl_merger", "qwen2.5o") and info.n_wa_pattern > 0
+
+    def encoder_dims(self, info: VisionInfo) -> EncoderDims:
+        dims = super().encoder_dims(info)
+        if not self.windowed(info) or not info.patch_size:
+            return dims
+        side = self.window_px // info.patch_size // self.merge * self.merge  # clip.cpp's window, in patches
+        return replace(dims, window_rows=side * side, full_every=info.n_wa_pattern)
 
     def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
         nx, ny = self.token_grid(geom, info)

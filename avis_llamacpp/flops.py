@@ -34,6 +34,14 @@ class VisionDims:
     n_embd: int
     n_ff: int
     gated_ffn: bool = False
+    window_rows: int = 0  # rows a windowed block attends to (0: every block attends over the whole image)
+    full_every: int = 0  # with windows: every full_every-th block (1-based) attends over the whole image
+
+    def attended_rows(self, il: int, n_patches: int) -> int:
+        """Rows block il attends to: the whole image, or one window (windows taken as full)."""
+        if self.window_rows <= 0 or (self.full_every > 0 and (il + 1) % self.full_every == 0):
+            return n_patches
+        return min(self.window_rows, n_patches)
 
 
 def token_flops(d: TextDims, context: int, logits: bool) -> float:
@@ -60,11 +68,10 @@ def decode_flops(d: TextDims, n_prompt: int, n_generated: int) -> float:
 
 
 def encoder_flops(v: VisionDims, n_patches: int) -> float:
-    """One image through the vision blocks the graph runs (full attention over all patches: an upper
-    bound for windowed layers)."""
+    """One image through the vision blocks the graph runs; a windowed block attends inside its window
+    (Qwen2.5-VL: 112 px windows, full attention every n_wa_pattern-th block)."""
     per_row = 2 * (4 * v.n_embd * v.n_embd + (3 if v.gated_ffn else 2) * v.n_embd * v.n_ff)
-    attn = 4 * n_patches * v.n_embd
-    return v.n_layer_run * n_patches * (per_row + attn)
+    return sum(n_patches * (per_row + 4 * v.attended_rows(il, n_patches) * v.n_embd) for il in range(v.n_layer_run))
 
 
 def run_flops(d: TextDims, *, n_prompt_kv: int, generated: list[int], encoder: float = 0.0,

@@ -43,3 +43,31 @@ def test_relative_flops():
     shared = run_flops(D, n_prompt_kv=300, generated=[20] * 5)
     assert unshared["total"] - shared["total"] == pytest.approx(4 * prefill_flops(D, 300))
     assert k5["decode"] == pytest.approx(5 * decode_flops(D, 300, 20) / k5["vanilla_total"])
+
+
+def test_encoder_windowed_blocks_by_hand():
+    """Windowed blocks attend inside their window; every full_every-th block over the whole image."""
+    v = VisionDims(n_layer_run=3, n_embd=32, n_ff=128, gated_ffn=True, window_rows=256, full_every=3)
+    per_row = 2 * (4 * 32 * 32 + 3 * 32 * 128)  # 32768
+    # blocks 0 and 1 attend to 256 rows, block 2 to all 1024
+    assert encoder_flops(v, 1024) == 1024 * (3 * per_row + 2 * 4 * 256 * 32 + 4 * 1024 * 32)
+    # a window larger than the image is the image
+    assert encoder_flops(v, 100) == encoder_flops(VisionDims(3, 32, 128, gated_ffn=True), 100)
+
+
+def test_qwen25vl_family_windows_follow_clip_cpp():
+    """Qwen2.5-VL's 112 px windows in patches (clip.cpp: window / patch / merge merged tokens a side);
+    Qwen2-VL has no windows."""
+    from avis_llamacpp.families import VisionInfo, family_for
+
+    fam = family_for("qwen2.5vl_merger")
+    for patch, side in ((14, 8), (7, 16), (16, 6)):
+        info = VisionInfo(projector_type="qwen2.5vl_merger", patch_size=patch, n_wa_pattern=4, window_size=112,
+                          spatial_merge=2, n_layer=8,
+                          n_embd=64, n_ff=128)
+        d = fam.encoder_dims(info)
+        assert (d.window_rows, d.full_every, d.n_layer_run, d.gated_ffn) == (side * side, 4, 8, True)
+    plain = family_for("qwen2vl_merger").encoder_dims(
+        VisionInfo(projector_type="qwen2vl_merger", patch_size=14, n_wa_pattern=0, window_size=0, spatial_merge=2,
+                   n_layer=8, n_embd=64, n_ff=128))
+    assert plain.window_rows == 0
