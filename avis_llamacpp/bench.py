@@ -56,14 +56,15 @@ def policy_label(policy_path: str | os.PathLike) -> str:
 
 
 def default_configs(with_policy: bool, policy_name: str = "avis (policy K)") -> list[BenchConfig]:
-    """The paper's configurations plus pruning baselines at 75% (the first is the vanilla reference); the policy
+    """The paper's configurations plus pruning baselines at 75% and 90% (the first is the vanilla reference); the policy
     row is named by `policy_name` (see policy_label)."""
     c = [BenchConfig("vanilla")]
     c += [BenchConfig(f"kdv rho={r}", ratio=r) for r in (0.5, 0.75, 0.9)]
     c += [BenchConfig(f"kdv tau=pi/{d}", tau=math.pi / d) for d in (6, 4, 3)]
     c += [BenchConfig(f"sc k={k}", k=k) for k in (3, 5, 7)]
     c += [BenchConfig("joint rho=0.75 k=5", ratio=0.75, k=5)]
-    c += [BenchConfig(f"{s} rho=0.75", ratio=0.75, selector=s) for s in ("random", "uniform", "embeddings")]
+    c += [BenchConfig(f"{s} rho={r}", ratio=r, selector=s) for r in (0.75, 0.9)
+          for s in ("random", "uniform", "embeddings")]
     if with_policy:
         c += [BenchConfig(policy_name, policy=True)]
     return c
@@ -81,8 +82,11 @@ def kv_bytes_per_cell(vlm: Any) -> int:
 
 
 def evaluate_item(vlm: Any, item: dict[str, Any], *, index: int, configs: Sequence[dict[str, Any]], seed: int,
-                  max_tokens: int, answer_tags: bool, policy_path: str | None = None) -> list[dict[str, Any]]:
-    """Run every configuration on one item; one record per configuration (seeds derive from the index)."""
+                  max_tokens: int, answer_tags: bool, policy_path: str | None = None, temperature: float = 0.7,
+                  top_p: float = 0.9) -> list[dict[str, Any]]:
+    """Run every configuration on one item; one record per configuration (seeds derive from the index).
+    temperature / top_p: the sampling of fixed-K > 1 rows (K = 1 is greedy; policy rows use the default)."""
+    from .native import SamplingParams
     from .voting import normalize_answer
 
     policy = _policy(policy_path, vlm) if policy_path and any(c["policy"] for c in configs) else None
@@ -93,7 +97,8 @@ def evaluate_item(vlm: Any, item: dict[str, Any], *, index: int, configs: Sequen
         t0 = time.perf_counter()
         ans = vlm.ask(item["image_path"], item["question"], max_tokens=max_tokens, answer_tags=answer_tags,
                       options=options, seed=seed * 1_000_003 + index, ratio=c["ratio"], tau=c["tau"], k=c["k"],
-                      selector=c["selector"], policy=policy if c["policy"] else None)
+                      selector=c["selector"], policy=policy if c["policy"] else None,
+                      sampling=SamplingParams(temperature=temperature, top_p=top_p) if c["k"] > 1 else None)
         wall = time.perf_counter() - t0
         kv_cells = ans.prompt_tokens + sum(ans.decode_tokens)
         out.append({"id": item["id"], "config": c["name"], "answer": ans.answer, "truth": truth,
@@ -159,6 +164,42 @@ def summarize(records: Iterable[dict[str, Any]], configs: Sequence[BenchConfig],
     return rows
 
 
+def paired_differences(records: Iterable[dict[str, Any]], pairs: Sequence[tuple[str, str]], n_boot: int = 2000,
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """Accuracy of config a minus config b on the items both ran, with a 95% paired-bootstrap interval (items
+    resampled together, so the shared per-item difficulty cancels)."""
+    by: dict[tuple[str, str], bool] = {(r["config"], r["id"]): bool(r["correct"]) for r in records}
+    out = []
+    for a, b in pairs:
+        ids = sorted({i for c, i in by if c == a} & {i for c, i in by if c == b})
+        if not ids:
+            continue
+        d = np.array([by[(a, i)] for i in ids], np.float64) - np.array([by[(b, i)] for i in ids], np.float64)
+        rng = np.random.default_rng(seed)
+        boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+        lo, hi = np.quantile(boots, [0.025, 0.975])
+        out.append({"a": a, "b": b, "n": len(ids), "diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi),
+                    "a_only": int((d > 0).sum()), "b_only": int((d < 0).sum())})
+    return out
+
+
+def default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """The comparisons the table is read for: KDV against each baseline at the same kept count, and every
+    other row against vanilla."""
+    pairs = [(f"kdv rho={r}", f"{s} rho={r}") for r in ("0.75", "0.9") for s in ("random", "uniform", "embeddings")]
+    pairs += [(n, names[0]) for n in names[1:]]
+    return [(a, b) for a, b in pairs if a in names and b in names]
+
+
+def paired_table(diffs: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of paired differences."""
+    lines = ["| a | b | n | accuracy a - b (95% paired CI) | only a right | only b right |", "|---|---|---|---|---|---|"]
+    for d in diffs:
+        lines.append(f"| {d['a']} | {d['b']} | {d['n']} | {d['diff']:+.3f} ({d['ci_low']:+.3f} to {d['ci_high']:+.3f}) "
+                     f"| {d['a_only']} | {d['b_only']} |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["config", "n", "accuracy (95% CI)", "vs vanilla", "kept tokens", "mean K", "FLOPs", "wall", "TTFT",
             "KV peak MiB"]
@@ -171,11 +212,21 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "") -> dict[str, Path]:
-    """table.md, results.csv and accuracy_vs_flops.png (the PNG needs matplotlib: the [bench] extra)."""
+def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "",
+                  diffs: Sequence[dict[str, Any]] = ()) -> dict[str, Path]:
+    """table.md (with the paired differences under it), results.csv, paired.csv and accuracy_vs_flops.png (the
+    PNG needs matplotlib: the [bench] extra)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"table": out_dir / "table.md", "csv": out_dir / "results.csv"}
-    paths["table"].write_text((f"{title}\n\n" if title else "") + markdown_table(rows) + "\n")
+    text = (f"{title}\n\n" if title else "") + markdown_table(rows) + "\n"
+    if diffs:
+        text += "\nPaired differences (same items):\n\n" + paired_table(diffs) + "\n"
+        paths["paired"] = out_dir / "paired.csv"
+        with paths["paired"].open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(diffs[0]))
+            w.writeheader()
+            w.writerows(diffs)
+    paths["table"].write_text(text)
     with paths["csv"].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -208,7 +259,7 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
               max_tokens: int = 64, answer_tags: bool = True, limit: int | None = None, n_ctx: int | None = 4096,
               resume: bool = True, progress: bool = True, ray_workers: int = 0,
               ray_address: str | None = None, n_threads: int | None = None,
-              n_threads_batch: int | None = None,
+              n_threads_batch: int | None = None, temperature: float = 0.7, top_p: float = 0.9,
               vlm_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Evaluate every configuration on every item; returns the summary rows (and writes the outputs).
     vlm_options: further VLM keywords (n_gpu_layers, chat_format, flash_attn, verbose)
@@ -227,7 +278,8 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
         for r in read_records(rec_path):  # a truncated last line (interrupted run) is dropped
             done[(r["id"], r["config"])] = r
     todo = [(i, it) for i, it in enumerate(items) if any((it["id"], c.name) not in done for c in configs)]
-    kw = dict(configs=cdicts, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, policy_path=policy_path)
+    kw = dict(configs=cdicts, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, policy_path=policy_path,
+              temperature=temperature, top_p=top_p)
     vlm_kwargs = {"n_ctx": n_ctx, "n_seq_max": max(8, max(c.k for c in configs)), "n_threads": n_threads,
                   "n_threads_batch": n_threads_batch or n_threads, **(vlm_options or {})}
     t0 = time.perf_counter()
@@ -257,10 +309,13 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
     from .native import ContextSettings
     flash_attn = vlm_kwargs.get("flash_attn", ContextSettings().flash_attn)
     title = (f"{Path(model).parent.name}/{Path(model).name} on {Path(items_path).parent.name} "
-             f"({len(items)} items, seed {seed}, max_tokens {max_tokens}, flash_attn {flash_attn!r})")
-    write_outputs(rows, out, title)
+             f"({len(items)} items, seed {seed}, max_tokens {max_tokens}, flash_attn {flash_attn!r}, "
+             f"sampling T {temperature:g} top-p {top_p:g})")
+    diffs = paired_differences(records, default_pairs([c.name for c in configs]), seed=seed)
+    write_outputs(rows, out, title, diffs)
     (out / "run.json").write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "items": str(items_path),
                                               "seed": seed, "max_tokens": max_tokens, "answer_tags": answer_tags,
+                                              "temperature": temperature, "top_p": top_p,
                                               "flash_attn": flash_attn,
                                               "configs": cdicts, "elapsed_s": elapsed, "ray_workers": ray_workers,
                                               "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
@@ -282,6 +337,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N items only")
     p.add_argument("--seed", type=int, default=0, help="seed every rollout derives from")
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens per rollout")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the fixed-K > 1 rows")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of the fixed-K > 1 rows")
     p.add_argument("--no-answer-tags", action="store_true", help="do not append the <think>/<answer> instruction")
     p.add_argument("--no-resume", action="store_true", help="ignore records of an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -304,9 +361,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                      seed=args.seed, max_tokens=args.max_tokens, answer_tags=not args.no_answer_tags, limit=args.limit,
                      n_ctx=args.n_ctx, resume=not args.no_resume, progress=not args.no_progress,
                      ray_workers=args.ray, ray_address=args.ray_address, n_threads=args.threads,
-                     n_threads_batch=args.threads_batch,
+                     n_threads_batch=args.threads_batch, temperature=args.temperature, top_p=args.top_p,
                      vlm_options=dict(n_gpu_layers=args.n_gpu_layers, chat_format=args.chat_format,
                                       verbose=args.verbose, flash_attn=args.flash_attn))
     print(markdown_table(rows))
-    print(f"\n(wrote {args.out}/table.md, results.csv, accuracy_vs_flops.png, records.jsonl)")
+    print(f"\n(wrote {args.out}/table.md with the paired differences, results.csv, paired.csv, "
+          f"accuracy_vs_flops.png, records.jsonl)")
     return 0

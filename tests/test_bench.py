@@ -31,8 +31,10 @@ def test_all_configurations_and_outputs(llava_fixture, items, tmp_path):
     for name in ("random rho=0.75", "uniform rho=0.75", "embeddings rho=0.75"):
         assert by[name]["kept_tokens"] == by["kdv rho=0.75"]["kept_tokens"]
     assert by["kdv rho=0.9"]["flops_rel"] < by["kdv rho=0.5"]["flops_rel"] < 1.0
-    table = (tmp_path / "table.md").read_text()
+    table, paired = (tmp_path / "table.md").read_text().split("Paired differences")
     assert table.count("\n| ") == len(names) + 1
+    # KDV against each baseline at 75% and 90%, every other row against vanilla
+    assert paired.count("\n| ") == 1 + 6 + len(names) - 1 and "| kdv rho=0.9 | uniform rho=0.9 | 3 |" in paired
     with (tmp_path / "results.csv").open() as f:
         assert [r["config"] for r in csv.DictReader(f)] == names
     from PIL import Image
@@ -49,6 +51,20 @@ def test_all_configurations_and_outputs(llava_fixture, items, tmp_path):
     finally:
         bench.evaluate_item = orig
     assert calls == [] and len((tmp_path / "records.jsonl").read_text().splitlines()) == n_records
+
+
+def test_paired_differences_by_hand():
+    """a - b over the items both ran; the paired interval is degenerate when every item differs the same way."""
+    recs = [{"config": c, "id": i, "correct": ok} for c, i, ok in (
+        ("a", "1", True), ("a", "2", True), ("a", "3", False), ("a", "4", True),
+        ("b", "1", False), ("b", "2", True), ("b", "3", False), ("b", "5", True))]
+    (d,) = bench.paired_differences(recs, [("a", "b")])
+    assert (d["n"], d["diff"], d["a_only"], d["b_only"]) == (3, 1 / 3, 1, 0)  # items 1-3 only
+    assert 0.0 <= d["ci_low"] <= 1 / 3 <= d["ci_high"] <= 1.0
+    same = [{"config": c, "id": str(i), "correct": c == "a"} for c in "ab" for i in range(20)]
+    (d,) = bench.paired_differences(same, [("a", "b")])
+    assert (d["diff"], d["ci_low"], d["ci_high"]) == (1.0, 1.0, 1.0)
+    assert bench.paired_differences(recs, [("a", "missing")]) == []
 
 
 def test_bootstrap_interval():
