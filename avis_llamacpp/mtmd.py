@@ -16,7 +16,8 @@ import numpy as np
 from .capture import KeyCapture, read_constant_tensors, read_vision_info
 from .families import ChunkGeometry, VisionInfo, family_for
 from .errors import EncodeError, ImageError, InvalidArgumentError, ModelLoadError
-from .native import FlashAttn, GGUFHeader, Model, flash_attn_type, scan_gguf
+from .native import FlashAttn, Model, flash_attn_type
+from .preflight import check_mmproj_file
 
 logger = logging.getLogger(__name__)
 
@@ -83,61 +84,6 @@ class Prompt:
             self.free()
         except Exception:
             pass
-
-
-def check_mmproj_file(path: str | os.PathLike, model: Model) -> GGUFHeader:
-    """Pre-flight for an mmproj GGUF against the text model it will feed: clear ModelLoadErrors for a text model
-    passed as mmproj, an audio-only projector, an embedding-size mismatch, and for tensor tables that load but
-    would crash mtmd's encoder (a required tensor missing: clip.cpp treats most as optional and dereferences
-    them later)."""
-    hdr = scan_gguf(path, "mmproj")
-    p = hdr.path
-    arch = hdr.architecture
-    if arch != "clip":
-        if arch is not None and "clip.has_vision_encoder" not in hdr.metadata:
-            raise ModelLoadError(f"{p!r} is a text model (architecture {arch!r}), not a multimodal projector; "
-                                 "pass the model's mmproj-*.gguf file as mmproj")
-        raise ModelLoadError(f"{p!r} is not an mmproj GGUF (general.architecture is {arch!r}, expected 'clip')")
-    if not hdr.get("clip.has_vision_encoder", False):
-        kind = "an audio-only projector" if hdr.get("clip.has_audio_encoder", False) else "not a vision projector"
-        raise ModelLoadError(f"{p!r} has no vision encoder ({kind}); pass the vision mmproj that belongs to "
-                             f"the text model {model.path!r}")
-    proj = hdr.get("clip.projector_type") or hdr.get("clip.vision.projector_type")
-    proj = proj if isinstance(proj, str) else None
-    fam = family_for(proj)
-    out_dim = fam.projection_dim(hdr.tensors)
-    if out_dim is not None and model.n_embd_inp > 0 and out_dim != model.n_embd_inp:
-        raise ModelLoadError(f"mmproj {p!r} outputs {out_dim}-dim image embeddings but the text model "
-                             f"{model.path!r} takes {model.n_embd_inp}-dim inputs (n_embd): the two files belong to "
-                             "different models; use the mmproj released with this text model")
-    t = hdr.tensors
-    missing: list[str] = []
-    n_layer = hdr.get("clip.vision.block_count", 0)
-    if isinstance(n_layer, int) and fam.standard_blocks:
-        blocks: list[set[str]] = []
-        for il in range(min(n_layer, 4096)):
-            b = f"v.blk.{il}."
-            if f"{b}attn_qkv.weight" not in t:
-                missing += [f"{b}attn_{x}.weight" for x in "qkv" if f"{b}attn_{x}.weight" not in t]
-            if fam.uniform_blocks:
-                blocks.append({n[len(b):] for n in t if n.startswith(b)})
-                missing += [n for n in fam.required_per_block(il) if n not in t]
-        if fam.uniform_blocks and blocks:
-            # every block of these ViTs has the same tensors: one missing from some blocks is a broken file
-            union = set().union(*blocks)
-            missing += [f"v.blk.{il}.{n}" for il, names in enumerate(blocks) for n in sorted(union - names)]
-    missing += [n for n in fam.required_for(t) if n not in t]
-    extra = [n for n in fam.forbidden_tensors if n in t]
-    if extra:  # clip.cpp asserts (aborts) on these for this projector
-        raise ModelLoadError(f"mmproj {p!r} is corrupt: {', '.join(extra)} must not exist in a {proj} projector "
-                             "(mtmd would abort); download or convert the mmproj again")
-    missing = list(dict.fromkeys(missing))
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ModelLoadError(f"mmproj {p!r} is incomplete or corrupt: missing or misnamed tensor(s) "
-                             f"{', '.join(missing[:3])}{more} (mtmd would crash encoding with it); download or "
-                             "convert the mmproj again")
-    return hdr
 
 
 class Projector:

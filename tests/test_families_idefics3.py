@@ -15,7 +15,7 @@ from avis_llamacpp import VLM
 from avis_llamacpp.capture import read_vision_info
 from avis_llamacpp.families import ChunkGeometry, Idefics3Family, VisionInfo, family_for
 from avis_llamacpp.images import load_image
-from avis_llamacpp.native import scan_gguf
+from avis_llamacpp.preflight import scan_gguf
 from convert.fixture_idefics3 import make_idefics3_fixture
 from tests.family_helpers import Q, check_pruned_positions, check_unpruned_equals_stock, noise, open_vlm
 from tests.reference_idefics3 import merge_rows, siglip_forward

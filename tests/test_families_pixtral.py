@@ -264,8 +264,7 @@ def test_preflight_and_projection_dim(vlm, px_fixture, ocr_fixture):
     """GGUF pre-flight: the fixture's tensor table passes; [IMG_BREAK] is required for pixtral only, the merger's
     input norm whenever there is a merger (pixtral.cpp multiplies by it unchecked); the output size is
     mm.2.weight's ne[1] (clip_n_mmproj_embd)."""
-    from avis_llamacpp.mtmd import check_mmproj_file
-    from avis_llamacpp.native import scan_gguf
+    from avis_llamacpp.preflight import check_mmproj_file, scan_gguf
 
     hdr = check_mmproj_file(px_fixture.mmproj, vlm.model)
     px, ocr = family_for("pixtral"), family_for("lightonocr")
