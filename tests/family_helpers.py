@@ -120,35 +120,46 @@ def check_unpruned_equals_stock(vlm: VLM, fx: Any, img: np.ndarray, path: Any, n
 
 
 @contextlib.contextmanager
-def stock_mtmd_prefill(fx: Any, prompt: str, png: bytes, n_ctx: int, n_threads: int = 1) -> Iterator[tuple[Any, int]]:
-    """A stock Llama whose context holds `prompt` with the image, prefilled by mtmd_helper_eval_chunks (stock
-    image decode, flash attention off): yields (llm, n_past); the last output's logits are the next token's."""
-    llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+def stock_mtmd_chunks(mmproj: Any, model_ptr: Any, png: bytes, text: bytes, *, add_special: bool,
+                      n_threads: int = 1) -> Iterator[tuple[Any, Any]]:
+    """Stock mtmd through llama_cpp's bindings (flash attention off, no warmup): a context for `mmproj` on the
+    model and `text` (one media marker) tokenized with the image; yields (ctx, chunks), both freed after."""
     params = mtmd_cpp.mtmd_context_params_default()
     params.use_gpu, params.warmup, params.n_threads = False, False, n_threads
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = mtmd_cpp.mtmd_init_from_file(str(fx.mmproj).encode(), llm.model, params)
+    ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model_ptr, params)
     assert ctx
     chunks = bm = None
     try:
         buf = (ctypes.c_uint8 * len(png)).from_buffer(bytearray(png))
         bm = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(png), False)
         chunks = mtmd_cpp.mtmd_input_chunks_init()
-        text = mtmd_cpp.mtmd_input_text()
-        data = prompt.encode()
-        text.text, text.text_len, text.add_special, text.parse_special = data, len(data), True, True
+        tx = mtmd_cpp.mtmd_input_text()
+        tx.text, tx.text_len, tx.add_special, tx.parse_special = text, len(text), add_special, True
         arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bm)
-        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), arr, 1) == 0
-        n_past = llama_cpp.llama_pos(0)
-        assert mtmd_cpp.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, llm.n_batch, True,
-                                                ctypes.byref(n_past)) == 0
-        yield llm, n_past.value
+        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(tx), arr, 1) == 0
+        yield ctx, chunks
     finally:
         if chunks is not None:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
         if bm is not None:
             mtmd_cpp.mtmd_bitmap_free(bm)
         mtmd_cpp.mtmd_free(ctx)
+
+
+@contextlib.contextmanager
+def stock_mtmd_prefill(fx: Any, prompt: str, png: bytes, n_ctx: int, n_threads: int = 1) -> Iterator[tuple[Any, int]]:
+    """A stock Llama whose context holds `prompt` with the image, prefilled by mtmd_helper_eval_chunks (stock
+    image decode, flash attention off): yields (llm, n_past); the last output's logits are the next token's."""
+    llm = llama_cpp.Llama(model_path=str(fx.model), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+    try:
+        with stock_mtmd_chunks(fx.mmproj, llm.model, png, prompt.encode(), add_special=True,
+                               n_threads=n_threads) as (ctx, chunks):
+            n_past = llama_cpp.llama_pos(0)
+            assert mtmd_cpp.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, llm.n_batch, True,
+                                                    ctypes.byref(n_past)) == 0
+            yield llm, n_past.value
+    finally:
         llm.close()
 
 

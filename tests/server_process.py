@@ -1,8 +1,10 @@
 """Start `python -m avis_llamacpp.server` on a free 127.0.0.1 port for a test and stop it afterwards. Its output
-goes to a log file (a pipe nobody reads fills up after enough request logs and blocks the server mid-request)."""
+goes to a log file (a pipe nobody reads fills up after enough request logs and blocks the server mid-request).
+ASGIClient posts to the server's ASGI app in process instead."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -11,7 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 
@@ -50,3 +52,45 @@ def running_server(args: Sequence[str], log_path: Path, timeout_s: float = 90) -
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+class ASGIClient:
+    """Posts to an ASGI app in process, on one event loop (llama_cpp.server's locks are created once)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+
+    def post(self, path: str, body: bytes, headers: Sequence[tuple[bytes, bytes]] = (),
+             client: str = "127.0.0.1") -> tuple[int, bytes]:
+        """POST body to path with extra headers from the client address; (status, response body)."""
+        return self.loop.run_until_complete(self._post(path, body, list(headers), client))
+
+    async def _post(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]], client: str) -> tuple[int, bytes]:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+        status: list[int] = []
+        chunks: list[bytes] = []
+
+        async def receive() -> dict:
+            if incoming:
+                return incoming.pop(0)
+            await asyncio.sleep(3600)  # the client stays connected
+            return {"type": "http.disconnect"}
+
+        async def send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status.append(msg["status"])
+            elif msg["type"] == "http.response.body":
+                chunks.append(msg.get("body", b""))
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                             *headers],
+                 "client": (client, 5000), "server": ("127.0.0.1", 8000)}
+        await self.app(scope, receive, send)
+        assert len(status) == 1, f"one response start expected, got {status}"
+        return status[0], b"".join(chunks)
+
+    def close(self) -> None:
+        self.loop.close()

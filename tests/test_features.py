@@ -100,37 +100,22 @@ class _Chunk:
 
 def _projected_embeddings(fx, image) -> np.ndarray:
     """The image's projected embeddings straight from llama.cpp's mtmd (encode + get_output_embd)."""
-    import ctypes
-
-    import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd_cpp
 
     from avis_llamacpp.native import Model
+    from tests.family_helpers import stock_mtmd_chunks
 
     model = Model(fx.model)
-    params = mtmd_cpp.mtmd_context_params_default()
-    params.use_gpu, params.warmup, params.n_threads = False, False, 1
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = mtmd_cpp.mtmd_init_from_file(str(fx.mmproj).encode(), model.ptr, params)
     try:
-        png = image.read_bytes()
-        buf = (ctypes.c_uint8 * len(png)).from_buffer(bytearray(png))
-        bm = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(png), False)
-        chunks = mtmd_cpp.mtmd_input_chunks_init()
-        text = mtmd_cpp.mtmd_input_text()
-        data = mtmd_cpp.mtmd_default_marker()
-        text.text, text.text_len, text.add_special, text.parse_special = data, len(data), False, True
-        arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bm)
-        assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), arr, 1) == 0
-        for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
-            ch = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
-            if mtmd_cpp.mtmd_input_chunk_get_type(ch) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                assert mtmd_cpp.mtmd_encode_chunk(ctx, ch) == 0
-                n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(ch)
-                out = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n, model.n_embd_inp)).copy()
-        mtmd_cpp.mtmd_input_chunks_free(chunks)
-        mtmd_cpp.mtmd_bitmap_free(bm)
+        with stock_mtmd_chunks(fx.mmproj, model.ptr, image.read_bytes(), mtmd_cpp.mtmd_default_marker(),
+                               add_special=False) as (ctx, chunks):
+            for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+                ch = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+                if mtmd_cpp.mtmd_input_chunk_get_type(ch) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    assert mtmd_cpp.mtmd_encode_chunk(ctx, ch) == 0
+                    n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(ch)
+                    out = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx),
+                                                shape=(n, model.n_embd_inp)).copy()
         return out.astype(np.float64)
     finally:
-        mtmd_cpp.mtmd_free(ctx)
         model.close()

@@ -8,11 +8,10 @@ less the one token a fully cached prompt must decode again for its logits."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -33,6 +32,7 @@ from avis_llamacpp.prefix_cache import (
     match_prefix,
 )
 from avis_llamacpp.snapshot import Snapshot, image_digest
+from tests.server_process import ASGIClient
 
 N_CTX = 2048
 KW = dict(n_ctx=N_CTX, flash_attn=False, n_threads=1, n_threads_batch=1)
@@ -478,39 +478,13 @@ def test_chat_handler_second_turn_reuses_and_says_so(vlm_fixture, demo_image):
     assert s_off["avis"]["prefix_reused"] is False and s_off["avis"]["tokens_skipped"] == 0
 
 
-class _ASGI:
-    """Posts to an ASGI app in process with chosen headers and client address."""
+class _ChatClient(ASGIClient):
+    """Chat-completion requests as JSON, with chosen headers and client address."""
 
-    def __init__(self, app: Any) -> None:
-        self.app, self.loop = app, asyncio.new_event_loop()
-
-    def post(self, body: dict, headers: list[tuple[bytes, bytes]] = (), client: str = "127.0.0.1") -> tuple[int, dict]:
-        return self.loop.run_until_complete(self._post(json.dumps(body).encode(), list(headers), client))
-
-    async def _post(self, body: bytes, headers: list, client: str) -> tuple[int, dict]:
-        incoming = [{"type": "http.request", "body": body, "more_body": False}]
-        status, chunks = [], []
-
-        async def receive() -> dict:
-            if incoming:
-                return incoming.pop(0)
-            await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
-
-        async def send(msg: dict) -> None:
-            if msg["type"] == "http.response.start":
-                status.append(msg["status"])
-            elif msg["type"] == "http.response.body":
-                chunks.append(msg.get("body", b""))
-
-        path = "/v1/chat/completions"
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                             *headers],
-                 "client": (client, 5000), "server": ("127.0.0.1", 8000)}
-        await self.app(scope, receive, send)
-        return status[0], json.loads(b"".join(chunks))
+    def chat(self, body: dict, headers: Sequence[tuple[bytes, bytes]] = (),
+             client: str = "127.0.0.1") -> tuple[int, dict]:
+        status, raw = self.post("/v1/chat/completions", json.dumps(body).encode(), headers, client)
+        return status, json.loads(raw)
 
 
 @pytest.fixture(scope="module")
@@ -524,9 +498,9 @@ def server(llava_fixture, tmp_path_factory):
         "--avis_flash_attn", "off", "--avis_prefix_cache_bytes", str(64 << 20),
         "--avis_prefix_cache_dir", str(cache_dir)])
     app, _ = create_avis_app(args)
-    c = _ASGI(app)
+    c = _ChatClient(app)
     yield c, cache_dir
-    c.loop.close()
+    c.close()
 
 
 def test_server_clients_never_see_each_others_cached_prompts(server, demo_image):
@@ -537,11 +511,11 @@ def test_server_clients_never_see_each_others_cached_prompts(server, demo_image)
     body = {"messages": _chat(url, "Server question?"), "max_tokens": 4, "temperature": 0.0}
     alice = [(b"authorization", b"Bearer alice")]
     bob = [(b"authorization", b"Bearer bob")]
-    s1, r1 = client.post(body, alice)
-    s2, r2 = client.post(body, bob)  # the same request from another client: not reused, same answer
-    s3, r3 = client.post(body, alice)  # alice again: her prompt comes back from the store
-    s4, r4 = client.post({**body, "user": "carol"}, alice)  # another end user behind alice's key
-    s5, r5 = client.post(body, alice, client="10.0.0.7")  # another address
+    s1, r1 = client.chat(body, alice)
+    s2, r2 = client.chat(body, bob)  # the same request from another client: not reused, same answer
+    s3, r3 = client.chat(body, alice)  # alice again: her prompt comes back from the store
+    s4, r4 = client.chat({**body, "user": "carol"}, alice)  # another end user behind alice's key
+    s5, r5 = client.chat(body, alice, client="10.0.0.7")  # another address
     assert (s1, s2, s3, s4, s5) == (200,) * 5
     assert r2["avis"]["prefix_reused"] is False and r2["avis"]["tokens_skipped"] == 0
     assert r3["avis"]["prefix_reused"] is True and r3["avis"]["tokens_skipped"] == r3["usage"]["prompt_tokens"] - 1
@@ -550,10 +524,10 @@ def test_server_clients_never_see_each_others_cached_prompts(server, demo_image)
     assert len(texts) == 1
     # a client cannot name a snapshot (or any file) for the server to load
     for key in ("snapshot", "prefix_file", "cache_dir"):
-        st, err = client.post({**body, "avis": {key: str(next(cache_dir.iterdir()))}}, alice)
+        st, err = client.chat({**body, "avis": {key: str(next(cache_dir.iterdir()))}}, alice)
         assert st == 400 and err["error"]["param"] == f"avis.{key}"
-    st, r6 = client.post({**body, "avis": {"reuse_prefix": False}}, alice)
+    st, r6 = client.chat({**body, "avis": {"reuse_prefix": False}}, alice)
     assert st == 200 and r6["avis"]["tokens_skipped"] == 0
-    st, err = client.post({**body, "avis": {"reuse_prefix": "yes"}}, alice)
+    st, err = client.chat({**body, "avis": {"reuse_prefix": "yes"}}, alice)
     assert st == 400 and err["error"]["param"] == "avis.reuse_prefix"
     assert all(p.name.startswith("prefix-") and p.suffix == ".gguf" for p in cache_dir.iterdir())

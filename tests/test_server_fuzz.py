@@ -4,7 +4,6 @@ image outside the operator's directory is ever read."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from avis_llamacpp.chat_handler import OVERRIDE_KEYS
+from tests.server_process import ASGIClient
 
 hypothesis_settings = settings(max_examples=150, deadline=None, derandomize=True,
                                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -39,45 +39,6 @@ GOOD = _uri(_png(32, 24))
 BIG = _uri(_png(300, 300))  # over the fuzz app's pixel limit
 URLS = [GOOD, GOOD, BIG, _uri(_png(32, 24)[:40]), _uri(b"plain text"), "data:image/png;base64,%%%", "ok.png",
         "file:///etc/passwd", "/etc/passwd", "http://127.0.0.1:9/x.png", "missing.png"]
-
-
-class ASGIClient:
-    """Posts to an ASGI app in process, on one event loop (llama_cpp.server's locks are created once)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.loop = asyncio.new_event_loop()
-
-    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        return self.loop.run_until_complete(self._post(path, body))
-
-    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        incoming = [{"type": "http.request", "body": body, "more_body": False}]
-        status: list[int] = []
-        chunks: list[bytes] = []
-
-        async def receive() -> dict:
-            if incoming:
-                return incoming.pop(0)
-            await asyncio.sleep(3600)  # the client stays connected
-            return {"type": "http.disconnect"}
-
-        async def send(msg: dict) -> None:
-            if msg["type"] == "http.response.start":
-                status.append(msg["status"])
-            elif msg["type"] == "http.response.body":
-                chunks.append(msg.get("body", b""))
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
-        await self.app(scope, receive, send)
-        assert len(status) == 1, f"one response start expected, got {status}"
-        return status[0], b"".join(chunks)
-
-    def close(self) -> None:
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
