@@ -1,0 +1,143 @@
+"""The Qwen2.5-VL-architecture shapes trainer's export and its PyTorch mirror against llama.cpp.
+
+The mirror is what the bundled model was trained in; these tests hold it to stock llama.cpp (via the plugin)
+on a small random-weight pair: the same first-step logits and greedy tokens with the whole image and with a
+KDV-pruned image (kept tokens at their original M-RoPE positions). The writer test needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from avis_llamacpp import VLM
+from convert.mmproj import VisionDims, _Init, _qwen25vl_tensors, write_mmproj, write_mmproj_weights
+from convert.shapes_task import format_question, make_item, render
+
+SMALL = argparse.Namespace(vit_embd=32, vit_heads=2, vit_ff=64, vit_layers=2, embd=64, layers=2, heads=4, ff=160)
+
+
+def test_trained_qwen_mmproj_writer_matches_the_generator(tmp_path):
+    """write_mmproj_weights(qwen25vl) of the generator's own arrays gives the generator's tensors, and stock mtmd
+    encodes an image with it exactly as with the generator's file."""
+    from convert.gguf_tensors import read_tensors
+
+    dims = VisionDims("qwen25vl", n_embd=32, n_layer=2, n_head=2, n_ff=64, patch_size=14, image_size=224,
+                      proj_dim=64, n_wa_pattern=2)
+    write_mmproj(tmp_path / "gen.gguf", dims, seed=3, name="gen")
+    arrays = dict(_qwen25vl_tensors(dims, _Init(3, 0.02)))
+    info = write_mmproj_weights(tmp_path / "trained.gguf", dims, arrays, name="gen")
+    assert info["n_image_tokens"] == 64 and info["n_blocks_run"] == 2
+    a, b = read_tensors(tmp_path / "gen.gguf"), read_tensors(tmp_path / "trained.gguf")
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="missing tensors"):
+        write_mmproj_weights(tmp_path / "x.gguf", dims, {k: v for k, v in arrays.items() if k != "mm.2.bias"},
+                             name="x")
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from training.qwen_torch import ShapesQwenVLM
+    from training.train_shapes_qwen import default_dims, qwen_vocab, write_gguf_pair
+
+    torch.manual_seed(0)
+    spec = qwen_vocab()
+    model = ShapesQwenVLM(default_dims(spec.n_vocab, SMALL))
+    with torch.no_grad():  # larger than the training init, so greedy margins are not ties
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    out = tmp_path_factory.mktemp("qwen-shapes")
+    write_gguf_pair(model.eval(), out, spec)
+    return out
+
+
+def test_mirror_matches_llama_cpp_whole_and_pruned(qwen_pair):
+    torch = pytest.importorskip("torch")
+    from training.eval_shapes_vlm import llama_prompt, torch_mirror
+
+    torch.set_num_threads(1)
+    model, mmproj = qwen_pair / "model.gguf", qwen_pair / "mmproj.gguf"
+    tm, tok = torch_mirror(model, mmproj)
+    assert tm.grid == (16, 16)
+    # flash attention off: llama.cpp's CPU flash path multiplies Q.K in f16 (~1e-2 relative on this random net)
+    with VLM(model, mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=False) as vlm:
+        for i in range(2):
+            item = make_item("test", i)
+            img, text = np.asarray(render(item.scene)), format_question(item.question)
+            chunks, want = llama_prompt(vlm, img, text)
+            assert chunks == [tok.prefix(), tok.question(item.question)]  # the training layout is mtmd's
+            whole = vlm.ask(img, text, answer_tags=True, max_tokens=12)
+            out, first = tm.greedy(img, tok.prefix(), tok.question(item.question), max_tokens=12, eos=tok.eos)
+            got = first.double().numpy()
+            # llama.cpp rounds K/V to f16 and takes GELU from an f16 table
+            assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+            assert out == whole.tokens
+            pruned = vlm.ask(img, text, answer_tags=True, max_tokens=12, ratio=0.75)
+            kept = np.asarray(pruned.images[0]["kept"])
+            assert len(kept) == 64 and pruned.images[0]["key_source"].startswith("vit_keys")
+            out_p, _ = tm.greedy(img, tok.prefix(), tok.question(item.question), max_tokens=12, eos=tok.eos,
+                                 kept=kept)
+            assert out_p == pruned.tokens
+            # the mirror's own KDV keys pick the same tokens as the plugin's captured ViT keys
+            from avis_llamacpp.kdv import kdv_scores
+            from training.vlm_torch import pixels
+            with torch.no_grad():
+                _, keys = tm.vision(pixels(img[None]))
+            scores = kdv_scores(keys[0].double().numpy())
+            assert np.array_equal(np.sort(np.argsort(-scores, kind="stable")[:64]), kept)
+
+
+def test_mirror_vision_equals_numpy_reference(qwen_pair):
+    """The mirror's ViT + merger against the numpy re-implementation of qwen2vl.cpp (tests/reference_vit.py, exact
+    GELU): embeddings in raster token order, and the last block's post-RoPE keys averaged per merged token."""
+    torch = pytest.importorskip("torch")
+    from tests.reference_vit import qwen25vl_forward
+    from training.eval_shapes_vlm import torch_mirror
+    from training.vlm_torch import pixels
+
+    tm, _ = torch_mirror(qwen_pair / "model.gguf", qwen_pair / "mmproj.gguf")
+    img = np.asarray(render(make_item("test", 3).scene))
+    ref = qwen25vl_forward(qwen_pair / "mmproj.gguf", img, act="exact")
+    with torch.no_grad():
+        emb, keys = tm.vision(pixels(img[None]))
+    want = ref["embeddings"]
+    assert np.abs(emb[0].double().numpy() - want).max() <= 1e-4 * np.abs(want).max()
+    last = ref["keys_rope"][-1]
+    want_keys = last.reshape(-1, 4, *last.shape[1:]).mean(1)[ref["window_idx"]]
+    assert np.abs(keys[0].double().numpy() - want_keys).max() <= 1e-4 * np.abs(want_keys).max()
+
+
+def test_rope_permutation_keeps_the_text_function():
+    """A llama (RoPE NORM) text model's weights, q/k rows permuted to NEOX pairs, give the same logits in the
+    qwen2vl (M-RoPE) mirror on text, where t = h = w."""
+    torch = pytest.importorskip("torch")
+    from convert.text_model import TextModelDims
+    from training.qwen_torch import QwenText, permute_rope_norm_to_neox, text_positions
+    from training.vlm_torch import LlamaText
+
+    torch.manual_seed(1)
+    d_llama = TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=4, n_ff=160)
+    d_qwen = TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=4, n_ff=160)
+    src, dst = LlamaText(d_llama, 50), QwenText(d_qwen, 50)
+    sd = {}
+    for k, v in src.state_dict().items():
+        if k.endswith((".q.weight", ".k.weight")):
+            v = torch.from_numpy(permute_rope_norm_to_neox(v.numpy(), 4))
+        sd[k] = v
+    for k, v in dst.state_dict().items():
+        if k.endswith(".bias"):
+            sd[k] = torch.zeros_like(v)
+    dst.load_state_dict(sd, strict=True)
+    ids = torch.randint(0, 50, (1, 20))
+    with torch.no_grad():
+        a = src.logits(src.hidden(src.embd(ids), torch.arange(5, 25), None))
+        b = dst.logits(dst.hidden(dst.embd(ids), text_positions(5, 20)[None], None))
+        assert torch.allclose(a, b, atol=1e-5)
+        plain = {k: (v if not k.endswith((".q.weight", ".k.weight")) else src.state_dict()[k]) for k, v in sd.items()}
+        dst.load_state_dict(plain)  # without the permutation the function differs
+        c = dst.logits(dst.hidden(dst.embd(ids), text_positions(5, 20)[None], None))
+        assert not torch.allclose(a, c, atol=1e-3)
