@@ -105,12 +105,13 @@ def test_calibration_on_ray_equals_in_process(llava_fixture, items, tmp_path):
 
 
 def test_policy_row_is_named_from_the_policy_file(tmp_path):
-    """The policy row says what the policy does (the bundled one prunes nothing), not a fixed 'tau + policy'."""
+    """The policy row says what the policy does (the LLaVA-style shapes policy prunes nothing), not a fixed
+    'tau + policy'."""
     from avis_llamacpp.bench import policy_label
-    from avis_llamacpp.defaults import TRAINED_DIR
+    from avis_llamacpp.defaults import LLAVA_SHAPES_DIR
     from avis_llamacpp.policy import load_policy
 
-    path = TRAINED_DIR / "policy.gguf"
+    path = LLAVA_SHAPES_DIR / "policy.gguf"
     pol = load_policy(path)
     assert pol.tau is None and pol.ratio is None
     assert policy_label(path) == "avis (policy K, no pruning)"
