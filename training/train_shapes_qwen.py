@@ -238,6 +238,36 @@ def loss_fn(model: ShapesQwenVLM, aux: AuxHeads, b: dict, seed: int,
     return loss, aux(img, b["patch_labels"]), q_loss
 
 
+def pretrain_vision(model: ShapesQwenVLM, aux: AuxHeads, batcher: Batcher, args: argparse.Namespace) -> list[dict]:
+    """The first phase: the vision tower and the auxiliary heads alone on the per-token targets (no text model,
+    about a quarter of a joint step), so the joint phase starts from image embeddings that already name colour,
+    shape and place; the same warm-up and cosine schedule over --vision-minutes."""
+    params = list(model.vision.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW([{"params": [x for x in params if x.dim() >= 2], "weight_decay": 0.05},
+                             {"params": [x for x in params if x.dim() < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    t0, curve, run, n, step = time.perf_counter(), [], 0.0, 0, 0
+    while time.perf_counter() - t0 < args.vision_minutes * 60:
+        progress = (time.perf_counter() - t0) / (args.vision_minutes * 60)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, progress, args.lr, args.warmup)
+        samples = [batcher.sample(batcher.next_index + i) for i in range(args.batch)]
+        batcher.next_index += args.batch
+        img, _ = model.vision(pixels(np.stack([im for im, _, _ in samples])))
+        loss = aux(img, torch.from_numpy(np.stack([lab for _, _, lab in samples])))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run, n, step = run + float(loss.detach()), n + 1, step + 1
+        if step % 50 == 0:
+            curve.append({"vision_step": step, "aux": round(run / n, 4),
+                          "minutes": round((time.perf_counter() - t0) / 60, 2)})
+            print(json.dumps(curve[-1]), flush=True)
+            run, n = 0.0, 0
+    return curve
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train_shapes_qwen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-layers", type=int, default=3, help="ViT blocks; the last one attends over the whole "
                    "image, the others inside 112 px windows")
     p.add_argument("--prune-prob", type=float, default=0.5, help="share of batches trained on pruned images")
+    p.add_argument("--vision-minutes", type=float, default=0.0,
+                   help="first train the vision tower alone on the per-token targets for this long (counted in "
+                        "--max-minutes)")
     p.add_argument("--question-loss", type=float, default=0.5)
     p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--init-text-from", default=None, help="llama-arch shapes text GGUF to start the text model from")
@@ -299,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         groups.append({"params": [x for _, x in named if x.dim() < 2], "weight_decay": 0.0, "scale": scale})
     all_params = [x for g in groups for x in g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    joint_minutes = args.max_minutes - args.vision_minutes
+    t_all = time.perf_counter()
+    vision_curve = pretrain_vision(model, aux, batcher, args) if args.vision_minutes > 0 else []
     t0 = time.perf_counter()
     curve: list[dict] = []
     run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "n": 0}
     step = 0
     for step in range(args.steps):
-        progress = max(step / args.steps, (time.perf_counter() - t0) / (args.max_minutes * 60))
+        progress = max(step / args.steps, (time.perf_counter() - t0) / (joint_minutes * 60))
         lr = lr_at(step, progress, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr * g["scale"]
@@ -330,16 +366,17 @@ def main(argv: list[str] | None = None) -> int:
             run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "n": 0}
         if (step + 1) % 200 == 0:
             torch.save(model.state_dict(), work / "ckpt.pt")
-        if elapsed > args.max_minutes * 60:
+        if elapsed > joint_minutes * 60:
             print(f"time cap reached at step {step + 1}", flush=True)
             break
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t_all
     torch.save(model.state_dict(), work / "ckpt.pt")
     out = Path(args.out)
     files = write_gguf_pair(model.eval(), out, spec)
     info = {"command": command, "seed": args.seed, "steps_done": step + 1, "args": vars(args),
             "dims": dims.to_dict(), "n_params": n_params, "train_seconds": round(train_s, 1),
             "final_train_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
+            "vision_curve": vision_curve,
             "torch": torch.__version__, "threads": args.threads, "checkpoint": str(work / "ckpt.pt"),
             "files": {k: {"bytes": v["file_size"], "n_params": v["n_params"]} for k, v in files.items()}}
     (out / "training.json").write_text(json.dumps(info, indent=1))
