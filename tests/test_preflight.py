@@ -4,7 +4,6 @@ it stays cheap on a large vocabulary, and broken files are ModelLoadErrors namin
 from __future__ import annotations
 
 import struct
-import time
 from pathlib import Path
 
 import gguf
@@ -67,25 +66,15 @@ def test_small_file_by_hand(tmp_path):
     assert hdr.tensors == {"t.weight": ((8, 8), int(gguf.GGMLQuantizationType.F32))}
 
 
-def test_scan_stays_cheap_on_a_large_vocabulary(tmp_path):
-    """gguf-py's reader builds a numpy view per array element (seconds for a 152k vocabulary); the scan
-    must not, and must not read tensor data (a 64 MiB tensor here)."""
+def test_scan_reads_a_large_vocabulary_without_tensor_data(tmp_path):
+    """A 100k-token vocabulary comes back whole and a 64 MiB tensor is described, not read (speed against gguf-py's
+    reader is a benchmark, not a test: benchmarks/bench_preflight.py)."""
     n = 100_000
     big = {"t.weight": np.zeros((4096, 4096), dtype=np.float32)}
     path = _write(tmp_path / "v.gguf", tokens=[f"tok{i}" for i in range(n)], tensors=big)
-
-    def best(fn):
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    ours = best(lambda: scan_gguf(path))
-    stock = best(lambda: gguf.GGUFReader(path))
-    assert len(scan_gguf(path).tokens) == n
-    assert ours * 5 < stock, (ours, stock)
+    hdr = scan_gguf(path)
+    assert len(hdr.tokens) == n and hdr.tokens[12345] == b"tok12345"
+    assert hdr.tensors == {"t.weight": ((4096, 4096), int(gguf.GGMLQuantizationType.F32))}
 
 
 def _patch(src: Path, dst: Path, edit) -> Path:
