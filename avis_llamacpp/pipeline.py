@@ -20,7 +20,7 @@ import numpy as np
 from .capture import KeyCapture
 from .families import ChunkGeometry, Family, TokenKeys, family_for
 from .errors import ClosedError, ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
-from .flops import TextDims, VisionDims, encoder_flops, relative_flops
+from .flops import TextDims, encoder_flops, relative_flops
 from .images import ImageInput, load_frames, load_image
 from .features import query_features
 from .kdv import (ImageTokens, KDVSelection, TokenSelector, check_kept, kdv_scores, make_selector, prune,
@@ -722,8 +722,7 @@ class VLM:
         if not info.n_layer or not info.n_embd:
             return 0.0
         fam = self.family
-        return encoder_flops(VisionDims(fam.blocks_run(info), info.n_embd, info.n_ff, gated_ffn=fam.gated_ffn),
-                             fam.n_patches(im.n_tokens, info))
+        return encoder_flops(fam.encoder_dims(info), fam.n_patches(im.n_tokens, info))
 
     # -- KDV ------------------------------------------------------------------------------------------
     def _geometry(self, chunk: ImageChunk) -> ChunkGeometry:

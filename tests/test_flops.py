@@ -71,3 +71,18 @@ def test_qwen25vl_family_windows_follow_clip_cpp():
         VisionInfo(projector_type="qwen2vl_merger", patch_size=14, n_wa_pattern=0, window_size=0, spatial_merge=2,
                    n_layer=8, n_embd=64, n_ff=128))
     assert plain.window_rows == 0
+
+
+def test_answer_counts_qwen25vl_windows(qwen_fixture, demo_image):
+    """An answer's encoder FLOPs on the windowed Qwen2.5-VL fixture (224 px, patch 14: 256 patches; 112 px windows
+    of 8 x 8 patches; full attention in blocks 1 and 3), computed here by hand from the fixture's dims."""
+    from avis_llamacpp import VLM
+
+    v = qwen_fixture.vision
+    assert (v.n_layer, v.n_wa_pattern, v.patch_size) == (4, 2, 14)
+    per_row = 2 * (4 * v.n_embd * v.n_embd + 3 * v.n_embd * v.n_ff)
+    want = sum(256 * (per_row + 4 * (256 if il % 2 else 64) * v.n_embd) for il in range(4))
+    with VLM(qwen_fixture.model, qwen_fixture.mmproj, n_ctx=1024) as vlm:
+        ans = vlm.ask(str(demo_image), "Describe.", max_tokens=2)
+    assert ans.image_tokens == [64]
+    assert ans.flops["encoder"] * ans.flops["vanilla_total"] == pytest.approx(want, rel=1e-9)
