@@ -129,19 +129,30 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .defaults import DEMO_IMAGE, default_model_paths
+    from .defaults import DEMO_IMAGE, TRAINED_DIR, bundled_dir, default_model_paths, default_policy_path
     from .pipeline import VLM
 
     model, mmproj = default_model_paths()
+    # the full AVIS query (adaptive KDV + the calibrated K policy) on the model trained for pruned inputs;
+    # --k / --tau / --no-prune override it, and the older LLaVA-style model runs unpruned at K=1 unless told
+    avis = bundled_dir() == TRAINED_DIR and not args.no_prune
+    policy_path = default_policy_path() if args.k is None and avis else None
+    tau = args.tau if args.tau is not None else (math.pi / 4 if avis and args.k is None else None)
     options = ["0", "1", "2", "3"]
     question = args.question + "\n" + "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", options))
     with VLM(model, mmproj, n_ctx=2048) as vlm:
-        ans = vlm.ask(DEMO_IMAGE, question, max_tokens=args.max_tokens, k=args.k, seed=0, answer_tags=True,
-                      options=options, tau=args.tau)
+        policy = None
+        if policy_path is not None:
+            from .policy import load_policy
+            policy = load_policy(policy_path, vlm)
+        ans = vlm.ask(DEMO_IMAGE, question, max_tokens=args.max_tokens, k=args.k or 1, seed=0, answer_tags=True,
+                      options=options, tau=None if args.no_prune else tau, policy=policy)
+    how = (f"AVIS: KDV tau={tau:.3g} + policy {policy_path.parent.name}/{policy_path.name} picked K={ans.k}"
+           if policy is not None else f"K={ans.k}" + (f", KDV tau={tau:.3g}" if tau is not None else ""))
     print(f"model: {model.parent.name}/{model.name}\nimage: {DEMO_IMAGE}\nquestion: {question}")
     print(f"output: {ans.text}\nanswer: {ans.answer} (votes {ans.votes})")
-    print(f"[K={ans.k}, image tokens kept {ans.kept_tokens} of {ans.image_tokens}, "
-          f"{ans.timings['total_s'] * 1000:.0f} ms]")
+    print(f"[{how}; image tokens kept {ans.kept_tokens} of {ans.image_tokens}; "
+          f"{ans.flops['total']:.2f}x the FLOPs of an unpruned greedy answer; {ans.timings['total_s'] * 1000:.0f} ms]")
     return 0
 
 
@@ -168,9 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_show)
 
     demo = sub.add_parser("demo", help="answer a question about the bundled image with the bundled default model")
-    demo.add_argument("--k", type=int, default=1, help="rollouts voted on (1 = greedy)")
+    demo.add_argument("--k", type=int, default=None,
+                      help="rollouts voted on (default: the bundled policy picks K; 1 = greedy)")
     demo.add_argument("--max-tokens", type=int, default=96, help="most tokens per rollout")
-    demo.add_argument("--tau", type=_tau, default=None, help="KDV adaptive pruning angle (e.g. pi/4); default: none")
+    demo.add_argument("--tau", type=_tau, default=None,
+                      help="KDV adaptive pruning angle (default pi/4 on the model trained for pruned inputs)")
+    demo.add_argument("--no-prune", action="store_true", help="keep every image token (and no policy)")
     demo.add_argument("question", nargs="?", default="How many red shapes are in the image?",
                       help="the question (options 0-3 are appended as A-D)")
     demo.set_defaults(func=_cmd_demo)
