@@ -1,11 +1,15 @@
 """avis-llamacpp: AVIS adaptive test-time scaling (visual-token pruning + shared-prefill self-consistency)
 for vision-language models running in llama.cpp through llama-cpp-python."""
 
-from .errors import AVISError, ContextOverflowError, EncodeError, ImageError, InvalidArgumentError, ModelLoadError
+from .errors import (AVISError, ContextOverflowError, EncodeError, ImageError, InvalidArgumentError, ModelLoadError,
+                     SelectorError)
+from .kdv import ImageTokens, TokenSelector, make_selector
 from .native import SamplingParams
 from .pipeline import VLM, Answer
+from .options import QuerySettings
 from .policy import AVISPolicy, load_policy
 
-__all__ = ["VLM", "Answer", "SamplingParams", "AVISPolicy", "load_policy", "AVISError", "ContextOverflowError", "ImageError",
-           "InvalidArgumentError", "ModelLoadError", "EncodeError"]
+__all__ = ["VLM", "Answer", "SamplingParams", "QuerySettings", "AVISPolicy", "load_policy", "make_selector",
+           "TokenSelector", "ImageTokens", "AVISError", "ContextOverflowError", "ImageError", "InvalidArgumentError",
+           "ModelLoadError", "EncodeError", "SelectorError"]
 __version__ = "0.1.0"
