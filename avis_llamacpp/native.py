@@ -16,8 +16,7 @@ import llama_cpp
 import numpy as np
 
 from .errors import ContextOverflowError, InvalidArgumentError, ModelLoadError
-# scan_gguf is imported from here too (its old home) by benchmarks/fuzz_images.py
-from .preflight import check_text_model_file, scan_gguf  # noqa: F401
+from .preflight import check_text_model_file
 
 logger = logging.getLogger(__name__)
 

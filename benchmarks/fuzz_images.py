@@ -280,7 +280,7 @@ for line in sys.stdin:
 
 
 def _gguf_header_size(path: str | os.PathLike) -> int:
-    from avis_llamacpp.native import scan_gguf
+    from avis_llamacpp.preflight import scan_gguf
 
     return scan_gguf(path).data_offset
 
