@@ -27,7 +27,7 @@ from torch import nn
 from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
 from convert.text_model import TextModelDims
-from training.vlm_torch import RMSNorm, _f16_ste, pixels
+from training.vlm_torch import LlamaBlock, LlamaText, RMSNorm, _f16_ste, gguf_metadata, greedy_decode, pixels
 
 VISION_ROPE_THETA = 10000.0
 
@@ -195,62 +195,27 @@ def rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
 
 
-class QwenTextBlock(nn.Module):
-    """qwen2vl decoder block: biased q/k/v, M-RoPE."""
+class QwenTextBlock(LlamaBlock):
+    """qwen2vl decoder block: the llama block with q/k/v biases and M-RoPE (rotate takes precomputed angles)."""
 
     def __init__(self, d: TextModelDims) -> None:
-        super().__init__()
-        self.d = d
-        e, hd = d.n_embd, d.head_dim
-        self.attn_norm = RMSNorm(e, d.rms_eps)
-        self.q = nn.Linear(e, d.n_head * hd)
-        self.k = nn.Linear(e, d.n_head_kv * hd)
-        self.v = nn.Linear(e, d.n_head_kv * hd)
-        self.o = nn.Linear(d.n_head * hd, e, bias=False)
-        self.ffn_norm = RMSNorm(e, d.rms_eps)
-        self.gate = nn.Linear(e, d.n_ff, bias=False)
-        self.up = nn.Linear(e, d.n_ff, bias=False)
-        self.down = nn.Linear(d.n_ff, e, bias=False)
+        super().__init__(d, qkv_bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """[B, T, E] -> [B, T, E]; mask [T, T] bool (True = attend) or None for causal."""
-        b, t, _ = x.shape
-        d = self.d
-        h = self.attn_norm(x)
-        q = self.q(h).view(b, t, d.n_head, d.head_dim).transpose(1, 2)
-        k = self.k(h).view(b, t, d.n_head_kv, d.head_dim).transpose(1, 2)
-        v = self.v(h).view(b, t, d.n_head_kv, d.head_dim).transpose(1, 2)
-        q, k = rope_neox(q, cos, sin), rope_neox(k, cos, sin)
-        if d.n_head_kv != d.n_head:
-            rep = d.n_head // d.n_head_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
-        h = self.ffn_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """NEOX-pair rotation of q and k by mrope_angles' (cos, sin)."""
+        return rope_neox(q, *angles), rope_neox(k, *angles)
 
 
-class QwenText(nn.Module):
+class QwenText(LlamaText):
     """qwen2vl decoder with tied output."""
 
-    def __init__(self, d: TextModelDims, n_vocab: int) -> None:
-        super().__init__()
-        self.d = d
-        self.embd = nn.Embedding(n_vocab, d.n_embd)
-        nn.init.normal_(self.embd.weight, std=0.02)
-        self.blocks = nn.ModuleList(QwenTextBlock(d) for _ in range(d.n_layer))
-        self.out_norm = RMSNorm(d.n_embd, d.rms_eps)
+    block_type = QwenTextBlock
 
     def hidden(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings [B, T, E], positions [B, T, 3] -> final hidden states."""
-        cos, sin = mrope_angles(pos, self.d.head_dim, self.d.resolved_rope_sections(), self.d.rope_theta)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, mask)
-        return x
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states -> logits over the vocabulary."""
-        return self.out_norm(h) @ self.embd.weight.T
+        angles = mrope_angles(pos, self.d.head_dim, self.d.resolved_rope_sections(), self.d.rope_theta)
+        return super().hidden(x, angles, mask)
 
 
 def image_positions(p0: int, kept: np.ndarray | torch.Tensor, nx: int) -> torch.Tensor:
@@ -299,21 +264,12 @@ class ShapesQwenVLM(nn.Module):
         (raster token indices) prunes the image as the plugin does."""
         img, _ = self.vision(pixels(image_rgb[None]))
         kept = np.arange(img.shape[1]) if kept is None else np.asarray(kept)
-        out: list[int] = []
-        first = None
-        for _ in range(max_tokens):
+
+        def next_logits(out: list[int]) -> torch.Tensor:
             x, pos = self.prompt(prefix, img, kept, question + out)
-            logits = self.text.logits(self.text.hidden(x, pos, None)[:, -1])[0]
-            if first is None:
-                first = logits
-            tok = int(torch.argmax(logits))
-            if tok == eos:
-                break
-            out.append(tok)
-            if stop and out[-len(stop):] == list(stop):
-                break
-        assert first is not None
-        return out, first
+            return self.text.logits(self.text.hidden(x, pos, None)[:, -1])[0]
+
+        return greedy_decode(next_logits, max_tokens=max_tokens, eos=eos, stop=stop)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -368,14 +324,7 @@ def load_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike
 
 def dims_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike) -> QwenVLMDims:
     """Rebuild QwenVLMDims from an exported pair's metadata."""
-    import gguf
-
-    def kv(path: str | os.PathLike) -> tuple[dict, gguf.GGUFReader]:
-        r = gguf.GGUFReader(os.fspath(path))
-        return {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}, r
-
-    (t, text_reader), (v, _) = kv(model_path), kv(mmproj_path)
-    n_vocab = len(text_reader.fields["tokenizer.ggml.tokens"].data)
+    (t, n_vocab), (v, _) = gguf_metadata(model_path), gguf_metadata(mmproj_path)
     text = TextModelDims("qwen2vl", n_embd=t["qwen2vl.embedding_length"], n_layer=t["qwen2vl.block_count"],
                          n_head=t["qwen2vl.attention.head_count"], n_head_kv=t["qwen2vl.attention.head_count_kv"],
                          n_ff=t["qwen2vl.feed_forward_length"], n_ctx_train=t["qwen2vl.context_length"],

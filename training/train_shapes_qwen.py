@@ -42,13 +42,14 @@ from avis_llamacpp.kdv import kdv_scores, random_subset, uniform_subset
 from avis_llamacpp.prompt import QWEN25VL
 from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims, write_mmproj_weights
-from convert.shapes_task import COLOURS, SHAPES, SPLITS, make_question, make_scene, render
+from convert.shapes_task import COLOURS, SHAPES, Scene
 from convert.text_model import CHATML_CHAT_TEMPLATE, TextModelDims, write_text_model_weights
 from convert.tokenizer import build_vocab
 from training.data import N_MERGES, Tokenizer, task_corpus
 from training.qwen_torch import (QwenVLMDims, ShapesQwenVLM, export_weights, image_positions,
                                  permute_rope_norm_to_neox, text_positions)
-from training.train_shapes_vlm import lr_at, patch_labels
+from training.train_shapes_vlm import Batcher as LlavaBatcher
+from training.train_shapes_vlm import lr_at, pack_branches, patch_labels
 from training.vlm_torch import pixels
 
 IMAGE_SIZE = 224
@@ -126,80 +127,36 @@ class AuxHeads(torch.nn.Module):
         return loss
 
 
-class Batcher:
-    """Packed batches: per image [prefix | kept image tokens | q1+t1 | q2+t2 | ...] with a block mask."""
+class Batcher(LlavaBatcher):
+    """Packed batches as the llava-style trainer's, with 256-token labels, pruning chosen per batch (the kept
+    indices once the keys are known, in loss_fn) and 3-D positions."""
 
-    def __init__(self, tok: Tokenizer, batch: int, questions: int, seed: int, prune_prob: float) -> None:
-        self.tok, self.batch, self.questions, self.seed = tok, batch, questions, seed
-        self.prune_prob = prune_prob
-        self.rng = np.random.default_rng([11, seed])
-        self.prefix = tok.prefix()
-        self.next_index = 0
-
-    def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
-        """Image, (question tokens, target tokens) pairs and per-token labels of training image `index`."""
-        rng = np.random.default_rng([SPLITS["train"], self.seed, index])
-        scene = make_scene(rng)
-        seen, pairs = set(), []
-        for _ in range(self.questions * 3):
-            q = make_question(scene, rng)
-            if q.text in seen:
-                continue
-            seen.add(q.text)
-            pairs.append((self.tok.question(q), self.tok.target(q)))
-            if len(pairs) == self.questions:
-                break
-        return np.asarray(render(scene)), pairs, patch_labels(scene, GRID, CELL)
+    def labels(self, scene: Scene) -> np.ndarray:
+        """Per-token targets on the 16 x 16 token grid."""
+        return patch_labels(scene, GRID, CELL)
 
     def pruning(self) -> tuple[int, str]:
         """(tokens kept per image, selector) for the next batch."""
         n = GRID * GRID
-        if self.rng.uniform() >= self.prune_prob:
+        if self.prune_rng.uniform() >= self.prune_prob:
             return n, "none"
-        keep = int(np.clip(round(self.rng.uniform(0.1, 1.0) * n), 1, n))
-        return keep, str(self.rng.choice(SELECTORS, p=[0.5, 0.25, 0.25]))
+        keep = int(np.clip(round(self.prune_rng.uniform(0.1, 1.0) * n), 1, n))
+        return keep, str(self.prune_rng.choice(SELECTORS, p=[0.5, 0.25, 0.25]))
 
     def next(self) -> dict:
-        """The next batch (kept indices are chosen in loss_fn once the keys are known)."""
+        """The next batch."""
         samples = [self.sample(self.next_index + i) for i in range(self.batch)]
         self.next_index += self.batch
         n_keep, selector = self.pruning()
         n_q = max(len(p) for _, p, _ in samples)
         L = max(len(q) + len(t) for _, p, _ in samples for q, t in p)
         p0 = len(self.prefix)
-        P = p0 + n_keep
-        T = P + n_q * L
-        rest = torch.zeros(self.batch, n_q * L, dtype=torch.long)
-        rows, cols, labels, q_rows, q_cols, q_labels = [], [], [], [], [], []
-        for b, (_, pairs, _) in enumerate(samples):
-            for j, (q, t) in enumerate(pairs):
-                seq = q + t
-                rest[b, j * L:j * L + len(seq)] = torch.tensor(seq)
-                for k in range(len(q) - 1, len(seq) - 1):
-                    rows.append(b)
-                    cols.append(P + j * L + k)
-                    labels.append(seq[k + 1])
-                for k in range(len(q) - 1):
-                    q_rows.append(b)
-                    q_cols.append(P + j * L + k)
-                    q_labels.append(seq[k + 1])
-        mask = torch.zeros(T, T, dtype=torch.bool)
-        mask[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
-        causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
         start = p0 + GRID  # text after the image: p0 + max(nx, ny), pruned or not
-        rest_pos = []
-        for j in range(n_q):
-            s = P + j * L
-            mask[s:s + L, :P] = True
-            mask[s:s + L, s:s + L] = causal
-            rest_pos.append(text_positions(start, L))
         return {"px": pixels(np.stack([im for im, _, _ in samples])), "index": self.next_index - self.batch,
                 "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
-                "prefix": torch.tensor([self.prefix] * self.batch), "rest": rest, "mask": mask,
-                "prefix_pos": text_positions(0, p0), "rest_pos": torch.cat(rest_pos), "p0": p0,
-                "n_keep": n_keep, "selector": selector,
-                "rows": torch.tensor(rows), "cols": torch.tensor(cols), "labels": torch.tensor(labels),
-                "q_rows": torch.tensor(q_rows), "q_cols": torch.tensor(q_cols), "q_labels": torch.tensor(q_labels)}
+                "prefix": torch.tensor([self.prefix] * self.batch), "prefix_pos": text_positions(0, p0),
+                "rest_pos": torch.cat([text_positions(start, L)] * n_q), "p0": p0, "n_keep": n_keep,
+                "selector": selector, **pack_branches(samples, p0 + n_keep, n_q, L)}
 
 
 def choose_kept(b: dict, keys: torch.Tensor, seed: int) -> torch.Tensor:

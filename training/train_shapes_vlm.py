@@ -146,7 +146,11 @@ class Batcher:
             pairs.append((self.tok.question(q), self.tok.target(q)))
             if len(pairs) == self.questions:
                 break
-        return np.asarray(render(scene)), pairs, patch_labels(scene)
+        return np.asarray(render(scene)), pairs, self.labels(scene)
+
+    def labels(self, scene: Scene) -> np.ndarray:
+        """Per-token auxiliary targets of a scene."""
+        return patch_labels(scene)
 
     def kept_tokens(self, labels: list[np.ndarray]) -> tuple[int, torch.Tensor]:
         """Pruning augmentation: with probability prune_prob the batch keeps n < 196 image tokens per image,
@@ -171,37 +175,45 @@ class Batcher:
         p0 = len(self.prefix)
         n_keep, keep = self.kept_tokens([lab for _, _, lab in samples])
         P = p0 + n_keep
-        R = n_q * L
-        T = P + R
-        rest = torch.zeros(self.batch, R, dtype=torch.long)
-        rows, cols, labels, q_rows, q_cols, q_labels = [], [], [], [], [], []
-        for b, (_, pairs, _) in enumerate(samples):
-            for j, (q, t) in enumerate(pairs):
-                seq = q + t
-                rest[b, j * L:j * L + len(seq)] = torch.tensor(seq)
-                for k in range(len(q) - 1, len(seq) - 1):
-                    rows.append(b)
-                    cols.append(P + j * L + k)
-                    labels.append(seq[k + 1])
-                for k in range(len(q) - 1):  # the question text itself (options repeat its words: copy practice)
-                    q_rows.append(b)
-                    q_cols.append(P + j * L + k)
-                    q_labels.append(seq[k + 1])
-        mask = torch.zeros(T, T, dtype=torch.bool)
-        mask[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
-        causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
-        pos = torch.empty(T, dtype=torch.long)
+        packed = pack_branches(samples, P, n_q, L)
+        pos = torch.empty(P + n_q * L, dtype=torch.long)
         pos[:P] = torch.arange(P)
         for j in range(n_q):
-            s = P + j * L
-            mask[s:s + L, :P] = True
-            mask[s:s + L, s:s + L] = causal
-            pos[s:s + L] = P + torch.arange(L)
+            pos[P + j * L:P + (j + 1) * L] = P + torch.arange(L)
         return {"px": pixels(np.stack([im for im, _, _ in samples])),
                 "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
-                "prefix": torch.tensor([self.prefix] * self.batch), "rest": rest, "keep": keep, "mask": mask, "pos": pos,
-                "rows": torch.tensor(rows), "cols": torch.tensor(cols), "labels": torch.tensor(labels),
-                "q_rows": torch.tensor(q_rows), "q_cols": torch.tensor(q_cols), "q_labels": torch.tensor(q_labels)}
+                "prefix": torch.tensor([self.prefix] * self.batch), "keep": keep, "pos": pos, **packed}
+
+
+def pack_branches(samples: list, P: int, n_q: int, L: int) -> dict[str, torch.Tensor]:
+    """The question branches of a packed batch after a P-row prefix (text + image): tokens (`rest`, [B, n_q*L]),
+    the block mask (each branch sees the prefix and itself, causally) and the loss rows/cols/labels of the
+    assistant tokens (`rows`...) and of the question tokens (`q_rows`...)."""
+    T = P + n_q * L
+    rest = torch.zeros(len(samples), n_q * L, dtype=torch.long)
+    rows, cols, labels, q_rows, q_cols, q_labels = [], [], [], [], [], []
+    for b, (_, pairs, _) in enumerate(samples):
+        for j, (q, t) in enumerate(pairs):
+            seq = q + t
+            rest[b, j * L:j * L + len(seq)] = torch.tensor(seq)
+            for k in range(len(q) - 1, len(seq) - 1):
+                rows.append(b)
+                cols.append(P + j * L + k)
+                labels.append(seq[k + 1])
+            for k in range(len(q) - 1):  # the question text itself (options repeat its words: copy practice)
+                q_rows.append(b)
+                q_cols.append(P + j * L + k)
+                q_labels.append(seq[k + 1])
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    mask[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    for j in range(n_q):
+        s = P + j * L
+        mask[s:s + L, :P] = True
+        mask[s:s + L, s:s + L] = causal
+    return {"rest": rest, "mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
+            "labels": torch.tensor(labels), "q_rows": torch.tensor(q_rows), "q_cols": torch.tensor(q_cols),
+            "q_labels": torch.tensor(q_labels)}
 
 
 class CopyTask:

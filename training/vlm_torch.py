@@ -132,31 +132,35 @@ def rope_norm(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
 
 
 class LlamaBlock(nn.Module):
-    """Llama decoder block (no biases)."""
+    """Llama decoder block (no biases; qkv_bias adds q/k/v biases as qwen2vl has)."""
 
-    def __init__(self, d: TextModelDims) -> None:
+    def __init__(self, d: TextModelDims, qkv_bias: bool = False) -> None:
         super().__init__()
         self.d = d
         e, hd = d.n_embd, d.head_dim
         self.attn_norm = RMSNorm(e, d.rms_eps)
-        self.q = nn.Linear(e, d.n_head * hd, bias=False)
-        self.k = nn.Linear(e, d.n_head_kv * hd, bias=False)
-        self.v = nn.Linear(e, d.n_head_kv * hd, bias=False)
+        self.q = nn.Linear(e, d.n_head * hd, bias=qkv_bias)
+        self.k = nn.Linear(e, d.n_head_kv * hd, bias=qkv_bias)
+        self.v = nn.Linear(e, d.n_head_kv * hd, bias=qkv_bias)
         self.o = nn.Linear(d.n_head * hd, e, bias=False)
         self.ffn_norm = RMSNorm(e, d.rms_eps)
         self.gate = nn.Linear(e, d.n_ff, bias=False)
         self.up = nn.Linear(e, d.n_ff, bias=False)
         self.down = nn.Linear(d.n_ff, e, bias=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """[B, T, E] -> [B, T, E]; mask [T, T] bool (True = attend) or None for causal."""
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k ([B, H, T, D]) at positions pos (mode NORM)."""
+        return rope_norm(q, pos, self.d.rope_theta), rope_norm(k, pos, self.d.rope_theta)
+
+    def forward(self, x: torch.Tensor, pos: object, mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, T, E] -> [B, T, E]; pos: what rotate() takes; mask [T, T] bool (True = attend) or None for causal."""
         b, t, e = x.shape
         d = self.d
         h = self.attn_norm(x)
         q = self.q(h).view(b, t, d.n_head, d.head_dim).transpose(1, 2)
         k = self.k(h).view(b, t, d.n_head_kv, d.head_dim).transpose(1, 2)
         v = self.v(h).view(b, t, d.n_head_kv, d.head_dim).transpose(1, 2)
-        q, k = rope_norm(q, pos, d.rope_theta), rope_norm(k, pos, d.rope_theta)
+        q, k = self.rotate(q, k, pos)
         if d.n_head_kv != d.n_head:
             rep = d.n_head // d.n_head_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -169,12 +173,14 @@ class LlamaBlock(nn.Module):
 class LlamaText(nn.Module):
     """Llama decoder with tied output."""
 
+    block_type: type[LlamaBlock] = LlamaBlock
+
     def __init__(self, d: TextModelDims, n_vocab: int) -> None:
         super().__init__()
         self.d = d
         self.embd = nn.Embedding(n_vocab, d.n_embd)
         nn.init.normal_(self.embd.weight, std=0.02)
-        self.blocks = nn.ModuleList(LlamaBlock(d) for _ in range(d.n_layer))
+        self.blocks = nn.ModuleList(self.block_type(d) for _ in range(d.n_layer))
         self.out_norm = RMSNorm(d.n_embd, d.rms_eps)
 
     def hidden(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -186,6 +192,35 @@ class LlamaText(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states -> logits over the vocabulary."""
         return self.out_norm(h) @ self.embd.weight.T
+
+
+def greedy_decode(next_logits, *, max_tokens: int, eos: int, stop: list[int] = ()) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens from next_logits(tokens so far) -> logits, ending at EOS (not returned) or after `stop`;
+    also the first step's logits."""
+    out: list[int] = []
+    first = None
+    for _ in range(max_tokens):
+        logits = next_logits(out)
+        if first is None:
+            first = logits
+        tok = int(torch.argmax(logits))
+        if tok == eos:
+            break
+        out.append(tok)
+        if stop and out[-len(stop):] == list(stop):
+            break
+    assert first is not None
+    return out, first
+
+
+def gguf_metadata(path: str | os.PathLike) -> tuple[dict, int]:
+    """(a GGUF's metadata fields except the tokenizer's, vocabulary size)."""
+    import gguf
+
+    r = gguf.GGUFReader(os.fspath(path))
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    return ({k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")},
+            len(tokens.data) if tokens is not None else 0)
 
 
 class ShapesVLM(nn.Module):
@@ -217,21 +252,12 @@ class ShapesVLM(nn.Module):
                eos: int, stop: list[int] = ()) -> tuple[list[int], torch.Tensor]:
         """Greedy continuation and the first-step logits; ends at EOS (not returned) or after `stop` tokens."""
         img = self.vision(pixels(image_rgb[None]))
-        out: list[int] = []
-        first = None
-        for _ in range(max_tokens):
+
+        def next_logits(out: list[int]) -> torch.Tensor:
             x = self.embed_prompt(torch.tensor([prefix]), img, torch.tensor([question + out], dtype=torch.long))
-            logits = self.text.logits(self.text.hidden(x, torch.arange(x.shape[1]), None)[:, -1])[0]
-            if first is None:
-                first = logits
-            tok = int(torch.argmax(logits))
-            if tok == eos:
-                break
-            out.append(tok)
-            if stop and out[-len(stop):] == list(stop):
-                break
-        assert first is not None
-        return out, first
+            return self.text.logits(self.text.hidden(x, torch.arange(x.shape[1]), None)[:, -1])[0]
+
+        return greedy_decode(next_logits, max_tokens=max_tokens, eos=eos, stop=stop)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -298,14 +324,7 @@ def load_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike
 
 def dims_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike) -> ShapesVLMDims:
     """Rebuild ShapesVLMDims from an exported pair's metadata."""
-    import gguf
-
-    def kv(path: str | os.PathLike) -> tuple[dict, gguf.GGUFReader]:
-        r = gguf.GGUFReader(os.fspath(path))
-        return {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}, r
-
-    (t, text_reader), (v, _) = kv(model_path), kv(mmproj_path)
-    n_vocab = len(text_reader.fields["tokenizer.ggml.tokens"].data)
+    (t, n_vocab), (v, _) = gguf_metadata(model_path), gguf_metadata(mmproj_path)
     text = TextModelDims("llama", n_embd=t["llama.embedding_length"], n_layer=t["llama.block_count"],
                          n_head=t["llama.attention.head_count"], n_head_kv=t["llama.attention.head_count_kv"],
                          n_ff=t["llama.feed_forward_length"], n_ctx_train=t["llama.context_length"],
