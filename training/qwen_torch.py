@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -27,22 +26,13 @@ from torch import nn
 from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
 from convert.text_model import TextModelDims
-from training.vlm_torch import LlamaBlock, LlamaText, RMSNorm, _f16_ste, gguf_metadata, greedy_decode, pixels
+from training.vlm_torch import (LlamaBlock, LlamaText, RMSNorm, ShapesVLMDims, _f16_ste, gguf_metadata, greedy_decode,
+                                pixels)
 
 VISION_ROPE_THETA = 10000.0
 
 
-@dataclass(frozen=True)
-class QwenVLMDims:
-    """Vision tower + merger + qwen2vl text model hyper-parameters."""
-
-    vision: VisionDims
-    text: TextModelDims
-    n_vocab: int
-
-    def to_dict(self) -> dict:
-        """JSON-friendly view."""
-        return {"vision": asdict(self.vision), "text": asdict(self.text), "n_vocab": self.n_vocab}
+QwenVLMDims = ShapesVLMDims  # vision + text dims and vocabulary size, as for the llava-style mirror
 
 
 def window_index(nx: int, ny: int, patch_size: int, window_px: int = 112) -> np.ndarray:

@@ -41,15 +41,16 @@ import torch.nn.functional as F
 from avis_llamacpp.kdv import kdv_scores, random_subset, uniform_subset
 from avis_llamacpp.prompt import QWEN25VL
 from convert.gguf_tensors import read_tensors
-from convert.mmproj import VisionDims, write_mmproj_weights
+from convert.mmproj import VisionDims
 from convert.shapes_task import COLOURS, SHAPES, Scene
-from convert.text_model import CHATML_CHAT_TEMPLATE, TextModelDims, write_text_model_weights
+from convert.text_model import CHATML_CHAT_TEMPLATE, TextModelDims
 from convert.tokenizer import build_vocab
 from training.data import N_MERGES, Tokenizer, task_corpus
 from training.qwen_torch import (QwenVLMDims, ShapesQwenVLM, export_weights, image_positions,
                                  permute_rope_norm_to_neox, text_positions)
 from training.train_shapes_vlm import Batcher as LlavaBatcher
 from training.train_shapes_vlm import lr_at, pack_branches, patch_labels
+from training.train_shapes_vlm import write_gguf_pair as write_llava_pair
 from training.vlm_torch import pixels
 
 IMAGE_SIZE = 224
@@ -76,13 +77,8 @@ def default_dims(n_vocab: int, args: argparse.Namespace) -> QwenVLMDims:
 
 def write_gguf_pair(model: ShapesQwenVLM, out: Path, spec, *, ftype: str = "f32") -> dict:
     """Export the model to out/model.gguf + out/mmproj.gguf."""
-    vision_w, text_w = export_weights(model)
-    out.mkdir(parents=True, exist_ok=True)
-    ti = write_text_model_weights(out / "model.gguf", model.dims.text, text_w, spec=spec,
-                                  chat_template=CHATML_CHAT_TEMPLATE, name="avis-shapes-qwen", ftype=ftype)
-    vi = write_mmproj_weights(out / "mmproj.gguf", model.dims.vision, vision_w, name="avis-shapes-qwen-mmproj",
-                              description="shapes VLM, Qwen2.5-VL vision tower + merger (trained)", ftype=ftype)
-    return {"text": ti, "mmproj": vi}
+    return write_llava_pair(model, out, spec, ftype=ftype, weights=export_weights, chat_template=CHATML_CHAT_TEMPLATE,
+                            name="avis-shapes-qwen", description="shapes VLM, Qwen2.5-VL vision tower + merger (trained)")
 
 
 def init_text_from_llama(model: ShapesQwenVLM, path: str) -> None:

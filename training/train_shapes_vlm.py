@@ -109,14 +109,16 @@ def default_dims(n_vocab: int, args: argparse.Namespace) -> ShapesVLMDims:
     return ShapesVLMDims(vision, text, n_vocab)
 
 
-def write_gguf_pair(model: ShapesVLM, out: Path, spec, *, ftype: str = "f32") -> dict:
-    """Export the model to out/model.gguf + out/mmproj.gguf."""
-    vision_w, text_w = export_weights(model)
+def write_gguf_pair(model: ShapesVLM, out: Path, spec, *, ftype: str = "f32", weights=export_weights,
+                    chat_template: str = LLAVA_CHAT_TEMPLATE, name: str = "avis-shapes-vlm",
+                    description: str = "shapes VLM vision tower + mlp projector (trained)") -> dict:
+    """Export the model (through `weights`: the mirror's export_weights) to out/model.gguf + out/mmproj.gguf."""
+    vision_w, text_w = weights(model)
     out.mkdir(parents=True, exist_ok=True)
     ti = write_text_model_weights(out / "model.gguf", model.dims.text, text_w, spec=spec,
-                                  chat_template=LLAVA_CHAT_TEMPLATE, name="avis-shapes-vlm", ftype=ftype)
-    vi = write_mmproj_weights(out / "mmproj.gguf", model.dims.vision, vision_w, name="avis-shapes-vlm-mmproj",
-                              description="shapes VLM vision tower + mlp projector (trained)", ftype=ftype)
+                                  chat_template=chat_template, name=name, ftype=ftype)
+    vi = write_mmproj_weights(out / "mmproj.gguf", model.dims.vision, vision_w, name=f"{name}-mmproj",
+                              description=description, ftype=ftype)
     return {"text": ti, "mmproj": vi}
 
 
