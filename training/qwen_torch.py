@@ -27,7 +27,7 @@ from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
 from convert.text_model import TextModelDims
 from training.vlm_torch import (LlamaBlock, LlamaText, RMSNorm, ShapesVLMDims, _f16_ste, gguf_metadata, greedy_decode,
-                                pixels)
+                                pixels, projector_map, text_gguf_map)
 
 VISION_ROPE_THETA = 10000.0
 
@@ -275,18 +275,8 @@ def _gguf_map(dims: QwenVLMDims) -> tuple[dict[str, str], dict[str, str]]:
                      ("ffn_up", "up"), ("ffn_down", "down")):
             for s in ("weight", "bias"):
                 v[f"v.blk.{i}.{g}.{s}"] = f"vision.blocks.{i}.{p}.{s}"
-    for g in ("mm.0", "mm.2"):
-        for s in ("weight", "bias"):
-            v[f"{g}.{s}"] = f"vision.{g.replace('.', '')}.{s}"
-    t: dict[str, str] = {"token_embd.weight": "text.embd.weight", "output_norm.weight": "text.out_norm.weight"}
-    for i in range(dims.text.n_layer):
-        for g, p in (("attn_norm", "attn_norm"), ("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"),
-                     ("attn_output", "o"), ("ffn_norm", "ffn_norm"), ("ffn_gate", "gate"), ("ffn_up", "up"),
-                     ("ffn_down", "down")):
-            t[f"blk.{i}.{g}.weight"] = f"text.blocks.{i}.{p}.weight"
-        for g, p in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")):
-            t[f"blk.{i}.{g}.bias"] = f"text.blocks.{i}.{p}.bias"
-    return v, t
+    v.update(projector_map())
+    return v, text_gguf_map(dims.text.n_layer, qkv_bias=True)
 
 
 def export_weights(model: ShapesQwenVLM) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

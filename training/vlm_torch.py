@@ -272,16 +272,27 @@ def _gguf_map(dims: ShapesVLMDims) -> tuple[dict[str, str], dict[str, str]]:
                      ("ffn_up", "up"), ("ffn_down", "down"), ("ln2", "ln2")):
             for s in ("weight", "bias"):
                 v[f"v.blk.{i}.{g}.{s}"] = f"vision.blocks.{i}.{p}.{s}"
-    for g in ("mm.0", "mm.2"):
-        for s in ("weight", "bias"):
-            v[f"{g}.{s}"] = f"vision.{g.replace('.', '')}.{s}"
+    v.update(projector_map())
+    return v, text_gguf_map(dims.text.n_layer)
+
+
+def projector_map() -> dict[str, str]:
+    """mm.0 / mm.2 GGUF names -> the mirrors' parameter names."""
+    return {f"{g}.{s}": f"vision.{g.replace('.', '')}.{s}" for g in ("mm.0", "mm.2") for s in ("weight", "bias")}
+
+
+def text_gguf_map(n_layer: int, qkv_bias: bool = False) -> dict[str, str]:
+    """Text GGUF names -> the mirrors' parameter names (llama; qwen2vl adds q/k/v biases)."""
     t: dict[str, str] = {"token_embd.weight": "text.embd.weight", "output_norm.weight": "text.out_norm.weight"}
-    for i in range(dims.text.n_layer):
+    for i in range(n_layer):
         for g, p in (("attn_norm", "attn_norm"), ("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"),
                      ("attn_output", "o"), ("ffn_norm", "ffn_norm"), ("ffn_gate", "gate"), ("ffn_up", "up"),
                      ("ffn_down", "down")):
             t[f"blk.{i}.{g}.weight"] = f"text.blocks.{i}.{p}.weight"
-    return v, t
+        if qkv_bias:
+            for g, p in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")):
+                t[f"blk.{i}.{g}.bias"] = f"text.blocks.{i}.{p}.bias"
+    return t
 
 
 def export_weights(model: ShapesVLM) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
