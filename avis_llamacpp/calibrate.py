@@ -383,7 +383,8 @@ def fit_policy(records: Sequence[Mapping[str, Any]] | str | os.PathLike, lambda_
                "predictor": pred.chosen_, "held_out_auc": held_out.get("auc"), "accuracy": policy_row["accuracy"],
                "mean_k": policy_row["mean_k"]}
     policy = AVISPolicy(pred.to_numpy(), km, tau=tau, ratio=ratio, feature_spec=FeatureSpec.from_length(d),
-                        info={**model, "created": created, "calibration": summary})
+                        info={**model, "created": created, "calibration": summary,
+                              "sampling": report["sampling"]})
     return policy, report
 
 

@@ -354,11 +354,18 @@ class VLM:
         k, p_hat = q.policy.decide(features)
         return QuerySettings.from_kwargs(q, k=k).k, p_hat
 
+    @staticmethod
+    def _policy_sampling(q: QuerySettings, k: int) -> SamplingParams | None:
+        """K > 1 under a policy calibrated with another sampling than the default: that sampling (K = 1 stays
+        greedy)."""
+        s = getattr(q.policy, "sampling", None) if q.policy is not None and k > 1 else None
+        return SamplingParams(temperature=s["temperature"], top_p=s["top_p"]) if s else None
+
     def _decode(self, pre: PrefillResult, q: QuerySettings, k: int,
                 on_text: Callable[[str], None] | None) -> tuple[list[Rollout], int, float]:
         """Decode K rollouts from the prefilled sequence 0 in the query's mode, within the context left; returns
         the rollouts, the staged waves run and the decode time (s)."""
-        params = self._rollout_params(k, q.sampling, q.seed)
+        params = self._rollout_params(k, q.sampling or self._policy_sampling(q, k), q.seed)
         stopper = self._early_stopper(q.options) if q.early_stop and k > 1 else None
         budget = self.ctx.n_ctx - pre.n_kv
         if budget <= 0:

@@ -364,6 +364,13 @@ class AVISPolicy:
             raise InvalidArgumentError(f"feature spec says {self.feature_spec.n_features} features but the predictor "
                                        f"reads {self.predictor.n_features}")
 
+    @property
+    def sampling(self) -> dict[str, float] | None:
+        """The K > 1 rollouts' sampling the policy was calibrated with ({"temperature", "top_p"}), if recorded: its
+        K map holds for that sampling, so a query that gives none decodes with it."""
+        s = self.info.get("sampling")
+        return {"temperature": float(s["temperature"]), "top_p": float(s["top_p"])} if s else None
+
     def p_hat(self, features: Any) -> float:
         """Predicted P(single greedy answer correct) for one query's features."""
         return self.predictor.p_correct(self.feature_spec.check(features))

@@ -371,3 +371,30 @@ def test_policy_with_nan_weights_is_refused(tmp_path):
     del r
     with pytest.raises(PolicyFileError, match="NaN"):
         load_policy(path)
+
+
+def test_policy_decodes_with_its_calibration_sampling(tmp_path, llava_fixture, demo_image):
+    """A policy calibrated at another temperature samples its K > 1 rollouts at that temperature (saved in the
+    file); K = 1 stays greedy; a caller's own sampling wins."""
+    from avis_llamacpp import SamplingParams
+    from avis_llamacpp.policy import load_policy
+
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=1024, n_threads=1, n_threads_batch=1) as vlm:
+        d = n_features(vlm.model.n_embd_inp)
+        pred = NumpyPredictor(np.zeros(d), np.ones(d), (np.zeros((d, 1)),), (np.zeros(1),))
+        path = tmp_path / "p.gguf"
+        AVISPolicy(pred, KMap((), (3,)), tau=None, info={"sampling": {"temperature": 1.7, "top_p": 0.5}}).save(path)
+        pol = load_policy(path, vlm)
+        assert pol.sampling == {"temperature": 1.7, "top_p": 0.5}
+        kw = dict(max_tokens=6, seed=5)
+        by_policy = vlm.ask(demo_image, "Describe.", policy=pol, **kw)
+        explicit = vlm.ask(demo_image, "Describe.", k=3, sampling=SamplingParams(temperature=1.7, top_p=0.5), **kw)
+        default = vlm.ask(demo_image, "Describe.", k=3, **kw)
+        assert by_policy.k == 3 and [r.tokens for r in by_policy.rollouts] == [r.tokens for r in explicit.rollouts]
+        assert [r.tokens for r in default.rollouts] != [r.tokens for r in explicit.rollouts]
+        caller = vlm.ask(demo_image, "Describe.", policy=pol, sampling=SamplingParams(temperature=0.7, top_p=0.9),
+                         **kw)
+        assert [r.tokens for r in caller.rollouts] == [r.tokens for r in default.rollouts]
+        greedy_pol = AVISPolicy(pred, KMap((), (1,)), tau=None, info={"sampling": {"temperature": 1.7, "top_p": 0.5}})
+        assert vlm.ask(demo_image, "Describe.", policy=greedy_pol, **kw).tokens == \
+            vlm.ask(demo_image, "Describe.", **kw).tokens
