@@ -93,3 +93,27 @@ def test_a_broken_subcommand_module_fails_loudly(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", broken)
     with pytest.raises(ImportError, match="simulated broken module"):
         build_parser()
+
+
+def test_demo_runs_the_avis_query_on_the_bundled_model(capsys):
+    """`avis demo` on the Qwen2.5-VL-style bundled model: adaptive KDV (tau = pi/4) plus the bundled policy, the
+    same answer and kept count as that query through the API; --no-prune keeps every token at K = 1."""
+    import math
+    import re
+
+    from avis_llamacpp import VLM, load_policy
+    from avis_llamacpp.defaults import DEMO_IMAGE, TRAINED_DIR, bundled_dir
+
+    if bundled_dir() != TRAINED_DIR:
+        pytest.skip("the Qwen2.5-VL-style shapes model is not bundled")
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    question = "How many red shapes are in the image?\nA. 0\nB. 1\nC. 2\nD. 3"
+    with VLM(TRAINED_DIR / "model.gguf", TRAINED_DIR / "mmproj.gguf", n_ctx=2048) as vlm:
+        want = vlm.ask(DEMO_IMAGE, question, max_tokens=96, seed=0, answer_tags=True, options=["0", "1", "2", "3"],
+                       tau=math.pi / 4, policy=load_policy(TRAINED_DIR / "policy.gguf", vlm))
+    assert f"answer: {want.answer} " in out and f"picked K={want.k}" in out
+    kept = re.search(r"image tokens kept \[(\d+)\] of \[256\]", out)
+    assert kept and int(kept.group(1)) == want.kept_tokens[0] < 256
+    assert main(["demo", "--no-prune"]) == 0
+    assert "K=1; image tokens kept [256] of [256]" in capsys.readouterr().out
