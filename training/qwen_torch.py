@@ -15,7 +15,6 @@ the text after an image starts at p0 + max(nx, ny) whatever was pruned (mtmd's n
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -26,8 +25,9 @@ from torch import nn
 from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
 from convert.text_model import TextModelDims
-from training.vlm_torch import (LlamaBlock, LlamaText, RMSNorm, ShapesVLMDims, _f16_ste, gguf_metadata, greedy_decode,
-                                pixels, projector_map, text_gguf_map)
+from training.vlm_torch import (LlamaBlock, LlamaText, MirrorVLM, RMSNorm, ShapesVLMDims, _f16_ste, greedy_decode, pixels,
+                                projector_map, state_from_gguf, text_gguf_map)
+from training.vlm_torch import dims_from_gguf as llava_dims_from_gguf
 
 VISION_ROPE_THETA = 10000.0
 
@@ -219,17 +219,14 @@ def text_positions(start: int, n: int) -> torch.Tensor:
     return torch.arange(start, start + n)[:, None].expand(n, 3)
 
 
-class ShapesQwenVLM(nn.Module):
+class ShapesQwenVLM(MirrorVLM):
     """Qwen2.5-VL vision tower + merger + qwen2vl text model."""
 
-    def __init__(self, dims: QwenVLMDims) -> None:
-        super().__init__()
-        self.dims = dims
-        self.vision = QwenVisionTower(dims.vision)
-        self.text = QwenText(dims.text, dims.n_vocab)
-        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual outputs
-            if name.endswith(("o.weight", "down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * max(dims.text.n_layer, dims.vision.n_layer)))
+    vision_type = QwenVisionTower
+    text_type = QwenText
+
+    def residual_depth(self, dims: QwenVLMDims) -> int:
+        return max(dims.text.n_layer, dims.vision.n_layer)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -293,30 +290,15 @@ def load_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike
     """A ShapesQwenVLM holding exactly the weights of an exported GGUF pair (the second patch conv must be 0)."""
     model = ShapesQwenVLM(dims)
     vmap, tmap = _gguf_map(dims)
-    tw, vw = read_tensors(model_path), read_tensors(mmproj_path)
-    if np.any(vw["v.patch_embd.weight.1"]):
+    if np.any(read_tensors(mmproj_path)["v.patch_embd.weight.1"]):
         raise ValueError("the mirror models one patch conv; v.patch_embd.weight.1 must be zeros")
-    sd = {p: torch.from_numpy(np.asarray(vw[g], np.float32)) for g, p in vmap.items()}
-    sd.update({p: torch.from_numpy(np.asarray(tw[g], np.float32)) for g, p in tmap.items()})
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(state_from_gguf(model_path, mmproj_path, vmap, tmap), strict=True)
     return model.eval()
 
 
 def dims_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike) -> QwenVLMDims:
     """Rebuild QwenVLMDims from an exported pair's metadata."""
-    (t, n_vocab), (v, _) = gguf_metadata(model_path), gguf_metadata(mmproj_path)
-    text = TextModelDims("qwen2vl", n_embd=t["qwen2vl.embedding_length"], n_layer=t["qwen2vl.block_count"],
-                         n_head=t["qwen2vl.attention.head_count"], n_head_kv=t["qwen2vl.attention.head_count_kv"],
-                         n_ff=t["qwen2vl.feed_forward_length"], n_ctx_train=t["qwen2vl.context_length"],
-                         rope_theta=float(t["qwen2vl.rope.freq_base"]),
-                         rope_sections=tuple(int(s) for s in t["qwen2vl.rope.dimension_sections"]),
-                         rms_eps=float(np.float32(t["qwen2vl.attention.layer_norm_rms_epsilon"])))
-    vision = VisionDims("qwen25vl", n_embd=v["clip.vision.embedding_length"], n_layer=v["clip.vision.block_count"],
-                        n_head=v["clip.vision.attention.head_count"], n_ff=v["clip.vision.feed_forward_length"],
-                        patch_size=v["clip.vision.patch_size"], image_size=v["clip.vision.image_size"],
-                        proj_dim=v["clip.vision.projection_dim"], n_wa_pattern=v["clip.vision.n_wa_pattern"],
-                        eps=float(np.float32(v["clip.vision.attention.layer_norm_epsilon"])))
-    return QwenVLMDims(vision, text, n_vocab)
+    return llava_dims_from_gguf(model_path, mmproj_path, arch="qwen2vl", family="qwen25vl")
 
 
 def permute_rope_norm_to_neox(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +47,7 @@ from training.data import N_MERGES, Tokenizer, task_corpus
 from training.qwen_torch import (QwenVLMDims, ShapesQwenVLM, export_weights, image_positions,
                                  permute_rope_norm_to_neox, text_positions)
 from training.train_shapes_vlm import Batcher as LlavaBatcher
-from training.train_shapes_vlm import lr_at, pack_branches, patch_labels
+from training.train_shapes_vlm import finish_run, lr_at, pack_branches, patch_labels, start_run
 from training.train_shapes_vlm import write_gguf_pair as write_llava_pair
 from training.vlm_torch import pixels
 
@@ -257,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="checkpoint folder (default: a temp dir)")
     p.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
     args = p.parse_args(argv)
-    command = "python -m training.train_shapes_qwen " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"command: {command}\nseed: {args.seed}", flush=True)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    command = start_run("training.train_shapes_qwen", args, argv)
     spec = qwen_vocab()
     dims = default_dims(spec.n_vocab, args)
     model = ShapesQwenVLM(dims)
@@ -324,16 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             break
     train_s = time.perf_counter() - t_all
     torch.save(model.state_dict(), work / "ckpt.pt")
-    out = Path(args.out)
-    files = write_gguf_pair(model.eval(), out, spec)
-    info = {"command": command, "seed": args.seed, "steps_done": step + 1, "args": vars(args),
-            "dims": dims.to_dict(), "n_params": n_params, "train_seconds": round(train_s, 1),
-            "final_train_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
-            "vision_curve": vision_curve,
-            "torch": torch.__version__, "threads": args.threads, "checkpoint": str(work / "ckpt.pt"),
-            "files": {k: {"bytes": v["file_size"], "n_params": v["n_params"]} for k, v in files.items()}}
-    (out / "training.json").write_text(json.dumps(info, indent=1))
-    print(f"trained {step + 1} steps in {train_s / 60:.1f} min; wrote {out}", flush=True)
+    finish_run(model, write_gguf_pair, spec, args, command=command, steps=step + 1, n_params=n_params,
+               train_s=train_s, curve=curve, checkpoint=work / "ckpt.pt", vision_curve=vision_curve)
     return 0
 
 

@@ -272,6 +272,15 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def start_run(module: str, args: argparse.Namespace, argv: list[str] | None) -> str:
+    """Print and return the run's command line; pin torch's threads and seed."""
+    command = f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"command: {command}\nseed: {args.seed}", flush=True)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return command
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train_shapes_vlm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,11 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue from a checkpoint (model weights; fresh optimizer, auxiliary heads and schedule)")
     p.add_argument("--data-offset", type=int, default=0, help="first training image index (use fresh images on resume)")
     args = p.parse_args(argv)
-    command = "python -m training.train_shapes_vlm " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"command: {command}\nseed: {args.seed}", flush=True)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    command = start_run("training.train_shapes_vlm", args, argv)
     spec = task_vocab()
     dims = default_dims(spec.n_vocab, args)
     model = ShapesVLM(dims)
@@ -376,16 +381,25 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - t0
     torch.save(model.state_dict(), work / "ckpt.pt")
     torch.save({"aux": aux.state_dict(), "opt": opt.state_dict()}, work / "ckpt_extra.pt")
+    finish_run(model, write_gguf_pair, spec, args, command=command, steps=step + 1, n_params=n_params,
+               train_s=train_s, curve=curve, checkpoint=work / "ckpt.pt")
+    return 0
+
+
+def finish_run(model, write_pair, spec, args: argparse.Namespace, *, command: str, steps: int, n_params: dict,
+               train_s: float, curve: list[dict], checkpoint: Path, **extra) -> dict:
+    """Export the model to args.out with write_pair and write its training.json record (command, seed, dims,
+    steps, time, loss curve, file sizes, and `extra`); returns the record."""
     out = Path(args.out)
-    files = write_gguf_pair(model.eval(), out, spec)
-    info = {"command": command, "seed": args.seed, "steps_done": step + 1, "args": vars(args),
-            "dims": dims.to_dict(), "n_params": n_params, "train_seconds": round(train_s, 1),
-            "final_train_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
-            "torch": torch.__version__, "threads": args.threads, "checkpoint": str(work / "ckpt.pt"),
+    files = write_pair(model.eval(), out, spec)
+    info = {"command": command, "seed": args.seed, "steps_done": steps, "args": vars(args),
+            "dims": model.dims.to_dict(), "n_params": n_params, "train_seconds": round(train_s, 1),
+            "final_train_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, **extra,
+            "torch": torch.__version__, "threads": args.threads, "checkpoint": str(checkpoint),
             "files": {k: {"bytes": v["file_size"], "n_params": v["n_params"]} for k, v in files.items()}}
     (out / "training.json").write_text(json.dumps(info, indent=1))
-    print(f"trained {step + 1} steps in {train_s / 60:.1f} min; wrote {out}", flush=True)
-    return 0
+    print(f"trained {steps} steps in {train_s / 60:.1f} min; wrote {out}", flush=True)
+    return info
 
 
 if __name__ == "__main__":

@@ -223,17 +223,32 @@ def gguf_metadata(path: str | os.PathLike) -> tuple[dict, int]:
             len(tokens.data) if tokens is not None else 0)
 
 
-class ShapesVLM(nn.Module):
-    """Vision tower + projector + llama text model."""
+class MirrorVLM(nn.Module):
+    """A vision tower + a text model built from dims, residual outputs initialised GPT-2 style (std 0.02 /
+    sqrt(2 * depth)); subclasses name the two module types and the depth."""
+
+    vision_type: type[nn.Module]
+    text_type: type[nn.Module]
+
+    def residual_depth(self, dims: ShapesVLMDims) -> int:
+        """The layer count the residual-output init scales by."""
+        return dims.text.n_layer
 
     def __init__(self, dims: ShapesVLMDims) -> None:
         super().__init__()
         self.dims = dims
-        self.vision = VisionTower(dims.vision)
-        self.text = LlamaText(dims.text, dims.n_vocab)
-        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual outputs
+        self.vision = self.vision_type(dims.vision)
+        self.text = self.text_type(dims.text, dims.n_vocab)
+        for name, p in self.named_parameters():
             if name.endswith(("o.weight", "down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * dims.text.n_layer))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.residual_depth(dims)))
+
+
+class ShapesVLM(MirrorVLM):
+    """Vision tower + projector + llama text model."""
+
+    vision_type = VisionTower
+    text_type = LlamaText
 
     def embed_prompt(self, prefix: torch.Tensor, image: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         """[B, P0] tokens, [B, N, E] image embeddings, [B, R] tokens -> [B, P0 + N + R, E]."""
@@ -323,27 +338,34 @@ def load_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike
     """A ShapesVLM holding exactly the weights of an exported GGUF pair."""
     model = ShapesVLM(dims)
     vmap, tmap = _gguf_map(dims)
-    tw, vw = read_tensors(model_path), read_tensors(mmproj_path)
-    sd = {}
-    for g, p in vmap.items():
-        sd[p] = torch.from_numpy(vw[g])
-    for g, p in tmap.items():
-        sd[p] = torch.from_numpy(tw[g])
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(state_from_gguf(model_path, mmproj_path, vmap, tmap), strict=True)
     return model.eval()
 
 
-def dims_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike) -> ShapesVLMDims:
-    """Rebuild ShapesVLMDims from an exported pair's metadata."""
+def state_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike, vmap: dict[str, str],
+                    tmap: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A mirror's state dict (float32) from a GGUF pair through its name maps."""
+    tw, vw = read_tensors(model_path), read_tensors(mmproj_path)
+    sd = {p: torch.from_numpy(np.asarray(vw[g], np.float32)) for g, p in vmap.items()}
+    sd.update({p: torch.from_numpy(np.asarray(tw[g], np.float32)) for g, p in tmap.items()})
+    return sd
+
+
+def dims_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike, *, arch: str = "llama",
+                   family: str = "llava") -> ShapesVLMDims:
+    """Rebuild the dims of an exported pair from its metadata (llama + llava, or qwen2vl + qwen25vl)."""
     (t, n_vocab), (v, _) = gguf_metadata(model_path), gguf_metadata(mmproj_path)
-    text = TextModelDims("llama", n_embd=t["llama.embedding_length"], n_layer=t["llama.block_count"],
-                         n_head=t["llama.attention.head_count"], n_head_kv=t["llama.attention.head_count_kv"],
-                         n_ff=t["llama.feed_forward_length"], n_ctx_train=t["llama.context_length"],
-                         rope_theta=float(t["llama.rope.freq_base"]),
-                         rms_eps=float(np.float32(t["llama.attention.layer_norm_rms_epsilon"])))
-    vision = VisionDims("llava", n_embd=v["clip.vision.embedding_length"], n_layer=v["clip.vision.block_count"],
+    extra_text = ({"rope_sections": tuple(int(x) for x in t[f"{arch}.rope.dimension_sections"])}
+                  if f"{arch}.rope.dimension_sections" in t else {})
+    text = TextModelDims(arch, n_embd=t[f"{arch}.embedding_length"], n_layer=t[f"{arch}.block_count"],
+                         n_head=t[f"{arch}.attention.head_count"], n_head_kv=t[f"{arch}.attention.head_count_kv"],
+                         n_ff=t[f"{arch}.feed_forward_length"], n_ctx_train=t[f"{arch}.context_length"],
+                         rope_theta=float(t[f"{arch}.rope.freq_base"]),
+                         rms_eps=float(np.float32(t[f"{arch}.attention.layer_norm_rms_epsilon"])), **extra_text)
+    extra_vision = {"n_wa_pattern": v["clip.vision.n_wa_pattern"]} if "clip.vision.n_wa_pattern" in v else {}
+    vision = VisionDims(family, n_embd=v["clip.vision.embedding_length"], n_layer=v["clip.vision.block_count"],
                         n_head=v["clip.vision.attention.head_count"], n_ff=v["clip.vision.feed_forward_length"],
                         patch_size=v["clip.vision.patch_size"], image_size=v["clip.vision.image_size"],
                         proj_dim=v["clip.vision.projection_dim"],
-                        eps=float(np.float32(v["clip.vision.attention.layer_norm_epsilon"])))
+                        eps=float(np.float32(v["clip.vision.attention.layer_norm_epsilon"])), **extra_vision)
     return ShapesVLMDims(vision, text, n_vocab)
