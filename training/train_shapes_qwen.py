@@ -47,7 +47,7 @@ from training.data import N_MERGES, Tokenizer, task_corpus
 from training.qwen_torch import (QwenVLMDims, ShapesQwenVLM, export_weights, image_positions,
                                  permute_rope_norm_to_neox, text_positions)
 from training.train_shapes_vlm import Batcher as LlavaBatcher
-from training.train_shapes_vlm import finish_run, lr_at, pack_branches, patch_labels, start_run
+from training.train_shapes_vlm import add_run_args, finish_run, lr_at, pack_branches, patch_labels, start_run
 from training.train_shapes_vlm import write_gguf_pair as write_llava_pair
 from training.vlm_torch import pixels
 
@@ -222,19 +222,9 @@ def pretrain_vision(model: ShapesQwenVLM, aux: AuxHeads, batcher: Batcher, args:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train_shapes_qwen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=100000)
-    p.add_argument("--max-minutes", type=float, default=55.0, help="stop (and export) after this long; the LR "
-                   "schedule anneals by then")
-    p.add_argument("--batch", type=int, default=8, help="images per step")
-    p.add_argument("--questions", type=int, default=4, help="questions per image")
-    p.add_argument("--lr", type=float, default=2e-3)
+    add_run_args(p, steps=100000, max_minutes=55.0, heads=4, question_loss=0.5, bf16=False,
+                 out="/tmp/shapes-qwen/out")
     p.add_argument("--text-lr-scale", type=float, default=0.5, help="LR factor for the warm-started text model")
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--embd", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--ff", type=int, default=384)
-    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vit-embd", type=int, default=32, help="ViT width (small: with 1024 patches per image the "
                    "encoder's share of a query's FLOPs stays near the paper model's, about a quarter)")
     p.add_argument("--vit-heads", type=int, default=2)
@@ -245,15 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-minutes", type=float, default=0.0,
                    help="first train the vision tower alone on the per-token targets for this long (counted in "
                         "--max-minutes)")
-    p.add_argument("--question-loss", type=float, default=0.5)
-    p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--init-text-from", default=None, help="llama-arch shapes text GGUF to start the text model from")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast (slower than f32 on CPUs without bf16 matmul units)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="/tmp/shapes-qwen/out")
-    p.add_argument("--work", default=None, help="checkpoint folder (default: a temp dir)")
-    p.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
     args = p.parse_args(argv)
     command = start_run("training.train_shapes_qwen", args, argv)
     spec = qwen_vocab()

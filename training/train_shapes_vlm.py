@@ -272,6 +272,35 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def add_run_args(p: argparse.ArgumentParser, *, steps: int, max_minutes: float, heads: int, question_loss: float,
+                 bf16: bool, out: str) -> None:
+    """The flags both shapes trainers take (run length, batch, optimiser, text model size, losses, threads, output)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--max-minutes", type=float, default=max_minutes,
+                   help="stop (and export) after this long; the LR schedule anneals by then")
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--questions", type=int, default=4, help="questions per image")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--embd", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--ff", type=int, default=384)
+    p.add_argument("--heads", type=int, default=heads, help="text attention heads")
+    p.add_argument("--question-loss", type=float, default=question_loss,
+                   help="weight of a language-model loss on the question tokens (the options repeat the question's "
+                        "words, which teaches the copy heads the answer needs)")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-token auxiliary loss")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=bf16,
+                   help="bf16 autocast for the matmuls (weights and optimizer stay f32; slower than f32 on CPUs "
+                        "without bf16 matmul units)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: two OpenMP threads spin badly on a shared 2-core machine)")
+    p.add_argument("--out", default=out)
+    p.add_argument("--work", default=None, help="checkpoint folder (default: a temp dir)")
+    p.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
+
+
 def start_run(module: str, args: argparse.Namespace, argv: list[str] | None) -> str:
     """Print and return the run's command line; pin torch's threads and seed."""
     command = f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -284,36 +313,15 @@ def start_run(module: str, args: argparse.Namespace, argv: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train_shapes_vlm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--max-minutes", type=float, default=30.0,
-                   help="stop (and export) after this long; the LR schedule anneals by then")
-    p.add_argument("--batch", type=int, default=8, help="images per step")
-    p.add_argument("--questions", type=int, default=4, help="questions per image")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--embd", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--ff", type=int, default=384)
+    add_run_args(p, steps=2400, max_minutes=30.0, heads=2, question_loss=0.0, bf16=True,
+                 out="avis_llamacpp/data/shapes-vlm")
     p.add_argument("--prune-prob", type=float, default=0.0,
                    help="share of batches trained on pruned images (16-195 of 196 tokens kept), so KDV pruning at "
                         "inference is not out of distribution")
     p.add_argument("--copy-weight", type=float, default=0.0, help="weight of the synthetic copy task (0: off)")
     p.add_argument("--copy-batch", type=int, default=16, help="copy-task sequences per step")
-    p.add_argument("--heads", type=int, default=2, help="text attention heads")
-    p.add_argument("--question-loss", type=float, default=0.0,
-                   help="weight of a language-model loss on the question tokens (the options repeat the question's "
-                        "words, which teaches the copy heads the answer needs)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for the matmuls (weights and optimizer stay f32)")
     p.add_argument("--vit-embd", type=int, default=128)
     p.add_argument("--vit-layers", type=int, default=4, help="ViT blocks run (the GGUF gets one more, unused)")
-    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: two OpenMP threads spin badly on a shared 2-core machine)")
-    p.add_argument("--out", default="avis_llamacpp/data/shapes-vlm")
-    p.add_argument("--work", default=None, help="checkpoint folder (default: a temp dir)")
-    p.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
     p.add_argument("--init-from", default=None,
                    help="continue from a checkpoint (model weights; fresh optimizer, auxiliary heads and schedule)")
     p.add_argument("--data-offset", type=int, default=0, help="first training image index (use fresh images on resume)")
