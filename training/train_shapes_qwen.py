@@ -1,13 +1,19 @@
 """Train the Qwen2.5-VL-architecture shapes VLM on CPU, for pruned inputs, and export it as a GGUF pair.
 
-Reproduce the bundled model (PyTorch 2.13 CPU, one torch thread; the recipe's one command):
+Reproduce the bundled model (PyTorch 2.13 CPU, one torch thread; the recipe's one command, then the temperature
+choice and calibration on the calibration split, and the evaluation):
 
     .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
     .venv/bin/python -m training.train_shapes_qwen --seed 0 --max-minutes 55 --threads 1 \
-        --init-text-from training/llava-shapes/model.gguf --work /tmp/sq --out /tmp/sq/out
+        --init-text-from avis_llamacpp/data/shapes-vlm/model.gguf --work /tmp/sq --out /tmp/sq/out
+    python -m convert.shapes_task --split calibration --n 400 --out /tmp/cal400
+    (avis calibrate at --temperature 0.3 / 0.5 / 0.7 / 1.0, then training/choose_temperature.py: see its docstring)
+    .venv/bin/python -m training.eval_shapes_vlm --model-dir /tmp/sq/out --n 300 --k 7 --parity 50 --parity-ratio 0.75
 
-The architecture is the paper's (qwen2.5vl_merger mmproj + qwen2vl text model): a window-attention ViT with 2-D
-RoPE (patch 7 on 224 px: 32 x 32 patches, 112 px windows, full attention every second block), a 2x2 merger to 256
+The run is time-capped (the LR schedule anneals by wall clock), so another machine does a different number of
+steps; training.json records what this one did (1980 steps). The architecture is the paper's (qwen2.5vl_merger
+mmproj + qwen2vl text model): a window-attention ViT with 2-D RoPE (patch 7 on 224 px: 32 x 32 patches, 112 px
+windows in the first two blocks, the last over the whole image), a 2x2 merger to 256
 image tokens per image, and a text model with M-RoPE, so an image token keeps its (t, h, w) position wherever it
 was pruned. The text model starts from the llava-style shapes model's text weights (its q/k rows permuted from
 RoPE NORM to NEOX pairs: the same function on text), so this run spends its time on the new vision tower and on
