@@ -5,8 +5,9 @@
 
 Accuracy runs through the public pipeline: ``VLM.ask(image, question, answer_tags=True, k=..., options=...)``.
 Parity (needs torch: ``pip install -e '.[dev]'``, or pass ``--parity 0``) loads the GGUF weights into the PyTorch
-mirror (training/vlm_torch.py or training/qwen_torch.py, by the text model's architecture) and compares greedy tokens and first-step logits with llama.cpp. Results are printed
-and written to --out (default ./eval_shapes_vlm.json); the bundled MODEL_DIR/training.json is only updated with
+mirror (training/vlm_torch.py or training/qwen_torch.py, by the text model's architecture) and compares greedy
+tokens and first-step logits with llama.cpp (--parity-ratio: also with KDV pruning). Results are printed and
+written to --out (default ./eval_shapes_vlm.json); the bundled MODEL_DIR/training.json is only updated with
 --update-training-json.
 """
 

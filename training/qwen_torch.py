@@ -25,8 +25,8 @@ from torch import nn
 from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
 from convert.text_model import TextModelDims
-from training.vlm_torch import (LlamaBlock, LlamaText, MirrorVLM, RMSNorm, ShapesVLMDims, _f16_ste, greedy_decode, pixels,
-                                projector_map, state_from_gguf, text_gguf_map)
+from training.vlm_torch import (LlamaBlock, LlamaText, MirrorVLM, RMSNorm, ShapesVLMDims, _f16_ste, greedy_decode,
+                                pixels, projector_map, state_from_gguf, text_gguf_map)
 from training.vlm_torch import dims_from_gguf as llava_dims_from_gguf
 
 VISION_ROPE_THETA = 10000.0

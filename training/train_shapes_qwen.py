@@ -53,7 +53,7 @@ from training.data import N_MERGES, Tokenizer, task_corpus
 from training.qwen_torch import (QwenVLMDims, ShapesQwenVLM, export_weights, image_positions,
                                  permute_rope_norm_to_neox, text_positions)
 from training.train_shapes_vlm import Batcher as LlavaBatcher
-from training.train_shapes_vlm import add_run_args, finish_run, lr_at, pack_branches, patch_labels, start_run
+from training.train_shapes_vlm import finish_run, lr_at, pack_branches, patch_labels, run_parser, start_run
 from training.train_shapes_vlm import write_gguf_pair as write_llava_pair
 from training.vlm_torch import pixels
 
@@ -82,7 +82,8 @@ def default_dims(n_vocab: int, args: argparse.Namespace) -> QwenVLMDims:
 def write_gguf_pair(model: ShapesQwenVLM, out: Path, spec, *, ftype: str = "f32") -> dict:
     """Export the model to out/model.gguf + out/mmproj.gguf."""
     return write_llava_pair(model, out, spec, ftype=ftype, weights=export_weights, chat_template=CHATML_CHAT_TEMPLATE,
-                            name="avis-shapes-qwen", description="shapes VLM, Qwen2.5-VL vision tower + merger (trained)")
+                            name="avis-shapes-qwen",
+                            description="shapes VLM, Qwen2.5-VL vision tower + merger (trained)")
 
 
 def init_text_from_llama(model: ShapesQwenVLM, path: str) -> None:
@@ -226,10 +227,8 @@ def pretrain_vision(model: ShapesQwenVLM, aux: AuxHeads, batcher: Batcher, args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.train_shapes_qwen", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(p, steps=100000, max_minutes=55.0, heads=4, question_loss=0.5, bf16=False,
-                 out="/tmp/shapes-qwen/out")
+    p = run_parser("training.train_shapes_qwen", __doc__, steps=100000, max_minutes=55.0, heads=4,
+                   question_loss=0.5, bf16=False, out="/tmp/shapes-qwen/out")
     p.add_argument("--text-lr-scale", type=float, default=0.5, help="LR factor for the warm-started text model")
     p.add_argument("--vit-embd", type=int, default=32, help="ViT width (small: with 1024 patches per image the "
                    "encoder's share of a query's FLOPs stays near the paper model's, about a quarter)")

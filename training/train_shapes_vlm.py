@@ -272,9 +272,12 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def add_run_args(p: argparse.ArgumentParser, *, steps: int, max_minutes: float, heads: int, question_loss: float,
-                 bf16: bool, out: str) -> None:
-    """The flags both shapes trainers take (run length, batch, optimiser, text model size, losses, threads, output)."""
+def run_parser(module: str, doc: str | None, *, steps: int, max_minutes: float, heads: int, question_loss: float,
+               bf16: bool, out: str) -> argparse.ArgumentParser:
+    """A trainer's argument parser with the flags both shapes trainers take (run length, batch, optimiser, text
+    model size, losses, threads, output)."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--max-minutes", type=float, default=max_minutes,
@@ -299,6 +302,7 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, max_minutes: float, 
     p.add_argument("--out", default=out)
     p.add_argument("--work", default=None, help="checkpoint folder (default: a temp dir)")
     p.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
+    return p
 
 
 def start_run(module: str, args: argparse.Namespace, argv: list[str] | None) -> str:
@@ -311,10 +315,8 @@ def start_run(module: str, args: argparse.Namespace, argv: list[str] | None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.train_shapes_vlm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(p, steps=2400, max_minutes=30.0, heads=2, question_loss=0.0, bf16=True,
-                 out="avis_llamacpp/data/shapes-vlm")
+    p = run_parser("training.train_shapes_vlm", __doc__, steps=2400, max_minutes=30.0, heads=2, question_loss=0.0,
+                   bf16=True, out="avis_llamacpp/data/shapes-vlm")
     p.add_argument("--prune-prob", type=float, default=0.0,
                    help="share of batches trained on pruned images (16-195 of 196 tokens kept), so KDV pruning at "
                         "inference is not out of distribution")
