@@ -11,7 +11,7 @@ def _run(path, temperature, rollout_answers, gold="A", greedy_ok=True):
     path.mkdir()
     (path / "calibration.json").write_text(json.dumps({"temperature": temperature, "top_p": 0.9, "tau": 0.785}))
     recs = [{"id": f"i{i}", "gold": gold, "greedy": {"correct": greedy_ok},
-             "rollouts": [{"answer": a, "mean_logprob": 0.0} for a in answers]}
+             "rollouts": [{"answer": a, "correct": a == gold, "mean_logprob": 0.0} for a in answers]}
             for i, answers in enumerate(rollout_answers)]
     (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
@@ -27,6 +27,11 @@ def test_scores_by_hand_and_choice(tmp_path, capsys):
     assert choose([s_bad, s_good]) is s_good
     tie = _run(tmp_path / "t03", 0.3, [["A"] * 7, ["A"] * 7])
     assert choose([s_good, score_run(tie)])["temperature"] == 0.3  # ties go to the lower temperature
+    # item 0: greedy right, majority B (breaks it); item 1: greedy right, majority A
+    assert s_bad["voting"] == {"greedy": 1.0, "sampled_rollout": 0.5, "majority_fixes_greedy_errors": None,
+                               "majority_breaks_greedy_successes": 0.5, "any_rollout_right": 0.5}
+    fix = score_run(_run(tmp_path / "t05", 0.5, [["A", "A", "B", "B", "A", "C", "D"]], greedy_ok=False))
+    assert fix["voting"]["majority_fixes_greedy_errors"] == 1.0 and fix["voting"]["sampled_rollout"] == 3 / 7
     out = tmp_path / "choice.json"
     assert main([str(bad), str(good), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["chosen"] == 0.7 and "<- chosen" in capsys.readouterr().out

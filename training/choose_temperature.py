@@ -8,7 +8,8 @@
 
 Each run records greedy plus seven sampled rollouts per item; the score of a temperature is the mean expected
 majority-vote accuracy at K = 3, 5 and 7 (votes of K of the seven recorded rollouts, calibrate.accuracy_matrix).
-The highest score wins; a tie goes to the lower temperature.
+The highest score wins; a tie goes to the lower temperature. Each run also reports why voting helps or not
+(vote_diagnostics: sampled-rollout accuracy against greedy, errors the majority fixes, successes it breaks).
 """
 
 from __future__ import annotations
@@ -34,7 +35,27 @@ def score_run(run_dir: Path) -> dict:
     by_k = {str(k): round(float(a), 4) for k, a in zip(KS, acc)}
     return {"run": str(run_dir), "temperature": settings.get("temperature", 0.7), "top_p": settings.get("top_p", 0.9),
             "n_items": len(records), "accuracy_by_k": by_k, "score": round(float(np.mean(acc[1:])), 4),
-            "tau": settings.get("tau"), "ratio": settings.get("ratio")}
+            "tau": settings.get("tau"), "ratio": settings.get("ratio"), "voting": vote_diagnostics(run_dir)}
+
+
+def vote_diagnostics(run_dir: Path) -> dict:
+    """Why voting helps or not, from one run's records: how often a sampled rollout is right (against greedy), how
+    often the majority of all k_max rollouts fixes a greedy error or breaks a greedy success, any-rollout-right."""
+    from collections import Counter
+
+    records = list(read_records(run_dir / RECORDS_FILE))
+    wrong = [r for r in records if not r["greedy"]["correct"]]
+    right = [r for r in records if r["greedy"]["correct"]]
+
+    def majority_right(r: dict) -> bool:
+        return Counter(ro["answer"] for ro in r["rollouts"]).most_common(1)[0][0] == r["gold"]
+
+    return {"greedy": round(float(np.mean([r["greedy"]["correct"] for r in records])), 4),
+            "sampled_rollout": round(float(np.mean([ro["correct"] for r in records for ro in r["rollouts"]])), 4),
+            "majority_fixes_greedy_errors": round(float(np.mean([majority_right(r) for r in wrong])), 4) if wrong else None,
+            "majority_breaks_greedy_successes": (round(float(np.mean([not majority_right(r) for r in right])), 4)
+                                                 if right else None),
+            "any_rollout_right": round(float(np.mean([any(ro["correct"] for ro in r["rollouts"]) for r in records])), 4)}
 
 
 def choose(runs: list[dict]) -> dict:
@@ -56,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"T={r['temperature']:<4} n={r['n_items']} " + " ".join(f"K{k}={a:.3f}" for k, a in
                                                                      r["accuracy_by_k"].items())
               + f"  score {r['score']:.4f}" + ("  <- chosen" if r is best else ""))
+        v = r["voting"]
+        print(f"      a sampled rollout is right {v['sampled_rollout']:.3f} (greedy {v['greedy']:.3f}); the majority of "
+              f"all rollouts fixes {v['majority_fixes_greedy_errors']} of greedy's errors and breaks "
+              f"{v['majority_breaks_greedy_successes']} of its successes")
     if args.out:
         Path(args.out).write_text(json.dumps({"command": "python -m training.choose_temperature "
                                               + " ".join(argv if argv is not None else sys.argv[1:]),
