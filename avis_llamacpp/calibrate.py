@@ -370,7 +370,7 @@ def fit_policy(records: Sequence[Mapping[str, Any]] | str | os.PathLike, lambda_
         "n_items": len(records), "k_max": k_max, "ks": ks, "cost_unit": unit, "lambda": lambda_, "budget": budget,
         "seed": seed, "created": created, "model": model,
         "pruning": {"tau": tau, "ratio": ratio},
-        "sampling": records[0].get("sampling", {"temperature": 0.7, "top_p": 0.9}),
+        "sampling": records[0].get("sampling"),  # None: records from before it was recorded (the default)
         "predictor": {"chosen": pred.chosen_, "reason": pred.selection_["reason"], "kind": pred.to_numpy().kind,
                       "base_rate": float(y.mean()), "held_out": held_out,
                       "candidates": pred.selection_.get("candidates", {})},

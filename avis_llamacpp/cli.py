@@ -135,9 +135,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model, mmproj = default_model_paths()
     # the full AVIS query (adaptive KDV + the calibrated K policy) on the model trained for pruned inputs;
     # --k / --tau / --no-prune override it, and the older LLaVA-style model runs unpruned at K=1 unless told
-    avis = bundled_dir() == TRAINED_DIR and not args.no_prune
-    policy_path = default_policy_path() if args.k is None and avis else None
-    tau = args.tau if args.tau is not None else (math.pi / 4 if avis and args.k is None else None)
+    avis = bundled_dir() == TRAINED_DIR and not args.no_prune and args.k is None
+    policy_path = default_policy_path() if avis else None
+    tau = None if args.no_prune else args.tau if args.tau is not None else math.pi / 4 if avis else None
     options = ["0", "1", "2", "3"]
     question = args.question + "\n" + "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", options))
     with VLM(model, mmproj, n_ctx=2048) as vlm:
@@ -146,7 +146,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             from .policy import load_policy
             policy = load_policy(policy_path, vlm)
         ans = vlm.ask(DEMO_IMAGE, question, max_tokens=args.max_tokens, k=args.k or 1, seed=0, answer_tags=True,
-                      options=options, tau=None if args.no_prune else tau, policy=policy)
+                      options=options, tau=tau, policy=policy)
     how = (f"AVIS: KDV tau={tau:.3g} + policy {policy_path.parent.name}/{policy_path.name} picked K={ans.k}"
            if policy is not None else f"K={ans.k}" + (f", KDV tau={tau:.3g}" if tau is not None else ""))
     print(f"model: {model.parent.name}/{model.name}\nimage: {DEMO_IMAGE}\nquestion: {question}")
