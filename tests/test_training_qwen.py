@@ -141,3 +141,37 @@ def test_rope_permutation_keeps_the_text_function():
         dst.load_state_dict(plain)  # without the permutation the function differs
         c = dst.logits(dst.hidden(dst.embd(ids), text_positions(5, 20)[None], None))
         assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_aux_heads_weigh_object_tokens_in_the_colour_and_shape_terms():
+    """AuxHeads' loss equals a hand-written weighted cross-entropy: colour and shape terms count a token on an
+    object object_weight times, the centre / row / column terms count every token once; weight 1 is the plain
+    mean."""
+    torch = pytest.importorskip("torch")
+    from training.train_shapes_qwen import GRID, AuxHeads
+
+    torch.manual_seed(3)
+    img = torch.randn(2, GRID * GRID, 8)
+    labels = torch.zeros(2, 3, GRID * GRID, dtype=torch.long)
+    labels[0, 0, :40], labels[0, 1, :40], labels[0, 2, 5] = 2, 3, 1  # 40 object tokens in image 0, none in 1
+    rows = np.arange(GRID * GRID)
+    targets = np.concatenate([labels.numpy(), np.broadcast_to(np.stack([rows // GRID, rows % GRID]), (2, 2, 256))],
+                             axis=1)
+
+    def oracle(aux: AuxHeads, w: float) -> float:
+        total = 0.0
+        on_object = labels[:, 0].numpy().reshape(-1) > 0
+        for i, head in enumerate(aux.heads):
+            z = head(img).detach().double().numpy().reshape(-1, head.out_features)
+            logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+            ce = -logp[np.arange(len(z)), targets[:, i].reshape(-1)]
+            weight = np.where(on_object, w, 1.0) if i < 2 else np.ones_like(ce)
+            total += float((ce * weight).sum() / len(ce))
+        return total
+
+    for w in (1.0, 4.0):
+        aux = AuxHeads(8, object_weight=w)
+        assert abs(float(aux(img, labels)) - oracle(aux, w)) < 1e-4
+    heavy, plain = AuxHeads(8, object_weight=4.0), AuxHeads(8)
+    plain.load_state_dict(heavy.state_dict())
+    assert float(heavy(img, labels)) > float(plain(img, labels)) + 1e-3

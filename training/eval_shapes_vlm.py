@@ -25,17 +25,19 @@ from avis_llamacpp import VLM
 from convert.shapes_task import format_question, make_item, render
 
 
-def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 96) -> dict:
-    """Greedy and K-vote accuracy on test items 0..n-1, plus how often the vote differs from greedy."""
+def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 96, split: str = "test") -> dict:
+    """Greedy and K-vote accuracy on `split` items 0..n-1, plus how often the vote differs from greedy (k <= 1:
+    greedy only, the vote is the greedy answer)."""
     rows = []
     t0 = time.perf_counter()
     for i in range(n):
-        item = make_item("test", i)
+        item = make_item(split, i)
         q = item.question
         img = np.asarray(render(item.scene))
         text = format_question(q)
         g = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens, options=q.options)
-        v = vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens, options=q.options, k=k, seed=seed + i)
+        v = (vlm.ask(img, text, answer_tags=True, max_tokens=max_tokens, options=q.options, k=k, seed=seed + i)
+             if k > 1 else g)
         rows.append({"id": item.id, "kind": q.kind, "difficulty": item.scene.difficulty, "answer": q.answer,
                      "greedy": g.answer, "vote": v.answer, "votes": v.votes})
     greedy = np.mean([r["greedy"] == r["answer"] for r in rows])
@@ -52,7 +54,7 @@ def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 96) -> d
         rs = [r for r in rows if lo <= r["difficulty"] < hi]
         by_diff[f"{lo:.2f}-{min(hi, 1):.2f}"] = {
             "n": len(rs), "greedy": round(float(np.mean([r["greedy"] == r["answer"] for r in rs])), 3) if rs else None}
-    return {"n_items": n, "k": k, "sampling": "temperature 0.7, top-p 0.9", "greedy_accuracy": round(float(greedy), 4),
+    return {"split": split, "n_items": n, "k": k, "sampling": "temperature 0.7, top-p 0.9" if k > 1 else "greedy only", "greedy_accuracy": round(float(greedy), 4),
             f"k{k}_vote_accuracy": round(float(vote), 4), "vote_differs_from_greedy": round(float(differ), 4),
             "rollouts_disagree": round(float(split), 4), "by_kind": by_kind, "by_difficulty": by_diff,
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -139,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.eval_shapes_vlm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="avis_llamacpp/data/shapes-vlm")
-    p.add_argument("--n", type=int, default=300, help="test items for accuracy (0 to skip)")
-    p.add_argument("--k", type=int, default=7)
+    p.add_argument("--n", type=int, default=300, help="items for accuracy (0 to skip)")
+    p.add_argument("--split", default="test", choices=("calibration", "test"),
+                   help="items for accuracy (choose between trained models on calibration, never on test)")
+    p.add_argument("--k", type=int, default=7, help="rollouts for the vote (1: greedy only)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--parity", type=int, default=50, help="test items for the torch parity check (0 to skip)")
     p.add_argument("--parity-ratio", type=float, default=None,
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       ratio=args.parity_ratio)
                 print(json.dumps(results["parity_pruned"], indent=1), flush=True)
         if args.n:
-            results["accuracy"] = run_accuracy(vlm, args.n, args.k, args.seed)
+            results["accuracy"] = run_accuracy(vlm, args.n, args.k, args.seed, split=args.split)
             print(json.dumps(results["accuracy"], indent=1), flush=True)
     if args.no_write:
         return 0

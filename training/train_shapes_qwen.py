@@ -111,20 +111,26 @@ def init_text_from_llama(model: ShapesQwenVLM, path: str) -> None:
 class AuxHeads(torch.nn.Module):
     """Training-only per-token classifiers on the image embeddings: colour, shape, centre, row, column."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, object_weight: float = 1.0) -> None:
         super().__init__()
+        self.object_weight = object_weight
         sizes = (1 + len(COLOURS), 1 + len(SHAPES), 2, GRID, GRID)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in sizes)
         rows = torch.arange(GRID * GRID)
         self.register_buffer("place", torch.stack((rows // GRID, rows % GRID)), persistent=False)
 
     def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy; img [B, 256, D], labels [B, 3, 256]."""
+        """Summed cross-entropy; img [B, 256, D], labels [B, 3, 256]. The colour and shape terms weigh tokens on
+        an object object_weight times a background token's (most tokens are background, and naming an object's
+        shape is what the ViT learns slowest)."""
         b = img.shape[0]
         targets = torch.cat((labels, self.place[None].expand(b, -1, -1)), dim=1)
+        on_object = (labels[:, 0] > 0).flatten().float()
+        token_weight = 1.0 + (self.object_weight - 1.0) * on_object
         loss = img.new_zeros(())
         for i, head in enumerate(self.heads):
-            loss = loss + F.cross_entropy(head(img).flatten(0, 1).float(), targets[:, i].flatten())
+            ce = F.cross_entropy(head(img).flatten(0, 1).float(), targets[:, i].flatten(), reduction="none")
+            loss = loss + (ce * token_weight if i < 2 else ce).mean()
         return loss
 
 
@@ -236,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-ff", type=int, default=128)
     p.add_argument("--vit-layers", type=int, default=3, help="ViT blocks; the last one attends over the whole "
                    "image, the others inside 112 px windows")
+    p.add_argument("--aux-object-weight", type=float, default=1.0,
+                   help="weight of object tokens against background ones in the auxiliary colour and shape terms")
     p.add_argument("--prune-prob", type=float, default=0.5, help="share of batches trained on pruned images")
     p.add_argument("--vision-minutes", type=float, default=0.0,
                    help="first train the vision tower alone on the per-token targets for this long (counted in "
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     batcher = Batcher(tok, args.batch, args.questions, args.seed, args.prune_prob)
     print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}, eos: {tok.eos}", flush=True)
 
-    aux = AuxHeads(dims.vision.proj_dim)
+    aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
     text_scale = args.text_lr_scale if args.init_text_from else 1.0
     groups = []
     for mod, scale in ((model.vision, 1.0), (aux, 1.0), (model.text, text_scale)):
