@@ -74,8 +74,10 @@ def default_dims(n_vocab: int, args: argparse.Namespace) -> QwenVLMDims:
     vision = VisionDims("qwen25vl", n_embd=args.vit_embd, n_layer=args.vit_layers, n_head=args.vit_heads,
                         n_ff=args.vit_ff, patch_size=PATCH, image_size=IMAGE_SIZE, proj_dim=args.embd,
                         n_wa_pattern=args.vit_layers)
+    sections = getattr(args, "rope_sections", None)
     text = TextModelDims("qwen2vl", n_embd=args.embd, n_layer=args.layers, n_head=args.heads, n_head_kv=args.heads,
-                         n_ff=args.ff, n_ctx_train=2048)
+                         n_ff=args.ff, n_ctx_train=2048, rope_theta=getattr(args, "text_rope_theta", 10000.0),
+                         rope_sections=tuple(sections) if sections else None)
     return QwenVLMDims(vision, text, n_vocab)
 
 
@@ -244,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                    "image, the others inside 112 px windows")
     p.add_argument("--aux-object-weight", type=float, default=1.0,
                    help="weight of object tokens against background ones in the auxiliary colour and shape terms")
+    p.add_argument("--text-rope-theta", type=float, default=10000.0,
+                   help="the text model's RoPE base; M-RoPE gives the w (column) section the lowest frequencies, "
+                        "which at base 10000 barely turn across a 16-token row")
+    p.add_argument("--rope-sections", type=int, nargs=4, default=None, metavar=("T", "H", "W", "E"),
+                   help="M-RoPE rotary pairs per position component (default: Qwen2.5-VL's split of head_dim/2); "
+                        "t is constant over an image, so 0 frees its pairs for h and w")
     p.add_argument("--prune-prob", type=float, default=0.5, help="share of batches trained on pruned images")
     p.add_argument("--vision-minutes", type=float, default=0.0,
                    help="first train the vision tower alone on the per-token targets for this long (counted in "
