@@ -17,6 +17,9 @@ from convert.mmproj import VisionDims, _Init, _qwen25vl_tensors, write_mmproj, w
 from convert.shapes_task import format_question, make_item, render
 
 SMALL = argparse.Namespace(vit_embd=32, vit_heads=2, vit_ff=64, vit_layers=2, embd=64, layers=2, heads=4, ff=160)
+# one ViT head, a low text RoPE base and no t section (the bundled model's choices: columns readable by M-RoPE)
+SMALL_COLUMNS = argparse.Namespace(**{**vars(SMALL), "vit_heads": 1, "text_rope_theta": 100.0,
+                                      "rope_sections": (0, 4, 4, 0)})
 
 
 def test_trained_qwen_mmproj_writer_matches_the_generator(tmp_path):
@@ -37,15 +40,15 @@ def test_trained_qwen_mmproj_writer_matches_the_generator(tmp_path):
                              name="x")
 
 
-@pytest.fixture(scope="module")
-def qwen_pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=[SMALL, SMALL_COLUMNS], ids=["qwen-default", "one-head-low-base-no-t"])
+def qwen_pair(tmp_path_factory, request):
     torch = pytest.importorskip("torch")
     from training.qwen_torch import ShapesQwenVLM
     from training.train_shapes_qwen import default_dims, qwen_vocab, write_gguf_pair
 
     torch.manual_seed(0)
     spec = qwen_vocab()
-    model = ShapesQwenVLM(default_dims(spec.n_vocab, SMALL))
+    model = ShapesQwenVLM(default_dims(spec.n_vocab, request.param))
     with torch.no_grad():  # larger than the training init, so greedy margins are not ties
         for p in model.parameters():
             if p.dim() >= 2:
