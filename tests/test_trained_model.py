@@ -132,6 +132,11 @@ def test_eval_command_writes_elsewhere_unless_asked(tmp_path):
     res = json.loads(out.read_text())
     assert res["accuracy"]["n_items"] == 2 and "--out" in res["command"]
     assert json.loads((d / "training.json").read_text()) == {"seed": 0}
+    cal = tmp_path / "cal.json"  # model selection runs on the calibration split; --k 1 is greedy only
+    assert main(args + ["--split", "calibration", "--out", str(cal)]) == 0
+    acc = json.loads(cal.read_text())["accuracy"]
+    assert acc["split"] == "calibration" and acc["sampling"] == "greedy only"
+    assert acc["k1_vote_accuracy"] == acc["greedy_accuracy"] and acc["vote_differs_from_greedy"] == 0
     assert main(args + ["--out", str(tmp_path / "eval2.json"), "--update-training-json"]) == 0
     info = json.loads((d / "training.json").read_text())
     assert info["seed"] == 0 and info["eval"]["accuracy"]["n_items"] == 2

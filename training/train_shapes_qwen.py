@@ -28,6 +28,9 @@ Besides the answer loss (assistant tokens), a per-token auxiliary loss (heads dr
 image embedding name the colour and shape under its 14 px cell, whether an object's centre is in it, and the
 cell's row and column: the ViT has no absolute position embedding, and the text model's M-RoPE at this head size
 (sections 4/6/6 of 16 pairs) resolves columns only coarsely, so the embeddings carry their own place.
+
+Later runs tried --aux-object-weight, --vit-heads 1, --text-rope-theta / --rope-sections and --vision-minutes
+(benchmarks/results/shapes-qwen-runs/runs.json); none beat the bundled run on test.
 """
 
 from __future__ import annotations
