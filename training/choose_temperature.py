@@ -50,12 +50,15 @@ def vote_diagnostics(run_dir: Path) -> dict:
     def majority_right(r: dict) -> bool:
         return Counter(ro["answer"] for ro in r["rollouts"]).most_common(1)[0][0] == r["gold"]
 
-    return {"greedy": round(float(np.mean([r["greedy"]["correct"] for r in records])), 4),
-            "sampled_rollout": round(float(np.mean([ro["correct"] for r in records for ro in r["rollouts"]])), 4),
-            "majority_fixes_greedy_errors": round(float(np.mean([majority_right(r) for r in wrong])), 4) if wrong else None,
-            "majority_breaks_greedy_successes": (round(float(np.mean([not majority_right(r) for r in right])), 4)
-                                                 if right else None),
-            "any_rollout_right": round(float(np.mean([any(ro["correct"] for ro in r["rollouts"]) for r in records])), 4)}
+    def share(flags: list[bool]) -> float | None:
+        """Rounded share of True (None for no items)."""
+        return round(float(np.mean(flags)), 4) if flags else None
+
+    return {"greedy": share([r["greedy"]["correct"] for r in records]),
+            "sampled_rollout": share([ro["correct"] for r in records for ro in r["rollouts"]]),
+            "majority_fixes_greedy_errors": share([majority_right(r) for r in wrong]),
+            "majority_breaks_greedy_successes": share([not majority_right(r) for r in right]),
+            "any_rollout_right": share([any(ro["correct"] for ro in r["rollouts"]) for r in records])}
 
 
 def choose(runs: list[dict]) -> dict:
@@ -78,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                      r["accuracy_by_k"].items())
               + f"  score {r['score']:.4f}" + ("  <- chosen" if r is best else ""))
         v = r["voting"]
-        print(f"      a sampled rollout is right {v['sampled_rollout']:.3f} (greedy {v['greedy']:.3f}); the majority of "
-              f"all rollouts fixes {v['majority_fixes_greedy_errors']} of greedy's errors and breaks "
+        print(f"      a sampled rollout is right {v['sampled_rollout']:.3f} (greedy {v['greedy']:.3f}); "
+              f"the majority of all rollouts fixes {v['majority_fixes_greedy_errors']} of greedy's errors and breaks "
               f"{v['majority_breaks_greedy_successes']} of its successes")
     if args.out:
         Path(args.out).write_text(json.dumps({"command": "python -m training.choose_temperature "

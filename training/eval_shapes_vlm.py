@@ -54,7 +54,9 @@ def run_accuracy(vlm: VLM, n: int, k: int, seed: int, max_tokens: int = 96, spli
         rs = [r for r in rows if lo <= r["difficulty"] < hi]
         by_diff[f"{lo:.2f}-{min(hi, 1):.2f}"] = {
             "n": len(rs), "greedy": round(float(np.mean([r["greedy"] == r["answer"] for r in rs])), 3) if rs else None}
-    return {"split": split, "n_items": n, "k": k, "sampling": "temperature 0.7, top-p 0.9" if k > 1 else "greedy only", "greedy_accuracy": round(float(greedy), 4),
+    return {"split": split, "n_items": n, "k": k,
+            "sampling": "temperature 0.7, top-p 0.9" if k > 1 else "greedy only",
+            "greedy_accuracy": round(float(greedy), 4),
             f"k{k}_vote_accuracy": round(float(vote), 4), "vote_differs_from_greedy": round(float(differ), 4),
             "rollouts_disagree": round(float(disagree), 4), "by_kind": by_kind, "by_difficulty": by_diff,
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -25,21 +25,18 @@ def probe(model_dir: str, n_images: int = 240, held_out: float = 0.25, threads: 
 
     from convert.shapes_task import make_scene, render
     from training.qwen_torch import dims_from_gguf, load_from_gguf
-    from training.train_shapes_qwen import CELL, GRID, patch_labels
+    from training.train_shapes_qwen import CELL, GRID, patch_labels, token_places
     from training.vlm_torch import pixels
 
     torch.set_num_threads(threads)
     model, mmproj = f"{model_dir}/model.gguf", f"{model_dir}/mmproj.gguf"
     m = load_from_gguf(model, mmproj, dims_from_gguf(model, mmproj))
-    rows = np.arange(GRID * GRID)
-    xs, ys = [], []
-    for i in range(n_images):
-        scene = make_scene(np.random.default_rng([7, i]))
-        with torch.no_grad():
-            emb, _ = m.vision(pixels(np.asarray(render(scene))[None]))
-        xs.append(emb[0].numpy())
-        ys.append(np.concatenate([patch_labels(scene, GRID, CELL), (rows // GRID)[None], (rows % GRID)[None]]))
-    x, y = np.stack(xs), np.stack(ys)
+    scenes = [make_scene(np.random.default_rng([7, i])) for i in range(n_images)]
+    places = token_places().numpy()
+    y = np.stack([np.concatenate([patch_labels(s, GRID, CELL), places]) for s in scenes])
+    with torch.no_grad():
+        x = np.concatenate([m.vision(pixels(np.stack([np.asarray(render(s)) for s in scenes[i:i + 16]])))[0].numpy()
+                            for i in range(0, n_images, 16)])
     cut = int(round(n_images * (1 - held_out)))
     out = {}
     for j, name in enumerate(("colour", "shape", "centre", "row", "column")):

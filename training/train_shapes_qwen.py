@@ -77,9 +77,10 @@ def default_dims(n_vocab: int, args: argparse.Namespace) -> QwenVLMDims:
     vision = VisionDims("qwen25vl", n_embd=args.vit_embd, n_layer=args.vit_layers, n_head=args.vit_heads,
                         n_ff=args.vit_ff, patch_size=PATCH, image_size=IMAGE_SIZE, proj_dim=args.embd,
                         n_wa_pattern=args.vit_layers)
-    sections = getattr(args, "rope_sections", None)
+    sections = getattr(args, "rope_sections", None)  # both optional: older namespaces (tests) lack them
     text = TextModelDims("qwen2vl", n_embd=args.embd, n_layer=args.layers, n_head=args.heads, n_head_kv=args.heads,
-                         n_ff=args.ff, n_ctx_train=2048, rope_theta=getattr(args, "text_rope_theta", 10000.0),
+                         n_ff=args.ff, n_ctx_train=2048,
+                         rope_theta=getattr(args, "text_rope_theta", TextModelDims.rope_theta),
                          rope_sections=tuple(sections) if sections else None)
     return QwenVLMDims(vision, text, n_vocab)
 
@@ -113,6 +114,12 @@ def init_text_from_llama(model: ShapesQwenVLM, path: str) -> None:
     t.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in sd.items()}, strict=True)
 
 
+def token_places() -> torch.Tensor:
+    """[2, 256] (row, column) of every image token on the 16 x 16 grid, raster order."""
+    rows = torch.arange(GRID * GRID)
+    return torch.stack((rows // GRID, rows % GRID))
+
+
 class AuxHeads(torch.nn.Module):
     """Training-only per-token classifiers on the image embeddings: colour, shape, centre, row, column."""
 
@@ -121,8 +128,7 @@ class AuxHeads(torch.nn.Module):
         self.object_weight = object_weight
         sizes = (1 + len(COLOURS), 1 + len(SHAPES), 2, GRID, GRID)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in sizes)
-        rows = torch.arange(GRID * GRID)
-        self.register_buffer("place", torch.stack((rows // GRID, rows % GRID)), persistent=False)
+        self.register_buffer("place", token_places(), persistent=False)
 
     def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy; img [B, 256, D], labels [B, 3, 256]. The colour and shape terms weigh tokens on
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                    "image, the others inside 112 px windows")
     p.add_argument("--aux-object-weight", type=float, default=1.0,
                    help="weight of object tokens against background ones in the auxiliary colour and shape terms")
-    p.add_argument("--text-rope-theta", type=float, default=10000.0,
+    p.add_argument("--text-rope-theta", type=float, default=TextModelDims.rope_theta,
                    help="the text model's RoPE base; M-RoPE gives the w (column) section the lowest frequencies, "
                         "which at base 10000 barely turn across a 16-token row")
     p.add_argument("--rope-sections", type=int, nargs=4, default=None, metavar=("T", "H", "W", "E"),
