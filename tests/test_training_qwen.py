@@ -178,3 +178,46 @@ def test_aux_heads_weigh_object_tokens_in_the_colour_and_shape_terms():
     heavy, plain = AuxHeads(8, object_weight=4.0), AuxHeads(8)
     plain.load_state_dict(heavy.state_dict())
     assert float(heavy(img, labels)) > float(plain(img, labels)) + 1e-3
+
+
+def test_count_targets_and_answer_start_rows(qwen_pair):
+    """The batcher's count row holds each colour's, shape's and colour-shape pair's object count (counted here by
+    a plain loop over the scene), and answer_start_* name the rows whose answer-loss label is the branch's first
+    target token."""
+    pytest.importorskip("torch")
+    from avis_llamacpp.prompt import QWEN25VL
+    from convert.shapes_task import COLOURS, SHAPES, SPLITS, make_scene
+    from training.data import Tokenizer
+    from training.train_shapes_qwen import COUNTED, Batcher
+
+    tok = Tokenizer(qwen_pair / "model.gguf", QWEN25VL)
+    batcher = Batcher(tok, batch=3, questions=2, seed=5, prune_prob=1.0)
+    first_target = tok.encode("<think>")
+    for _ in range(2):
+        b = batcher.next()
+        for i in range(3):
+            scene = make_scene(np.random.default_rng([SPLITS["train"], 5, b["index"] + i]))
+            expected = [sum(o.colour == c for o in scene.objects) for c in COLOURS]
+            expected += [sum(o.shape == s for o in scene.objects) for s in SHAPES]
+            expected += [sum(o.colour == c and o.shape == s for o in scene.objects) for c in COLOURS for s in SHAPES]
+            assert b["patch_labels"][i, 3, :len(COUNTED)].tolist() == expected
+        labels = dict(zip(zip(b["rows"].tolist(), b["cols"].tolist()), b["labels"].tolist()))
+        starts = list(zip(b["answer_start_rows"].tolist(), b["answer_start_cols"].tolist()))
+        assert len(starts) == 6 and sorted({r for r, _ in starts}) == [0, 1, 2]
+        assert [labels[s] for s in starts] == first_target * 6
+
+
+def test_count_head_loss_is_the_mean_cross_entropy_over_counted_kinds():
+    """CountHead's loss equals a hand-written mean cross-entropy over every (branch, counted kind) pair."""
+    torch = pytest.importorskip("torch")
+    from training.train_shapes_qwen import COUNTED, MAX_COUNT, CountHead
+
+    torch.manual_seed(4)
+    head = CountHead(8)
+    hidden = torch.randn(5, 8)
+    counts = torch.randint(0, MAX_COUNT + 1, (5, len(COUNTED)))
+    z = head.proj(hidden).detach().double().numpy().reshape(5, len(COUNTED), MAX_COUNT + 1)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, counts.numpy()[..., None], -1).mean()
+    assert abs(float(head(hidden, counts)) - expected) < 1e-5

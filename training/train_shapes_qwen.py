@@ -65,6 +65,11 @@ PATCH = 7
 GRID = IMAGE_SIZE // PATCH // 2  # 16 x 16 = 256 image tokens
 CELL = IMAGE_SIZE // GRID  # 14 px per image token
 SELECTORS = ("kdv", "random", "uniform")
+# Text-side count targets (--count-weight): objects of each colour, each shape and each colour-shape pair.
+COUNTED: tuple[tuple[str | None, str | None], ...] = (
+    tuple((c, None) for c in COLOURS) + tuple((None, s) for s in SHAPES)
+    + tuple((c, s) for c in COLOURS for s in SHAPES))
+MAX_COUNT = 12  # make_scene draws at most 12 objects
 
 
 def qwen_vocab():
@@ -145,13 +150,37 @@ class AuxHeads(torch.nn.Module):
         return loss
 
 
+def scene_counts(scene: Scene) -> np.ndarray:
+    """[len(COUNTED)] objects of each colour, shape and colour-shape pair in the scene, capped at MAX_COUNT."""
+    return np.array([min(scene.count(shape=shape, colour=colour), MAX_COUNT) for colour, shape in COUNTED],
+                    dtype=np.int64)
+
+
+class CountHead(torch.nn.Module):
+    """Training-only text-side head (not exported): from the hidden state that predicts an answer's first token,
+    classify how many objects of each colour, shape and colour-shape pair the image holds. The answer loss alone
+    gives counting one token per count question; this asks every question branch to carry the counts."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, len(COUNTED) * (MAX_COUNT + 1))
+
+    def forward(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over branches and counted kinds; hidden [N, D], counts [N, len(COUNTED)]."""
+        logits = self.proj(hidden).float().view(-1, len(COUNTED), MAX_COUNT + 1)
+        return F.cross_entropy(logits.flatten(0, 1), counts.flatten())
+
+
 class Batcher(LlavaBatcher):
     """Packed batches as the llava-style trainer's, with 256-token labels, pruning chosen per batch (the kept
     indices once the keys are known, in loss_fn) and 3-D positions."""
 
     def labels(self, scene: Scene) -> np.ndarray:
-        """Per-token targets on the 16 x 16 token grid."""
-        return patch_labels(scene, GRID, CELL)
+        """[4, 256]: rows 0-2 the per-token targets on the 16 x 16 token grid (patch_labels), row 3 the scene's
+        counts (scene_counts) in its first len(COUNTED) entries, for the text-side count head."""
+        counts = np.zeros((1, GRID * GRID), dtype=np.int64)
+        counts[0, :len(COUNTED)] = scene_counts(scene)
+        return np.concatenate((patch_labels(scene, GRID, CELL), counts))
 
     def pruning(self) -> tuple[int, str]:
         """(tokens kept per image, selector) for the next batch."""
@@ -170,7 +199,11 @@ class Batcher(LlavaBatcher):
         L = max(len(q) + len(t) for _, p, _ in samples for q, t in p)
         p0 = len(self.prefix)
         start = p0 + GRID  # text after the image: p0 + max(nx, ny), pruned or not
-        return {"px": pixels(np.stack([im for im, _, _ in samples])), "index": self.next_index - self.batch,
+        # the rows that predict each branch's first answer token (its question's last token), for CountHead
+        ends = [(b, p0 + n_keep + j * L + len(q) - 1) for b, (_, pairs, _) in enumerate(samples)
+                for j, (q, _) in enumerate(pairs)]
+        return {"answer_start_rows": torch.tensor([b for b, _ in ends]),
+                "answer_start_cols": torch.tensor([c for _, c in ends]),"px": pixels(np.stack([im for im, _, _ in samples])), "index": self.next_index - self.batch,
                 "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
                 "prefix": torch.tensor([self.prefix] * self.batch), "prefix_pos": text_positions(0, p0),
                 "rest_pos": torch.cat([text_positions(start, L)] * n_q), "p0": p0, "n_keep": n_keep,
@@ -194,9 +227,10 @@ def choose_kept(b: dict, keys: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-def loss_fn(model: ShapesQwenVLM, aux: AuxHeads, b: dict, seed: int,
-            question_loss: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(answer cross-entropy, auxiliary per-token loss, question-token cross-entropy (0 unless question_loss))."""
+def loss_fn(model: ShapesQwenVLM, aux: AuxHeads, b: dict, seed: int, question_loss: bool,
+            count_head: CountHead | None = None) -> tuple[torch.Tensor, ...]:
+    """(answer cross-entropy, auxiliary per-token loss, question-token cross-entropy (0 unless question_loss),
+    text-side count loss (0 without count_head))."""
     img, keys = model.vision(b["px"])
     kept = choose_kept(b, keys, seed)
     n_b = img.shape[0]
@@ -210,7 +244,12 @@ def loss_fn(model: ShapesQwenVLM, aux: AuxHeads, b: dict, seed: int,
     q_loss = img.new_zeros(())
     if question_loss:
         q_loss = F.cross_entropy(model.text.logits(h[b["q_rows"], b["q_cols"]]).float(), b["q_labels"])
-    return loss, aux(img, b["patch_labels"]), q_loss
+    count_loss = img.new_zeros(())
+    if count_head is not None:
+        rows = b["answer_start_rows"]
+        counts = b["patch_labels"][rows, 3, :len(COUNTED)]
+        count_loss = count_head(h[rows, b["answer_start_cols"]], counts)
+    return loss, aux(img, b["patch_labels"][:, :3]), q_loss, count_loss
 
 
 def pretrain_vision(model: ShapesQwenVLM, aux: AuxHeads, batcher: Batcher, args: argparse.Namespace) -> list[dict]:
@@ -229,7 +268,7 @@ def pretrain_vision(model: ShapesQwenVLM, aux: AuxHeads, batcher: Batcher, args:
         samples = [batcher.sample(batcher.next_index + i) for i in range(args.batch)]
         batcher.next_index += args.batch
         img, _ = model.vision(pixels(np.stack([im for im, _, _ in samples])))
-        loss = aux(img, torch.from_numpy(np.stack([lab for _, _, lab in samples])))
+        loss = aux(img, torch.from_numpy(np.stack([lab[:3] for _, _, lab in samples])))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -265,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-minutes", type=float, default=0.0,
                    help="first train the vision tower alone on the per-token targets for this long (counted in "
                         "--max-minutes)")
+    p.add_argument("--count-weight", type=float, default=0.0,
+                   help="weight of a training-only text-side loss: from the hidden state before each answer, "
+                        "classify the image's number of objects of each colour, shape and colour-shape pair")
     p.add_argument("--init-text-from", default=None, help="llama-arch shapes text GGUF to start the text model from")
     args = p.parse_args(argv)
     command = start_run("training.train_shapes_qwen", args, argv)
@@ -283,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}, eos: {tok.eos}", flush=True)
 
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
+    count_head = CountHead(dims.text.n_embd) if args.count_weight > 0 else None
     text_scale = args.text_lr_scale if args.init_text_from else 1.0
     groups = []
-    for mod, scale in ((model.vision, 1.0), (aux, 1.0), (model.text, text_scale)):
+    heads = [(aux, 1.0)] + ([(count_head, 1.0)] if count_head is not None else [])
+    for mod, scale in ((model.vision, 1.0), *heads, (model.text, text_scale)):
         named = list(mod.named_parameters())
         groups.append({"params": [x for _, x in named if x.dim() >= 2], "weight_decay": 0.05, "scale": scale})
         groups.append({"params": [x for _, x in named if x.dim() < 2], "weight_decay": 0.0, "scale": scale})
@@ -296,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     vision_curve = pretrain_vision(model, aux, batcher, args) if args.vision_minutes > 0 else []
     t0 = time.perf_counter()
     curve: list[dict] = []
-    run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "n": 0}
+    run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "count": 0.0, "n": 0}
     step = 0
     for step in range(args.steps):
         progress = max(step / args.steps, (time.perf_counter() - t0) / (joint_minutes * 60))
@@ -305,14 +349,16 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr * g["scale"]
         batch = batcher.next()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, aux_loss, q_loss = loss_fn(model, aux, batch, args.seed, args.question_loss > 0)
+            loss, aux_loss, q_loss, count_loss = loss_fn(model, aux, batch, args.seed, args.question_loss > 0,
+                                                         count_head)
         opt.zero_grad(set_to_none=True)
-        (loss + args.aux_weight * aux_loss + args.question_loss * q_loss).backward()
+        (loss + args.aux_weight * aux_loss + args.question_loss * q_loss + args.count_weight * count_loss).backward()
         torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         opt.step()
         run["loss"] += float(loss.detach())
         run["aux"] += float(aux_loss.detach())
         run["question"] += float(q_loss.detach())
+        run["count"] += float(count_loss.detach())
         run["n"] += 1
         elapsed = time.perf_counter() - t0
         if args.bench and step + 1 >= args.bench:
@@ -322,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             curve.append({"step": step + 1, **{k: round(v / run["n"], 4) for k, v in run.items() if k != "n"},
                           "minutes": round(elapsed / 60, 2)})
             print(json.dumps(curve[-1]), flush=True)
-            run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "n": 0}
+            run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "count": 0.0, "n": 0}
         if (step + 1) % 200 == 0:
             torch.save(model.state_dict(), work / "ckpt.pt")
         if elapsed > joint_minutes * 60:
