@@ -203,7 +203,8 @@ class Batcher(LlavaBatcher):
         ends = [(b, p0 + n_keep + j * L + len(q) - 1) for b, (_, pairs, _) in enumerate(samples)
                 for j, (q, _) in enumerate(pairs)]
         return {"answer_start_rows": torch.tensor([b for b, _ in ends]),
-                "answer_start_cols": torch.tensor([c for _, c in ends]),"px": pixels(np.stack([im for im, _, _ in samples])), "index": self.next_index - self.batch,
+                "answer_start_cols": torch.tensor([c for _, c in ends]),
+                "px": pixels(np.stack([im for im, _, _ in samples])), "index": self.next_index - self.batch,
                 "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
                 "prefix": torch.tensor([self.prefix] * self.batch), "prefix_pos": text_positions(0, p0),
                 "rest_pos": torch.cat([text_positions(start, L)] * n_q), "p0": p0, "n_keep": n_keep,
