@@ -145,3 +145,22 @@ def test_eval_command_writes_elsewhere_unless_asked(tmp_path):
     except ImportError:
         with pytest.raises(SystemExit):
             main(["--model-dir", str(d), "--n", "0", "--parity", "1", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.skipif("shapes-qwen" not in PRESENT, reason="bundled Qwen2.5-VL-style model not present")
+def test_kept_at_tau_counts_the_plugins_kept_tokens(tmp_path):
+    """training/kept_at_tau.py reports the kept tokens of the plugin's own adaptive KDV: all 256 at tau = 1e-6 (no
+    angle is below it), and at tau = pi/4 the mean of what VLM.ask keeps on the same items."""
+    import math
+
+    from training.kept_at_tau import kept_at_tau
+
+    items = TEST_DIR / "items.jsonl"
+    d = DATA / "shapes-qwen"
+    assert kept_at_tau(d, items, n=2, tau=1e-6)["mean_kept"] == 256
+    got = kept_at_tau(d, items, n=3)
+    with VLM(d / "model.gguf", d / "mmproj.gguf", n_ctx=2048) as vlm:
+        kept = [len(vlm.ask(str(TEST_DIR / r["image"]), r["question"], answer_tags=True, max_tokens=1,
+                            tau=math.pi / 4).images[0]["kept"]) for r in _items(3)]
+    assert got["n_items"] == 3 and got["image_tokens"] == [256]
+    assert got["mean_kept"] == round(sum(kept) / 3, 2) and got["min"] == min(kept) < 256
