@@ -181,14 +181,14 @@ def test_aux_heads_weigh_object_tokens_in_the_colour_and_shape_terms():
 
 
 def test_count_targets_and_answer_start_rows(qwen_pair):
-    """The batcher's count row holds each colour's, shape's and colour-shape pair's object count (counted here by
+    """The batcher's counts hold each colour's, shape's and colour-shape pair's object count (counted here by
     a plain loop over the scene), and answer_start_* name the rows whose answer-loss label is the branch's first
     target token."""
     pytest.importorskip("torch")
     from avis_llamacpp.prompt import QWEN25VL
     from convert.shapes_task import COLOURS, SHAPES, SPLITS, make_scene
     from training.data import Tokenizer
-    from training.train_shapes_qwen import COUNTED, Batcher
+    from training.train_shapes_qwen import Batcher
 
     tok = Tokenizer(qwen_pair / "model.gguf", QWEN25VL)
     batcher = Batcher(tok, batch=3, questions=2, seed=5, prune_prob=1.0)
@@ -200,7 +200,7 @@ def test_count_targets_and_answer_start_rows(qwen_pair):
             expected = [sum(o.colour == c for o in scene.objects) for c in COLOURS]
             expected += [sum(o.shape == s for o in scene.objects) for s in SHAPES]
             expected += [sum(o.colour == c and o.shape == s for o in scene.objects) for c in COLOURS for s in SHAPES]
-            assert b["patch_labels"][i, 3, :len(COUNTED)].tolist() == expected
+            assert b["counts"][i].tolist() == expected
         labels = dict(zip(zip(b["rows"].tolist(), b["cols"].tolist()), b["labels"].tolist()))
         starts = list(zip(b["answer_start_rows"].tolist(), b["answer_start_cols"].tolist()))
         assert len(starts) == 6 and sorted({r for r, _ in starts}) == [0, 1, 2]

@@ -72,6 +72,7 @@ COUNTED: tuple[tuple[str | None, str | None], ...] = (
     tuple((c, None) for c in COLOURS) + tuple((None, s) for s in SHAPES)
     + tuple((c, s) for c in COLOURS for s in SHAPES))
 MAX_COUNT = 12  # make_scene draws at most 12 objects
+RUN_TERMS = ("loss", "aux", "question", "count", "n")  # running sums between loss-curve points, and their count
 
 
 def qwen_vocab():
@@ -204,10 +205,11 @@ class Batcher(LlavaBatcher):
         # the rows that predict each branch's first answer token (its question's last token), for CountHead
         ends = [(b, p0 + n_keep + j * L + len(q) - 1) for b, (_, pairs, _) in enumerate(samples)
                 for j, (q, _) in enumerate(pairs)]
+        labels = torch.from_numpy(np.stack([lab for _, _, lab in samples]))
         return {"answer_start_rows": torch.tensor([b for b, _ in ends]),
                 "answer_start_cols": torch.tensor([c for _, c in ends]),
                 "px": pixels(np.stack([im for im, _, _ in samples])), "index": self.next_index - self.batch,
-                "patch_labels": torch.from_numpy(np.stack([lab for _, _, lab in samples])),
+                "patch_labels": labels[:, :3], "counts": labels[:, 3, :len(COUNTED)],
                 "prefix": torch.tensor([self.prefix] * self.batch), "prefix_pos": text_positions(0, p0),
                 "rest_pos": torch.cat([text_positions(start, L)] * n_q), "p0": p0, "n_keep": n_keep,
                 "selector": selector, **pack_branches(samples, p0 + n_keep, n_q, L)}
@@ -250,9 +252,8 @@ def loss_fn(model: ShapesQwenVLM, aux: AuxHeads, b: dict, seed: int, question_lo
     count_loss = img.new_zeros(())
     if count_head is not None:
         rows = b["answer_start_rows"]
-        counts = b["patch_labels"][rows, 3, :len(COUNTED)]
-        count_loss = count_head(h[rows, b["answer_start_cols"]], counts)
-    return loss, aux(img, b["patch_labels"][:, :3]), q_loss, count_loss
+        count_loss = count_head(h[rows, b["answer_start_cols"]], b["counts"][rows])
+    return loss, aux(img, b["patch_labels"]), q_loss, count_loss
 
 
 def pretrain_vision(model: ShapesQwenVLM, aux: AuxHeads, batcher: Batcher, args: argparse.Namespace) -> list[dict]:
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     vision_curve = pretrain_vision(model, aux, batcher, args) if args.vision_minutes > 0 else []
     t0 = time.perf_counter()
     curve: list[dict] = []
-    run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "count": 0.0, "n": 0}
+    run = dict.fromkeys(RUN_TERMS, 0.0)
     step = 0
     for step in range(args.steps):
         progress = max(step / args.steps, (time.perf_counter() - t0) / (joint_minutes * 60))
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             curve.append({"step": step + 1, **{k: round(v / run["n"], 4) for k, v in run.items() if k != "n"},
                           "minutes": round(elapsed / 60, 2)})
             print(json.dumps(curve[-1]), flush=True)
-            run = {"loss": 0.0, "aux": 0.0, "question": 0.0, "count": 0.0, "n": 0}
+            run = dict.fromkeys(RUN_TERMS, 0.0)
         if (step + 1) % 200 == 0:
             torch.save(model.state_dict(), work / "ckpt.pt")
         if elapsed > joint_minutes * 60:
