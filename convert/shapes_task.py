@@ -46,6 +46,8 @@ __all__ = [
     "Item",
     "make_scene",
     "make_question",
+    "compare_question",
+    "grid_place",
     "make_item",
     "render",
     "format_question",
@@ -295,11 +297,15 @@ def _q_colour(scene: Scene, rng: np.random.Generator) -> Question | None:
     return Question("colour", text, opts, letter, think)
 
 
-def _q_compare(scene: Scene, rng: np.random.Generator) -> Question | None:
-    """More colour-1 shapes than colour-2 shapes?"""
+def compare_question(scene: Scene, rng: np.random.Generator, second_present: bool = False) -> Question | None:
+    """More colour-1 shapes than colour-2 shapes? Colour 1 is in the image; colour 2 is any other colour, or with
+    second_present (a training curriculum, never used by the splits) another colour in the image (None when the
+    image has one colour)."""
     colours = sorted({o.colour for o in scene.objects})
+    if second_present and len(colours) < 2:
+        return None
     c1 = str(rng.choice(colours))
-    c2 = str(rng.choice([c for c in COLOURS if c != c1]))
+    c2 = str(rng.choice([c for c in (colours if second_present else COLOURS) if c != c1]))
     n1, n2 = scene.count(colour=c1), scene.count(colour=c2)
     opts_all = [f"more {c1}", f"more {c2}", "the same number", f"no {c1} or {c2} shapes"]
     correct = opts_all[0] if n1 > n2 else opts_all[1] if n2 > n1 else opts_all[2]
@@ -326,7 +332,13 @@ def _q_spatial(scene: Scene, rng: np.random.Generator) -> Question | None:
                     f"The {a.name} is {rel} the {b.name}.")
 
 
-_MAKERS = {"count": _q_count, "exist": _q_exist, "colour": _q_colour, "compare": _q_compare,
+def grid_place(o: Obj, cell: float) -> tuple[int, int]:
+    """(row, column) of the cell x cell pixel grid cell that holds o's centre."""
+    n = int(IMAGE_SIZE // cell)
+    return min(int(o.y // cell), n - 1), min(int(o.x // cell), n - 1)
+
+
+_MAKERS = {"count": _q_count, "exist": _q_exist, "colour": _q_colour, "compare": compare_question,
            "spatial": _q_spatial}
 
 

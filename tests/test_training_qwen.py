@@ -221,3 +221,68 @@ def test_count_head_loss_is_the_mean_cross_entropy_over_counted_kinds():
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     expected = -np.take_along_axis(logp, counts.numpy()[..., None], -1).mean()
     assert abs(float(head(hidden, counts)) - expected) < 1e-5
+
+
+def test_spatial_places_name_each_objects_centre_cell_and_fit_the_decode_budget(qwen_pair):
+    """--spatial-places traces put each named object at the token cell that patch_labels marks as its centre (and
+    colours with its colour), end with the task's own trace, and stay under the 96 tokens eval and calibrate
+    decode."""
+    pytest.importorskip("torch")
+    import re
+
+    from avis_llamacpp.prompt import QWEN25VL
+    from convert.shapes_task import COLOURS, make_item
+    from training.data import Tokenizer
+    from training.train_shapes_qwen import CELL, GRID, Batcher, patch_labels, spatial_places_think
+
+    tok = Tokenizer(qwen_pair / "model.gguf", QWEN25VL)
+    batcher = Batcher(tok, batch=1, questions=1, seed=0, spatial_places=True)
+    place = re.compile(r"The (\w+) (\w+) is at row (\d+), column (\d+)\.")
+    n = 0
+    for i in range(400):
+        it = make_item("train", i, kind="spatial")
+        if it.question.kind != "spatial":
+            continue
+        think = spatial_places_think(it.question, it.scene)
+        assert think.endswith(" " + it.question.think)
+        labels = patch_labels(it.scene, GRID, CELL)
+        found = place.findall(think)
+        assert [f"{c} {s}" for c, s, _, _ in found] == re.findall(r"the (\w+ \w+)", it.question.text)
+        for colour, _shape, row, col in found:
+            cell = int(row) * GRID + int(col)
+            assert labels[2, cell] == 1 and labels[0, cell] == 1 + list(COLOURS).index(colour)
+        assert len(batcher.target(it.question, it.scene)) <= 96
+        n += 1
+    assert n > 50
+    with pytest.raises(ValueError, match="not a spatial question"):
+        spatial_places_think(make_item("train", 0, kind="count").question, make_item("train", 0).scene)
+
+
+def test_compare_present_draws_the_second_colour_from_the_image(qwen_pair):
+    """compare_present=1 makes every compare question's second colour one that is in the image (counted by a
+    plain loop); 0 leaves the task's own questions (the same draws as make_question)."""
+    pytest.importorskip("torch")
+    from avis_llamacpp.prompt import QWEN25VL
+    from convert.shapes_task import Obj, Scene, compare_question, make_question, make_scene
+    from training.data import Tokenizer
+    from training.train_shapes_qwen import Batcher
+
+    tok = Tokenizer(qwen_pair / "model.gguf", QWEN25VL)
+    always = Batcher(tok, batch=1, questions=1, seed=0, compare_present=1.0)
+    never = Batcher(tok, batch=1, questions=1, seed=0)
+    n_compare, absent_in_task = 0, 0
+    for i in range(300):
+        scene = make_scene(np.random.default_rng([9, i]))
+        q = always.question(scene, np.random.default_rng([8, i]))
+        task_q = make_question(scene, np.random.default_rng([8, i]))
+        assert never.question(scene, np.random.default_rng([8, i])) == task_q
+        if q.kind != "compare":
+            continue
+        n_compare += 1
+        second = q.text.split(" or more ")[1].split()[0]
+        colours_here = {o.colour for o in scene.objects}
+        assert second in colours_here or len(colours_here) == 1
+        absent_in_task += task_q.kind == "compare" and task_q.text.split(" or more ")[1].split()[0] not in colours_here
+    assert n_compare > 30 and absent_in_task > 10  # the task's own draw often names an absent colour
+    one_colour = Scene(0.0, [Obj("circle", "red", 50, 50, 10)], (255, 255, 255), "plain", 0, 0, 0, 1)
+    assert compare_question(one_colour, np.random.default_rng(0), second_present=True) is None

@@ -38,7 +38,9 @@ would exceed 0.6x vanilla FLOPs; the bundle is unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +53,7 @@ from avis_llamacpp.kdv import kdv_scores, random_subset, uniform_subset
 from avis_llamacpp.prompt import QWEN25VL
 from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
-from convert.shapes_task import COLOURS, SHAPES, Scene
+from convert.shapes_task import COLOURS, SHAPES, Question, Scene, compare_question, grid_place, make_question
 from convert.text_model import CHATML_CHAT_TEMPLATE, TextModelDims
 from convert.tokenizer import build_vocab
 from training.data import N_MERGES, Tokenizer, task_corpus
@@ -72,6 +74,7 @@ COUNTED: tuple[tuple[str | None, str | None], ...] = (
     tuple((c, None) for c in COLOURS) + tuple((None, s) for s in SHAPES)
     + tuple((c, s) for c in COLOURS for s in SHAPES))
 MAX_COUNT = 12  # make_scene draws at most 12 objects
+SPATIAL_QUESTION = re.compile(r"Where is the (\w+ \w+) relative to the (\w+ \w+)\?")
 RUN_TERMS = ("loss", "aux", "question", "count", "n")  # running sums between loss-curve points, and their count
 
 
@@ -174,9 +177,44 @@ class CountHead(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), counts.flatten())
 
 
+def spatial_places_think(q: Question, scene: Scene) -> str:
+    """A spatial question's trace with each object's token-grid cell spelled out first ("The red circle is at row
+    3, column 12. ..."), so the relation follows from two copied places instead of one unseen comparison."""
+    m = SPATIAL_QUESTION.fullmatch(q.text)
+    if m is None:
+        raise ValueError(f"not a spatial question: {q.text!r}")
+    places = []
+    for name in m.groups():
+        o = next(o for o in scene.objects if o.name == name)  # spatial questions name unique objects
+        row, col = grid_place(o, CELL)
+        places.append(f"The {name} is at row {row}, column {col}.")
+    return f"{' '.join(places)} {q.think}"
+
+
 class Batcher(LlavaBatcher):
     """Packed batches as the llava-style trainer's, with 256-token labels, pruning chosen per batch (the kept
-    indices once the keys are known, in loss_fn) and 3-D positions."""
+    indices once the keys are known, in loss_fn) and 3-D positions. Two training-only curricula: spatial traces
+    that name both objects' places (spatial_places), and compare questions whose second colour is in the image
+    (a share compare_present of them; the task's own draw leaves it absent most of the time, and models learn to
+    answer 'more <first colour>' every time)."""
+
+    def __init__(self, *args, spatial_places: bool = False, compare_present: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spatial_places = spatial_places
+        self.compare_present = compare_present
+
+    def question(self, scene: Scene, rng: np.random.Generator) -> Question:
+        """The task's question, a compare one redrawn with its second colour present in share compare_present."""
+        q = make_question(scene, rng)
+        if q.kind == "compare" and self.compare_present > 0 and rng.uniform() < self.compare_present:
+            return compare_question(scene, rng, second_present=True) or q
+        return q
+
+    def target(self, q: Question, scene: Scene) -> list[int]:
+        """Assistant tokens; a spatial trace names both places first when spatial_places."""
+        if self.spatial_places and q.kind == "spatial":
+            q = dataclasses.replace(q, think=spatial_places_think(q, scene))
+        return self.tok.target(q)
 
     def labels(self, scene: Scene) -> np.ndarray:
         """[4, 256]: rows 0-2 the per-token targets on the 16 x 16 token grid (patch_labels), row 3 the scene's
@@ -311,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count-weight", type=float, default=0.0,
                    help="weight of a training-only text-side loss: from the hidden state before each answer, "
                         "classify the image's number of objects of each colour, shape and colour-shape pair")
+    p.add_argument("--spatial-places", action="store_true",
+                   help="train spatial answers with a trace that first names both objects' token-grid cells")
+    p.add_argument("--compare-present", type=float, default=0.0,
+                   help="share of compare questions redrawn with their second colour in the image")
     p.add_argument("--init-text-from", default=None, help="llama-arch shapes text GGUF to start the text model from")
     args = p.parse_args(argv)
     command = start_run("training.train_shapes_qwen", args, argv)
@@ -325,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="shapes-qwen-"))
     write_gguf_pair(model, work / "init", spec)
     tok = Tokenizer(work / "init" / "model.gguf", QWEN25VL)
-    batcher = Batcher(tok, args.batch, args.questions, args.seed, args.prune_prob)
+    batcher = Batcher(tok, args.batch, args.questions, args.seed, args.prune_prob,
+                      spatial_places=args.spatial_places, compare_present=args.compare_present)
     print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}, eos: {tok.eos}", flush=True)
 
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)

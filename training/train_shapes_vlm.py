@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from convert.mmproj import VisionDims, write_mmproj_weights
-from convert.shapes_task import COLOURS, SHAPES, SPLITS, Scene, make_item, make_question, make_scene, render
+from convert.shapes_task import COLOURS, SHAPES, SPLITS, Question, Scene, make_item, make_question, make_scene, render
 from convert.text_model import LLAVA_CHAT_TEMPLATE, TextModelDims, write_text_model_weights
 from training.data import Tokenizer, task_vocab
 from training.vlm_torch import ShapesVLM, ShapesVLMDims, export_weights, pixels
@@ -141,14 +141,22 @@ class Batcher:
         scene = make_scene(rng)
         seen, pairs = set(), []
         for _ in range(self.questions * 3):
-            q = make_question(scene, rng)
+            q = self.question(scene, rng)
             if q.text in seen:
                 continue
             seen.add(q.text)
-            pairs.append((self.tok.question(q), self.tok.target(q)))
+            pairs.append((self.tok.question(q), self.target(q, scene)))
             if len(pairs) == self.questions:
                 break
         return np.asarray(render(scene)), pairs, self.labels(scene)
+
+    def question(self, scene: Scene, rng: np.random.Generator) -> Question:
+        """The next training question about scene (the task's own distribution; subclasses may reweight it)."""
+        return make_question(scene, rng)
+
+    def target(self, q: Question, scene: Scene) -> list[int]:
+        """Assistant tokens trained for q (the task's own trace; subclasses may spell it out further)."""
+        return self.tok.target(q)
 
     def labels(self, scene: Scene) -> np.ndarray:
         """Per-token auxiliary targets of a scene."""
