@@ -22,6 +22,7 @@ import numpy as np
 from common import table
 
 from avis_llamacpp import VLM
+from avis_llamacpp.items import load_items
 from convert.key_bias import shift_last_key_bias
 
 BUNDLED = Path(__file__).resolve().parents[1] / "avis_llamacpp" / "data" / "shapes-qwen"
@@ -30,7 +31,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "avis_llamacpp" / "data" / "shap
 def run(model_dir: Path, items: Path, n: int, shifts: list[float], threads: int, max_tokens: int,
         tau: float = math.pi / 4) -> list[dict]:
     """One row per shift: kept tokens at tau, unpruned accuracy and agreement with shift 0, accuracy at tau."""
-    records = [json.loads(line) for line in items.read_text().splitlines()[:n]]
+    records = load_items(items, limit=n)
     base_answers: list[str] | None = None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,16 +40,15 @@ def run(model_dir: Path, items: Path, n: int, shifts: list[float], threads: int,
             shift_last_key_bias(model_dir / "mmproj.gguf", mmproj, shift)
             full, pruned, kept = [], [], []
             with VLM(model_dir / "model.gguf", mmproj, n_ctx=2048, n_threads=threads, n_threads_batch=threads) as vlm:
-                for rec in records:
-                    image = str(items.parent / rec["image"])
-                    a = vlm.ask(image, rec["question"], answer_tags=True, max_tokens=max_tokens,
-                                options=rec["options"])
-                    b = vlm.ask(image, rec["question"], answer_tags=True, max_tokens=max_tokens, tau=tau,
-                                options=rec["options"])
+                for it in records:
+                    a = vlm.ask(str(it.image), it.question, answer_tags=True, max_tokens=max_tokens,
+                                options=it.options)
+                    b = vlm.ask(str(it.image), it.question, answer_tags=True, max_tokens=max_tokens, tau=tau,
+                                options=it.options)
                     full.append(a.answer)
                     pruned.append(b.answer)
                     kept.append(len(b.images[0]["kept"]))
-            truth = [rec["answer"] for rec in records]
+            truth = [it.gold for it in records]
             base_answers = base_answers or full
             rows.append({"shift": shift, "kept_at_tau": float(np.mean(kept)),
                          "unpruned_accuracy": float(np.mean([x == y for x, y in zip(full, truth)])),

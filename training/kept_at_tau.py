@@ -20,14 +20,14 @@ def kept_at_tau(model_dir: str | Path, items: str | Path, n: int = 60, tau: floa
                 threads: int = 1) -> dict:
     """Kept image tokens per item when the plugin prunes at tau, over the first n records of an items JSONL."""
     from avis_llamacpp import VLM
+    from avis_llamacpp.items import load_items
 
-    items = Path(items)
-    records = [json.loads(line) for line in items.read_text().splitlines()[:n]]
+    records = load_items(items, limit=n)
     kept, totals = [], set()
     d = Path(model_dir)
     with VLM(d / "model.gguf", d / "mmproj.gguf", n_ctx=2048, n_threads=threads, n_threads_batch=threads) as vlm:
-        for rec in records:
-            ans = vlm.ask(str(items.parent / rec["image"]), rec["question"], answer_tags=True, max_tokens=1, tau=tau)
+        for it in records:
+            ans = vlm.ask(str(it.image), it.question, answer_tags=True, max_tokens=1, tau=tau)
             kept.append(len(ans.images[0]["kept"]))
             totals.update(ans.image_tokens)
     return {"tau": tau, "n_items": len(kept), "mean_kept": round(sum(kept) / len(kept), 2), "min": min(kept),
