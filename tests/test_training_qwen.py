@@ -286,3 +286,42 @@ def test_compare_present_draws_the_second_colour_from_the_image(qwen_pair):
     assert n_compare > 30 and absent_in_task > 10  # the task's own draw often names an absent colour
     one_colour = Scene(0.0, [Obj("circle", "red", 50, 50, 10)], (255, 255, 255), "plain", 0, 0, 0, 1)
     assert compare_question(one_colour, np.random.default_rng(0), second_present=True) is None
+
+
+def test_locate_questions_mark_the_named_objects_centre_cell(qwen_pair):
+    """--locate-share questions ask for a unique colour-shape pair and their answer is the token cell that
+    patch_labels marks as its centre (and colours with its colour), among four distinct cells; share 0 leaves the
+    task's own draws."""
+    pytest.importorskip("torch")
+    import re
+
+    from avis_llamacpp.prompt import QWEN25VL
+    from convert.shapes_task import COLOURS, LETTERS, make_question, make_scene
+    from training.data import Tokenizer
+    from training.train_shapes_qwen import CELL, GRID, Batcher, locate_question, patch_labels
+
+    tok = Tokenizer(qwen_pair / "model.gguf", QWEN25VL)
+    always = Batcher(tok, batch=1, questions=1, seed=0, locate_share=1.0)
+    never = Batcher(tok, batch=1, questions=1, seed=0)
+    cell_text = re.compile(r"row (\d+), column (\d+)")
+    n, longest = 0, 0
+    for i in range(200):
+        scene = make_scene(np.random.default_rng([7, i]))
+        assert never.question(scene, np.random.default_rng([6, i])) == make_question(scene,
+                                                                                    np.random.default_rng([6, i]))
+        q = always.question(scene, np.random.default_rng([6, i]))
+        if q.kind != "locate":
+            assert locate_question(scene, np.random.default_rng(0)) is None
+            continue
+        n += 1
+        colour, shape = re.fullmatch(r"Where is the (\w+) (\w+)\?", q.text).groups()
+        assert scene.count(shape=shape, colour=colour) == 1
+        cells = [tuple(map(int, cell_text.fullmatch(o).groups())) for o in q.options]
+        assert len(set(cells)) == 4 and all(0 <= r < GRID and 0 <= c < GRID for r, c in cells)
+        row, col = cells[LETTERS.index(q.answer)]
+        labels = patch_labels(scene, GRID, CELL)
+        assert labels[2, row * GRID + col] == 1 and labels[0, row * GRID + col] == 1 + list(COLOURS).index(colour)
+        assert q.think == f"The {colour} {shape} is at {q.options[LETTERS.index(q.answer)]}."
+        longest = max(longest, len(always.target(q, scene)))
+    assert n > 100
+    assert longest <= 110  # training-only, never decoded at 96 tokens; longer branches would pad every batch

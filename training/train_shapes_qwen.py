@@ -191,20 +191,52 @@ def spatial_places_think(q: Question, scene: Scene) -> str:
     return f"{' '.join(places)} {q.think}"
 
 
+def locate_question(scene: Scene, rng: np.random.Generator) -> Question | None:
+    """'Where is the red circle?' answered with its token-grid cell among four (a training-only curriculum, never in
+    the task's splits): practice at finding a named object among the image tokens, the step that spatial, count
+    and compare answers all need. Distractors are the other objects' cells, then random ones; None when no
+    colour-shape pair is unique in the scene."""
+    names = [o.name for o in scene.objects]
+    unique = [o for o in scene.objects if names.count(o.name) == 1]
+    if not unique:
+        return None
+    target = unique[int(rng.integers(len(unique)))]
+    cell = grid_place(target, CELL)
+    others = list(dict.fromkeys(grid_place(o, CELL) for o in scene.objects if grid_place(o, CELL) != cell))
+    picks = [others[i] for i in rng.permutation(len(others))[:3]]
+    while len(picks) < 3:
+        extra = (int(rng.integers(GRID)), int(rng.integers(GRID)))
+        if extra != cell and extra not in picks:
+            picks.append(extra)
+    cells = [cell, *picks]
+    cells = [cells[i] for i in rng.permutation(4)]
+    options = [f"row {r}, column {c}" for r, c in cells]
+    answer = "ABCD"[cells.index(cell)]
+    return Question("locate", f"Where is the {target.name}?", options, answer,
+                    f"The {target.name} is at {options[cells.index(cell)]}.")
+
+
 class Batcher(LlavaBatcher):
     """Packed batches as the llava-style trainer's, with 256-token labels, pruning chosen per batch (the kept
     indices once the keys are known, in loss_fn) and 3-D positions. Two training-only curricula: spatial traces
     that name both objects' places (spatial_places), and compare questions whose second colour is in the image
     (a share compare_present of them; the task's own draw leaves it absent most of the time, and models learn to
-    answer 'more <first colour>' every time)."""
+    answer 'more <first colour>' every time), and a share locate_share of questions replaced by locate ones."""
 
-    def __init__(self, *args, spatial_places: bool = False, compare_present: float = 0.0, **kwargs) -> None:
+    def __init__(self, *args, spatial_places: bool = False, compare_present: float = 0.0, locate_share: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.spatial_places = spatial_places
         self.compare_present = compare_present
+        self.locate_share = locate_share
 
     def question(self, scene: Scene, rng: np.random.Generator) -> Question:
-        """The task's question, a compare one redrawn with its second colour present in share compare_present."""
+        """The task's question, a compare one redrawn with its second colour present in share compare_present;
+        a locate question instead in share locate_share (the task's draw when both are 0)."""
+        if self.locate_share > 0 and rng.uniform() < self.locate_share:
+            located = locate_question(scene, rng)
+            if located is not None:
+                return located
         q = make_question(scene, rng)
         if q.kind == "compare" and self.compare_present > 0 and rng.uniform() < self.compare_present:
             return compare_question(scene, rng, second_present=True) or q
@@ -353,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="train spatial answers with a trace that first names both objects' token-grid cells")
     p.add_argument("--compare-present", type=float, default=0.0,
                    help="share of compare questions redrawn with their second colour in the image")
+    p.add_argument("--locate-share", type=float, default=0.0,
+                   help="share of training questions replaced by 'Where is the <colour> <shape>?' answered with its "
+                        "token-grid cell (practice at finding a named object among the image tokens)")
     p.add_argument("--init-text-from", default=None, help="llama-arch shapes text GGUF to start the text model from")
     args = p.parse_args(argv)
     command = start_run("training.train_shapes_qwen", args, argv)
@@ -368,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     write_gguf_pair(model, work / "init", spec)
     tok = Tokenizer(work / "init" / "model.gguf", QWEN25VL)
     batcher = Batcher(tok, args.batch, args.questions, args.seed, args.prune_prob,
-                      spatial_places=args.spatial_places, compare_present=args.compare_present)
+                      spatial_places=args.spatial_places, compare_present=args.compare_present,
+                      locate_share=args.locate_share)
     print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}, eos: {tok.eos}", flush=True)
 
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
