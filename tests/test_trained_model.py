@@ -164,3 +164,20 @@ def test_kept_at_tau_counts_the_plugins_kept_tokens(tmp_path):
                             tau=math.pi / 4).images[0]["kept"]) for r in _items(3)]
     assert got["n_items"] == 3 and got["image_tokens"] == [256]
     assert got["mean_kept"] == round(sum(kept) / 3, 2) and got["min"] == min(kept) < 256
+
+
+@pytest.mark.skipif("shapes-qwen" not in PRESENT, reason="bundled Qwen2.5-VL-style model not present")
+def test_kept_at_tau_from_a_checkpoint_equals_llama_cpps_count(tmp_path):
+    """--checkpoint counts kept tokens from a PyTorch state dict (a training run's ckpt.pt); on the bundled model's
+    weights it gives what the plugin keeps through llama.cpp on the same items, token count for token count."""
+    torch = pytest.importorskip("torch")
+    from training.kept_at_tau import kept_at_tau, kept_at_tau_checkpoint
+    from training.qwen_torch import dims_from_gguf, load_from_gguf
+
+    d = DATA / "shapes-qwen"
+    model = load_from_gguf(d / "model.gguf", d / "mmproj.gguf", dims_from_gguf(d / "model.gguf", d / "mmproj.gguf"))
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    items = TEST_DIR / "items.jsonl"
+    from_checkpoint = kept_at_tau_checkpoint(d, tmp_path / "ckpt.pt", items, n=4)
+    assert from_checkpoint == kept_at_tau(d, items, n=4)
+    assert 1 <= from_checkpoint["min"] < 256 and from_checkpoint["image_tokens"] == [256]

@@ -6,6 +6,11 @@ The AVIS row's FLOPs follow the kept share at tau = pi/4, and that share is a pr
 geometry (it ranged from 46 to 156 of 256 tokens across runs of one recipe), so a candidate model is checked on
 calibration items for it as well as for accuracy. Prints {"tau", "n_items", "mean_kept", "min", "max",
 "image_tokens"} as JSON; torch-free (the plugin's own KDV through llama.cpp).
+
+With --checkpoint (needs torch) it counts from a training run's state dict instead, mid-run: the trainer rewrites
+WORK/ckpt.pt every 200 steps, and --model-dir WORK/init gives the run's architecture. The last block's keys come from
+the PyTorch mirror and go through the plugin's KDV (avis_llamacpp.kdv); on a finished model both paths give the same
+counts. This is how the kept share was followed along one run (README, Results).
 """
 
 from __future__ import annotations
@@ -34,16 +39,45 @@ def kept_at_tau(model_dir: str | Path, items: str | Path, n: int = 60, tau: floa
             "max": max(kept), "image_tokens": sorted(totals)}
 
 
+def kept_at_tau_checkpoint(init_dir: str | Path, checkpoint: str | Path, items: str | Path, n: int = 60,
+                           tau: float = math.pi / 4, threads: int = 1) -> dict:
+    """kept_at_tau for a train_shapes_qwen state dict (checkpoint) of the architecture exported in init_dir."""
+    import torch
+
+    from avis_llamacpp.items import load_items
+    from avis_llamacpp.kdv import kdv_scores, select_tokens
+    from training.data import load_rgb
+    from training.qwen_torch import ShapesQwenVLM, dims_from_gguf
+    from training.vlm_torch import pixels
+
+    torch.set_num_threads(threads)
+    d = Path(init_dir)
+    model = ShapesQwenVLM(dims_from_gguf(d / "model.gguf", d / "mmproj.gguf")).eval()
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    kept = []
+    for it in load_items(items, limit=n):
+        with torch.no_grad():
+            _, keys = model.vision(pixels(load_rgb(it.image)[None]))  # [1, tokens, heads, d_head]
+        kept.append(len(select_tokens(kdv_scores(keys[0].double().numpy()), tau=tau)))
+    return {"tau": tau, "n_items": len(kept), "mean_kept": round(sum(kept) / len(kept), 2), "min": min(kept),
+            "max": max(kept), "image_tokens": [int(keys.shape[1])]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.kept_at_tau", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-dir", required=True, help="exported GGUF pair (with --checkpoint: the run's WORK/init)")
+    p.add_argument("--checkpoint", default=None, help="a train_shapes_qwen state dict (WORK/ckpt.pt); needs torch")
     p.add_argument("--items", required=True, help="items JSONL (convert.shapes_task --split calibration)")
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--tau", type=float, default=math.pi / 4)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    print(json.dumps(kept_at_tau(args.model_dir, args.items, args.n, args.tau, args.threads)))
+    if args.checkpoint:
+        result = kept_at_tau_checkpoint(args.model_dir, args.checkpoint, args.items, args.n, args.tau, args.threads)
+    else:
+        result = kept_at_tau(args.model_dir, args.items, args.n, args.tau, args.threads)
+    print(json.dumps(result))
     return 0
 
 
