@@ -148,8 +148,8 @@ def test_rope_permutation_keeps_the_text_function():
 
 def test_aux_heads_weigh_object_tokens_in_the_colour_and_shape_terms():
     """AuxHeads' loss equals a hand-written weighted cross-entropy: colour and shape terms count a token on an
-    object object_weight times, the centre / row / column terms count every token once; weight 1 is the plain
-    mean."""
+    object object_weight times, the centre / row / column terms count every token once (row and column only the
+    object tokens with place_on_objects); weight 1 is the plain mean."""
     torch = pytest.importorskip("torch")
     from training.train_shapes_qwen import GRID, AuxHeads
 
@@ -161,7 +161,7 @@ def test_aux_heads_weigh_object_tokens_in_the_colour_and_shape_terms():
     targets = np.concatenate([labels.numpy(), np.broadcast_to(np.stack([rows // GRID, rows % GRID]), (2, 2, 256))],
                              axis=1)
 
-    def oracle(aux: AuxHeads, w: float) -> float:
+    def oracle(aux: AuxHeads, w: float, place_on_objects: bool = False) -> float:
         total = 0.0
         on_object = labels[:, 0].numpy().reshape(-1) > 0
         for i, head in enumerate(aux.heads):
@@ -169,12 +169,17 @@ def test_aux_heads_weigh_object_tokens_in_the_colour_and_shape_terms():
             logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
             ce = -logp[np.arange(len(z)), targets[:, i].reshape(-1)]
             weight = np.where(on_object, w, 1.0) if i < 2 else np.ones_like(ce)
-            total += float((ce * weight).sum() / len(ce))
+            if i >= 3 and place_on_objects:  # row and column: the object tokens' mean
+                total += float(ce[on_object].mean())
+            else:
+                total += float((ce * weight).sum() / len(ce))
         return total
 
     for w in (1.0, 4.0):
         aux = AuxHeads(8, object_weight=w)
         assert abs(float(aux(img, labels)) - oracle(aux, w)) < 1e-4
+        aux = AuxHeads(8, object_weight=w, place_on_objects=True)
+        assert abs(float(aux(img, labels)) - oracle(aux, w, place_on_objects=True)) < 1e-4
     heavy, plain = AuxHeads(8, object_weight=4.0), AuxHeads(8)
     plain.load_state_dict(heavy.state_dict())
     assert float(heavy(img, labels)) > float(plain(img, labels)) + 1e-3

@@ -30,7 +30,8 @@ cell's row and column: the ViT has no absolute position embedding, and the text 
 (sections 4/6/6 of 16 pairs) resolves columns only coarsely, so the embeddings carry their own place.
 
 Later runs tried --aux-object-weight, --vit-heads 1, --text-rope-theta / --rope-sections, --vision-minutes,
---count-weight, --threads 2, --spatial-places and --compare-present (benchmarks/results/shapes-qwen-runs/runs.json).
+--count-weight, --threads 2, --spatial-places, --compare-present and --locate-share
+(benchmarks/results/shapes-qwen-runs/runs.json).
 The best scored 0.683 on test against the bundled 0.630 but keep far more tokens at tau = pi/4
 (training/kept_at_tau.py), so the AVIS row would exceed 0.6x vanilla FLOPs; the bundle is unchanged.
 """
@@ -134,9 +135,10 @@ def token_places() -> torch.Tensor:
 class AuxHeads(torch.nn.Module):
     """Training-only per-token classifiers on the image embeddings: colour, shape, centre, row, column."""
 
-    def __init__(self, dim: int, object_weight: float = 1.0) -> None:
+    def __init__(self, dim: int, object_weight: float = 1.0, place_on_objects: bool = False) -> None:
         super().__init__()
         self.object_weight = object_weight
+        self.place_on_objects = place_on_objects
         sizes = (1 + len(COLOURS), 1 + len(SHAPES), 2, GRID, GRID)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in sizes)
         self.register_buffer("place", token_places(), persistent=False)
@@ -144,7 +146,8 @@ class AuxHeads(torch.nn.Module):
     def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy; img [B, 256, D], labels [B, 3, 256]. The colour and shape terms weigh tokens on
         an object object_weight times a background token's (most tokens are background, and naming an object's
-        shape is what the ViT learns slowest)."""
+        shape is what the ViT learns slowest). With place_on_objects the row and column terms count object tokens
+        only: background tokens are then not asked to tell their place apart (the text model has it from M-RoPE)."""
         b = img.shape[0]
         targets = torch.cat((labels, self.place[None].expand(b, -1, -1)), dim=1)
         on_object = (labels[:, 0] > 0).flatten().float()
@@ -152,7 +155,10 @@ class AuxHeads(torch.nn.Module):
         loss = img.new_zeros(())
         for i, head in enumerate(self.heads):
             ce = F.cross_entropy(head(img).flatten(0, 1).float(), targets[:, i].flatten(), reduction="none")
-            loss = loss + (ce * token_weight if i < 2 else ce).mean()
+            if i >= 3 and self.place_on_objects:
+                loss = loss + (ce * on_object).sum() / on_object.sum().clamp(min=1.0)
+            else:
+                loss = loss + (ce * token_weight if i < 2 else ce).mean()
         return loss
 
 
@@ -368,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                    "image, the others inside 112 px windows")
     p.add_argument("--aux-object-weight", type=float, default=1.0,
                    help="weight of object tokens against background ones in the auxiliary colour and shape terms")
+    p.add_argument("--place-on-objects", action="store_true",
+                   help="ask only object tokens' embeddings for their row and column in the auxiliary loss")
     p.add_argument("--text-rope-theta", type=float, default=TextModelDims.rope_theta,
                    help="the text model's RoPE base; M-RoPE gives the w (column) section the lowest frequencies, "
                         "which at base 10000 barely turn across a 16-token row")
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                       locate_share=args.locate_share)
     print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}, eos: {tok.eos}", flush=True)
 
-    aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
+    aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight, args.place_on_objects)
     count_head = CountHead(dims.text.n_embd) if args.count_weight > 0 else None
     text_scale = args.text_lr_scale if args.init_text_from else 1.0
     groups = []
