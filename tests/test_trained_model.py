@@ -179,5 +179,18 @@ def test_kept_at_tau_from_a_checkpoint_equals_llama_cpps_count(tmp_path):
     torch.save(model.state_dict(), tmp_path / "ckpt.pt")
     items = TEST_DIR / "items.jsonl"
     from_checkpoint = kept_at_tau_checkpoint(d, tmp_path / "ckpt.pt", items, n=4)
+    ratio = from_checkpoint.pop("common_key_energy_ratio")
     assert from_checkpoint == kept_at_tau(d, items, n=4)
+    assert ratio > 0
     assert 1 <= from_checkpoint["min"] < 256 and from_checkpoint["image_tokens"] == [256]
+
+
+def test_common_key_energy_ratio_by_hand():
+    """The shared-key energy ratio on keys built as a known shared vector plus zero-mean deviations: |m|^2 over
+    the deviations' mean squared norm, per head, then averaged over heads."""
+    from training.kept_at_tau import common_key_energy_ratio
+
+    shared = np.array([[3.0, 0.0], [0.0, 1.0]])  # two heads, |m|^2 = 9 and 1
+    deviations = np.array([[[1.0, 0.0], [0.0, 2.0]], [[-1.0, 0.0], [0.0, -2.0]]])  # zero mean; |r|^2 = 1 and 4
+    keys = shared[None] + deviations  # [2 tokens, 2 heads, 2]
+    assert abs(common_key_energy_ratio(keys) - (9 / 1 + 1 / 4) / 2) < 1e-12

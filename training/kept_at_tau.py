@@ -10,7 +10,8 @@ calibration items for it as well as for accuracy. Prints {"tau", "n_items", "mea
 With --checkpoint (needs torch) it counts from a training run's state dict instead, mid-run: the trainer rewrites
 WORK/ckpt.pt every 200 steps, and --model-dir WORK/init gives the run's architecture. The last block's keys come from
 the PyTorch mirror and go through the plugin's KDV (avis_llamacpp.kdv); on a finished model both paths give the same
-counts. This is how the kept share was followed along one run (README, Results).
+counts. This is how the kept share was followed along one run (README, Results). It also reports the keys'
+common_key_energy_ratio (shared against per-token energy), which tracks the kept share.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 
 def kept_at_tau(model_dir: str | Path, items: str | Path, n: int = 60, tau: float = math.pi / 4,
@@ -39,6 +42,17 @@ def kept_at_tau(model_dir: str | Path, items: str | Path, n: int = 60, tau: floa
             "max": max(kept), "image_tokens": sorted(totals)}
 
 
+def common_key_energy_ratio(keys: np.ndarray) -> float:
+    """|mean key|^2 / mean |key - mean key|^2 over one image's tokens, averaged over heads; keys [tokens, heads, d].
+    A token's angle to the anchor is under pi/4 roughly when its deviation from the shared key is smaller than the
+    shared key itself, so this ratio (above 1: most tokens pruned) tracks what tau = pi/4 keeps."""
+    k = np.asarray(keys, dtype=np.float64)
+    mean = k.mean(axis=0)
+    common = (mean ** 2).sum(-1)
+    residual = ((k - mean) ** 2).sum(-1).mean(axis=0)
+    return float(np.mean(common / residual))
+
+
 def kept_at_tau_checkpoint(init_dir: str | Path, checkpoint: str | Path, items: str | Path, n: int = 60,
                            tau: float = math.pi / 4, threads: int = 1) -> dict:
     """kept_at_tau for a train_shapes_qwen state dict (checkpoint) of the architecture exported in init_dir."""
@@ -54,13 +68,16 @@ def kept_at_tau_checkpoint(init_dir: str | Path, checkpoint: str | Path, items: 
     d = Path(init_dir)
     model = ShapesQwenVLM(dims_from_gguf(d / "model.gguf", d / "mmproj.gguf")).eval()
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    kept = []
+    kept, ratios = [], []
     for it in load_items(items, limit=n):
         with torch.no_grad():
             _, keys = model.vision(pixels(load_rgb(it.image)[None]))  # [1, tokens, heads, d_head]
-        kept.append(len(select_tokens(kdv_scores(keys[0].double().numpy()), tau=tau)))
+        k = keys[0].double().numpy()
+        kept.append(len(select_tokens(kdv_scores(k), tau=tau)))
+        ratios.append(common_key_energy_ratio(k))
     return {"tau": tau, "n_items": len(kept), "mean_kept": round(sum(kept) / len(kept), 2), "min": min(kept),
-            "max": max(kept), "image_tokens": [int(keys.shape[1])]}
+            "max": max(kept), "image_tokens": [int(keys.shape[1])],
+            "common_key_energy_ratio": round(float(np.mean(ratios)), 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
