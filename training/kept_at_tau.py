@@ -3,7 +3,7 @@
     .venv/bin/python -m training.kept_at_tau --model-dir /tmp/sq/out --items /tmp/cal400/items.jsonl --n 60
 
 The AVIS row's FLOPs follow the kept share at tau = pi/4, and that share is a property of each trained ViT's key
-geometry (it ranged from 46 to 156 of 256 tokens across runs of one recipe), so a candidate model is checked on
+geometry (46 to 255 of 256 tokens across trained runs), so a candidate model is checked on
 calibration items for it as well as for accuracy. Prints {"tau", "n_items", "mean_kept", "min", "max",
 "image_tokens"} as JSON; torch-free (the plugin's own KDV through llama.cpp).
 

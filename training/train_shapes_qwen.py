@@ -54,7 +54,8 @@ from avis_llamacpp.kdv import kdv_scores, random_subset, uniform_subset
 from avis_llamacpp.prompt import QWEN25VL
 from convert.gguf_tensors import read_tensors
 from convert.mmproj import VisionDims
-from convert.shapes_task import COLOURS, SHAPES, Question, Scene, compare_question, grid_place, make_question
+from convert.shapes_task import (COLOURS, LETTERS, SHAPES, Question, Scene, compare_question, grid_place,
+                                 make_question)
 from convert.text_model import CHATML_CHAT_TEMPLATE, TextModelDims
 from convert.tokenizer import build_vocab
 from training.data import N_MERGES, Tokenizer, task_corpus
@@ -217,14 +218,14 @@ def locate_question(scene: Scene, rng: np.random.Generator) -> Question | None:
     cells = [cell, *picks]
     cells = [cells[i] for i in rng.permutation(4)]
     options = [f"row {r}, column {c}" for r, c in cells]
-    answer = "ABCD"[cells.index(cell)]
+    answer = LETTERS[cells.index(cell)]
     return Question("locate", f"Where is the {target.name}?", options, answer,
                     f"The {target.name} is at {options[cells.index(cell)]}.")
 
 
 class Batcher(LlavaBatcher):
     """Packed batches as the llava-style trainer's, with 256-token labels, pruning chosen per batch (the kept
-    indices once the keys are known, in loss_fn) and 3-D positions. Two training-only curricula: spatial traces
+    indices once the keys are known, in loss_fn) and 3-D positions. Three training-only curricula: spatial traces
     that name both objects' places (spatial_places), and compare questions whose second colour is in the image
     (a share compare_present of them; the task's own draw leaves it absent most of the time, and models learn to
     answer 'more <first colour>' every time), and a share locate_share of questions replaced by locate ones."""
