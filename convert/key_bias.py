@@ -27,8 +27,7 @@ def shift_last_key_bias(mmproj: str | os.PathLike, out: str | os.PathLike, shift
     if not names:
         raise ValueError(f"{os.fspath(mmproj)} has no per-block key bias (v.blk.N.attn_k.bias)")
     last = max(names, key=lambda n: int(n.split(".")[2]))
-    field = reader.fields["clip.vision.attention.head_count"]
-    n_head = int(field.parts[field.data[0]][0])
+    n_head = int(reader.fields["clip.vision.attention.head_count"].contents())
     n_embd = int(next(t for t in reader.tensors if t.name == last).data.shape[0])
     dims = lowest_frequency_dims(n_embd, n_head)
 

@@ -38,8 +38,13 @@ def kept_at_tau(model_dir: str | Path, items: str | Path, n: int = 60, tau: floa
             ans = vlm.ask(str(it.image), it.question, answer_tags=True, max_tokens=1, tau=tau)
             kept.append(len(ans.images[0]["kept"]))
             totals.update(ans.image_tokens)
+    return kept_summary(kept, tau, sorted(totals))
+
+
+def kept_summary(kept: list[int], tau: float, image_tokens: list[int]) -> dict:
+    """The printed record: tau, item count, mean / min / max kept tokens, the images' token counts."""
     return {"tau": tau, "n_items": len(kept), "mean_kept": round(sum(kept) / len(kept), 2), "min": min(kept),
-            "max": max(kept), "image_tokens": sorted(totals)}
+            "max": max(kept), "image_tokens": image_tokens}
 
 
 def common_key_energy_ratio(keys: np.ndarray) -> float:
@@ -75,8 +80,7 @@ def kept_at_tau_checkpoint(init_dir: str | Path, checkpoint: str | Path, items: 
         k = keys[0].double().numpy()
         kept.append(len(select_tokens(kdv_scores(k), tau=tau)))
         ratios.append(common_key_energy_ratio(k))
-    return {"tau": tau, "n_items": len(kept), "mean_kept": round(sum(kept) / len(kept), 2), "min": min(kept),
-            "max": max(kept), "image_tokens": [int(keys.shape[1])],
+    return {**kept_summary(kept, tau, [int(keys.shape[1])]),
             "common_key_energy_ratio": round(float(np.mean(ratios)), 3)}
 
 

@@ -32,7 +32,7 @@ cell's row and column: the ViT has no absolute position embedding, and the text 
 Later runs tried --aux-object-weight, --vit-heads 1, --text-rope-theta / --rope-sections, --vision-minutes,
 --count-weight, --threads 2, --spatial-places, --compare-present, --place-on-objects and --locate-share
 (benchmarks/results/shapes-qwen-runs/runs.json).
-The best scored 0.683 on test against the bundled 0.630 but keep far more tokens at tau = pi/4
+The best scored 0.683 on test against the bundled 0.630 but keeps far more tokens at tau = pi/4
 (training/kept_at_tau.py), so the AVIS row would exceed 0.6x vanilla FLOPs; the bundle is unchanged.
 """
 
@@ -184,6 +184,11 @@ class CountHead(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), counts.flatten())
 
 
+def place_text(cell: tuple[int, int]) -> str:
+    """A token-grid cell as the traces spell it: 'row 3, column 12' (spatial places and locate answers alike)."""
+    return f"row {cell[0]}, column {cell[1]}"
+
+
 def spatial_places_think(q: Question, scene: Scene) -> str:
     """A spatial question's trace with each object's token-grid cell spelled out first ("The red circle is at row
     3, column 12. ..."), so the relation follows from two copied places instead of one unseen comparison."""
@@ -193,8 +198,7 @@ def spatial_places_think(q: Question, scene: Scene) -> str:
     places = []
     for name in m.groups():
         o = next(o for o in scene.objects if o.name == name)  # spatial questions name unique objects
-        row, col = grid_place(o, CELL)
-        places.append(f"The {name} is at row {row}, column {col}.")
+        places.append(f"The {name} is at {place_text(grid_place(o, CELL))}.")
     return f"{' '.join(places)} {q.think}"
 
 
@@ -209,7 +213,7 @@ def locate_question(scene: Scene, rng: np.random.Generator) -> Question | None:
         return None
     target = unique[int(rng.integers(len(unique)))]
     cell = grid_place(target, CELL)
-    others = list(dict.fromkeys(grid_place(o, CELL) for o in scene.objects if grid_place(o, CELL) != cell))
+    others = [c for c in dict.fromkeys(grid_place(o, CELL) for o in scene.objects) if c != cell]
     picks = [others[i] for i in rng.permutation(len(others))[:3]]
     while len(picks) < 3:
         extra = (int(rng.integers(GRID)), int(rng.integers(GRID)))
@@ -217,10 +221,8 @@ def locate_question(scene: Scene, rng: np.random.Generator) -> Question | None:
             picks.append(extra)
     cells = [cell, *picks]
     cells = [cells[i] for i in rng.permutation(4)]
-    options = [f"row {r}, column {c}" for r, c in cells]
-    answer = LETTERS[cells.index(cell)]
-    return Question("locate", f"Where is the {target.name}?", options, answer,
-                    f"The {target.name} is at {options[cells.index(cell)]}.")
+    return Question("locate", f"Where is the {target.name}?", [place_text(c) for c in cells],
+                    LETTERS[cells.index(cell)], f"The {target.name} is at {place_text(cell)}.")
 
 
 class Batcher(LlavaBatcher):
