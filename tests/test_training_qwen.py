@@ -330,3 +330,32 @@ def test_locate_questions_mark_the_named_objects_centre_cell(qwen_pair):
         longest = max(longest, len(always.target(q, scene)))
     assert n > 100
     assert longest <= 110  # training-only, never decoded at 96 tokens; longer branches would pad every batch
+
+
+def test_grad_shares_match_a_backward_pass_per_term(qwen_pair):
+    """term_grad_norms gives, for each weighted loss term, the norm of the gradients a plain .backward() of that
+    term alone leaves on the ViT's and the text model's parameters; the auxiliary term never reaches the text
+    model, and doubling its weight doubles its norms."""
+    torch = pytest.importorskip("torch")
+    from avis_llamacpp.prompt import QWEN25VL
+    from training.data import Tokenizer
+    from training.grad_shares import term_grad_norms
+    from training.qwen_torch import ShapesQwenVLM, dims_from_gguf
+    from training.train_shapes_qwen import AuxHeads, Batcher, loss_fn
+
+    torch.manual_seed(1)
+    model = ShapesQwenVLM(dims_from_gguf(qwen_pair / "model.gguf", qwen_pair / "mmproj.gguf"))
+    aux = AuxHeads(model.dims.vision.proj_dim, 4.0)
+    batch = Batcher(Tokenizer(qwen_pair / "model.gguf", QWEN25VL), batch=2, questions=2, seed=3,
+                    prune_prob=0.0).next()
+    norms = term_grad_norms(model, aux, batch, aux_weight=0.5, question_weight=0.5)
+    answer, aux_loss, question, _ = loss_fn(model, aux, batch, 0, True)
+    for name, term in (("answer", answer), ("aux", 0.5 * aux_loss), ("question", 0.5 * question)):
+        model.zero_grad(set_to_none=True)
+        term.backward(retain_graph=True)
+        for group, module in (("vision", model.vision), ("text", model.text)):
+            expected = sum(float((p.grad.double() ** 2).sum()) for p in module.parameters() if p.grad is not None)
+            assert norms[name][group] == pytest.approx(expected ** 0.5, rel=1e-6, abs=1e-12)
+    assert norms["aux"]["text"] == 0.0 and norms["aux"]["vision"] > 0 and norms["answer"]["text"] > 0
+    doubled = term_grad_norms(model, aux, batch, aux_weight=1.0, question_weight=0.5)
+    assert doubled["aux"]["vision"] == pytest.approx(2 * norms["aux"]["vision"], rel=1e-6)
