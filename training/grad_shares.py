@@ -22,7 +22,7 @@ import torch
 from avis_llamacpp.prompt import QWEN25VL
 from training.data import Tokenizer
 from training.qwen_torch import ShapesQwenVLM
-from training.train_shapes_qwen import AuxHeads, Batcher, default_dims, loss_fn, qwen_vocab
+from training.train_shapes_qwen import AuxHeads, Batcher, default_dims, loss_fn, make_batcher, qwen_vocab
 
 
 def _norm(grads) -> float:
@@ -63,6 +63,7 @@ def fit_aux_heads(model: ShapesQwenVLM, aux: AuxHeads, batcher: Batcher, steps: 
 
 def grad_shares(work: str | Path, batches: int = 4, fit_steps: int = 60, seed: int = 12345) -> dict:
     """term_grad_norms averaged over `batches` batches, for the run in `work` (W/ckpt.pt, W/init, W/out)."""
+    torch.manual_seed(seed)  # the fresh auxiliary heads' initialisation
     w = Path(work)
     args = argparse.Namespace(**json.loads((w / "out" / "training.json").read_text())["args"])
     spec = qwen_vocab()
@@ -70,10 +71,7 @@ def grad_shares(work: str | Path, batches: int = 4, fit_steps: int = 60, seed: i
     model = ShapesQwenVLM(dims)
     model.load_state_dict(torch.load(w / "ckpt.pt", map_location="cpu", weights_only=True))
     tok = Tokenizer(w / "init" / "model.gguf", QWEN25VL)
-    batcher = Batcher(tok, args.batch, args.questions, seed, args.prune_prob,
-                      spatial_places=getattr(args, "spatial_places", False),
-                      compare_present=getattr(args, "compare_present", 0.0),
-                      locate_share=getattr(args, "locate_share", 0.0))
+    batcher = make_batcher(tok, args, seed)
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight, getattr(args, "place_on_objects", False))
     aux_loss = fit_aux_heads(model, aux, batcher, fit_steps)
     total: dict[str, dict[str, float]] = {}

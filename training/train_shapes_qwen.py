@@ -295,6 +295,14 @@ class Batcher(LlavaBatcher):
                 "selector": selector, **pack_branches(samples, p0 + n_keep, n_q, L)}
 
 
+def make_batcher(tok: Tokenizer, args: argparse.Namespace, seed: int) -> Batcher:
+    """A run's batcher from its arguments (parsed, or training.json's "args": older records lack the curricula)."""
+    return Batcher(tok, args.batch, args.questions, seed, args.prune_prob,
+                   spatial_places=getattr(args, "spatial_places", False),
+                   compare_present=getattr(args, "compare_present", 0.0),
+                   locate_share=getattr(args, "locate_share", 0.0))
+
+
 def choose_kept(b: dict, keys: torch.Tensor, seed: int) -> torch.Tensor:
     """[B, n_keep] ascending raster indices of the kept image tokens of each image in the batch."""
     n_total, n_keep, sel = keys.shape[1], b["n_keep"], b["selector"]
@@ -414,9 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="shapes-qwen-"))
     write_gguf_pair(model, work / "init", spec)
     tok = Tokenizer(work / "init" / "model.gguf", QWEN25VL)
-    batcher = Batcher(tok, args.batch, args.questions, args.seed, args.prune_prob,
-                      spatial_places=args.spatial_places, compare_present=args.compare_present,
-                      locate_share=args.locate_share)
+    batcher = make_batcher(tok, args, args.seed)
     print(f"prefix tokens: {len(tok.prefix())}, n_vocab: {spec.n_vocab}, eos: {tok.eos}", flush=True)
 
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight, args.place_on_objects)
