@@ -74,16 +74,11 @@ def grad_shares(work: str | Path, batches: int = 4, fit_steps: int = 60, seed: i
     batcher = make_batcher(tok, args, seed)
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight, getattr(args, "place_on_objects", False))
     aux_loss = fit_aux_heads(model, aux, batcher, fit_steps)
-    total: dict[str, dict[str, float]] = {}
-    for _ in range(batches):
-        norms = term_grad_norms(model, aux, batcher.next(), aux_weight=args.aux_weight,
-                                question_weight=args.question_loss)
-        for term, by_group in norms.items():
-            for group, v in by_group.items():
-                total.setdefault(term, {}).setdefault(group, 0.0)
-                total[term][group] += v / batches
-    return {"terms": {t: {g: round(v, 5) for g, v in gs.items()} for t, gs in total.items()},
-            "aux_loss": round(aux_loss, 4), "batches": batches}
+    samples = [term_grad_norms(model, aux, batcher.next(), aux_weight=args.aux_weight,
+                               question_weight=args.question_loss) for _ in range(batches)]
+    mean = {t: {g: round(sum(s[t][g] for s in samples) / batches, 5) for g in groups}
+            for t, groups in samples[0].items()}
+    return {"terms": mean, "aux_loss": round(aux_loss, 4), "batches": batches}
 
 
 def main(argv: list[str] | None = None) -> int:
