@@ -1,0 +1,395 @@
+"""Synthetic video task: coloured shapes moving, appearing and disappearing over short clips, questions A-D.
+
+Deterministic by (split, index) as the image task (``convert/shapes_task.py``): every item's generator is
+``np.random.default_rng([SPLITS[split], index])``, the split codes disjoint from the image task's, so the
+train / calibration / test splits draw from disjoint seed streams. numpy + PIL only (no torch).
+
+A clip is ``N_FRAMES`` (8) frames of ``FRAME_SIZE`` (112) px: Qwen2.5-VL's mtmd merges each pair of adjacent
+frames into one temporal patch of 8 x 8 = 64 tokens, so a clip is 4 chunks, 256 visual tokens. Each clip holds
+1-5 objects of distinct colours (so a colour names an object, and a frame can be read back by colour alone).
+
+Question kinds, by what answering them needs:
+
+- more than one frame: ``direction`` (which way X moves), ``moving`` (which shape moves), ``appear`` (which
+  shape appears during the clip), ``disappear`` (which one disappears), ``order`` (which of two shapes appears
+  first);
+- any single frame: ``count`` (how many shapes / shapes of a colour) and ``colour`` (colour of a unique shape).
+
+Targets carry the image task's trace form (a short reasoning line, every option checked, the tagged letter).
+
+    python -m convert.video_task --split test --n 300 --out DIR    # DIR/items.jsonl + DIR/clips/<id>/f0.png ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from convert.shapes_task import COLOURS, LETTERS, SHAPES, Obj, Question, _plural, _shape_polygon, format_question
+
+__all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "SPLITS", "DIRECTIONS", "Track", "Clip",
+           "VideoItem", "make_item", "render_clip", "item_record", "export"]
+
+logger = logging.getLogger(__name__)
+
+FRAME_SIZE = 112
+N_FRAMES = 8
+FPS = 2.0  # nominal frame rate written to the records (qwen-vl-utils' default sampling rate)
+TEMPORAL_KINDS: tuple[str, ...] = ("direction", "moving", "appear", "disappear", "order")
+KINDS: tuple[str, ...] = TEMPORAL_KINDS + ("count", "colour")
+# Disjoint from the image task's codes (1, 2, 3): rng = default_rng([SPLITS[split], index]).
+SPLITS: dict[str, int] = {"train": 11, "calibration": 12, "test": 13}
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+GAP = 3.0  # minimum pixels between two visible objects' discs in every frame
+
+
+@dataclass(frozen=True)
+class Track:
+    """One object over the clip: shape, colour, radius, centre per frame and whether it is drawn in each frame."""
+
+    shape: str
+    colour: str
+    r: float
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    visible: tuple[bool, ...]
+
+    @property
+    def name(self) -> str:
+        """E.g. 'red circle'."""
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def moves(self) -> bool:
+        """Whether the centre changes over the clip."""
+        return len(set(zip(self.xs, self.ys))) > 1
+
+    def at(self, t: int) -> Obj:
+        """The object as drawn in frame t."""
+        return Obj(self.shape, self.colour, self.xs[t], self.ys[t], self.r)
+
+
+@dataclass
+class Clip:
+    """A clip to be rendered: tracks over a static (possibly textured, speckled) background."""
+
+    difficulty: float
+    tracks: list[Track]
+    background: tuple[int, int, int]
+    texture: str  # "plain" | "noise" | "stripes"
+    texture_amp: float
+    colour_jitter: float
+    specks: int
+    seed: int
+    n_frames: int = N_FRAMES
+
+    def visible_in(self, t: int) -> list[Track]:
+        """Tracks drawn in frame t."""
+        return [tr for tr in self.tracks if tr.visible[t]]
+
+
+@dataclass
+class VideoItem:
+    """One benchmark item: a clip and a question about it."""
+
+    id: str
+    clip: Clip
+    question: Question
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# clips
+# --------------------------------------------------------------------------------------------------
+def _fits(tr: Track, others: list[Track]) -> bool:
+    """tr stays inside the frame and clear of every other track in every frame both are visible."""
+    n = len(tr.xs)
+    for t in range(n):
+        if not tr.visible[t]:
+            continue
+        if not (tr.r + 1 <= tr.xs[t] <= FRAME_SIZE - tr.r - 1 and tr.r + 1 <= tr.ys[t] <= FRAME_SIZE - tr.r - 1):
+            return False
+        for o in others:
+            if o.visible[t] and math.hypot(tr.xs[t] - o.xs[t], tr.ys[t] - o.ys[t]) <= tr.r + o.r + GAP:
+                return False
+    return True
+
+
+def _path(rng: np.random.Generator, r: float, n: int, direction: str | None, speed: float) -> tuple[tuple, tuple]:
+    """Centres over n frames: static when direction is None, else a straight line along the direction (total
+    displacement speed * (n - 1)) with a small perpendicular drift (at most a quarter of it)."""
+    x0, y0 = (float(v) for v in rng.uniform(r + 2, FRAME_SIZE - r - 2, size=2))
+    if direction is None:
+        return (x0,) * n, (y0,) * n
+    ux, uy = DIRECTIONS[direction]
+    total = speed * (n - 1)
+    drift = float(rng.uniform(-0.25, 0.25)) * total
+    dx, dy = ux * total + uy * drift, uy * total + ux * drift
+    # start so the whole path fits: shift the start back along the motion
+    x0 = float(rng.uniform(r + 2 + max(0.0, -dx), FRAME_SIZE - r - 2 - max(0.0, dx)))
+    y0 = float(rng.uniform(r + 2 + max(0.0, -dy), FRAME_SIZE - r - 2 - max(0.0, dy)))
+    ts = np.arange(n) / (n - 1)
+    return tuple(float(v) for v in x0 + dx * ts), tuple(float(v) for v in y0 + dy * ts)
+
+
+def _add_track(rng: np.random.Generator, tracks: list[Track], colour: str, d: float, n: int, *,
+               direction: str | None = None, visible: tuple[bool, ...] | None = None) -> Track | None:
+    """Draw a track of the given colour and motion that fits among `tracks` (None after 80 tries)."""
+    r_hi = 14.0 - 4.0 * d
+    speed_lo, speed_hi = 6.0 - 2.5 * d, 8.0 - 2.5 * d  # pixels per frame: 17-56 px over 8 frames
+    vis = visible or (True,) * n
+    for _ in range(80):
+        r = float(rng.uniform(8.0, r_hi))
+        xs, ys = _path(rng, r, n, direction, float(rng.uniform(speed_lo, speed_hi)))
+        tr = Track(str(rng.choice(SHAPES)), colour, r, xs, ys, vis)
+        if _fits(tr, tracks):
+            tracks.append(tr)
+            return tr
+    return None
+
+
+def _window(rng: np.random.Generator, n: int, appear: bool, lo: int = 2, hi: int | None = None) -> tuple[bool, ...]:
+    """Visibility of an object that appears at frame k (absent before) or disappears at frame k (absent from k),
+    k in [lo, hi]: at least two frames on each side, so one temporal patch shows the change."""
+    k = int(rng.integers(lo, (hi if hi is not None else n - 2) + 1))
+    return tuple((t >= k) if appear else (t < k) for t in range(n))
+
+
+def make_clip(rng: np.random.Generator, kind: str, difficulty: float | None = None,
+              n_frames: int = N_FRAMES) -> tuple[Clip, dict[str, Any]] | None:
+    """A clip built for a question of `kind` and the facts the question needs (the target tracks); None when the
+    draw does not fit (the caller draws again)."""
+    d = float(rng.uniform()) if difficulty is None else float(difficulty)
+    n = n_frames
+    n_static = int(rng.integers(0, 2 + int(round(2 * d))))  # 0-1 (easy) to 0-3 (hard) static extras
+    colours = [str(c) for c in rng.permutation(list(COLOURS))]
+    tracks: list[Track] = []
+    facts: dict[str, Any] = {}
+
+    def add(**kw: Any) -> Track | None:
+        return _add_track(rng, tracks, colours[len(tracks)], d, n, **kw)
+
+    if kind == "direction":
+        facts["direction"] = str(rng.choice(list(DIRECTIONS)))
+        facts["target"] = add(direction=facts["direction"])
+        if d > 0.5 and rng.uniform() < 0.5:  # a second mover in another direction
+            add(direction=str(rng.choice([k for k in DIRECTIONS if k != facts["direction"]])))
+    elif kind == "moving":
+        facts["target"] = add(direction=str(rng.choice(list(DIRECTIONS))))
+        n_static = max(n_static, 1)
+    elif kind in ("appear", "disappear"):
+        facts["target"] = add(visible=_window(rng, n, kind == "appear"))
+        n_static = max(n_static, 1)
+    elif kind == "order":
+        k1 = int(rng.integers(1, 4))
+        k2 = int(rng.integers(k1 + 2, n - 1))
+        first = add(visible=tuple(t >= k1 for t in range(n)))
+        second = add(visible=tuple(t >= k2 for t in range(n)))
+        facts.update(first=first, second=second)
+    elif kind in ("count", "colour"):
+        n_static += int(rng.integers(1, 3))
+        for _ in range(int(rng.integers(0, 2))):  # a mover or none: motion does not change the answer
+            add(direction=str(rng.choice(list(DIRECTIONS))))
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if any(v is None for v in facts.values()):
+        return None
+    for _ in range(min(n_static, len(colours) - len(tracks))):
+        add()
+    if not tracks:
+        return None
+    order = rng.permutation(len(tracks))  # drawing order not tied to the role
+    tracks = [tracks[i] for i in order]
+    tex_p = 0.1 + 0.6 * d
+    texture = str(rng.choice(["noise", "stripes"])) if rng.uniform() < tex_p else "plain"
+    base = int(rng.integers(205, 256))
+    tint = rng.integers(-10, 11, size=3)
+    clip = Clip(difficulty=round(d, 4), tracks=tracks,
+                background=tuple(int(np.clip(base + t, 0, 255)) for t in tint),  # type: ignore[arg-type]
+                texture=texture, texture_amp=float(8 + 30 * d * rng.uniform()), colour_jitter=float(8 + 20 * d),
+                specks=int(rng.integers(0, 1 + int(12 * d))), seed=int(rng.integers(0, 2**31 - 1)), n_frames=n)
+    return clip, facts
+
+
+def render_clip(clip: Clip) -> list[np.ndarray]:
+    """The clip's frames as FRAME_SIZE x FRAME_SIZE x 3 uint8 arrays (deterministic from clip.seed): one static
+    background (texture and specks), each object in one jittered fill colour throughout."""
+    rng = np.random.default_rng(clip.seed)
+    bg = np.empty((FRAME_SIZE, FRAME_SIZE, 3), dtype=np.float32)
+    bg[:] = clip.background
+    if clip.texture == "noise":
+        blocks = rng.normal(0, clip.texture_amp / 3, size=(FRAME_SIZE // 8, FRAME_SIZE // 8, 1)).round()
+        bg += np.repeat(np.repeat(blocks, 8, axis=0), 8, axis=1)
+    elif clip.texture == "stripes":
+        period = int(rng.integers(8, 20))
+        yy, xx = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE]
+        wave = (xx // (period // 2)) % 2 if rng.uniform() < 0.5 else (yy // (period // 2)) % 2
+        bg -= clip.texture_amp * wave[..., None].astype(np.float32) * 0.5
+    base = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(base)
+    for _ in range(clip.specks):
+        x, y = rng.uniform(0, FRAME_SIZE, size=2)
+        r = float(rng.uniform(1, 2))
+        grey = int(rng.integers(60, 200))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(grey, grey, grey))
+    fills = {}
+    rots = {}
+    for tr in clip.tracks:
+        jitter = rng.uniform(-clip.colour_jitter, clip.colour_jitter, size=3)
+        fills[tr.name] = tuple(int(v) for v in np.clip(np.asarray(COLOURS[tr.colour]) + jitter, 0, 255))
+        rots[tr.name] = float(rng.uniform(-0.3, 0.3)) * clip.difficulty
+    frames = []
+    for t in range(clip.n_frames):
+        img = base.copy()
+        draw = ImageDraw.Draw(img)
+        for tr in clip.visible_in(t):
+            o = tr.at(t)
+            if o.shape == "circle":
+                draw.ellipse([o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r], fill=fills[tr.name])
+            else:
+                draw.polygon(_shape_polygon(o, rots[tr.name]), fill=fills[tr.name])
+        frames.append(np.asarray(img, dtype=np.uint8))
+    return frames
+
+
+# --------------------------------------------------------------------------------------------------
+# questions
+# --------------------------------------------------------------------------------------------------
+def _absent_names(clip: Clip, rng: np.random.Generator) -> list[str]:
+    """Colour-shape names of no object in the clip, shuffled (names whose colour is in the clip first: harder)."""
+    present = {tr.name for tr in clip.tracks}
+    colours_in = {tr.colour for tr in clip.tracks}
+    names = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+    near = [nm for nm in names if nm.split()[0] in colours_in]
+    far = [nm for nm in names if nm.split()[0] not in colours_in]
+    return [near[i] for i in rng.permutation(len(near))] + [far[i] for i in rng.permutation(len(far))]
+
+
+def _options(rng: np.random.Generator, correct: str, distractors: list[str]) -> tuple[list[str], str]:
+    """Four options (correct first among the pool, then three distractors in order), shuffled, and the letter."""
+    pool = [correct] + [x for x in dict.fromkeys(distractors) if x != correct][:3]
+    if len(pool) < 4:
+        raise ValueError("not enough distractors")
+    opts = [pool[i] for i in rng.permutation(4)]
+    return opts, LETTERS[opts.index(correct)]
+
+
+def _name_options(rng: np.random.Generator, clip: Clip, correct: str, in_clip: list[str]) -> tuple[list[str], str]:
+    """Options naming shapes: the answer, shapes of the clip that are wrong answers, then absent names."""
+    others = [in_clip[i] for i in rng.permutation(len(in_clip))]
+    return _options(rng, correct, others + _absent_names(clip, rng))
+
+
+def make_question(clip: Clip, facts: dict[str, Any], kind: str, rng: np.random.Generator) -> Question | None:
+    """The question of `kind` about a clip built by make_clip for it (None when the clip cannot pose it)."""
+    names = [tr.name for tr in clip.tracks]
+    if kind == "direction":
+        tr, way = facts["target"], facts["direction"]
+        opts, letter = _options(rng, way, [str(w) for w in rng.permutation(list(DIRECTIONS)) if w != way])
+        return Question(kind, f"Which way does the {tr.name} move?", opts, letter, f"The {tr.name} moves {way}.")
+    if kind == "moving":
+        tr = facts["target"]
+        opts, letter = _name_options(rng, clip, tr.name, [nm for nm in names if nm != tr.name])
+        return Question(kind, "Which shape moves?", opts, letter, f"The {tr.name} moves; the others stay still.")
+    if kind in ("appear", "disappear"):
+        tr = facts["target"]
+        opts, letter = _name_options(rng, clip, tr.name, [nm for nm in names if nm != tr.name])
+        change = "is missing at first and then appears" if kind == "appear" else "is there at first and then is gone"
+        return Question(kind, f"Which shape {'appears' if kind == 'appear' else 'disappears'} during the video?",
+                        opts, letter, f"The {tr.name} {change}.")
+    if kind == "order":
+        a, b = facts["first"], facts["second"]
+        # the second arrival first among the distractors; never a shape there from the start (it did not appear)
+        absent = _absent_names(clip, rng)
+        opts, letter = _options(rng, a.name, [b.name] + absent)
+        return Question(kind, "Which shape appears first?", opts, letter,
+                        f"The {a.name} appears before the {b.name}.")
+    if kind == "count":
+        if rng.uniform() < 0.5:
+            n, what = len(clip.tracks), "shapes"
+        else:
+            shape = str(rng.choice(SHAPES))
+            n, what = sum(tr.shape == shape for tr in clip.tracks), _plural(shape)
+        lo = max(0, n - int(rng.integers(0, 4)))
+        opts = [str(lo + i) for i in range(4)]
+        return Question(kind, f"How many {what} are in the video?", opts, LETTERS[opts.index(str(n))],
+                        f"I count {n} {what}.")
+    if kind == "colour":
+        unique = [s for s in SHAPES if sum(tr.shape == s for tr in clip.tracks) == 1]
+        if not unique:
+            return None
+        shape = str(rng.choice(unique))
+        tr = next(tr for tr in clip.tracks if tr.shape == shape)
+        opts, letter = _options(rng, tr.colour, [str(c) for c in rng.permutation(list(COLOURS)) if c != tr.colour])
+        return Question(kind, f"What colour is the {shape}?", opts, letter, f"The {shape} is {tr.colour}.")
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def make_item(split: str, index: int, kind: str | None = None) -> VideoItem:
+    """Item `index` of `split` (deterministic); the kind is drawn uniformly over KINDS unless given."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    rng = np.random.default_rng([SPLITS[split], index])
+    k = kind or str(rng.choice(list(KINDS)))
+    for _ in range(100):
+        built = make_clip(rng, k)
+        if built is None:
+            continue
+        q = make_question(*built, k, rng)
+        if q is not None:
+            return VideoItem(id=f"video-{split}-{index:05d}", clip=built[0], question=q)
+    raise RuntimeError(f"no {k} clip fitted for {split} item {index}")  # pragma: no cover - never seen
+
+
+def item_record(item: VideoItem, frame_paths: list[str]) -> dict[str, Any]:
+    """The JSONL record of an item: the image task's fields with "video" (frame files, in order) for "image"."""
+    q = item.question
+    return {"id": item.id, "video": list(frame_paths), "fps": FPS, "question": format_question(q),
+            "options": list(q.options), "answer": q.answer, "difficulty": item.clip.difficulty, "kind": q.kind,
+            "temporal": q.kind in TEMPORAL_KINDS, "n_objects": len(item.clip.tracks),
+            "n_frames": item.clip.n_frames, "target": q.target}
+
+
+def export(split: str, n: int, out: str | Path, *, start: int = 0) -> Path:
+    """Write DIR/items.jsonl and DIR/clips/<id>/f<t>.png for items start..start+n-1 of split; returns the JSONL."""
+    out = Path(out)
+    path = out / "items.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(start, start + n):
+            item = make_item(split, i)
+            rels = []
+            for t, frame in enumerate(render_clip(item.clip)):
+                rel = f"clips/{item.id}/f{t}.png"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(frame).save(out / rel, optimize=True)
+                rels.append(rel)
+            f.write(json.dumps(item_record(item, rels)) + "\n")
+    logger.info("wrote %d %s clips to %s", n, split, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.video_task", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", choices=list(SPLITS), required=True)
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    print(export(args.split, args.n, args.out, start=args.start))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
