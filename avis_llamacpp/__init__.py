@@ -2,7 +2,7 @@
 for vision-language models running in llama.cpp through llama-cpp-python."""
 
 from .errors import (AVISError, ContextOverflowError, EncodeError, ImageError, InvalidArgumentError, ModelLoadError,
-                     SelectorError)
+                     SelectorError, VideoError)
 from .kdv import ImageTokens, TokenSelector, make_selector
 from .native import SamplingParams
 from .pipeline import VLM, Answer
@@ -11,5 +11,5 @@ from .policy import AVISPolicy, load_policy
 
 __all__ = ["VLM", "Answer", "SamplingParams", "QuerySettings", "AVISPolicy", "load_policy", "make_selector",
            "TokenSelector", "ImageTokens", "AVISError", "ContextOverflowError", "ImageError", "InvalidArgumentError",
-           "ModelLoadError", "EncodeError", "SelectorError"]
+           "ModelLoadError", "EncodeError", "SelectorError", "VideoError"]
 __version__ = "0.1.0"

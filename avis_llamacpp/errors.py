@@ -7,6 +7,7 @@ __all__ = [
     "InvalidArgumentError",
     "SelectorError",
     "ImageError",
+    "VideoError",
     "ModelLoadError",
     "ContextOverflowError",
     "CaptureError",
@@ -31,6 +32,11 @@ class SelectorError(InvalidArgumentError):
 
 class ImageError(AVISError, ValueError):
     """An image could not be read, decoded or is unusable (empty, bad size, bad format)."""
+
+
+class VideoError(ImageError):
+    """A video could not be read or decoded, has no video stream, or is over a size / length limit (or PyAV, the
+    `[video]` extra, is missing); an ImageError, so handlers of bad images catch bad videos too."""
 
 
 class ModelLoadError(AVISError):
