@@ -1,6 +1,6 @@
 """What every fixture generator (convert/fixtures.py, convert/fixture_*.py) shares: the cache folder, a cache key
-from the generator source, writing a model + mmproj pair into it atomically with an info.json, the small
-ChatML text model of the idefics3 / internvl fixtures, and the command line of a family's generator.
+from the generator source, writing a model + mmproj pair into it atomically with an info.json, and the small
+ChatML text model of the idefics3 / internvl fixtures. Which families exist: convert/fixtures.py (REGISTRY).
 
     folder = fixture_key("gemma3-tiny-s0", ("fixture_gemma3.py", "text_model.py"), dims, seed)
     model, mmproj = cached_pair(out_dir, folder, lambda m, p: {...write both, return info...})
@@ -8,7 +8,6 @@ ChatML text model of the idefics3 / internvl fixtures, and the command line of a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -25,9 +24,8 @@ from .mmproj import _Init, write_tensors
 from .text_model import CHATML_CHAT_TEMPLATE, TextModelDims, write_text_model
 from .tokenizer import TokenizerSpec, add_tokenizer
 
-__all__ = ["default_cache_dir", "fixture_key", "cached_pair", "scalars", "write_chatml_text_model",
-           "fixture_argparser", "TinyPairDims", "PairFixture", "DimsFixture", "TINY_LLAMA_TEXT", "ln_attention_tensors",
-           "ln_ffn_tensors", "text_model_pair"]
+__all__ = ["default_cache_dir", "fixture_key", "cached_pair", "scalars", "write_chatml_text_model", "TinyPairDims",
+           "PairFixture", "DimsFixture", "TINY_LLAMA_TEXT", "ln_attention_tensors", "ln_ffn_tensors", "text_model_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +77,11 @@ class DimsFixture:
     model: Path
     mmproj: Path
     dims: TinyPairDims
+
+    @property
+    def size(self) -> str:
+        """Always "tiny" (the registry's size name for these pairs)."""
+        return "tiny"
 
 
 def default_cache_dir() -> Path:
@@ -214,11 +217,3 @@ def write_chatml_text_model(path: str | os.PathLike, d: TinyPairDims, spec: Toke
     add_tokenizer(w, spec, CHATML_CHAT_TEMPLATE)
     return write_tensors(w, _text_tensors(d, spec.n_vocab, _Init(seed, 0.02), qkv_bias))
 
-
-def fixture_argparser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A family generator's command line: --out, --seed, --force (add family options to it)."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output root (default: the cache dir)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    return p

@@ -14,21 +14,19 @@ arch with a Gemma-style chat template (``<start_of_turn>user ... <end_of_turn>``
 image in ``<start_of_image>`` ... ``<end_of_image>`` text and decodes the image tokens with non-causal
 attention (mtmd_decode_use_non_causal is true for gemma3), whatever the text architecture.
 
-    python -m convert.fixture_gemma3 --out DIR
+    python -m convert.fixtures --family gemma3 --out DIR      # or make_fixture("gemma3")
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import gguf
 import numpy as np
 
-from .fixture_common import TINY_LLAMA_TEXT, PairFixture, fixture_argparser, text_model_pair
+from .fixture_common import TINY_LLAMA_TEXT, PairFixture, text_model_pair
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import TextModelDims, _render_content_macro
 
@@ -154,16 +152,3 @@ def make_gemma3_fixture(out_dir: str | os.PathLike | None = None, *, seed: int =
     model, mmproj = text_model_pair("gemma3", out_dir, text, vision, GEMMA3_CHAT_TEMPLATE, write_gemma3_mmproj,
                                     _SOURCES, seed=seed, force=force)
     return Gemma3Fixture("gemma3", "tiny", seed, model, mmproj, text, vision)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = fixture_argparser("python -m convert.fixture_gemma3", __doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    fx = make_gemma3_fixture(args.out, seed=args.seed, force=args.force)
-    print(json.dumps({"family": "gemma3", "model": str(fx.model), "mmproj": str(fx.mmproj),
-                      "image_tokens": fx.vision.n_tokens, "seconds": round(time.perf_counter() - t0, 2)}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,21 +14,19 @@ Text side: mtmd does not check the text architecture for this projector, so the 
 convert/text_model.py's ``llama`` arch with a Gemma 4 style turn template; mtmd wraps the image in
 ``<|image>`` ... ``<image|>`` text and, for a text n_embd other than 1536 / 2560, decodes it non-causally.
 
-    python -m convert.fixture_gemma4v --out DIR
+    python -m convert.fixtures --family gemma4v --out DIR      # or make_fixture("gemma4v")
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import gguf
 import numpy as np
 
-from .fixture_common import TINY_LLAMA_TEXT, PairFixture, fixture_argparser, text_model_pair
+from .fixture_common import TINY_LLAMA_TEXT, PairFixture, text_model_pair
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import TextModelDims, _render_content_macro
 
@@ -141,16 +139,3 @@ def make_gemma4v_fixture(out_dir: str | os.PathLike | None = None, *, seed: int 
     model, mmproj = text_model_pair("gemma4v", out_dir, text, vision, GEMMA4_CHAT_TEMPLATE, write_gemma4v_mmproj,
                                     _SOURCES, seed=seed, force=force)
     return Gemma4Fixture("gemma4v", "tiny", seed, model, mmproj, text, vision)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = fixture_argparser("python -m convert.fixture_gemma4v", __doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    fx = make_gemma4v_fixture(args.out, seed=args.seed, force=args.force)
-    print(json.dumps({"family": "gemma4v", "model": str(fx.model), "mmproj": str(fx.mmproj),
-                      "seconds": round(time.perf_counter() - t0, 2)}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,12 +14,11 @@ Text side: ``llama`` (SmolVLM's SmolLM2 is llama; LFM2's hybrid arch is not need
 with the shared test vocabulary plus the special tokens mtmd looks up for these projectors (``\\n\\n``,
 ``<fake_token_around_image>``, ``<global-img>``, ``<|img_thumbnail|>``) and a ChatML template.
 
-    python -m convert.fixture_idefics3 --variant lfm2 --out DIR
+    python -m convert.fixtures --family lfm2 --out DIR      # or make_fixture("lfm2")
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixture_common import (DimsFixture, TinyPairDims, cached_pair, fixture_argparser, fixture_key,
+from .fixture_common import (DimsFixture, TinyPairDims, cached_pair, fixture_key,
                              ln_attention_tensors, ln_ffn_tensors, write_chatml_text_model)
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import CHATML_CHAT_TEMPLATE
@@ -137,16 +136,3 @@ def make_idefics3_fixture(out_dir: str | os.PathLike | None = None, variant: str
     key = fixture_key(f"{d.variant}-tiny-s{seed}", _SOURCES, CHATML_CHAT_TEMPLATE, d, seed)
     model, mmproj = cached_pair(out_dir, key, write, force=force)
     return SiglipFixture(d.variant, seed, model, mmproj, d)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = fixture_argparser("python -m convert.fixture_idefics3", __doc__)
-    p.add_argument("--variant", choices=VARIANTS, default="idefics3")
-    args = p.parse_args(argv)
-    fx = make_idefics3_fixture(args.out, args.variant, seed=args.seed, force=args.force)
-    print(json.dumps({"model": str(fx.model), "mmproj": str(fx.mmproj)}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,12 +11,11 @@ linear, GELU, linear). Tiles are ``image_size`` squares (``preproc_min/max_tiles
 Text side: arch ``qwen2`` (what real InternVL 2.5 / 3 / 3.5 ship; 1-D NEOX RoPE, q/k/v biases) with the shared
 test vocabulary and a ChatML template. Written here rather than in text_model.py so that module stays as is.
 
-    python -m convert.fixture_internvl --out DIR
+    python -m convert.fixtures --family internvl --out DIR      # or make_fixture("internvl")
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixture_common import (DimsFixture, TinyPairDims, cached_pair, fixture_argparser, fixture_key,
+from .fixture_common import (DimsFixture, TinyPairDims, cached_pair, fixture_key,
                              ln_attention_tensors, ln_ffn_tensors, write_chatml_text_model)
 from .mmproj import _Init, add_clip_kv, clip_vision_kv, write_tensors
 from .tokenizer import build_vocab
@@ -134,15 +133,3 @@ def make_internvl_fixture(out_dir: str | os.PathLike | None = None, *, seed: int
     key = fixture_key(f"internvl-tiny-s{seed}", _SOURCES, CHATML_CHAT_TEMPLATE, d, seed)
     model, mmproj = cached_pair(out_dir, key, write, force=force)
     return InternVLFixture("internvl", seed, model, mmproj, d)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = fixture_argparser("python -m convert.fixture_internvl", __doc__).parse_args(argv)
-    fx = make_internvl_fixture(args.out, seed=args.seed, force=args.force)
-    print(json.dumps({"model": str(fx.model), "mmproj": str(fx.mmproj),
-                      "tokens_per_tile": fx.dims.tokens_per_tile}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

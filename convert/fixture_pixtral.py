@@ -15,12 +15,11 @@ The text side is a tiny ``llama`` model (Mistral-Small / Pixtral-12B GGUFs use t
 newer Ministral-3 ones ``mistral3``, also 1-D RoPE) with a Mistral ``[INST] ... [/INST]`` chat template.
 Files are cached under a key that includes this generator's source and the helpers it calls.
 
-    python -m convert.fixture_pixtral --out DIR [--projector lightonocr]
+    python -m convert.fixtures --family pixtral --out DIR      # or make_fixture("pixtral"); lightonocr likewise
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .fixture_common import TINY_LLAMA_TEXT, fixture_argparser, text_model_pair
+from .fixture_common import TINY_LLAMA_TEXT, text_model_pair
 from .mmproj import _CLIP_MEAN, _CLIP_STD, _Init, _smart_resize, add_clip_kv, clip_vision_kv, write_tensors
 from .text_model import TextModelDims, _render_content_macro
 
@@ -97,6 +96,11 @@ class PixtralFixture:
     mmproj: Path
     text: TextModelDims
     vision: PixtralVisionDims = field(default_factory=PixtralVisionDims)
+
+    @property
+    def size(self) -> str:
+        """Always "tiny" (the registry's size name for these pairs)."""
+        return "tiny"
 
     def preprocessed_size(self, width: int, height: int) -> tuple[int, int]:
         """The (w, h) mtmd resizes an image to (img_tool::calc_size_preserved_ratio, aligned to patch * merge)."""
@@ -186,17 +190,3 @@ def make_pixtral_fixture(out_dir: str | os.PathLike | None = None, *, projector:
     model, mmproj = text_model_pair(vision.projector, out_dir, text, vision, MISTRAL_CHAT_TEMPLATE,
                                     write_pixtral_mmproj, _SOURCES, seed=seed, force=force)
     return PixtralFixture(vision.projector, seed, model, mmproj, text, vision)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = fixture_argparser("python -m convert.fixture_pixtral", __doc__)
-    p.add_argument("--projector", choices=("pixtral", "lightonocr"), default="pixtral")
-    args = p.parse_args(argv)
-    fx = make_pixtral_fixture(args.out, projector=args.projector, seed=args.seed, force=args.force)
-    print(json.dumps({"family": fx.family, "model": str(fx.model), "mmproj": str(fx.mmproj),
-                      "image_tokens_224": fx.image_tokens(224, 224)}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,12 +1,13 @@
-"""Seeded random-weight VLM pairs (text GGUF + mmproj GGUF) for tests and benchmarks.
+"""Every seeded random-weight VLM pair (text GGUF + mmproj GGUF) for tests and benchmarks, through one call:
+``make_fixture(family, size)``. The registry below (REGISTRY) lists every family and its sizes; the per-family
+writers sit behind it (the llava / qwen25vl / qwen3vl / ldpv2 dims in _SPECS here, written by text_model.py and
+mmproj.py; the others in convert/fixture_<family>.py). Files are cached under a key that includes the generators'
+source, so an edited generator never serves a stale file.
 
-Which architectures exist lives here (FAMILIES x SIZES); how to write them lives in text_model.py and
-mmproj.py. Files are cached under a key that includes the generators' source, so an edited generator
-never serves a stale file.
-
-    python -m convert.fixtures --family llava --size tiny --out DIR
-    python -m convert.fixtures --all
-    python -m convert.fixtures --family qwen25vl --size real --quant-threads 1   # ~9 GB written, minutes
+    python -m convert.fixtures --list                              # every family and its sizes
+    python -m convert.fixtures --family gemma3 --out DIR           # one family (tiny), paths printed as JSON
+    python -m convert.fixtures --all                               # every family at --size (default tiny)
+    python -m convert.fixtures --family qwen25vl --size real --quant-threads 1   # ~40 min once; 3.2 GB kept (Q4_K_M)
 """
 
 from __future__ import annotations
@@ -16,19 +17,26 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .fixture_common import PairFixture, cached_pair, default_cache_dir, fixture_key, scalars  # noqa: F401
+from typing import Callable, Union
+
+from .fixture_common import DimsFixture, PairFixture, cached_pair, default_cache_dir, fixture_key, scalars  # noqa: F401
+from .fixture_gemma3 import make_gemma3_fixture
+from .fixture_gemma4v import make_gemma4v_fixture
+from .fixture_idefics3 import make_idefics3_fixture
+from .fixture_internvl import make_internvl_fixture
+from .fixture_pixtral import PixtralFixture, make_pixtral_fixture
 from .mmproj import VisionDims, expected_image_tokens, write_mmproj
 from .text_model import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, TextModelDims, write_text_model
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
-# further families with their own test files (tests/test_families_*.py)
+# further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
 EXTRA_FAMILIES = ("qwen3vl", "ldpv2")
-ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
+SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
 # (text dims, vision dims, chat template, file type) for each family and size.
@@ -92,7 +100,7 @@ class Fixture(PairFixture):
 def spec(family: str, size: str = "tiny") -> tuple[TextModelDims, VisionDims, str, str]:
     """The dims, template and file type of a family at a size."""
     if (family, size) not in _SPECS:
-        raise ValueError(f"unknown fixture {family!r}/{size!r}; families {ALL_FAMILIES}, sizes {SIZES}")
+        raise ValueError(f"unknown fixture {family!r}/{size!r}; families {SPEC_FAMILIES}, sizes {SIZES}")
     return _SPECS[(family, size)]
 
 
@@ -126,11 +134,9 @@ def quantize_model(src: Path, dst: Path, qtype: str, nthread: int | None = None)
         raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) failed with {ret}")
 
 
-def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str | os.PathLike | None = None,
-                 force: bool = False, quantize: str | None = "default", quant_threads: int | None = None) -> Fixture:
-    """Write (or reuse from the cache) the text model + mmproj of a family; returns their paths.
-    f16 (bench, real) text models are then quantized with llama.cpp's quantizer (`quantize`; "default": Q8_0
-    for bench, Q4_K_M for real) on `quant_threads` threads (None: all CPUs)."""
+def _write_spec_fixture(family: str, size: str, *, seed: int, out_dir: str | os.PathLike | None, force: bool,
+                        quantize: str | None, quant_threads: int | None) -> Fixture:
+    """The writer of the _SPECS families: text_model.py + mmproj.py from the family's dims at a size."""
     if quantize == "default":
         quantize = DEFAULT_QUANT.get(size, "q8_0")
     if quantize is not None and quantize not in QUANT_TYPES:
@@ -167,13 +173,77 @@ def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str
     return Fixture(family, size, seed, model, mmproj, text, vision)
 
 
+AnyFixture = Union[Fixture, PairFixture, DimsFixture, PixtralFixture]
+# a writer: (family, size, seed=, out_dir=, force=, quantize=, quant_threads=) -> the family's fixture object
+Writer = Callable[..., AnyFixture]
+
+
+@dataclass(frozen=True)
+class FixtureFamily:
+    """One family of test models: the sizes it comes in, the module that writes it and that writer."""
+
+    name: str
+    sizes: tuple[str, ...]
+    module: str
+    write: Writer
+
+
+def _tiny(make: Callable[..., AnyFixture], **family_kw: object) -> Writer:
+    """A writer for a convert/fixture_<family>.py generator (tiny only, f32: quantize does not apply)."""
+    def write(family: str, size: str, *, seed: int, out_dir: str | os.PathLike | None, force: bool,
+              **_: object) -> AnyFixture:
+        return make(out_dir, seed=seed, force=force, **family_kw)
+    return write
+
+
+# every family and size a test or benchmark can ask for; make_fixture is the one way in
+REGISTRY: dict[str, FixtureFamily] = {
+    **{f: FixtureFamily(f, tuple(s for s in SIZES if (f, s) in _SPECS), "convert/fixtures.py", _write_spec_fixture)
+       for f in SPEC_FAMILIES},
+    "gemma3": FixtureFamily("gemma3", ("tiny",), "convert/fixture_gemma3.py", _tiny(make_gemma3_fixture)),
+    "gemma4v": FixtureFamily("gemma4v", ("tiny",), "convert/fixture_gemma4v.py", _tiny(make_gemma4v_fixture)),
+    "pixtral": FixtureFamily("pixtral", ("tiny",), "convert/fixture_pixtral.py",
+                             _tiny(make_pixtral_fixture, projector="pixtral")),
+    "lightonocr": FixtureFamily("lightonocr", ("tiny",), "convert/fixture_pixtral.py",
+                                _tiny(make_pixtral_fixture, projector="lightonocr")),
+    "internvl": FixtureFamily("internvl", ("tiny",), "convert/fixture_internvl.py", _tiny(make_internvl_fixture)),
+    "idefics3": FixtureFamily("idefics3", ("tiny",), "convert/fixture_idefics3.py",
+                              _tiny(make_idefics3_fixture, variant="idefics3")),
+    "lfm2": FixtureFamily("lfm2", ("tiny",), "convert/fixture_idefics3.py",
+                          _tiny(make_idefics3_fixture, variant="lfm2")),
+}
+ALL_FAMILIES = tuple(REGISTRY)
+
+
+def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str | os.PathLike | None = None,
+                 force: bool = False, quantize: str | None = "default", quant_threads: int | None = None) -> AnyFixture:
+    """Write (or reuse from the cache) the text model + mmproj of any registered family at a size; returns an
+    object with .family, .seed, .model and .mmproj (and the family's dims). f16 (bench, real) text models are
+    then quantized with llama.cpp's quantizer (`quantize`; "default": Q8_0 for bench, Q4_K_M for real) on
+    `quant_threads` threads (None: all CPUs)."""
+    if family not in REGISTRY:
+        raise ValueError(f"unknown fixture family {family!r}; families: {', '.join(ALL_FAMILIES)}")
+    entry = REGISTRY[family]
+    if size not in entry.sizes:
+        raise ValueError(f"fixture family {family!r} has no size {size!r}; its sizes: {', '.join(entry.sizes)}")
+    return entry.write(family, size, seed=seed, out_dir=out_dir, force=force, quantize=quantize,
+                       quant_threads=quant_threads)
+
+
+def list_fixtures() -> list[str]:
+    """One line per registered family: its name, sizes and writer module (what --list prints)."""
+    return [f"{e.name:<11s} {' '.join(e.sizes):<16s} {e.module}" for e in REGISTRY.values()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m convert.fixtures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="print every family and its sizes, write nothing")
     p.add_argument("--family", choices=ALL_FAMILIES, action="append", help="family to write (repeatable)")
     p.add_argument("--size", choices=SIZES, default="tiny",
-                   help="tiny (tests), bench (benchmarks) or real (real model dimensions, qwen25vl only; GBs)")
-    p.add_argument("--all", action="store_true", help="every family at --size")
+                   help="tiny (tests), bench (benchmarks; llava, qwen25vl) or real (Qwen2.5-VL-3B dimensions, "
+                        "qwen25vl only; GBs)")
+    p.add_argument("--all", action="store_true", help="every family that comes in --size")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.add_argument("--out", default=None, help="output root (default: the cache dir)")
     p.add_argument("--force", action="store_true", help="rewrite even if cached")
@@ -183,24 +253,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant-threads", type=int, default=None, help="quantizer threads (default: all CPUs)")
     p.add_argument("--shell", action="store_true", help="print AVIS_MODEL=... AVIS_MMPROJ=... for one family")
     args = p.parse_args(argv)
-    families = ([f for f in FAMILIES if (f, args.size) in _SPECS] if args.all or not args.family
+    if args.list:
+        print("\n".join(list_fixtures()))
+        return 0
+    families = ([f for f in ALL_FAMILIES if args.size in REGISTRY[f].sizes] if args.all or not args.family
                 else args.family)
+    for fam in families:
+        if args.size not in REGISTRY[fam].sizes:
+            p.error(f"family {fam} has no size {args.size} (its sizes: {', '.join(REGISTRY[fam].sizes)})")
     if args.size == "real":  # minutes of work: show progress
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    opts = dict(seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize,
+                quant_threads=args.quant_threads)
     if args.shell:
         import shlex
-        fx = make_fixture(families[0], args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize,
-                            quant_threads=args.quant_threads)
+        fx = make_fixture(families[0], args.size, **opts)
         print(f"AVIS_MODEL={shlex.quote(str(fx.model))} AVIS_MMPROJ={shlex.quote(str(fx.mmproj))}")
         return 0
     for fam in families:
         t0 = time.perf_counter()
-        fx = make_fixture(fam, args.size, seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize,
-                            quant_threads=args.quant_threads)
+        fx = make_fixture(fam, args.size, **opts)
+        image_tokens = getattr(fx, "image_tokens", None)
         print(json.dumps({"family": fam, "size": args.size, "model": str(fx.model), "mmproj": str(fx.mmproj),
                           "model_mb": round(fx.model.stat().st_size / 2**20, 2),
                           "mmproj_mb": round(fx.mmproj.stat().st_size / 2**20, 2),
-                          "image_tokens_224": fx.image_tokens(224, 224),
+                          "image_tokens_224": image_tokens(224, 224) if image_tokens else None,
                           "seconds": round(time.perf_counter() - t0, 2)}))
     return 0
 

@@ -14,7 +14,7 @@ import pytest
 from avis_llamacpp import VLM
 from avis_llamacpp import mtmd as mtmd_mod
 from avis_llamacpp.errors import EncodeError
-from convert.fixture_pixtral import make_pixtral_fixture
+from convert.fixtures import make_fixture
 from convert.gguf_tensors import read_tensors
 
 Q = "What is it?"
@@ -22,7 +22,7 @@ Q = "What is it?"
 
 @pytest.fixture(scope="module")
 def fx(fixture_root):
-    return make_pixtral_fixture(fixture_root)
+    return make_fixture("pixtral", out_dir=fixture_root)
 
 
 @pytest.fixture(scope="module")

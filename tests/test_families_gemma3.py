@@ -15,7 +15,7 @@ import pytest
 from avis_llamacpp.families import ChunkGeometry, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.kdv import kdv_scores
-from convert.fixture_gemma3 import make_gemma3_fixture
+from convert.fixtures import make_fixture
 from tests.family_helpers import (Q, assert_first_logits_equal_stock, check_non_causal_pruned_prefill, encode_one,
                                   noise, stock_chat_completion, vlm_fixtures)
 from tests.reference_gemma3 import gemma3_forward
@@ -28,7 +28,7 @@ SEED = 1  # a seed whose greedy answer is N_GEN tokens long (seed 0 stops after 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return make_gemma3_fixture(tmp_path_factory.mktemp("gemma3"), seed=SEED)
+    return make_fixture("gemma3", seed=SEED, out_dir=tmp_path_factory.mktemp("gemma3"))
 
 
 vlm, vlm_fa = vlm_fixtures(n_ctx=N_CTX, n_seq_max=1, use_gpu=False)

@@ -17,7 +17,7 @@ import pytest
 from avis_llamacpp.families import ChunkGeometry, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.kdv import kdv_scores
-from convert.fixture_gemma4v import make_gemma4v_fixture
+from convert.fixtures import make_fixture
 from tests.family_helpers import (Q, assert_first_logits_equal_stock, check_non_causal_pruned_prefill, encode_one,
                                   noise, stock_chat_completion, vlm_fixtures)
 from tests.reference_gemma4v import gemma4v_forward
@@ -33,7 +33,7 @@ TOL = 1e-3
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return make_gemma4v_fixture(tmp_path_factory.mktemp("gemma4v"), seed=SEED)
+    return make_fixture("gemma4v", seed=SEED, out_dir=tmp_path_factory.mktemp("gemma4v"))
 
 
 vlm, vlm_fa = vlm_fixtures(n_ctx=N_CTX, n_seq_max=1, use_gpu=False)

@@ -16,7 +16,7 @@ from avis_llamacpp.capture import read_vision_info
 from avis_llamacpp.families import ChunkGeometry, Idefics3Family, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.preflight import scan_gguf
-from convert.fixture_idefics3 import make_idefics3_fixture
+from convert.fixtures import make_fixture
 from tests.family_helpers import Q, check_pruned_positions, check_unpruned_equals_stock, noise, open_vlm
 from tests.reference_idefics3 import merge_rows, siglip_forward
 
@@ -26,7 +26,7 @@ KEY_NAME = "Kcur-2"  # 3 SigLIP blocks, all run; no RoPE, no class token
 
 @pytest.fixture(scope="module", params=["idefics3", "lfm2"])
 def fx(request, fixture_root):
-    return make_idefics3_fixture(fixture_root, request.param)
+    return make_fixture(request.param, out_dir=fixture_root)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from avis_llamacpp.capture import read_vision_info
 from avis_llamacpp.families import ChunkGeometry, InternVLFamily, VisionInfo, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.preflight import scan_gguf
-from convert.fixture_internvl import make_internvl_fixture
+from convert.fixtures import make_fixture
 from tests.family_helpers import Q, check_pruned_positions, check_unpruned_equals_stock, noise, open_vlm
 from tests.reference_internvl import internvl_forward, shuffle_rows
 
@@ -26,7 +26,7 @@ KEY_NAME = "Kcur-2"  # the fixture's ViT has 3 blocks: the last block's keys (no
 
 @pytest.fixture(scope="module")
 def fx(fixture_root):
-    return make_internvl_fixture(fixture_root)
+    return make_fixture("internvl", out_dir=fixture_root)
 
 
 @pytest.fixture(scope="module")

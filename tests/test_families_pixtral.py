@@ -22,7 +22,7 @@ from avis_llamacpp.families import ChunkGeometry, family_for
 from avis_llamacpp.images import load_image
 from avis_llamacpp.kdv import n_keep_for_ratio
 from avis_llamacpp.prefill import prefill
-from convert.fixture_pixtral import make_pixtral_fixture
+from convert.fixtures import make_fixture
 from convert.gguf_tensors import read_tensors
 from tests.family_helpers import Q, assert_same_answer, noise, open_vlm, png_bytes, stock_chat_completion, vlm_fixtures
 
@@ -50,12 +50,12 @@ def zeroed_malloc():
 
 @pytest.fixture(scope="module")
 def px_fixture(fixture_root):
-    return make_pixtral_fixture(fixture_root)
+    return make_fixture("pixtral", out_dir=fixture_root)
 
 
 @pytest.fixture(scope="module")
 def ocr_fixture(fixture_root):
-    return make_pixtral_fixture(fixture_root, projector="lightonocr")
+    return make_fixture("lightonocr", out_dir=fixture_root)
 
 
 vlm, vlm_fa = vlm_fixtures("px_fixture", n_ctx=N_CTX)

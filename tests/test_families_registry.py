@@ -77,9 +77,9 @@ def test_explicit_n_threads_pins_batch_threads():
 
 
 def test_vlm_uses_the_familys_key_names(fixture_root):
-    from convert.fixture_gemma3 import make_gemma3_fixture
+    from convert.fixtures import make_fixture
 
-    fx = make_gemma3_fixture(fixture_root)
+    fx = make_fixture("gemma3", out_dir=fixture_root)
     with VLM(fx.model, fx.mmproj, n_ctx=1024, n_threads=1, flash_attn=False) as v:
         assert set(v.key_capture.priority) == set(family_for("gemma3").key_names)
     with VLM(fx.model, fx.mmproj, n_ctx=1024, n_threads=1, capture_keys=False, flash_attn=False) as v:
