@@ -274,7 +274,8 @@ def _probe(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> dict[str,
                         t = (pkt.pts - start) * tb
                         end_s = t if end_s is None else max(end_s, t)
                         if o.max_source_frames is not None and n > o.max_source_frames:
-                            o.check_source(what, w, h, n, None)
+                            raise VideoError(f"{what}: the video has more than {o.max_source_frames} frames, over "
+                                             "the limit; send a shorter clip")
             except VideoError:
                 raise
             except Exception as e:

@@ -1,0 +1,277 @@
+"""Video decoding and frame sampling (avis_llamacpp.video): frames decoded from generated mp4 / webm / mkv / avi /
+mov files are the frames the generator drew at the sampled times; sample counts follow a transcription of
+qwen-vl-utils' smart_nframes; the pixel budget downscales; every malformed file gives a VideoError."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import struct
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("av", reason="the [video] extra (PyAV) is part of the test extra")
+
+from avis_llamacpp import ImageError, VideoError  # noqa: E402
+from avis_llamacpp.images import load_frames  # noqa: E402
+from avis_llamacpp.video import (Video, frame_size, load_video, pixel_budget, probe_video,  # noqa: E402
+                                 sample_count, sample_indices)
+from convert.video_files import moving_shapes_clip, write_audio_only, write_video  # noqa: E402
+
+N, FPS, SIZE = 30, 10, (64, 48)  # a 3 s clip
+
+
+@pytest.fixture(scope="module")
+def clip() -> list[np.ndarray]:
+    return moving_shapes_clip(N, SIZE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def files(clip, tmp_path_factory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("videos")
+    return {ext: write_video(clip, d / f"clip{ext}", FPS).read_bytes() for ext in (".mp4", ".webm", ".mkv",
+                                                                                   ".avi", ".mov")}
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+# --- the oracle: qwen-vl-utils' rule as published (FRAME_FACTOR 2), transcribed independently ---------------
+def _qwen_nframes(total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4,
+                  max_frames: int = 32) -> int:
+    factor = 2
+    min_f = math.ceil(min_frames / factor) * factor
+    max_f = math.floor(max_frames / factor) * factor
+    nframes = total_frames / video_fps * fps
+    nframes = min(min(max(nframes, min_f), max_f), total_frames)
+    return math.floor(nframes / factor) * factor
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm", ".mkv", ".avi", ".mov"])
+def test_decoded_frames_are_the_drawn_frames(ext, clip, files, tmp_path):
+    path = tmp_path / f"c{ext}"
+    path.write_bytes(files[ext])
+    v = load_video(path)
+    # 3 s at 2 fps = 6 frames, at round(linspace(0, 29, 6)) = 0, 5.8, 11.6, 17.4, 23.2, 29 (worked by hand)
+    assert v.indices == [0, 6, 12, 17, 23, 29]
+    assert v.timestamps == pytest.approx([i / FPS for i in v.indices], abs=1e-3)
+    assert v.source_fps == pytest.approx(FPS) and v.duration == pytest.approx(3.0)
+    assert v.size == SIZE and all(f.shape == (48, 64, 3) and f.dtype == np.uint8 for f in v.frames)
+    for f, t in zip(v.frames, v.timestamps):
+        drawn = round(t * FPS)  # the frame the generator drew at this time
+        assert _mad(f, clip[drawn]) < 8.0  # codec error (4:2:0 chroma on small shapes); neighbours differ by > 12
+        assert int(np.argmin([_mad(f, g) for g in clip])) == drawn
+    assert v.settings["source"].split(":")[0] in ("mov", "matroska", "avi")
+    assert v.settings["frames"] == 6 and v.settings["temporal_patch"] == 2 and v.settings["padded"] == 0
+
+
+def test_bytes_data_uri_and_file_url_give_the_same_frames(files, tmp_path):
+    path = tmp_path / "c.webm"
+    path.write_bytes(files[".webm"])
+    a = load_video(path)
+    b = load_video(files[".webm"])
+    c = load_video("data:video/webm;base64," + base64.b64encode(files[".webm"]).decode())
+    d = load_video(f"file://{path}")
+    for other in (b, c, d):
+        assert other.indices == a.indices and all(np.array_equal(x, y) for x, y in zip(a.frames, other.frames))
+    assert load_video(a) is a
+
+
+@pytest.mark.parametrize("total,src_fps", [(30, 10), (8, 8), (100, 25), (600, 30), (7, 30), (3, 30), (45, 15),
+                                           (250, 25), (1000, 24), (17, 2.5)])
+@pytest.mark.parametrize("fps,min_frames,max_frames", [(2.0, 4, 32), (1.0, 4, 32), (0.5, 5, 16), (4.0, 4, 9)])
+def test_sample_count_follows_qwen_vl_utils(total, src_fps, fps, min_frames, max_frames):
+    got = sample_count(total, src_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, temporal_patch=2)
+    assert got == _qwen_nframes(total, src_fps, fps, min_frames, max_frames)
+    assert got % 2 == 0
+
+
+def test_sample_counts_worked_by_hand():
+    assert sample_count(30, 10) == 6  # 3 s * 2 fps
+    assert sample_count(8, 8) == 4  # 1 s * 2 = 2, raised to min_frames 4
+    assert sample_count(600, 30) == 32  # 20 s * 2 = 40, capped at max_frames
+    assert sample_count(3, 30) == 2  # capped by the source's 3 frames, rounded down to the temporal patch
+    assert sample_count(250, 25, fps=0.5) == 4  # 10 s * 0.5 = 5, rounded down to 4
+    assert sample_count(250, 25, fps=0.5, temporal_patch=1) == 5  # no temporal patches: no rounding
+    assert sample_count(1, 30) == 1  # shorter than one temporal patch: the caller pads
+    assert sample_indices(100, 8) == [0, 14, 28, 42, 57, 71, 85, 99]  # round(99 * k / 7)
+    assert sample_indices(8, 4) == [0, 2, 5, 7]
+
+
+def test_short_sources_are_padded_to_the_temporal_patch(clip, tmp_path):
+    one = load_video(write_video(clip[:1], tmp_path / "one.mp4", FPS))
+    assert one.indices == [0, 0] and one.settings["padded"] == 1 and np.array_equal(*one.frames)
+    three = load_video(clip[:3])  # a list is taken whole at `fps` and padded with its last frame (qwen-vl-utils)
+    assert three.indices == [0, 1, 2, 2] and three.timestamps == [0.0, 0.5, 1.0, 1.0]
+    assert np.array_equal(three.frames[0], clip[0]) and np.array_equal(three.frames[3], clip[2])
+    solo = load_video(clip[:3], temporal_patch=1)
+    assert solo.indices == [0, 1, 2]
+    thinned = load_video(clip, max_frames=8)  # a list longer than max_frames is thinned evenly
+    assert thinned.indices == sample_indices(N, 8)
+    assert all(np.array_equal(f, clip[i]) for f, i in zip(thinned.frames, thinned.indices))
+    stacked = load_video(np.stack(clip[:4]))
+    assert stacked.indices == [0, 1, 2, 3]
+
+
+def test_pixel_budget_downscales(tmp_path):
+    frames = moving_shapes_clip(20, (128, 96), seed=1)
+    path = write_video(frames, tmp_path / "big.mp4", FPS)
+    full = load_video(path)
+    assert full.size == (128, 96) and len(full.frames) == 4  # 2 s * 2 fps
+    budget = pixel_budget(16)  # 16 tokens of 28x28 px for the whole clip = 12544 px
+    assert budget == 16 * 28 * 28
+    small = load_video(path, total_pixels=budget, min_pixels=1)
+    cap = budget * 2 / 4  # per frame: the clip's 4 frames make 2 temporal patches
+    s = math.sqrt(cap / (128 * 96))
+    assert small.size == (math.floor(128 * s), math.floor(96 * s)) == (91, 68)
+    assert len(small.frames) * small.size[0] * small.size[1] / 2 <= budget
+    assert small.indices == full.indices
+    for f, i in zip(small.frames, small.indices):  # the drawn frame, downscaled
+        ref = np.asarray(Image.fromarray(frames[i]).resize(small.size, Image.Resampling.BICUBIC))
+        assert _mad(f, ref) < 8.0
+    # with qwen-vl-utils' per-frame floor (min_pixels) in force, a tight budget takes fewer frames first
+    fewer = load_video(path, total_pixels=budget, min_pixels=128 * 96)
+    assert fewer.indices == [0, 19] and fewer.size == (128, 96)
+    assert fewer.settings["total_pixels"] == budget
+
+
+def test_frame_size_rule():
+    # 1080p, 32 frames, default budget: cap = min(768*784, 4096*784*2/32) = 200704 px per frame
+    w, h = frame_size(1920, 1080, 32)
+    cap = min(768 * 784, 4096 * 784 * 2 / 32)
+    assert w * h <= cap < (w + 2) * (h + 2) and abs(w / h - 1920 / 1080) < 0.01
+    assert frame_size(64, 48, 32) == (64, 48)  # never upscaled
+    w, h = frame_size(4000, 3000, 2)  # a short clip: the per-frame cap (qwen VIDEO_MAX_PIXELS) binds
+    assert w * h <= 768 * 784 < (w + 2) * (h + 2)
+    assert frame_size(100, 100, 4, total_pixels=5000, temporal_patch=1) == (35, 35)  # 1250 px each
+
+
+def test_animated_gif_is_sampled_by_its_frame_times(clip, tmp_path):
+    gif = tmp_path / "a.gif"
+    imgs = [Image.fromarray(f) for f in clip[:20]]
+    imgs[0].save(gif, save_all=True, append_images=imgs[1:], duration=100, loop=0)  # 20 frames, 2 s
+    v = load_video(gif)
+    assert v.indices == sample_indices(20, 4) and v.source_fps == pytest.approx(10.0)
+    assert v.timestamps == pytest.approx([i / 10 for i in v.indices])
+    for f, i in zip(v.frames, v.indices):
+        assert int(np.argmin([_mad(f, g) for g in clip[:20]])) == i  # GIF palette error only
+    assert load_video(gif.read_bytes()).indices == v.indices
+    with Image.open(gif) as im:
+        assert load_video(im).indices == v.indices
+
+
+def test_load_frames_still_works_and_takes_video_files(clip, files, tmp_path):
+    path = tmp_path / "c.mkv"
+    path.write_bytes(files[".mkv"])
+    got = load_frames(path, max_frames=4)
+    assert len(got) == 4 and all(g.shape == (48, 64, 3) for g in got)
+    assert [int(np.argmin([_mad(g, c) for c in clip])) for g in got] == sample_indices(N, 4)
+    assert len(load_frames(files[".mp4"], max_frames=16)) == 6
+    assert len(load_frames([Image.fromarray(c) for c in clip[:5]], max_frames=3)) == 3  # unchanged for lists
+
+
+# --- malformed input ---------------------------------------------------------------------------------------
+def _huge_avi() -> bytes:
+    """A rawvideo AVI whose headers claim 12000x12000 frames (144 Mpx) over 16x16 of data."""
+    import av
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="avi") as out:
+        st = out.add_stream("rawvideo", rate=10)
+        st.width, st.height, st.pix_fmt = 16, 16, "rgb24"
+        for _ in range(2):
+            out.mux(st.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        out.mux(st.encode())
+    d = bytearray(buf.getvalue())
+    i = d.find(b"avih")
+    struct.pack_into("<II", d, i + 8 + 32, 12000, 12000)
+    i = d.find(b"strf")
+    struct.pack_into("<ii", d, i + 8 + 4, 12000, 12000)
+    return bytes(d)
+
+
+def malformed_videos(files: dict[str, bytes], tmp_path) -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, a phrase the VideoError must contain)."""
+    rng = np.random.default_rng(0)
+    mp4, mkv, avi, webm = files[".mp4"], files[".mkv"], files[".avi"], files[".webm"]
+    return {
+        "zero-length": (b"", "empty"),
+        "truncated-mp4": (mp4[:len(mp4) * 6 // 10], "truncated or corrupt"),
+        "truncated-mkv": (mkv[:len(mkv) * 6 // 10], "truncated"),
+        "truncated-webm": (webm[:len(webm) // 2], "truncated"),
+        "truncated-avi": (avi[:len(avi) * 6 // 10], "truncated"),
+        "header-only-mkv": (mkv[:200], "truncated or corrupt"),
+        "mp4-magic-garbage": (mp4[:32] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "corrupt"),
+        "garbage": (rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "not a readable video"),
+        "audio-only-mka": (write_audio_only(tmp_path / "a.mka").read_bytes(), "no video stream"),
+        "audio-only-mp4": (write_audio_only(tmp_path / "a.mp4").read_bytes(), "no video stream"),
+        "huge-resolution": (_huge_avi(), "144000000 pixels, over the"),
+    }
+
+
+@pytest.fixture(scope="module")
+def malformed(files, tmp_path_factory):
+    return malformed_videos(files, tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("name", ["zero-length", "truncated-mp4", "truncated-mkv", "truncated-webm", "truncated-avi",
+                                  "header-only-mkv", "mp4-magic-garbage", "garbage", "audio-only-mka",
+                                  "audio-only-mp4", "huge-resolution"])
+def test_malformed_files_give_a_video_error(name, malformed, tmp_path):
+    data, phrase = malformed[name]
+    path = tmp_path / f"bad-{name}.bin"
+    path.write_bytes(data)
+    for src in (path, data):
+        with pytest.raises(VideoError, match=phrase):
+            load_video(src)
+    assert issubclass(VideoError, ImageError)
+
+
+def test_server_limits(files, tmp_path):
+    path = tmp_path / "c.mkv"
+    path.write_bytes(files[".mkv"])
+    with pytest.raises(VideoError, match="lasts 3.0 s, over the limit of 2 s"):
+        load_video(path, max_duration_s=2)
+    with pytest.raises(VideoError, match="more than 10 frames"):  # mkv has no frame count: counted packets
+        load_video(path, max_source_frames=10)
+    with pytest.raises(VideoError, match="30 frames, over the limit of 10"):  # mp4's header has one
+        load_video(files[".mp4"], max_source_frames=10)
+    with pytest.raises(VideoError, match="3072 pixels, over the 3000-pixel limit"):
+        load_video(path, max_source_pixels=3000)
+    with pytest.raises(VideoError, match="over the 1000-byte limit"):
+        load_video(path, max_bytes=1000)
+    with pytest.raises(VideoError, match="over the 1000-byte limit"):
+        load_video(files[".mkv"], max_bytes=1000)
+    assert load_video(path, max_duration_s=3, max_source_frames=30, max_source_pixels=3072).indices
+    info = probe_video(path)
+    assert (info["width"], info["height"], info["frames"], info["fps"]) == (64, 48, N, FPS)
+    with pytest.raises(VideoError, match="lasts"):
+        probe_video(files[".mp4"], max_duration_s=1)
+
+
+def test_other_refusals(tmp_path, monkeypatch, files):
+    with pytest.raises(VideoError, match="not found"):
+        load_video(tmp_path / "missing.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty file"):
+        load_video(tmp_path / "empty.mp4")
+    with pytest.raises(VideoError, match="remote videos are disabled"):
+        load_video("https://example.invalid/clip.mp4")
+    with pytest.raises(VideoError, match="base64"):
+        load_video("data:video/mp4,notbase64")
+    with pytest.raises(VideoError, match="at least one frame"):
+        load_video([])
+    with pytest.raises(VideoError, match="unsupported video type"):
+        load_video(3.5)
+    with pytest.raises(ValueError, match="fps"):
+        load_video(files[".mp4"], fps=0)
+    with pytest.raises(ValueError, match="max_frames"):
+        load_video(files[".mp4"], max_frames=1)
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV missing: a clear error naming the extra
+    with pytest.raises(VideoError, match=r"avis-llamacpp\[video\]"):
+        load_video(files[".mp4"])
+    assert isinstance(load_video([np.zeros((8, 8, 3), np.uint8)] * 2), Video)  # frame lists need no PyAV
