@@ -58,7 +58,7 @@ else
 fi
 
 # the package itself (editable) with test extras; the pip cache makes repeat runs quick
-if ! "$VPY" -c 'import avis_llamacpp, pytest, hypothesis, jinja2' 2>/dev/null \
+if ! "$VPY" -c 'import avis_llamacpp, pytest, hypothesis, jinja2, av' 2>/dev/null \
    || [ "$ROOT/pyproject.toml" -nt "$VENV/.avis-installed" ]; then
     log "installing avis-llamacpp (editable) and test extras"
     "$VPY" -m pip install -q -e "$ROOT[test]" >&2

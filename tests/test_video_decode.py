@@ -207,8 +207,8 @@ def malformed_videos(files: dict[str, bytes], tmp_path) -> dict[str, tuple[bytes
         "header-only-mkv": (mkv[:200], "truncated or corrupt"),
         "mp4-magic-garbage": (mp4[:32] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "corrupt"),
         "garbage": (rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "not a readable video"),
-        "audio-only-mka": (write_audio_only(tmp_path / "a.mka").read_bytes(), "no video stream"),
-        "audio-only-mp4": (write_audio_only(tmp_path / "a.mp4").read_bytes(), "no video stream"),
+        "audio-only-mka": (write_audio_only(tmp_path / "a.mka").read_bytes(), "audio but no video stream"),
+        "audio-only-mp4": (write_audio_only(tmp_path / "a.mp4").read_bytes(), "audio but no video stream"),
         "huge-resolution": (_huge_avi(), "144000000 pixels, over the"),
     }
 
