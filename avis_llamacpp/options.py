@@ -18,8 +18,11 @@ from .native import SamplingParams
 from .stopping import StoppingRule, make_stopping_rule, wave_sizes
 
 MODES = ("parallel", "snapshot", "staged")
+# how a video's (or any multi-chunk input's) chunks are pruned: one selection over all of them, as the AVIS
+# reference scores a video (one anchor, one top-k / threshold), or each chunk on its own (the old behaviour)
+VIDEO_SELECTIONS = ("joint", "per_chunk")
 
-__all__ = ["QuerySettings", "MODES", "SELECTORS"]
+__all__ = ["QuerySettings", "MODES", "SELECTORS", "VIDEO_SELECTIONS"]
 
 
 def _strings(name: str, value: Any) -> tuple[str, ...]:
@@ -57,14 +60,15 @@ class QuerySettings:
     the pruning when none is given) per query. selector: "kdv", the baselines "embeddings" / "random" / "uniform"
     (these need a ratio), or a kdv.TokenSelector callable (needs a ratio or tau: it chooses which tokens, KDV at
     that setting says how many; such queries bypass the prefix cache). wave / stopping / stop_threshold: staged
-    mode. reuse_prefix / cache_namespace: the prefix cache (None: the VLM's setting)."""
+    mode. reuse_prefix / cache_namespace: the prefix cache (None: the VLM's setting). video_selection: "joint"
+    (default: one KDV selection over all of a video's chunks) or "per_chunk" (each frame pair on its own)."""
 
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     stop_after: tuple[str, ...] = ()
     sampling: Optional[SamplingParams] = None
     ratio: Optional[float] = None
-    tau: Optional[float] = None
+    tau: Union[float, str, None] = None  # an angle, or "auto" (the policy's calibrated tau)
     k: int = 1
     mode: str = "parallel"
     seed: int = 0
@@ -77,6 +81,7 @@ class QuerySettings:
     stop_threshold: float = 0.95
     reuse_prefix: Optional[bool] = None
     cache_namespace: str = ""
+    video_selection: str = "joint"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -113,7 +118,9 @@ class QuerySettings:
             if self.ratio is None and self.tau is None:
                 raise InvalidArgumentError("a selector callable needs a ratio or tau (KDV at that setting gives "
                                            "the count it is offered)")
-        validate_pruning(self.ratio, self.tau)
+        if isinstance(self.tau, str) and self.tau != "auto":  # "auto": policy.resolve_pruning's calibrated tau
+            raise InvalidArgumentError(f"tau must be an angle in radians (0 < tau < pi) or 'auto', got {self.tau!r}")
+        validate_pruning(self.ratio, None if self.tau == "auto" and self.ratio is None else self.tau)
         if self.mode == "staged":
             make_stopping_rule(self.stopping, self.stop_threshold)  # validates rule and threshold
             wave_sizes(self.k, self.wave)  # validates wave
@@ -121,6 +128,9 @@ class QuerySettings:
             raise InvalidArgumentError(f"reuse_prefix must be None or a bool, got {self.reuse_prefix!r}")
         if not isinstance(self.cache_namespace, str):
             raise InvalidArgumentError(f"cache_namespace must be a str, got {self.cache_namespace!r}")
+        if self.video_selection not in VIDEO_SELECTIONS:
+            raise InvalidArgumentError(f"video_selection must be one of {VIDEO_SELECTIONS}, "
+                                       f"got {self.video_selection!r}")
 
     @classmethod
     def from_kwargs(cls, base: "QuerySettings | None" = None, **kwargs: Any) -> "QuerySettings":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -19,6 +19,16 @@ from .native import Context
 # (ascending) or None to keep all. Called after the chunk is encoded, before it is decoded. (kdv.TokenSelector
 # chooses among one image's scored tokens; VLM.kdv_selector makes a ChunkSelector of it.)
 ChunkSelector = Callable[[ImageChunk, np.ndarray], "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class GroupSelector:
+    """Kept tokens for image chunks selected together (one video's chunks): `score(chunk, embeddings)` runs right
+    after each chunk's encode (while its keys are captured), `choose(scored)` once the whole group is encoded and
+    returns each chunk's kept indices (ascending) or None to keep all."""
+
+    score: Callable[[ImageChunk, np.ndarray], Any]
+    choose: Callable[[list[Any]], "Sequence[np.ndarray | None]"]
 
 
 @dataclass
@@ -81,13 +91,16 @@ def count_prefill_tokens(prompt: Prompt) -> int:
 
 
 def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int = 0, pos0: int = 0,
-            select: ChunkSelector | None = None, resume: Resume | None = None) -> PrefillResult:
+            select: ChunkSelector | GroupSelector | None = None, resume: Resume | None = None,
+            groups: Sequence[Sequence[int]] = ()) -> PrefillResult:
     """Decode the whole prompt into sequence seq_id, leaving the last position's logits ready.
 
     M-RoPE models: kept image tokens keep their original positions and the following text continues
     after the image's full position span. 1-D RoPE models: kept tokens get consecutive positions.
     resume: the sequence already holds the prompt up to that point (the prefix cache); only the rest is
     decoded, continuing at its position and cell count (which differ after a pruned M-RoPE image).
+    groups: chunk indices selected together by a GroupSelector (a video's chunks); every image chunk not named
+    is a group of its own. A group's chunks are all encoded when its first is reached, then chosen at once.
     """
     if prompt.n_tokens > ctx.n_ctx:
         raise ContextOverflowError(f"prompt needs {prompt.n_tokens} tokens (text + image) but n_ctx is {ctx.n_ctx}; "
@@ -100,6 +113,8 @@ def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int =
     encode_s = 0.0
     t_start = time.perf_counter()
     last = len(prompt.chunks) - 1
+    group_of = {ci: list(g) for g in groups for ci in g}
+    chosen: dict[int, tuple[np.ndarray, "np.ndarray | None"]] = {}  # chunk -> (embeddings, kept) of its group
     for ci, chunk in enumerate(prompt.chunks):
         if ci < first:
             continue
@@ -112,15 +127,23 @@ def prefill(ctx: Context, projector: Projector, prompt: Prompt, *, seq_id: int =
                 n_past += len(tokens)
                 n_kv += len(tokens)
             continue
-        t0 = time.perf_counter()
-        embd = projector.encode(chunk)
-        encode_s += time.perf_counter() - t0
+        if ci not in chosen:
+            members = [g for g in group_of.get(ci, [ci]) if g >= ci]
+            encoded = []
+            for g in members:
+                t0 = time.perf_counter()
+                e = projector.encode(prompt.chunks[g])
+                encode_s += time.perf_counter() - t0
+                if isinstance(select, GroupSelector):
+                    encoded.append((e, select.score(prompt.chunks[g], e)))
+                else:
+                    encoded.append((e, select(prompt.chunks[g], e) if select is not None else None))
+            picks = (select.choose([sc for _, sc in encoded]) if isinstance(select, GroupSelector)
+                     else [sc for _, sc in encoded])
+            chosen.update((g, (e, p)) for g, (e, _), p in zip(members, encoded, picks))
+        embd, pick = chosen.pop(ci)
         positions = projector.positions(chunk, n_past)
-        kept = np.arange(chunk.n_tokens, dtype=np.int64)
-        if select is not None:
-            chosen = select(chunk, embd)
-            if chosen is not None:
-                kept = np.asarray(chosen, dtype=np.int64)
+        kept = np.arange(chunk.n_tokens, dtype=np.int64) if pick is None else np.asarray(pick, dtype=np.int64)
         if projector.uses_mrope:
             pos = positions[kept]
             advance = chunk.n_pos  # text continues after the image's full span

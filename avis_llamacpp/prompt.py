@@ -28,6 +28,25 @@ QWEN25VL = ChatFormat("qwen2.5-vl", lcf.Qwen25VLChatHandler.CHAT_FORMAT, lcf.Qwe
 KNOWN_FORMATS = {f.name: f for f in (LLAVA15, QWEN25VL)}
 
 
+def check_format_name(chat_format: "str | ChatFormat") -> None:
+    """InvalidArgumentError unless chat_format is a ChatFormat, 'auto' or a known format's name (checked before
+    any model loads)."""
+    if not isinstance(chat_format, ChatFormat) and chat_format != "auto" and chat_format not in KNOWN_FORMATS:
+        raise InvalidArgumentError(f"unknown chat_format {chat_format!r}; use 'auto' or one of {sorted(KNOWN_FORMATS)}")
+
+
+def resolve_format(chat_format: "str | ChatFormat", text_arch: str, projector_type: str | None,
+                   gguf_template: str | None) -> ChatFormat:
+    """The ChatFormat a VLM renders prompts with: the one given, the named one, or (for 'auto') a guess from
+    the text model's architecture, the projector type and the GGUF's chat template."""
+    check_format_name(chat_format)
+    if isinstance(chat_format, ChatFormat):
+        return chat_format
+    if chat_format == "auto":
+        return guess_format(text_arch, projector_type, gguf_template)
+    return KNOWN_FORMATS[chat_format]
+
+
 def guess_format(text_arch: str, projector_type: str | None, gguf_template: str | None) -> ChatFormat:
     """Pick the stock llama-cpp-python handler's format for the families it has one for (Qwen2/2.5-VL text
     models; the llava family's projector on a llama model); other families use the GGUF's own template."""

@@ -52,8 +52,10 @@ def test_video_chunks_and_pruning(vlm, vlm_fixture):
         assert a.image_tokens == [per_frame, per_frame]  # 4 frames -> 2 temporal patches
     else:
         assert a.image_tokens == [per_frame] * 4
-    p = vlm.ask(None, Q, video=_frames(4), max_tokens=4, ratio=0.75)
-    assert p.kept_tokens == [n_keep_for_ratio(n, 0.75) for n in p.image_tokens]
+    p = vlm.ask(None, Q, video=_frames(4), max_tokens=4, ratio=0.75)  # one selection over the whole video
+    assert sum(p.kept_tokens) == n_keep_for_ratio(sum(p.image_tokens), 0.75)
+    c = vlm.ask(None, Q, video=_frames(4), max_tokens=4, ratio=0.75, video_selection="per_chunk")
+    assert c.kept_tokens == [n_keep_for_ratio(n, 0.75) for n in c.image_tokens]
     assert all(im["key_source"].startswith("vit_keys:") for im in p.images)
     # the same frames as separate images are not merged
     sep = vlm.ask(_frames(4), Q, max_tokens=4)

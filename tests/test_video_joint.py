@@ -1,0 +1,118 @@
+"""One KDV selection per video (the AVIS reference's Qwen2_5_VLModel.forward): every chunk of a video is scored
+against one anchor and cut by one top-k (ratio) or one threshold (tau). Oracle: a plain numpy KDV over the
+concatenated per-chunk keys, the keys read by encoding each chunk on its own. The clip is built so that its
+frame pairs differ in key diversity, so a chunk-by-chunk selection keeps other tokens (checked here too)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from avis_llamacpp import VLM
+from avis_llamacpp.mtmd import ImageChunk
+
+Q = "What happens in the video?"
+SETTINGS = [{"ratio": 0.5}, {"ratio": 0.75}, {"ratio": 0.9}, {"tau": math.pi / 4}]
+
+
+def _clip(n_frames: int = 6, size: int = 224, seed: int = 0) -> list[np.ndarray]:
+    """Grey frames with pixel noise whose strength changes every frame pair (each pair is one chunk)."""
+    rng = np.random.default_rng(seed)
+    amps = [3.0, 80.0, 25.0]
+    frames = []
+    for i in range(n_frames):
+        noise = rng.normal(0.0, amps[(i // 2) % len(amps)], (size, size, 3))
+        frames.append(np.clip(128.0 + noise, 0, 255).astype(np.uint8))
+    return frames
+
+
+def _oracle_kept(keys: np.ndarray, *, ratio: float | None = None, tau: float | None = None) -> np.ndarray:
+    """Numpy KDV: unit keys per head, one mean-direction anchor, score = -mean cosine, top-k or threshold."""
+    unit = keys / np.linalg.norm(keys, axis=2, keepdims=True)
+    anchor = unit.mean(axis=0)
+    anchor /= np.linalg.norm(anchor, axis=1, keepdims=True)
+    score = -(unit * anchor[None]).sum(axis=2).mean(axis=1)
+    if ratio is not None:
+        n_keep = max(1, math.floor((1 - ratio) * len(score) + 1e-9))
+        return np.sort(np.argsort(-score, kind="stable")[:n_keep])
+    kept = np.flatnonzero(score >= -math.cos(tau))
+    return kept if kept.size else np.array([int(np.argmax(score))])  # a selection keeps at least one token
+
+
+@pytest.fixture(scope="module")
+def qwen_vlm(qwen_fixture):
+    with VLM(qwen_fixture.model, qwen_fixture.mmproj, n_ctx=4096, n_threads=1, n_threads_batch=1) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def chunk_keys(qwen_vlm):
+    """Each chunk's scored keys, from encoding the chunks one by one (no selection involved)."""
+    frames = _clip()
+    out = []
+    with qwen_vlm.projector.tokenize(qwen_vlm.render_question(Q, len(frames)), frames, video=True) as prompt:
+        for c in prompt.chunks:
+            if isinstance(c, ImageChunk):
+                keys, source = qwen_vlm.token_keys(c, qwen_vlm.projector.encode(c))
+                assert source.startswith("vit_keys:")
+                out.append(keys)
+    assert len(out) == 3  # 6 frames -> 3 temporal-patch chunks
+    return out
+
+
+def _kept_over_video(answer) -> np.ndarray:
+    """Answer.images' per-chunk kept indices as indices into the whole video's tokens."""
+    offsets = np.cumsum([0] + answer.image_tokens[:-1])
+    return np.concatenate([np.asarray(im["kept"]) + off for im, off in zip(answer.images, offsets)])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}{v:.3g}" for k, v in s.items()))
+def test_video_kept_set_is_one_selection(qwen_vlm, chunk_keys, setting):
+    joint = _oracle_kept(np.concatenate(chunk_keys), **setting)
+    offsets = np.cumsum([0] + [len(k) for k in chunk_keys[:-1]])
+    per_chunk = np.concatenate([_oracle_kept(k, **setting) + off for k, off in zip(chunk_keys, offsets)])
+    # the clip must tell the two rules apart, or this test could not catch a chunk-by-chunk selection
+    assert not np.array_equal(joint, per_chunk)
+    a = qwen_vlm.ask(None, Q, video=_clip(), max_tokens=1, **setting)
+    assert a.image_tokens == [len(k) for k in chunk_keys]
+    np.testing.assert_array_equal(_kept_over_video(a), joint)
+    assert sum(a.kept_tokens) == joint.size
+    group = a.images[0]["kdv"]["group"]
+    assert group == {"chunks": 3, "n_total": sum(a.image_tokens), "n_kept": int(joint.size)}
+    # per_chunk keeps the old rule: each frame pair against its own anchor
+    b = qwen_vlm.ask(None, Q, video=_clip(), max_tokens=1, video_selection="per_chunk", **setting)
+    np.testing.assert_array_equal(_kept_over_video(b), per_chunk)
+
+
+@pytest.mark.parametrize("selector", ["random", "uniform", "embeddings"])
+def test_video_baselines_choose_over_the_whole_video(qwen_vlm, chunk_keys, selector):
+    """Baselines get the count one joint KDV selection keeps, and choose it over the whole video."""
+    a = qwen_vlm.ask(None, Q, video=_clip(), max_tokens=1, ratio=0.75, selector=selector)
+    n = sum(len(k) for k in chunk_keys)
+    assert sum(a.kept_tokens) == max(1, math.floor(0.25 * n))
+    kept = _kept_over_video(a)
+    assert kept.size == np.unique(kept).size and kept.min() >= 0 and kept.max() < n
+    if selector == "uniform":  # evenly spread over the video, not per chunk
+        np.testing.assert_array_equal(kept, np.sort(kept))
+        assert kept[0] < len(chunk_keys[0]) and kept[-1] >= n - len(chunk_keys[-1])
+
+
+def test_second_question_about_a_video_reuses_its_prefill(qwen_fixture):
+    """The prefix cache holds a video's pruned chunks: a follow-up question encodes nothing and equals a cold run."""
+    frames = _clip()
+    kw = {"max_tokens": 4, "ratio": 0.75}
+    with VLM(qwen_fixture.model, qwen_fixture.mmproj, n_ctx=4096, n_threads=1, n_threads_batch=1,
+             prefix_cache=True) as v:
+        first = v.ask(None, Q, video=frames, **kw)
+        second = v.ask(None, "Which way does it move?", video=frames, **kw)
+        other = v.ask(None, "Which way does it move?", video=frames, video_selection="per_chunk", **kw)
+    assert not first.prefix_reused and second.prefix_reused
+    assert second.timings["encode_s"] == 0.0 and second.tokens_skipped >= sum(first.kept_tokens)
+    assert [im["kept"] for im in second.images] == [im["kept"] for im in first.images]
+    # another selection rule is another cache key: only the text before the video is reused
+    assert other.timings["encode_s"] > 0 and other.tokens_skipped + sum(first.kept_tokens) <= second.tokens_skipped
+    with VLM(qwen_fixture.model, qwen_fixture.mmproj, n_ctx=4096, n_threads=1, n_threads_batch=1) as cold_vlm:
+        cold = cold_vlm.ask(None, "Which way does it move?", video=frames, **kw)
+    assert second.tokens == cold.tokens
