@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .cli_args import add_answer_tags_arg, add_model_args, check_input_file, check_model_files
 from .errors import InvalidArgumentError
 from .items import iterate, read_records
 from .items import load_items as read_items
@@ -254,6 +255,53 @@ def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = ""
     return paths
 
 
+SETTINGS_FILE = "bench.json"
+# what a record depends on besides its item and configuration: a resumed run must match all of them
+SETTINGS_CHECKED = ("model", "mmproj", "items", "policy", "seed", "max_tokens", "answer_tags", "temperature", "top_p",
+                    "chat_format")
+
+
+def check_bench_args(*, max_tokens: int, temperature: float, top_p: float, ray_workers: int = 0) -> None:
+    """The run's knobs, checked before any model loads or file is written (InvalidArgumentError naming the knob)."""
+    from .native import SamplingParams
+
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidArgumentError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    if not isinstance(ray_workers, int) or ray_workers < 0:
+        raise InvalidArgumentError(f"ray workers must be an int >= 0, got {ray_workers!r}")
+    SamplingParams(temperature=temperature, top_p=top_p)
+
+
+def run_settings(model: str | os.PathLike, mmproj: str | os.PathLike, items_path: str | os.PathLike, *,
+                 policy_path: str | os.PathLike | None, seed: int, max_tokens: int, answer_tags: bool,
+                 temperature: float, top_p: float, chat_format: str = "auto") -> dict[str, Any]:
+    """The settings a bench run's records depend on (kept in out_dir/bench.json; files as absolute paths)."""
+    def where(p: str | os.PathLike | None) -> str | None:
+        return None if p is None else str(Path(p).resolve())
+
+    return {"model": where(model), "mmproj": where(mmproj), "items": where(items_path), "policy": where(policy_path),
+            "seed": seed, "max_tokens": max_tokens, "answer_tags": bool(answer_tags),
+            "temperature": float(temperature), "top_p": float(top_p), "chat_format": chat_format}
+
+
+def check_resumable(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add to out/records.jsonl when its records were made with other settings (or unknown ones)."""
+    set_path = out / SETTINGS_FILE
+    if set_path.exists():
+        old = json.loads(set_path.read_text())
+    elif (out / "run.json").exists():  # a finished run from before bench.json existed
+        old = json.loads((out / "run.json").read_text())
+        old.update({k: str(Path(old[k]).resolve()) for k in ("model", "mmproj", "items") if old.get(k)})
+    else:
+        raise InvalidArgumentError(f"{out} holds records.jsonl without {SETTINGS_FILE} (settings unknown); use another "
+                                   f"--out folder, or --no-resume to delete those records and start over")
+    diff = {k: (old.get(k), settings[k]) for k in SETTINGS_CHECKED if k in old and old.get(k) != settings[k]}
+    if diff:
+        named = "; ".join(f"{k}: {a!r} recorded, {b!r} now" for k, (a, b) in diff.items())
+        raise InvalidArgumentError(f"{out} holds records made with other settings ({named}); use another --out "
+                                   f"folder, or --no-resume to delete those records and start over")
+
+
 def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLike, *,
               configs: Sequence[BenchConfig] | None = None, policy_path: str | None = None, seed: int = 0,
               max_tokens: int = 64, answer_tags: bool = True, limit: int | None = None, n_ctx: int | None = 4096,
@@ -263,20 +311,34 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
               vlm_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Evaluate every configuration on every item; returns the summary rows (and writes the outputs).
     vlm_options: further VLM keywords (n_gpu_layers, chat_format, flash_attn, verbose)
-    n_threads / n_threads_batch: CPU threads per model (give both when several runs share the cores)."""
+    n_threads / n_threads_batch: CPU threads per model (give both when several runs share the cores).
+    resume: keep out_dir's records of an earlier run with the same settings (other settings: refused, naming
+    them); resume=False deletes them and starts over. Every argument is checked before anything is written."""
+    check_bench_args(max_tokens=max_tokens, temperature=temperature, top_p=top_p, ray_workers=ray_workers)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"--out {str(out)!r} is an existing file; give a folder (new or from an earlier "
+                                   f"run)")
     configs = list(configs or default_configs(with_policy=policy_path is not None,
                                               policy_name=policy_label(policy_path) if policy_path else ""))
     if any(c.policy for c in configs) and not policy_path:
         raise InvalidArgumentError("a policy configuration needs --policy")
     items = load_items(items_path, limit)
     cdicts = [asdict(c) for c in configs]
-    rec_path = out / "records.jsonl"
+    rec_path, set_path = out / "records.jsonl", out / SETTINGS_FILE
+    settings = run_settings(model, mmproj, items_path, policy_path=policy_path, seed=seed, max_tokens=max_tokens,
+                            answer_tags=answer_tags, temperature=temperature, top_p=top_p,
+                            chat_format=(vlm_options or {}).get("chat_format", "auto"))
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    if resume:
+    if rec_path.exists() and not resume:
+        logger.warning("%s: starting over (--no-resume); old records removed", rec_path)
+        rec_path.unlink()
+    if rec_path.exists():
+        check_resumable(out, settings)
         for r in read_records(rec_path):  # a truncated last line (interrupted run) is dropped
             done[(r["id"], r["config"])] = r
+    out.mkdir(parents=True, exist_ok=True)
+    set_path.write_text(json.dumps(settings, indent=2))
     todo = [(i, it) for i, it in enumerate(items) if any((it["id"], c.name) not in done for c in configs)]
     kw = dict(configs=cdicts, seed=seed, max_tokens=max_tokens, answer_tags=answer_tags, policy_path=policy_path,
               temperature=temperature, top_p=top_p)
@@ -327,8 +389,6 @@ def register_cli(sub: Any) -> None:
     """The `avis bench` subcommand."""
     p = sub.add_parser("bench", help="accuracy / compute table over a labelled JSONL set",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .cli import add_model_args
-
     add_model_args(p)
     p.add_argument("--items", required=True, help="labelled JSONL (image, question, options, answer)")
     p.add_argument("--out", default="bench_out", help="output folder (records, table, CSV, plot)")
@@ -339,8 +399,10 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens per rollout")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the fixed-K > 1 rows")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of the fixed-K > 1 rows")
-    p.add_argument("--no-answer-tags", action="store_true", help="do not append the <think>/<answer> instruction")
-    p.add_argument("--no-resume", action="store_true", help="ignore records of an earlier run")
+    add_answer_tags_arg(p)
+    p.add_argument("--no-resume", action="store_true",
+                   help="delete the records of an earlier run in --out and start over (by default a re-run resumes "
+                        "them when its settings match, and refuses when they differ)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ray", type=int, default=0, help="spread items over this many Ray workers (0: in process)")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster address (default: start a local one)")
@@ -348,6 +410,13 @@ def register_cli(sub: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    check_bench_args(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, ray_workers=args.ray)
+    if args.limit is not None and args.limit < 1:
+        raise InvalidArgumentError(f"--limit must be >= 1, got {args.limit}")
+    check_model_files(args)
+    check_input_file(args.items, "--items")
+    if args.policy:
+        check_input_file(args.policy, "--policy")
     configs = default_configs(with_policy=args.policy is not None,
                               policy_name=policy_label(args.policy) if args.policy else "")
     if args.configs:
@@ -358,7 +427,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"unknown config(s) {missing}; known: {list(names)}")
         configs = [configs[0]] + [names[w] for w in wanted if w != configs[0].name]
     rows = run_bench(args.model, args.mmproj, args.items, args.out, configs=configs, policy_path=args.policy,
-                     seed=args.seed, max_tokens=args.max_tokens, answer_tags=not args.no_answer_tags, limit=args.limit,
+                     seed=args.seed, max_tokens=args.max_tokens, answer_tags=args.answer_tags, limit=args.limit,
                      n_ctx=args.n_ctx, resume=not args.no_resume, progress=not args.no_progress,
                      ray_workers=args.ray, ray_address=args.ray_address, n_threads=args.threads,
                      n_threads_batch=args.threads_batch, temperature=args.temperature, top_p=args.top_p,

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .cli_args import (add_answer_tags_arg, add_model_args, add_pruning_args, check_input_file, check_model_files,
+                       check_output_dir, check_sampling, vlm_kwargs)
 from .errors import AVISError, InvalidArgumentError
 from .features import FEATURE_VERSION
 from .items import Item, load_items, read_records
@@ -128,7 +130,8 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
             diff = {k: (old.get(k), settings[k]) for k in _SETTINGS_CHECKED if old.get(k) != settings[k]}
             if diff:
                 raise InvalidArgumentError(f"{out} holds records made with other settings {diff} (recorded, now); "
-                                           f"use another output folder or resume=False")
+                                           f"use another output folder, or start over with --no-resume "
+                                           f"(resume=False in Python)")
         else:
             logger.warning("%s: no %s next to it; assuming its records were made with these settings", rec_path,
                            SETTINGS_FILE)
@@ -427,16 +430,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     """`avis calibrate`: run the calibration set, fit the policy, write policy.gguf + report.json."""
     from .pipeline import VLM
 
-    logging.getLogger("avis_llamacpp").setLevel(logging.INFO if not args.quiet else logging.WARNING)
     if args.no_prune:
         tau, ratio = None, None
-    elif args.ratio is not None:
-        tau, ratio = None, args.ratio
+    elif args.rho is not None:
+        tau, ratio = None, args.rho
     else:
         tau, ratio = args.tau, None
+    _check_cli_args(args, tau, ratio)  # every knob and file before the model loads or anything is written
+    logging.getLogger("avis_llamacpp").setLevel(logging.INFO if not args.quiet else logging.WARNING)
     out = Path(args.out)
-    from .cli import vlm_kwargs
-
     with VLM(args.model, args.mmproj, n_seq_max=max(8, args.k_max), **vlm_kwargs(args)) as vlm:
         records = run_calibration(vlm, args.items, out, k_max=args.k_max, seed=args.seed, max_tokens=args.max_tokens,
                                   answer_tags=args.answer_tags, tau=tau, ratio=ratio, resume=not args.no_resume,
@@ -450,13 +452,53 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_cli_args(args: argparse.Namespace, tau: float | None, ratio: float | None) -> None:
+    """`avis calibrate`'s knobs, files and items, checked before any model loads or file is written."""
+    from .kdv import validate_pruning
+
+    validate_pruning(ratio=ratio, tau=tau)
+    for name, value, low in (("--k-max", args.k_max, 1), ("--max-tokens", args.max_tokens, 1),
+                             ("--limit", args.limit, 1), ("--ray", args.ray, 0)):
+        if value is not None and value < low:
+            raise InvalidArgumentError(f"{name} must be >= {low}, got {value}")
+    if args.lambda_ is not None and not args.lambda_ >= 0:
+        raise InvalidArgumentError(f"--lambda must be >= 0, got {args.lambda_}")
+    if args.budget is not None and not args.budget > 0:
+        raise InvalidArgumentError(f"--budget must be > 0, got {args.budget}")
+    check_sampling(args.temperature, args.top_p)
+    check_model_files(args)
+    check_input_file(args.items, "--items")
+    load_items(args.items, args.limit)  # every item's fields and image, before the model loads
+    check_output_dir(args.out)
+
+
+CLI_DESCRIPTION = """\
+Calibrate an AVIS policy for your model on your labelled data: how many rollouts (K) each query gets, chosen
+by a difficulty predictor on the image features, and the KDV pruning it runs with.
+
+Each item is run twice: once greedily (K=1) and once with --k-max sampled rollouts sharing one prefill, pruned
+as the policy will prune (--tau, default pi/4; or --rho; or --no-prune). Then a predictor and a p_hat -> K map
+are fitted to trade accuracy against compute (--lambda, or --budget). Records are appended as they are made,
+so re-running the same command resumes an interrupted run (a re-run with other settings is refused).
+
+Items file (JSONL, one item per line; image paths are relative to the file):
+  {"image": "img/0001.png", "question": "How many red shapes?", "options": ["0", "1", "2", "3"], "answer": "B"}
+
+Writes into --out: records.jsonl, calibration.json (the run's settings), report.json and policy.gguf, which
+`avis ask --policy` and `avis bench --policy` use.
+
+Time: two model calls per item, the second decoding --k-max rollouts of up to --max-tokens tokens each; try
+--limit 20 first to see the speed.
+
+  avis calibrate -m model.gguf --mmproj mmproj.gguf --items calib/items.jsonl --out calib_out --limit 200
+"""
+
+
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `calibrate` subcommand to an argparse subparsers object; returns its parser."""
     p = subparsers.add_parser("calibrate", help="calibrate an AVIS policy (difficulty predictor + K map) on "
-                              "labelled items", description=__doc__,
+                              "labelled items", description=CLI_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .cli import _tau, add_model_args
-
     add_model_args(p)
     p.add_argument("--items", required=True, help="JSONL of items: image (path relative to the file), question, "
                    "options, answer (letter), optional id")
@@ -470,14 +512,11 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="compute measure: mean K or FLOPs relative to vanilla (auto: FLOPs)")
     p.add_argument("--seed", type=int, default=0, help="rollout seeds, CV folds")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per rollout")
-    p.add_argument("--answer-tags", action="store_true", help="ask for <think>/<answer> tags")
+    add_answer_tags_arg(p)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the k_max rollouts")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of the k_max rollouts")
-    prune = p.add_mutually_exclusive_group()
-    prune.add_argument("--tau", type=_tau, default=DEFAULT_TAU,
-                       help="KDV adaptive angle in radians, e.g. 0.785 or pi/4 (default pi/4)")
-    prune.add_argument("--ratio", type=float, default=None, help="KDV fixed pruning ratio instead of tau")
-    prune.add_argument("--no-prune", action="store_true", help="keep every visual token")
+    add_pruning_args(p, tau_default=DEFAULT_TAU, no_prune=True,
+                     tau_help="KDV adaptive angle in radians, e.g. 0.785 or pi/4 (default pi/4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--no-resume", action="store_true", help="start over instead of skipping recorded items")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress log lines")
@@ -495,7 +534,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register_cli(sub)
     args = parser.parse_args(["calibrate", *(argv if argv is not None else sys.argv[1:])])
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except AVISError as e:
+        print(f"avis calibrate: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The `avis` command: ask about images, see what KDV keeps, calibrate a policy, benchmark."""
+"""The `avis` command: ask about images, see what KDV keeps, calibrate a policy, benchmark. This module parses
+and dispatches; the shared arguments and their checks live in cli_args.py, bench and calibrate in their own modules."""
 
 from __future__ import annotations
 
@@ -9,92 +10,26 @@ import math
 import sys
 from typing import Any, Sequence
 
-def _tau(value: str) -> float:
-    """tau in radians; 'pi/4'-style fractions of pi are accepted."""
-    v = value.strip().lower().replace(" ", "")
-    if v.startswith("pi/"):
-        return math.pi / float(v[3:])
-    if v.endswith("pi"):
-        return float(v[:-2] or 1) * math.pi
-    return float(v)
+from .cli_args import _tau  # noqa: F401 (the older import path of parse_tau, used by the examples)
+from .cli_args import (add_avis_args, add_model_args, add_pruning_args, ask_kwargs, check_input_file, check_model_files,
+                       check_output_file, question_with_options, vlm_kwargs)
+from .errors import AVISError, InvalidArgumentError
 
-
-def flash_attn_arg(value: str) -> str | bool:
-    """--flash-attn auto|on|off -> VLM's flash_attn ("auto" | True | False)."""
-    v = value.strip().lower()
-    if v in ("auto", "on", "off"):
-        return {"auto": "auto", "on": True, "off": False}[v]
-    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {value!r}")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--mmproj and the context knobs every model-loading subcommand takes."""
-    p.add_argument("--model", "-m", required=True, help="text model GGUF")
-    p.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
-    p.add_argument("--n-ctx", type=int, default=None,
-                   help="context size in tokens, shared by all rollouts (default 4096, or the model's training "
-                        "context if shorter)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
-    p.add_argument("--threads-batch", type=int, default=None,
-                   help="CPU threads for prompt batches (default: --threads if given, else all cores)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="text-model layers to offload to the GPU (-1: all)")
-    p.add_argument("--chat-format", default="auto", help="prompt format: auto, llava-1-5 or qwen2.5-vl")
-    p.add_argument("--flash-attn", type=flash_attn_arg, default="auto", metavar="{auto,on,off}",
-                   help="flash attention in the text model and the vision encoder (default auto: where supported)")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
-
-
-def add_avis_args(p: argparse.ArgumentParser) -> None:
-    """The AVIS knobs: pruning (--rho / --tau), rollouts (--k / --policy) and decoding."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--rho", type=float, default=None, help="KDV fixed mode: fraction of image tokens to prune (0-1)")
-    g.add_argument("--tau", type=_tau, default=None, help="KDV adaptive mode: prune tokens within tau radians of the mean key (e.g. pi/4)")
-    p.add_argument("--k", type=int, default=1, help="rollouts voted on (1 = greedy; the paper uses 1, 3, 5, 7)")
-    p.add_argument("--policy", default=None, help="policy GGUF from `avis calibrate`: picks K (and tau) per query")
-    p.add_argument("--mode", choices=["parallel", "snapshot", "staged"], default="parallel",
-                   help="rollouts decoded together, one at a time to save memory, or staged: in waves (--wave) until "
-                        "a stopping rule settles the vote (--k is then the most rollouts)")
-    p.add_argument("--wave", type=int, default=3, help="staged mode: rollouts per wave (each wave one batch)")
-    p.add_argument("--stopping", choices=["posterior", "unanimity"], default="posterior",
-                   help="staged mode: stop when P(leader stays the majority of K) > --stop-threshold, or when the "
-                        "rollouts so far agree")
-    p.add_argument("--stop-threshold", type=float, default=0.95, help="staged mode: the posterior rule's threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed the rollouts' samplers derive from")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when K > 1")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when K > 1")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per rollout")
-    p.add_argument("--answer-tags", action="store_true", help="ask for <think>/<answer> output and vote on the answers")
-    p.add_argument("--options", default=None, help="multiple-choice options separated by '|' (answers normalise to letters)")
-    p.add_argument("--early-stop", action="store_true", help="stop remaining rollouts once the vote is decided")
-
-
-def vlm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """VLM keywords from the shared model flags (add_model_args)."""
-    return dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
-                n_gpu_layers=args.n_gpu_layers, chat_format=args.chat_format, verbose=args.verbose,
-                flash_attn=args.flash_attn)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def open_vlm(args: argparse.Namespace) -> Any:
+    """The VLM of the shared model flags (room for --k rollouts)."""
     from .pipeline import VLM
 
     return VLM(args.model, args.mmproj, n_seq_max=max(8, getattr(args, "k", 1)), **vlm_kwargs(args))
 
 
-def ask_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """VLM.ask keywords from the AVIS arguments."""
-    from .native import SamplingParams
-
-    kw: dict[str, Any] = dict(max_tokens=args.max_tokens, ratio=args.rho, tau=args.tau, k=args.k, mode=args.mode,
-                              seed=args.seed, answer_tags=args.answer_tags, early_stop=args.early_stop,
-                              wave=args.wave, stopping=args.stopping, stop_threshold=args.stop_threshold,
-                              options=args.options.split("|") if args.options else None)
-    if args.k > 1:
-        kw["sampling"] = SamplingParams(temperature=args.temperature, top_p=args.top_p)
-    if args.policy:
-        from .policy import load_policy
-        kw["policy"] = load_policy(args.policy)
-    return kw
+def _check_images(images: Sequence[str]) -> None:
+    """Local --image paths exist and are files (URLs and data: URIs are left to the image loader)."""
+    for image in images:
+        if not image.startswith(("http://", "https://", "data:")):
+            check_input_file(image[7:] if image.startswith("file://") else image, "--image")
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
@@ -102,8 +37,11 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
     kw = ask_kwargs(args)
     QuerySettings.from_kwargs(**{k: v for k, v in kw.items() if k != "answer_tags"})  # bad knobs fail before loading
+    check_model_files(args)
+    _check_images(args.image)
+    question = question_with_options(args.question, kw["options"])
     with open_vlm(args) as vlm:
-        ans = vlm.ask(args.image, args.question, **kw)
+        ans = vlm.ask(args.image, question, **kw)
     if args.json:
         print(json.dumps(ans.to_dict(), indent=2))
         return 0
@@ -117,8 +55,15 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from .kdv import validate_pruning
     from .overlay import render_overlay
 
+    validate_pruning(ratio=args.rho, tau=args.tau if args.rho is None else None)
+    if args.cell_px < 1:
+        raise InvalidArgumentError(f"--cell-px must be >= 1, got {args.cell_px}")
+    check_output_file(args.out, "--out", IMAGE_SUFFIXES)
+    check_model_files(args)
+    _check_images([args.image])
     with open_vlm(args) as vlm:
         ans = vlm.ask(args.image, args.question, max_tokens=1, ratio=args.rho,
                       tau=args.tau if args.rho is None else None)
@@ -139,8 +84,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     policy_path = default_policy_path() if avis else None
     tau = None if args.no_prune else args.tau if args.tau is not None else math.pi / 4 if avis else None
     options = ["0", "1", "2", "3"]
-    question = args.question + "\n" + "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", options))
-    with VLM(model, mmproj, n_ctx=2048) as vlm:
+    question = question_with_options(args.question, options)
+    with VLM(model, mmproj, n_ctx=2048, n_threads=args.threads) as vlm:
         policy = None
         if policy_path is not None:
             from .policy import load_policy
@@ -157,7 +102,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avis", description="AVIS test-time scaling for vision-language models in llama.cpp")
+    parser = argparse.ArgumentParser(prog="avis",
+                                     description="AVIS test-time scaling for vision-language models in llama.cpp")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer a question about one or more images")
@@ -171,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="write a PNG of the image with the tokens KDV prunes dimmed")
     add_model_args(show)
     show.add_argument("--image", "-i", required=True, help="image path")
-    show.add_argument("--rho", type=float, default=None, help="fraction to prune (default: adaptive tau)")
-    show.add_argument("--tau", type=_tau, default=math.pi / 4, help="adaptive threshold in radians (default pi/4)")
+    add_pruning_args(show, tau_default=math.pi / 4,
+                     tau_help="KDV adaptive threshold in radians (default pi/4; --rho prunes a fixed fraction)")
     show.add_argument("--cell-px", type=int, default=28, help="pixels per token cell in the output")
-    show.add_argument("--out", "-o", default="kdv_overlay.png", help="output PNG")
+    show.add_argument("--out", "-o", default="kdv_overlay.png",
+                      help="output image file (.png, .jpg, .webp; its folder must exist)")
     show.add_argument("question", nargs="?", default="Describe the image.", help="question for the prompt")
     show.set_defaults(func=_cmd_show)
 
@@ -182,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--k", type=int, default=None,
                       help="rollouts voted on (default: the bundled policy picks K; 1 = greedy)")
     demo.add_argument("--max-tokens", type=int, default=96, help="most tokens per rollout")
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     demo.add_argument("--tau", type=_tau, default=None,
                       help="KDV adaptive pruning angle (default pi/4 on the model trained for pruned inputs)")
     demo.add_argument("--no-prune", action="store_true", help="keep every image token (and no policy)")
@@ -199,11 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from .errors import AVISError
-
     try:
         return int(args.func(args) or 0)
     except AVISError as e:
+        print(f"avis: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command could not read or write: one line, not a traceback
         print(f"avis: error: {e}", file=sys.stderr)
         return 2
 

@@ -61,7 +61,12 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
         raise InvalidArgumentError(f"limit must be a positive int, got {limit!r}")
     items: list[Item] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{path}: not a UTF-8 JSONL items file (one JSON object per line: image, "
+                                   f"question, options, answer)") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

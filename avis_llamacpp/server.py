@@ -33,7 +33,7 @@ from typing import Any, Callable
 import anyio
 
 from .chat_handler import _AVIS_SINK, _CACHE_NAMESPACE, _OVERRIDES, OVERRIDE_KEYS, AVISChatHandler
-from .cli import flash_attn_arg
+from .cli_args import flash_attn_arg
 from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError
 from .images import ImageSourcePolicy, fetch_request_image, load_image, request_images
 

@@ -117,3 +117,66 @@ def test_policy_row_is_named_from_the_policy_file(tmp_path):
     assert policy_label(path) == "avis (policy K, no pruning)"
     names = [c.name for c in default_configs(with_policy=True, policy_name=policy_label(path))]
     assert names[-1] == "avis (policy K, no pruning)" and "tau + policy" not in " ".join(names)
+
+
+def test_rerun_with_other_settings_never_mixes_records(llava_fixture, items, tmp_path):
+    """A re-run into the same folder with other settings is refused, naming them, and leaves the records as they
+    were; --no-resume (resume=False) deletes them and starts over; the same settings resume."""
+    from avis_llamacpp.errors import InvalidArgumentError
+
+    configs = [BenchConfig("vanilla"), BenchConfig("sc k=3", k=3)]
+    args = (str(llava_fixture.model), str(llava_fixture.mmproj), str(items), tmp_path)
+    run_bench(*args, configs=configs, max_tokens=6, progress=False, n_threads=1)
+    rec = tmp_path / "records.jsonl"
+    first = rec.read_text()
+    assert max(json.loads(x)["decode_tokens"] for x in first.splitlines()) > 3 * 2  # some rollout used > 2 tokens
+    for kw, named in ((dict(max_tokens=2), "max_tokens: 6 recorded, 2 now"),
+                      (dict(max_tokens=6, temperature=1.0), "temperature: 0.7 recorded, 1.0 now"),
+                      (dict(max_tokens=6, answer_tags=False), "answer_tags: True recorded, False now"),
+                      (dict(max_tokens=6, seed=3), "seed: 0 recorded, 3 now")):
+        with pytest.raises(InvalidArgumentError, match=f"other settings \\({named}\\).*--no-resume"):
+            run_bench(*args, configs=configs, progress=False, n_threads=1, **kw)
+        assert rec.read_text() == first
+    # a folder from before bench.json: its run.json holds the settings
+    (tmp_path / "bench.json").unlink()
+    with pytest.raises(InvalidArgumentError, match="max_tokens: 6 recorded, 2 now"):
+        run_bench(*args, configs=configs, max_tokens=2, progress=False, n_threads=1)
+    run_bench(*args, configs=configs, max_tokens=2, progress=False, n_threads=1, resume=False)
+    recs = [json.loads(x) for x in rec.read_text().splitlines()]
+    assert len(recs) == 3 * len(configs) and all(r["decode_tokens"] <= 2 * r["k"] for r in recs)
+    assert json.loads((tmp_path / "run.json").read_text())["max_tokens"] == 2
+    calls = []
+    orig = bench.evaluate_item
+    bench.evaluate_item = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        run_bench(*args, configs=configs, max_tokens=2, progress=False, n_threads=1)
+    finally:
+        bench.evaluate_item = orig
+    assert calls == [] and len(rec.read_text().splitlines()) == len(recs)
+
+
+def test_bench_refuses_bad_input_before_writing(llava_fixture, items, tmp_path, monkeypatch, capsys):
+    """`avis bench` checks its knobs and files before the model loads and before --out is created."""
+    from avis_llamacpp import pipeline
+    from avis_llamacpp.cli import main
+
+    def boom(*a, **k):  # pragma: no cover - reached only if a check comes after loading the model
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline.VLM, "__init__", boom)
+    from tests.conftest import DEMO_IMAGE
+
+    out = tmp_path / "bench_out"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = ["bench", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj)]
+    for extra, msg in ((["--items", str(DEMO_IMAGE), "--out", str(out)], "not a UTF-8 JSONL items file"),
+                       (["--items", str(items), "--out", str(a_file)], "is an existing file"),
+                       (["--items", str(items), "--out", str(out), "--max-tokens", "0"], "max_tokens must be"),
+                       (["--items", str(items), "--out", str(out), "--top-p", "1.5"], "top_p"),
+                       (["--items", str(tmp_path), "--out", str(out)], "--items"),
+                       (["--items", str(items), "--out", str(out), "--configs", "nosuch"], "unknown config")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not out.exists(), extra

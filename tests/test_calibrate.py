@@ -124,7 +124,7 @@ def test_calibration_end_to_end(tmp_path, items, vlm, llava_fixture, demo_image)
     assert load_records(out) == records and len((out / RECORDS_FILE).read_text().splitlines()) == N_ITEMS
     again = Counting(vlm)
     assert run_calibration(again, items, out, **kw) == records and again.calls == 0
-    with pytest.raises(InvalidArgumentError, match="other settings"):
+    with pytest.raises(InvalidArgumentError, match="other settings.*start over with --no-resume"):
         run_calibration(vlm, items, out, **{**kw, "k_max": 5})
 
     r = records[0]
@@ -208,3 +208,51 @@ def test_progress_falls_back_to_logging(tmp_path, items, vlm, monkeypatch, caplo
         recs = run_calibration(vlm, items, tmp_path / "p", k_max=2, max_tokens=2, limit=2, log_every=1)
     assert len(recs) == 2
     assert "calibrated 1/2 items" in caplog.text and "calibrated 2/2 items" in caplog.text
+
+
+def _boom(*a, **k):  # pragma: no cover - reached only if a check comes after loading the model
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+def test_calibrate_checks_every_knob_before_loading_or_writing(tmp_path, items, llava_fixture, monkeypatch, capsys):
+    """`avis calibrate` refuses a bad knob, file or items set in one line, before the model loads, and leaves no
+    output folder behind; --rho and --ratio are one flag."""
+    from avis_llamacpp import pipeline
+    from avis_llamacpp.cli import main
+
+    monkeypatch.setattr(pipeline.VLM, "__init__", _boom)
+    out = tmp_path / "calib_out"
+    base = ["calibrate", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "--items", str(items)]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    png = tmp_path / "shapes.png"
+    Image.new("RGB", (8, 8)).save(png)
+    cases = [(["--out", str(out), "--ratio", "1.5"], "ratio must satisfy 0 <= ratio < 1"), (["--out", str(out), "--rho", "1.5"], "ratio"),
+             (["--out", str(out), "--k-max", "0"], "--k-max must be >= 1"),
+             (["--out", str(out), "--max-tokens", "0"], "--max-tokens must be >= 1"),
+             (["--out", str(out), "--top-p", "0"], "top_p"), (["--out", str(out), "--budget", "0"], "--budget"),
+             (["--out", str(a_file)], "is an existing file"),
+             (["--out", str(out), "--tau", "4"], "tau")]
+    for extra, msg in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not out.exists(), extra
+    bad_items = base[:-1] + [str(png), "--out", str(out)]
+    assert main(bad_items) == 2 and "not a UTF-8 JSONL" in capsys.readouterr().err and not out.exists()
+    ns = argparse.ArgumentParser()
+    sub = ns.add_subparsers()
+    register_cli(sub)
+    assert ns.parse_args(base + ["--out", "o", "--ratio", "0.5"]).rho == 0.5
+    assert ns.parse_args(base + ["--out", "o", "--rho", "0.5"]).rho == 0.5
+
+
+def test_calibrate_help_is_for_users():
+    parser = argparse.ArgumentParser(prog="avis")
+    register_cli(parser.add_subparsers())
+    sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"][0]
+    text = sub.choices["calibrate"].format_help()
+    assert "run_calibration" not in text and "fit_policy" not in text
+    for phrase in ("Items file", '"answer": "B"', "policy.gguf", "avis ask --policy", "--limit 20",
+                   "--rho RHO, --ratio RHO", "--answer-tags, --no-answer-tags"):
+        assert phrase in text, phrase

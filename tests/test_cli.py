@@ -117,3 +117,71 @@ def test_demo_runs_the_avis_query_on_the_bundled_model(capsys):
     assert kept and int(kept.group(1)) == want.kept_tokens[0] < 256
     assert main(["demo", "--no-prune"]) == 0
     assert "K=1; image tokens kept [256] of [256]" in capsys.readouterr().out
+
+
+def _no_model(monkeypatch):
+    from avis_llamacpp import pipeline
+
+    def boom(*a, **k):  # pragma: no cover - reached only if a check comes after loading the model
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline.VLM, "__init__", boom)
+
+
+def test_file_mistakes_are_one_line_before_the_model_loads(llava_fixture, demo_image, tmp_path, monkeypatch, capsys):
+    """Missing folders, folders given as files and unknown extensions: one `avis: error:` line naming the
+    problem, exit 2, no model loaded and nothing written."""
+    _no_model(monkeypatch)
+    m = ["-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj)]
+    show = ["show", *m, "-i", str(demo_image)]
+    cases = [(show + ["-o", str(tmp_path / "missing_dir" / "x.png")], "folder", "does not exist"),
+             (show + ["-o", str(tmp_path)], "is a folder; give a file name", ""),
+             (show + ["-o", str(tmp_path / "x.txt")], "must end in .png", ""),
+             (show + ["--cell-px", "0"], "--cell-px must be >= 1", ""),
+             (["ask", *m, "-i", str(tmp_path), "q"], "--image", "is a folder, not a file"),
+             (["ask", *m, "-i", str(tmp_path / "nope.png"), "q"], "--image", "no such file"),
+             (["ask", "-m", str(tmp_path), "--mmproj", str(llava_fixture.mmproj), "-i", str(demo_image), "q"],
+              "--model (text model GGUF)", "is a folder, not a file"),
+             (["ask", *m, "-i", str(demo_image), "--options", "a||b", "q"], "--options takes", "")]
+    for argv, msg, msg2 in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("avis: error:") and len(err.strip().splitlines()) == 1, (argv, err)
+        assert msg in err and msg2 in err, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_spelling_per_knob_across_subcommands():
+    """--rho is the pruning fraction everywhere with --ratio as its alias; answer tags are on by default in ask,
+    calibrate and bench alike (--no-answer-tags turns them off); each --help says so."""
+    parser = build_parser()
+    sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"][0]
+    model = ["-m", "m", "--mmproj", "p"]
+    need = {"ask": ["-i", "x.png", "q"], "show": ["-i", "x.png"], "calibrate": ["--items", "i", "--out", "o"]}
+    for name, rest in need.items():
+        for flag in ("--rho", "--ratio"):
+            assert parser.parse_args([name, *model, flag, "0.5", *rest]).rho == 0.5, (name, flag)
+        assert "--rho RHO, --ratio RHO" in sub.choices[name].format_help(), name
+    for name, rest in {**need, "bench": ["--items", "i"]}.items():
+        if name == "show":
+            continue
+        assert parser.parse_args([name, *model, *rest]).answer_tags is True, name
+        assert parser.parse_args([name, *model, "--no-answer-tags", *rest]).answer_tags is False, name
+        assert "--answer-tags, --no-answer-tags" in sub.choices[name].format_help(), name
+
+
+def test_ask_options_are_shown_to_the_model(llava_fixture, demo_image, capsys):
+    """`avis ask --options` writes the options under the question as A./B. lines, the prompt `avis demo` and the
+    shapes items use: same prompt and text as the API asked with that question typed out by hand."""
+    from avis_llamacpp import VLM
+
+    rc = main(["ask", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "-i", str(demo_image),
+               "--threads", "1", "--max-tokens", "4", "--options", "red|green|blue", "--json", "Which colour?"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_threads=1) as vlm:
+        typed = vlm.ask(demo_image, "Which colour?\nA. red\nB. green\nC. blue", max_tokens=4, answer_tags=True,
+                        options=["red", "green", "blue"])
+        bare = vlm.ask(demo_image, "Which colour?", max_tokens=4, answer_tags=True, options=["red", "green", "blue"])
+    assert out["prompt_tokens"] == typed.prompt_tokens != bare.prompt_tokens
+    assert out["text"] == typed.text
