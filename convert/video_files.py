@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["CONTAINERS", "moving_shapes_clip", "pick_codec", "write_video", "write_audio_only"]
+__all__ = ["CONTAINERS", "moving_shapes_clip", "pick_codec", "write_video", "write_audio_only", "huge_header_avi",
+           "malformed_videos"]
 
 # file suffix -> (FFmpeg muxer, video encoders to try in order)
 CONTAINERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -153,6 +154,52 @@ def write_audio_only(path: str | Path, seconds: float = 0.5, rate: int = 8000) -
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
     return path
+
+
+def huge_header_avi(width: int = 12000, height: int = 12000) -> bytes:
+    """A rawvideo AVI whose headers claim width x height frames over two 16x16 frames of data: a loader must
+    refuse it from the header (FFmpeg itself accepts up to about 16k x 16k)."""
+    import io
+    import struct
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="avi") as out:
+        st = out.add_stream("rawvideo", rate=10)
+        st.width, st.height, st.pix_fmt = 16, 16, "rgb24"
+        for _ in range(2):
+            out.mux(st.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        out.mux(st.encode())
+    d = bytearray(buf.getvalue())
+    i = d.find(b"avih")
+    struct.pack_into("<II", d, i + 8 + 32, width, height)  # AVIMAINHEADER dwWidth, dwHeight
+    i = d.find(b"strf")
+    struct.pack_into("<ii", d, i + 8 + 4, width, height)  # BITMAPINFOHEADER biWidth, biHeight
+    return bytes(d)
+
+
+def malformed_videos(work_dir: str | Path, seed: int = 0) -> dict[str, bytes]:
+    """Broken video files a loader must refuse with a clear error: empty, truncated mp4 / mkv / webm / avi, a
+    header only, garbage after an mp4 header, plain garbage, audio-only mka / mp4, a 12000x12000 header."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    clip = moving_shapes_clip(30, (64, 48), seed)
+    f = {ext: write_video(clip, work / f"base{ext}", 10).read_bytes() for ext in (".mp4", ".mkv", ".webm", ".avi")}
+    rng = np.random.default_rng(seed)
+    return {
+        "zero-length": b"",
+        "truncated-mp4": f[".mp4"][:len(f[".mp4"]) * 6 // 10],
+        "truncated-mkv": f[".mkv"][:len(f[".mkv"]) * 6 // 10],
+        "truncated-webm": f[".webm"][:len(f[".webm"]) // 2],
+        "truncated-avi": f[".avi"][:len(f[".avi"]) * 6 // 10],
+        "header-only-mkv": f[".mkv"][:200],
+        "mp4-magic-garbage": f[".mp4"][:32] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(),
+        "garbage": rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(),
+        "audio-only-mka": write_audio_only(work / "audio.mka").read_bytes(),
+        "audio-only-mp4": write_audio_only(work / "audio.mp4").read_bytes(),
+        "huge-resolution": huge_header_avi(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,9 +5,7 @@ qwen-vl-utils' smart_nframes; the pixel budget downscales; every malformed file 
 from __future__ import annotations
 
 import base64
-import io
 import math
-import struct
 import sys
 
 import numpy as np
@@ -20,7 +18,7 @@ from avis_llamacpp import ImageError, VideoError  # noqa: E402
 from avis_llamacpp.images import load_frames  # noqa: E402
 from avis_llamacpp.video import (Video, frame_size, load_video, pixel_budget, probe_video,  # noqa: E402
                                  sample_count, sample_indices)
-from convert.video_files import moving_shapes_clip, write_audio_only, write_video  # noqa: E402
+from convert.video_files import malformed_videos, moving_shapes_clip, write_video  # noqa: E402
 
 N, FPS, SIZE = 30, 10, (64, 48)  # a 3 s clip
 
@@ -176,53 +174,34 @@ def test_load_frames_still_works_and_takes_video_files(clip, files, tmp_path):
 
 
 # --- malformed input ---------------------------------------------------------------------------------------
-def _huge_avi() -> bytes:
-    """A rawvideo AVI whose headers claim 12000x12000 frames (144 Mpx) over 16x16 of data."""
-    import av
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="avi") as out:
-        st = out.add_stream("rawvideo", rate=10)
-        st.width, st.height, st.pix_fmt = 16, 16, "rgb24"
-        for _ in range(2):
-            out.mux(st.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
-        out.mux(st.encode())
-    d = bytearray(buf.getvalue())
-    i = d.find(b"avih")
-    struct.pack_into("<II", d, i + 8 + 32, 12000, 12000)
-    i = d.find(b"strf")
-    struct.pack_into("<ii", d, i + 8 + 4, 12000, 12000)
-    return bytes(d)
-
-
-def malformed_videos(files: dict[str, bytes], tmp_path) -> dict[str, tuple[bytes, str]]:
-    """name -> (file bytes, a phrase the VideoError must contain)."""
-    rng = np.random.default_rng(0)
-    mp4, mkv, avi, webm = files[".mp4"], files[".mkv"], files[".avi"], files[".webm"]
-    return {
-        "zero-length": (b"", "empty"),
-        "truncated-mp4": (mp4[:len(mp4) * 6 // 10], "truncated or corrupt"),
-        "truncated-mkv": (mkv[:len(mkv) * 6 // 10], "truncated"),
-        "truncated-webm": (webm[:len(webm) // 2], "truncated"),
-        "truncated-avi": (avi[:len(avi) * 6 // 10], "truncated"),
-        "header-only-mkv": (mkv[:200], "truncated or corrupt"),
-        "mp4-magic-garbage": (mp4[:32] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "corrupt"),
-        "garbage": (rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "not a readable video"),
-        "audio-only-mka": (write_audio_only(tmp_path / "a.mka").read_bytes(), "audio but no video stream"),
-        "audio-only-mp4": (write_audio_only(tmp_path / "a.mp4").read_bytes(), "audio but no video stream"),
-        "huge-resolution": (_huge_avi(), "144000000 pixels, over the"),
-    }
+# a phrase each file's VideoError must contain (the files: convert.video_files.malformed_videos)
+MALFORMED = {
+    "zero-length": "empty",
+    "truncated-mp4": "truncated or corrupt",
+    "truncated-mkv": "truncated",
+    "truncated-webm": "truncated",
+    "truncated-avi": "truncated",
+    "header-only-mkv": "truncated or corrupt",
+    "mp4-magic-garbage": "corrupt",
+    "garbage": "not a readable video",
+    "audio-only-mka": "audio but no video stream",
+    "audio-only-mp4": "audio but no video stream",
+    "huge-resolution": "144000000 pixels, over the",
+}
 
 
 @pytest.fixture(scope="module")
-def malformed(files, tmp_path_factory):
-    return malformed_videos(files, tmp_path_factory.mktemp("bad"))
+def malformed(tmp_path_factory) -> dict[str, bytes]:
+    return malformed_videos(tmp_path_factory.mktemp("bad"))
 
 
-@pytest.mark.parametrize("name", ["zero-length", "truncated-mp4", "truncated-mkv", "truncated-webm", "truncated-avi",
-                                  "header-only-mkv", "mp4-magic-garbage", "garbage", "audio-only-mka",
-                                  "audio-only-mp4", "huge-resolution"])
+def test_the_malformed_set_is_complete(malformed):
+    assert set(malformed) == set(MALFORMED)
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_files_give_a_video_error(name, malformed, tmp_path):
-    data, phrase = malformed[name]
+    data, phrase = malformed[name], MALFORMED[name]
     path = tmp_path / f"bad-{name}.bin"
     path.write_bytes(data)
     for src in (path, data):
