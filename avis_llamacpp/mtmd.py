@@ -245,6 +245,16 @@ class Projector:
                               "corrupt or not match this llama.cpp build")
         return embd
 
+    @property
+    def temporal_patch(self) -> int:
+        """Video frames per image chunk: 2 where mtmd merges adjacent frames into temporal patches (Qwen2/2.5/3-VL),
+        else 1. Read from mtmd itself (two tiny frames tokenized as a video), so it holds for any projector."""
+        if getattr(self, "_temporal_patch", None) is None:
+            frame = np.zeros((32, 32, 3), dtype=np.uint8)
+            with self.tokenize(self.marker * 2, [frame, frame], add_special=False, video=True) as prompt:
+                self._temporal_patch = 2 if len(prompt.images) == 1 else 1
+        return self._temporal_patch
+
     def non_causal(self, chunk: ImageChunk) -> bool:
         """Whether mtmd decodes this image chunk with bidirectional attention (Gemma 3 / 4 image tokens)."""
         return bool(mtmd_cpp.mtmd_decode_use_non_causal(self.ptr, chunk.handle))

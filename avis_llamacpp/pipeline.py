@@ -24,7 +24,7 @@ from .answer import Answer, build_answer, estimate_tokens_saved  # noqa: F401 (e
 from .capture import KeyCapture
 from .errors import ClosedError, InvalidArgumentError
 from .families import Family, TokenKeys
-from .images import ImageInput, load_frames, load_image
+from .images import ImageInput, load_image
 from .kdv import TokenSelector, validate_pruning
 from .mtmd import ImageChunk, Projector
 from .native import Context, ContextSettings, FlashAttn, Model
@@ -36,6 +36,7 @@ from .prompt import ChatFormat, check_format_name, render, resolve_format, user_
 from .query import VRS_SAMPLING  # noqa: F401 (re-exported)
 from .scorer import ImageMeta, ImageScorer
 from .snapshot import Snapshot, file_fingerprint
+from .video import VideoInput
 from .voting import ANSWER_PROMPT_SUFFIX
 
 _IMAGE_URL = "avis-image://{}"  # placeholder URLs swapped for the media marker after rendering
@@ -146,19 +147,24 @@ class VLM:
         return int(llama_cpp.llama_vocab_bos(self.model.vocab))
 
     # -- queries --------------------------------------------------------------------------------------
-    def ask(self, image: ImageInput | Sequence[ImageInput] | None, question: str, *,
-            answer_tags: bool = False, video: ImageInput | Sequence[ImageInput] | None = None,
-            max_frames: int = 16, **kwargs: Any) -> Answer:
-        """Answer a question about zero or more images with the model's chat format.
+    def ask(self, image: ImageInput | Sequence[ImageInput] | None, question: str, *, answer_tags: bool = False,
+            video: VideoInput | None = None, fps: float | None = None, max_frames: int | None = None,
+            max_pixels: int | None = None, total_pixels: int | None = None, **kwargs: Any) -> Answer:
+        """Answer a question about zero or more images, or one video, with the model's chat format.
 
         answer_tags appends the paper's instruction to think in <think> and answer in <answer> tags (and stops
-        each rollout after </answer>). video: a list of frames, or an animated GIF / WebP / PNG (at most
-        max_frames, evenly sampled), asked about instead of `image`. Other keywords are those of `generate`."""
+        each rollout after </answer>). video (instead of `image`): a file (mp4, webm, mov, mkv, avi), its bytes, a
+        data URI, a list of frames or an animated image, sampled as Qwen2.5-VL expects (video.py: fps 2, at most
+        max_frames, max_pixels per frame, a total_pixels budget that defaults to half the context) and pruned as
+        one selection; Answer.video records the sampling. Other keywords are those of `generate`."""
+        clip = None
         if video is not None:
             if image is not None:
                 raise InvalidArgumentError("pass either image(s) or a video, not both")
-            image = load_frames(video, max_frames=max_frames, allow_remote=self.allow_remote_images)
-            kwargs["video"] = True
+            clip = query.load_clip(video, self.projector, self.settings.n_ctx, fps=fps, max_frames=max_frames,
+                                   max_pixels=max_pixels, total_pixels=total_pixels,
+                                   allow_remote=self.allow_remote_images)
+            image, kwargs["video"] = clip.frames, True
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         if not isinstance(question, str):
             raise InvalidArgumentError(f"question must be a str, got {type(question).__name__}")
@@ -168,7 +174,9 @@ class VLM:
         kwargs.setdefault("question", question)
         snap = kwargs.get("snapshot")
         n_images = len(snap.image_digests) if snap is not None and not images else len(images)
-        return self.generate(self.render_question(question, n_images), images, **kwargs)
+        answer = self.generate(self.render_question(question, n_images), images, **kwargs)
+        answer.video = query.clip_record(clip) if clip is not None else None
+        return answer
 
     def generate(self, prompt_text: str, images: Sequence[ImageInput] = (), settings: QuerySettings | None = None,
                  *, question: str | None = None, snapshot: Snapshot | None = None,

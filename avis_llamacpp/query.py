@@ -24,6 +24,7 @@ from .scorer import ImageMeta, ImageScorer
 from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot, run_staged
 from .snapshot import Snapshot, image_digest
 from .stopping import StoppingRule
+from .video import DEFAULT_TOTAL_PIXELS, Video, load_video, pixel_budget
 from .voting import can_be_overtaken
 
 # the paper's VRS sampling for K > 1
@@ -33,6 +34,25 @@ VRS_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
 def too_many_rollouts(k: int, n_seq_max: int) -> str:
     return (f"k={k} rollouts need n_seq_max >= {k} in mode='parallel' (this VLM has "
             f"n_seq_max={n_seq_max}); create the VLM with n_seq_max={k} or use mode='snapshot'")
+
+
+def load_clip(src: Any, projector: Projector, n_ctx: int, *, fps: float | None = None, max_frames: int | None = None,
+              max_pixels: int | None = None, total_pixels: int | None = None, allow_remote: bool = False) -> Video:
+    """A video's frames sampled for this projector (video.py): frame count a multiple of its temporal patch, and by
+    default a pixel budget of half the context in Qwen2.5-VL tokens (at most video.DEFAULT_TOTAL_PIXELS), so a
+    long clip is downscaled rather than overflowing the context."""
+    knobs = {k: v for k, v in {"fps": fps, "max_frames": max_frames, "max_pixels": max_pixels}.items() if v is not None}
+    if total_pixels is None:
+        total_pixels = min(DEFAULT_TOTAL_PIXELS, pixel_budget(max(1, n_ctx // 2)))
+    return load_video(src, temporal_patch=projector.temporal_patch, total_pixels=total_pixels,
+                      allow_remote=allow_remote, **knobs)
+
+
+def clip_record(clip: Video) -> dict[str, Any]:
+    """What Answer.video reports of a sampled clip: frames taken, their times, size, source rate and the settings."""
+    return {"frames": len(clip.frames), "timestamps": [round(float(t), 4) for t in clip.timestamps],
+            "size": list(clip.size), "source_fps": float(clip.source_fps), "duration": float(clip.duration),
+            **clip.settings}
 
 
 def check_inputs(prompt_text: Any, images: Any, on_text: Any) -> list[Any]:

@@ -116,3 +116,19 @@ def test_second_question_about_a_video_reuses_its_prefill(qwen_fixture):
     with VLM(qwen_fixture.model, qwen_fixture.mmproj, n_ctx=4096, n_threads=1, n_threads_batch=1) as cold_vlm:
         cold = cold_vlm.ask(None, "Which way does it move?", video=frames, **kw)
     assert second.tokens == cold.tokens
+
+
+def test_video_file_is_sampled_and_answered_like_its_frames(qwen_vlm, tmp_path):
+    """ask(video=clip.mp4): frames sampled at 2 fps from the file (an even count for the temporal patch), Answer.video
+    records them, and the answer equals asking about the decoded frames directly."""
+    from avis_llamacpp.video import load_video
+    from convert.video_files import moving_shapes_clip, write_video
+
+    path = write_video(moving_shapes_clip(30, size=112, seed=3), tmp_path / "clip.mp4", fps=10)  # 3 s at 10 fps
+    a = qwen_vlm.ask(None, Q, video=str(path), max_tokens=4, ratio=0.75)
+    assert a.video["frames"] == 6 and a.video["temporal_patch"] == 2  # 3 s x 2 fps
+    assert a.video["timestamps"] == pytest.approx([i * 2.9 / 5 for i in range(6)], abs=0.06)
+    assert len(a.image_tokens) == 3  # 6 frames -> 3 temporal-patch chunks
+    frames = load_video(str(path), temporal_patch=2).frames
+    b = qwen_vlm.ask(None, Q, video=frames, fps=10, max_tokens=4, ratio=0.75)
+    assert b.video["frames"] == 6 and a.tokens == b.tokens and a.kept_tokens == b.kept_tokens
