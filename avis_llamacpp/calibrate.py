@@ -35,6 +35,8 @@ from .items import Item, load_items, read_records
 from .items import progress as progress_bar
 from .kdv import DEFAULT_TAU
 from .policy import K_CHOICES, AVISPolicy, FeatureSpec, expected_vote_accuracy, fit_k_map
+from .tau import (DEFAULT_KEEP, DEFAULT_TOLERANCE, TauCalibration, calibrate_tau, choose_tau_labelled,
+                  format_tau_table, list_images)
 from .voting import extract_answer, normalize_answer
 
 __all__ = ["RECORD_VERSION", "CalibrationItem", "accuracy_matrix", "cost_matrix", "fit_policy", "format_report",
@@ -47,6 +49,7 @@ RECORDS_FILE = "records.jsonl"
 SETTINGS_FILE = "calibration.json"
 POLICY_FILE = "policy.gguf"
 REPORT_FILE = "report.json"
+TAU_FILE = "tau.json"  # the tau chosen for the model, with the settings it was chosen with
 DEFAULT_LAMBDA = 0.01  # accuracy one unit of compute (a rollout, or a vanilla run's FLOPs) must buy
 _SETTINGS_CHECKED = ("model_id", "k_max", "seed", "max_tokens", "answer_tags", "tau", "ratio", "feature_version",
                      "temperature", "top_p")
@@ -235,6 +238,64 @@ def _calibrate_item(vlm: Any, it: CalibrationItem, *, k_max: int, seed: int, max
 
 
 # ------------------------------------------------------------------------------------------------------------
+# choosing tau for the model (tau.py holds the rules)
+# ------------------------------------------------------------------------------------------------------------
+def read_calibration_images(items_jsonl: str | os.PathLike, limit: int | None = None) -> tuple[list[str], bool]:
+    """(image paths, labelled) of an items JSONL: labelled when every line has an "answer" (then the items are
+    validated by items.load_items); otherwise only "image" is needed (label-free calibration of tau)."""
+    path = Path(items_jsonl)
+    if not path.is_file():
+        raise InvalidArgumentError(f"{path}: no such items file")
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:limit]
+    if lines and all(isinstance(d, dict) and "answer" in d for d in lines):
+        return [str(it.image) for it in load_items(path, limit)], True
+    images = []
+    for i, d in enumerate(lines, 1):
+        if not isinstance(d, dict) or not isinstance(d.get("image"), str):
+            raise InvalidArgumentError(f"{path}:{i}: needs an 'image' path")
+        img = (path.parent / d["image"]).resolve()
+        if not img.is_file():
+            raise InvalidArgumentError(f"{path}:{i}: image {d['image']!r} not found")
+        images.append(str(img))
+    if not images:
+        raise InvalidArgumentError(f"{path}: no items")
+    return images, False
+
+
+def choose_tau(vlm: Any, out_dir: str | os.PathLike, *, items_jsonl: str | os.PathLike | None = None,
+               images: Sequence[str] | None = None, keep: float = DEFAULT_KEEP, tolerance: float = DEFAULT_TOLERANCE,
+               limit: int | None = None, max_tokens: int = 256, answer_tags: bool = False, seed: int = 0,
+               progress: bool = True) -> TauCalibration:
+    """The tau for this model, written to out_dir/tau.json: labelled (`tau.choose_tau_labelled`, within
+    `tolerance` of unpruned accuracy) when items_jsonl has answers, else label-free (`tau.calibrate_tau` at
+    `keep`, encodes only) on its images or on `images`. A tau.json made with the same settings is reused."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labelled = False
+    if items_jsonl is not None:
+        images, labelled = read_calibration_images(items_jsonl, limit)
+    if not images:
+        raise InvalidArgumentError("no calibration images")
+    settings = {"model_id": str(vlm.model_id), "images": [str(Path(x).resolve()) for x in images],
+                "labelled": labelled, "keep": None if labelled else float(keep),
+                "tolerance": float(tolerance) if labelled else None, "max_tokens": max_tokens if labelled else None,
+                "answer_tags": bool(answer_tags) if labelled else None, "seed": seed if labelled else None}
+    path = out / TAU_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("settings") == settings:
+            logger.info("%s: reusing the tau chosen with these settings", path)
+            return TauCalibration(**old["calibration"])
+    if labelled:
+        cal = choose_tau_labelled(vlm, load_items(items_jsonl, limit), tolerance=tolerance, max_tokens=max_tokens,
+                                  answer_tags=answer_tags, seed=seed, progress=progress)
+    else:
+        cal = calibrate_tau(vlm, images, keep, progress=progress)
+    path.write_text(json.dumps({"settings": settings, "calibration": cal.to_dict()}, indent=2))
+    return cal
+
+
+# ------------------------------------------------------------------------------------------------------------
 # from records to matrices
 # ------------------------------------------------------------------------------------------------------------
 def accuracy_matrix(records: Sequence[Mapping[str, Any]], ks: Sequence[int] = K_CHOICES, *, n_draws: int = 256,
@@ -310,13 +371,14 @@ def _check_records(records: Sequence[Mapping[str, Any]]) -> int:
 def fit_policy(records: Sequence[Mapping[str, Any]] | str | os.PathLike, lambda_: float | None = None,
                budget: float | None = None, seed: int = 0, *, ks: Sequence[int] = K_CHOICES, cost: str = "auto",
                n_bins: Sequence[int] = (3, 4, 5, 6), cv: int = 5, n_draws: int = 256, tau: float | None = _UNSET,
-               ratio: float | None = None, predictor_params: Mapping[str, Any] | None = None
-               ) -> tuple[AVISPolicy, dict[str, Any]]:
+               ratio: float | None = None, predictor_params: Mapping[str, Any] | None = None,
+               tau_calibration: Mapping[str, Any] | None = None) -> tuple[AVISPolicy, dict[str, Any]]:
     """Fit predictor + K map on calibration records; returns the policy and a JSON-serialisable report.
 
     lambda_ / budget: see `policy.fit_k_map` (neither: lambda_ = DEFAULT_LAMBDA). cost: "k" (mean K), "flops"
     (relative FLOPs) or "auto" (FLOPs when every record has them). ks above the records' k_max are dropped.
-    tau / ratio default to the pruning the records were made with."""
+    tau / ratio default to the pruning the records were made with. tau_calibration: how that tau was chosen for
+    this model (tau.TauCalibration.to_dict()); the policy records it, so tau="auto" queries use its tau."""
     from .predictor import DifficultyPredictor, binary_metrics
 
     if not isinstance(records, (list, tuple)):
@@ -385,9 +447,13 @@ def fit_policy(records: Sequence[Mapping[str, Any]] | str | os.PathLike, lambda_
     summary = {"n_items": len(records), "k_max": k_max, "cost_unit": unit, "lambda": lambda_, "budget": budget,
                "predictor": pred.chosen_, "held_out_auc": held_out.get("auc"), "accuracy": policy_row["accuracy"],
                "mean_k": policy_row["mean_k"]}
+    if tau_calibration is not None and (tau is None or not math.isclose(float(tau_calibration["tau"]), tau)):
+        raise InvalidArgumentError(f"the calibrated tau {tau_calibration.get('tau')} is not the policy's tau {tau}")
+    report["tau_calibration"] = None if tau_calibration is None else dict(tau_calibration)
     policy = AVISPolicy(pred.to_numpy(), km, tau=tau, ratio=ratio, feature_spec=FeatureSpec.from_length(d),
                         info={**model, "created": created, "calibration": summary,
-                              "sampling": report["sampling"]})
+                              "sampling": report["sampling"]},
+                        tau_calibration=None if tau_calibration is None else dict(tau_calibration))
     return policy, report
 
 

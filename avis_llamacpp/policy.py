@@ -9,7 +9,12 @@ calibration data show it.
 
 A policy is saved as a GGUF file (general.architecture = "avis-policy"): the `NumpyPredictor` arrays as F64
 tensors, the K map, pruning, feature spec, model identity and creation info as KV metadata. `load_policy`
-reads it with gguf's reader only (no pickle, no scikit-learn)."""
+reads it with gguf's reader only (no pickle, no scikit-learn).
+
+tau is per model: the share of image tokens a given angle keeps depends on each model's last-block key geometry,
+so `avis calibrate` chooses it (calibrate.py) and the policy records how (`AVISPolicy.tau_calibration`; files
+written before it have none and keep their tau as it was). `resolve_pruning` turns a query's knobs into the
+(ratio, tau) it runs with: tau="auto" means the policy's calibrated tau."""
 
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ from .kdv import DEFAULT_TAU
 from .predictor import ACTIVATIONS, NumpyPredictor
 from .voting import majority_vote
 
-__all__ = ["ARCH", "FORMAT_VERSION", "K_CHOICES", "AVISPolicy", "FeatureSpec", "KMap", "expected_vote_accuracy",
-           "fit_k_map", "load_policy", "read_policy_metadata", "save_policy"]
+__all__ = ["ARCH", "AUTO_TAU", "FORMAT_VERSION", "K_CHOICES", "AVISPolicy", "FeatureSpec", "KMap",
+           "expected_vote_accuracy", "fit_k_map", "load_policy", "read_policy_metadata", "resolve_pruning",
+           "save_policy"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ K_CHOICES: tuple[int, ...] = (1, 3, 5, 7)
 _KEY = "avis.policy."
 _TIE = 1e-12  # objective differences below this count as ties (-> fewer rollouts)
 _ENUM_LIMIT = 250_000  # budget mode: enumerate K assignments up to this many, else a Lagrangian sweep
+AUTO_TAU = "auto"  # tau="auto": the policy's calibrated tau (resolve_pruning)
+TAU_METHODS = ("keep", "labelled")  # how `avis calibrate` chose a tau (label-free target share, or accuracy)
 
 
 class _Unset:
@@ -347,6 +355,7 @@ class AVISPolicy:
     ratio: float | None = None
     feature_spec: FeatureSpec | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    tau_calibration: dict[str, Any] | None = None  # how tau was chosen for this model (None: not calibrated)
 
     def __post_init__(self) -> None:
         if self.tau is _DEFAULT:
@@ -355,6 +364,11 @@ class AVISPolicy:
             raise InvalidArgumentError("give a KDV tau or a ratio, not both")
         from .kdv import validate_pruning
         validate_pruning(self.ratio, self.tau)
+        tc = self.tau_calibration
+        if tc is not None and (not isinstance(tc, dict) or tc.get("method") not in TAU_METHODS):
+            raise InvalidArgumentError(f"tau_calibration must be a dict with 'method' in {TAU_METHODS}, got {tc!r}")
+        if tc is not None and self.tau is None:
+            raise InvalidArgumentError("tau_calibration describes a tau, but the policy prunes by ratio or not at all")
         if not isinstance(self.predictor, NumpyPredictor):
             raise InvalidArgumentError(f"predictor must be a NumpyPredictor (DifficultyPredictor.to_numpy()), "
                                        f"got {type(self.predictor).__name__}")
@@ -363,6 +377,12 @@ class AVISPolicy:
         if self.feature_spec.n_features != self.predictor.n_features:
             raise InvalidArgumentError(f"feature spec says {self.feature_spec.n_features} features but the predictor "
                                        f"reads {self.predictor.n_features}")
+
+    @property
+    def calibrated_tau(self) -> float | None:
+        """The tau `avis calibrate` chose for this model, or None (a ratio, no pruning, or a tau never calibrated:
+        files written before tau calibration, or a tau given by hand)."""
+        return float(self.tau) if self.tau is not None and self.tau_calibration is not None else None
 
     @property
     def sampling(self) -> dict[str, float] | None:
@@ -397,8 +417,16 @@ class AVISPolicy:
         """Write this policy as a GGUF policy file."""
         save_policy(self, path)
 
+    def with_tau(self, tau: float, calibration: dict[str, Any]) -> "AVISPolicy":
+        """This policy pruning at a tau calibrated for its model (calibration: how it was chosen, with 'method' in
+        TAU_METHODS); predictor and K map unchanged."""
+        import dataclasses
+
+        return dataclasses.replace(self, tau=float(tau), ratio=None, tau_calibration=dict(calibration))
+
     def __str__(self) -> str:
-        prune_s = (f"tau={self.tau:.4f}" if self.tau is not None else
+        prune_s = (f"tau={self.tau:.4f}" + (f" ({self.tau_calibration['method']})" if self.tau_calibration else "")
+                   if self.tau is not None else
                    f"ratio={self.ratio}" if self.ratio is not None else "no pruning")
         return f"AVISPolicy({self.predictor.kind} on {self.feature_spec.n_features} features; {self.k_map}; {prune_s})"
 
@@ -427,6 +455,8 @@ def save_policy(policy: AVISPolicy, path: str | os.PathLike) -> None:
     w.add_string(_KEY + "pruning", "tau" if policy.tau is not None else "ratio" if policy.ratio is not None else "none")
     if policy.tau is not None:
         w.add_float64(_KEY + "tau", float(policy.tau))
+    if policy.tau_calibration is not None:
+        w.add_string(_KEY + "tau.calibration", json.dumps(policy.tau_calibration, default=float))
     if policy.ratio is not None:
         w.add_float64(_KEY + "ratio", float(policy.ratio))
     w.add_string(_KEY + "predictor.kind", pred.kind)
@@ -556,6 +586,12 @@ def load_policy(path: str | os.PathLike, vlm: Any = None, *, n_embd: int | None 
         raise PolicyFileError(f"{r.path}: unknown pruning mode {pruning!r}")
     tau = float(r.get(_KEY + "tau", (float, int))) if pruning == "tau" else None
     ratio = float(r.get(_KEY + "ratio", (float, int))) if pruning == "ratio" else None
+    tau_cal = None  # absent in files written before tau calibration: their tau is kept as it was
+    if _KEY + "tau.calibration" in r.fields:
+        try:
+            tau_cal = json.loads(r.get(_KEY + "tau.calibration", str))
+        except json.JSONDecodeError as e:
+            raise PolicyFileError(f"{r.path}: avis.policy.tau.calibration is not JSON ({e})") from e
     kind = r.get(_KEY + "predictor.kind", str)
     activation = r.get(_KEY + "predictor.activation", str)
     if activation not in ACTIVATIONS:
@@ -584,7 +620,7 @@ def load_policy(path: str | os.PathLike, vlm: Any = None, *, n_embd: int | None 
             "mmproj_file": r.get(_KEY + "mmproj_file", str, ""), "created": r.get(_KEY + "created", str, ""),
             "creator": r.get(_KEY + "creator", str, ""), **(extra if isinstance(extra, dict) else {})}
     try:
-        policy = AVISPolicy(pred, km, tau=tau, ratio=ratio, feature_spec=spec, info=info)
+        policy = AVISPolicy(pred, km, tau=tau, ratio=ratio, feature_spec=spec, info=info, tau_calibration=tau_cal)
     except InvalidArgumentError as e:
         raise PolicyFileError(f"{r.path}: {e}") from e
     if n_embd is not None and n_features(int(n_embd)) != spec.n_features:
@@ -595,3 +631,47 @@ def load_policy(path: str | os.PathLike, vlm: Any = None, *, n_embd: int | None 
         policy.check_model(vlm)
     logger.info("loaded policy %s: %s", r.path, policy)
     return policy
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a query's pruning
+# ------------------------------------------------------------------------------------------------------------
+_WARNED: set[str] = set()  # warnings already given in this process (each is given once)
+
+
+def _warn_uncalibrated(tau: float, policy: Any) -> None:
+    """The once-per-process warning that adaptive pruning runs at a tau nobody calibrated for this model."""
+    key = "no-policy" if policy is None else "uncalibrated-policy"
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    why = "no policy was given" if policy is None else "the policy's tau was not calibrated for its model"
+    logger.warning("adaptive KDV pruning at tau=%.4g, but %s: the share of image tokens a tau keeps differs from "
+                   "model to model. Run `avis calibrate --images DIR --out OUT` (or with --items) and pass its "
+                   "policy.gguf to choose it for this model", tau, why)
+
+
+def resolve_pruning(q: Any) -> tuple[float | None, float | None]:
+    """(ratio, tau) a query runs with, from its knobs (a QuerySettings, or anything with ratio, tau and policy).
+
+    The caller's ratio or numeric tau wins; tau="auto" is the policy's calibrated tau; neither given: the policy's
+    pruning (a policy decides how much to see too), else none. Adaptive pruning whose tau was never calibrated for
+    the model (tau="auto" without a calibrated policy, or a policy file written before calibration) warns once
+    through logging, naming `avis calibrate`, and applies pi/4 (resp. the policy's tau, as before)."""
+    ratio, tau, policy = getattr(q, "ratio", None), getattr(q, "tau", None), getattr(q, "policy", None)
+    if isinstance(tau, str):
+        if tau != AUTO_TAU:
+            raise InvalidArgumentError(f"tau must be an angle in radians (0 < tau < pi) or {AUTO_TAU!r}, got {tau!r}")
+        if ratio is not None:
+            raise InvalidArgumentError(f"give a KDV ratio or tau={AUTO_TAU!r}, not both")
+        calibrated = getattr(policy, "calibrated_tau", None)
+        if calibrated is not None:
+            return None, float(calibrated)
+        _warn_uncalibrated(DEFAULT_TAU, policy)
+        return None, DEFAULT_TAU
+    if policy is not None and ratio is None and tau is None:
+        p_ratio, p_tau = getattr(policy, "ratio", None), getattr(policy, "tau", None)
+        if p_tau is not None and getattr(policy, "calibrated_tau", None) is None:
+            _warn_uncalibrated(float(p_tau), policy)
+        return p_ratio, p_tau
+    return ratio, tau
