@@ -16,6 +16,9 @@ Defaults follow qwen-vl-utils (fps 2, min_frames 4, VIDEO_MAX_PIXELS = 768 * 28 
 - the budget is a hard cap: where it would leave a frame under min_pixels (qwen-vl-utils' VIDEO_MIN_PIXELS floor,
   which overshoots the budget instead), fewer frames are taken, and only then do frames shrink further.
 - frames are never upscaled and not rounded to the 28-pixel grid (mtmd resizes to its projector's grid itself).
+Decoding: frames are counted in decoding order (exact indices, as decord / torchvision count them); where samples
+lie more than SEEK_MIN_GAP frames apart on average (long clips), each is reached by seeking to the keyframe before
+its time instead, falling back to decoding in order if seeking fails.
 Everything refused raises VideoError (an ImageError) naming the problem: unreadable, truncated or empty files,
 audio-only files, and sources over the limits a server sets (bytes, pixels per frame, frame count, duration).
 """
@@ -53,6 +56,7 @@ DEFAULT_MIN_PIXELS = 128 * 28 * 28  # per frame, qwen-vl-utils VIDEO_MIN_PIXELS 
 DEFAULT_TOTAL_PIXELS = 4096 * PIXELS_PER_TOKEN  # whole clip; qwen-vl-utils VIDEO_TOTAL_PIXELS is ~115k tokens
 MAX_SOURCE_PIXELS = 7680 * 4320  # refuse frames larger than 8K UHD before decoding any
 MAX_VIDEO_BYTES = 4 * 1024 ** 3  # refuse files / payloads larger than this before reading them
+SEEK_MIN_GAP = 120  # source frames between samples (on average) above which samples are reached by seeking
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, "Image.Image", np.ndarray, Sequence[ImageInput], "Video"]
 
@@ -294,38 +298,93 @@ def _probe(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> dict[str,
                 "codec": st.codec_context.name}
 
 
+def _rgb(frame: Any, size: tuple[int, int]) -> np.ndarray:
+    arr = frame.to_ndarray(format="rgb24")
+    if arr.shape[:2] != (size[1], size[0]):
+        arr = np.asarray(Image.fromarray(arr, "RGB").resize(size, Image.Resampling.BICUBIC))
+    return arr
+
+
+def _decode_in_order(container: Any, wanted: set[int], size: tuple[int, int], fps: float, done: list[int]
+                     ) -> dict[int, tuple[np.ndarray, float]]:
+    """Decode every frame up to the last wanted one, keeping the wanted ones: exact frame indices (by count);
+    done[0] counts the frames decoded."""
+    st = container.streams.video[0]
+    st.thread_type = "AUTO"
+    tb = float(st.time_base or 0)
+    t0 = st.start_time * tb if st.start_time is not None and tb else None
+    got: dict[int, tuple[np.ndarray, float]] = {}
+    last, i = max(wanted), -1
+    for frame in container.decode(st):
+        i += 1
+        done[0] = i + 1
+        t = frame.time
+        if t0 is None:
+            t0 = t if t is not None else 0.0
+        if i in wanted:
+            got[i] = (_rgb(frame, size), (t - t0) if t is not None else i / fps)
+        if i >= last:
+            break
+    return got
+
+
+def _decode_by_seeking(container: Any, wanted: set[int], size: tuple[int, int], fps: float
+                       ) -> dict[int, tuple[np.ndarray, float]]:
+    """Reach each wanted frame by seeking to the keyframe before its time (index = time * fps, exact for constant
+    frame rate) and decoding on from there; for long clips with few samples. Raises where that cannot work."""
+    st = container.streams.video[0]
+    st.thread_type = "AUTO"
+    tb = st.time_base
+    start = st.start_time or 0
+    got: dict[int, tuple[np.ndarray, float]] = {}
+    frames, pos = None, None
+    for j in sorted(wanted):
+        if frames is None or pos is None or j - pos > SEEK_MIN_GAP:
+            container.seek(start + int(round(j / fps / tb)), stream=st, backward=True, any_frame=False)
+            frames, pos = container.decode(st), None
+        for frame in frames:
+            if frame.pts is None:
+                raise ValueError("frames without timestamps")
+            pos = round(float((frame.pts - start) * tb) * fps)
+            if pos >= j:
+                got[j] = (_rgb(frame, size), float((frame.pts - start) * tb))
+                break
+        else:
+            raise EOFError(f"the stream ended before frame {j}")
+    return got
+
+
 def _decode_container(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> Video:
     info = _probe(open_, what, fmt, o)
     n_source, fps = info["frames"], info["fps"]
     idx, size = _plan(n_source, o.sample_count(n_source, fps), info["width"], info["height"], o)
-    wanted, last = set(idx), max(idx)
+    wanted = set(idx)
     got: dict[int, tuple[np.ndarray, float]] = {}
-    i, t0 = -1, None
-    try:
-        with open_() as container:
-            st = container.streams.video[0]
-            for frame in container.decode(st):
-                i += 1
-                t = frame.time
-                if t0 is None:
-                    t0 = t if t is not None else 0.0
-                if i in wanted:
-                    arr = frame.to_ndarray(format="rgb24")
-                    if arr.shape[:2] != (size[1], size[0]):
-                        arr = np.asarray(Image.fromarray(arr, "RGB").resize(size, Image.Resampling.BICUBIC))
-                    got[i] = (arr, (t - t0) if t is not None else i / fps)
-                if i >= last:
-                    break
-    except Exception as e:
-        raise VideoError(f"{what}: the {fmt} data is truncated or corrupt (decoding frame {i + 1} failed: "
-                         f"{_describe(e)}); re-encode or re-download the video") from None
-    if last not in got:
-        raise VideoError(f"{what}: the video is truncated or corrupt: its header counts {n_source} frames but only "
-                         f"{i + 1} could be decoded; re-encode or re-download the video")
+    mode = "seek" if n_source / len(wanted) > SEEK_MIN_GAP else "in order"
+    if mode == "seek":
+        try:
+            with open_() as container:
+                got = _decode_by_seeking(container, wanted, size, fps)
+        except Exception as e:  # unseekable, no timestamps, damaged: decoding in order decides
+            logger.info("%s: seeking failed (%s); decoding in order", what, _describe(e))
+            mode, got = "in order", {}
+    if mode == "in order":
+        done = [0]
+        try:
+            with open_() as container:
+                got = _decode_in_order(container, wanted, size, fps, done)
+        except Exception as e:
+            raise VideoError(f"{what}: the {fmt} data is truncated or corrupt (decoding frame {done[0] + 1} failed: "
+                             f"{_describe(e)}); re-encode or re-download the video") from None
+        if max(wanted) not in got:
+            raise VideoError(f"{what}: the video is truncated or corrupt: its header counts {n_source} frames but "
+                             f"only {done[0]} could be decoded; re-encode or re-download the video")
     frames = [got[j][0] for j in idx]
     stamps = [got[j][1] for j in idx]
-    return _finish(frames, stamps, idx, size, fps, n_source, f"{fmt}:{info['codec']}", o,
-                   (info["width"], info["height"]))
+    video = _finish(frames, stamps, idx, size, fps, n_source, f"{fmt}:{info['codec']}", o,
+                    (info["width"], info["height"]))
+    video.settings["decode"] = mode
+    return video
 
 
 def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:

@@ -102,9 +102,11 @@ def pick_codec(suffix: str) -> str:
     raise RuntimeError(f"this PyAV build has none of the encoders {encoders} for {suffix}")
 
 
-def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: float, codec: str | None = None) -> Path:
+def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: float, codec: str | None = None,
+                gop: int | None = None) -> Path:
     """Encode HxWx3 uint8 frames (one size, even width and height) at `fps` frames per second into `path`; the
-    container follows the suffix and codec=None picks one the PyAV wheel has (h264 else mpeg4; vp8 else vp9)."""
+    container follows the suffix and codec=None picks one the PyAV wheel has (h264 else mpeg4; vp8 else vp9).
+    gop: frames between keyframes (the encoder's default when None)."""
     import av
 
     path = Path(path)
@@ -128,6 +130,8 @@ def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: float, code
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec in _BIT_RATE:
             stream.bit_rate = _BIT_RATE[codec]
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         for f in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         out.mux(stream.encode())

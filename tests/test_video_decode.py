@@ -254,3 +254,19 @@ def test_other_refusals(tmp_path, monkeypatch, files):
     with pytest.raises(VideoError, match=r"avis-llamacpp\[video\]"):
         load_video(files[".mp4"])
     assert isinstance(load_video([np.zeros((8, 8, 3), np.uint8)] * 2), Video)  # frame lists need no PyAV
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm", ".mkv", ".avi"])
+def test_seeking_takes_the_same_frames_as_decoding_in_order(ext, tmp_path, monkeypatch):
+    import avis_llamacpp.video as video
+    frames = moving_shapes_clip(160, (48, 32), seed=2)
+    path = write_video(frames, tmp_path / f"long{ext}", 20, gop=12)  # 8 s: 16 samples, 10 frames apart
+    monkeypatch.setattr(video, "SEEK_MIN_GAP", 10 ** 9)
+    ordered = load_video(path)
+    monkeypatch.setattr(video, "SEEK_MIN_GAP", 4)
+    seeking = load_video(path)
+    assert ordered.settings["decode"] == "in order" and seeking.settings["decode"] == "seek"
+    assert seeking.indices == ordered.indices == sample_indices(160, 16)
+    assert seeking.timestamps == pytest.approx(ordered.timestamps, abs=1e-3)
+    for a, b, i in zip(seeking.frames, ordered.frames, seeking.indices):
+        assert np.array_equal(a, b) and int(np.argmin([_mad(a, g) for g in frames])) == i
