@@ -16,6 +16,8 @@ Defaults follow qwen-vl-utils (fps 2, min_frames 4, VIDEO_MAX_PIXELS = 768 * 28 
 - the budget is a hard cap: where it would leave a frame under min_pixels (qwen-vl-utils' VIDEO_MIN_PIXELS floor,
   which overshoots the budget instead), fewer frames are taken, and only then do frames shrink further.
 - frames are never upscaled and not rounded to the 28-pixel grid (mtmd resizes to its projector's grid itself).
+- a clip's display rotation (phones store upright clips sideways) is applied, as load_image applies EXIF
+  orientation; decord and torchvision, which qwen-vl-utils reads with, ignore it.
 Decoding: frames are counted in decoding order (exact indices, as decord / torchvision count them); where samples
 lie more than SEEK_MIN_GAP frames apart on average (long clips), each is reached by seeking to the keyframe before
 its time instead, falling back to decoding in order if seeking fails.
@@ -298,8 +300,19 @@ def _probe(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> dict[str,
                 "codec": st.codec_context.name}
 
 
+def _quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns the stream's display matrix asks for (phone clips shot upright); 0 when
+    PyAV is too old to say."""
+    return int(round(float(getattr(frame, "rotation", 0) or 0) / 90)) % 4
+
+
 def _rgb(frame: Any, size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as HxWx3 RGB, turned upright and resized to `size` (given for the stored orientation)."""
     arr = frame.to_ndarray(format="rgb24")
+    k = _quarter_turns(frame)
+    if k:
+        arr = np.ascontiguousarray(np.rot90(arr, k))
+        size = size if k % 2 == 0 else (size[1], size[0])
     if arr.shape[:2] != (size[1], size[0]):
         arr = np.asarray(Image.fromarray(arr, "RGB").resize(size, Image.Resampling.BICUBIC))
     return arr
@@ -381,9 +394,11 @@ def _decode_container(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -
                              f"only {done[0]} could be decoded; re-encode or re-download the video")
     frames = [got[j][0] for j in idx]
     stamps = [got[j][1] for j in idx]
-    video = _finish(frames, stamps, idx, size, fps, n_source, f"{fmt}:{info['codec']}", o,
+    upright = (frames[0].shape[1], frames[0].shape[0])  # size turned by the display rotation, if any
+    video = _finish(frames, stamps, idx, upright, fps, n_source, f"{fmt}:{info['codec']}", o,
                     (info["width"], info["height"]))
     video.settings["decode"] = mode
+    video.settings["rotated"] = upright != size
     return video
 
 

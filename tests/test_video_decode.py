@@ -270,3 +270,24 @@ def test_seeking_takes_the_same_frames_as_decoding_in_order(ext, tmp_path, monke
     assert seeking.timestamps == pytest.approx(ordered.timestamps, abs=1e-3)
     for a, b, i in zip(seeking.frames, ordered.frames, seeking.indices):
         assert np.array_equal(a, b) and int(np.argmin([_mad(a, g) for g in frames])) == i
+
+
+@pytest.mark.parametrize("angle,turns", [(90, 1), (-90, 3), (180, 2)])
+def test_display_rotation_is_applied(angle, turns, tmp_path):
+    import av
+    frames = moving_shapes_clip(20, (64, 32), seed=4)  # stored landscape, 2 s at 10 fps
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=10)
+        st.width, st.height, st.pix_fmt = 64, 32, "yuv420p"
+        st.set_display_rotation(angle)  # counter-clockwise degrees a player turns the frames by
+        for f in frames:
+            out.mux(st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(st.encode())
+    v = load_video(path)
+    upright = [np.rot90(f, turns) for f in frames]
+    assert v.size == (upright[0].shape[1], upright[0].shape[0]) and v.settings["rotated"] == (turns % 2 == 1)
+    for f, i in zip(v.frames, v.indices):
+        assert _mad(f, upright[i]) < 8.0 and int(np.argmin([_mad(f, g) for g in upright])) == i
+    small = load_video(path, total_pixels=1024, min_pixels=1)  # the budget's downscale keeps the orientation
+    assert small.size[1] > small.size[0] if turns % 2 else small.size[0] > small.size[1]
