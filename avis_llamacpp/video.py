@@ -410,6 +410,7 @@ def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:
     for k in range(n):
         try:
             img.seek(k)
+            img.load()  # WebP fills in a frame's duration only once it is loaded
         except EOFError:
             n = k
             break

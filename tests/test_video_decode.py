@@ -149,11 +149,14 @@ def test_frame_size_rule():
     assert frame_size(100, 100, 4, total_pixels=5000, temporal_patch=1) == (35, 35)  # 1250 px each
 
 
-def test_animated_gif_is_sampled_by_its_frame_times(clip, tmp_path):
-    gif = tmp_path / "a.gif"
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_animated_images_are_sampled_by_their_frame_times(fmt, clip, tmp_path):
+    gif = tmp_path / f"a.{fmt.lower()}"
     imgs = [Image.fromarray(f) for f in clip[:20]]
-    imgs[0].save(gif, save_all=True, append_images=imgs[1:], duration=100, loop=0)  # 20 frames, 2 s
+    imgs[0].save(gif, format=fmt, save_all=True, append_images=imgs[1:], duration=100, loop=0,
+                 **({"lossless": True} if fmt == "WEBP" else {}))  # 20 frames, 2 s
     v = load_video(gif)
+    assert v.settings["source"] == f"animation:{fmt}"
     assert v.indices == sample_indices(20, 4) and v.source_fps == pytest.approx(10.0)
     assert v.timestamps == pytest.approx([i / 10 for i in v.indices])
     for f, i in zip(v.frames, v.indices):
