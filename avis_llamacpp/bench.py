@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import resource
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -239,20 +240,71 @@ def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = ""
     except ImportError:
         logger.warning("matplotlib not installed: no plot (pip install 'avis-llamacpp[bench]')")
         return paths
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in rows:
-        ax.errorbar(r["flops_rel"], r["accuracy"], yerr=[[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]],
-                    fmt="o", capsize=3)
-        ax.annotate(r["config"], (r["flops_rel"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("FLOPs relative to vanilla (rho=0, K=1)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title or "accuracy vs compute")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = plot_accuracy_vs_flops(rows, title)
     paths["plot"] = out_dir / "accuracy_vs_flops.png"
     fig.savefig(paths["plot"], dpi=120)
     plt.close(fig)
     return paths
+
+
+def plot_accuracy_vs_flops(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
+    """The accuracy-vs-FLOPs figure of the summary rows: title wrapped inside the figure, labels that do not
+    overlap (place_labels). Needs matplotlib (the [bench] extra)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in rows:
+        ax.errorbar(r["flops_rel"], r["accuracy"], yerr=[[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]],
+                    fmt="o", capsize=3)
+    ax.set_xlabel("FLOPs relative to vanilla (rho=0, K=1)")
+    ax.set_ylabel("accuracy (bars: 95% bootstrap interval)")
+    ax.set_title(textwrap.fill(title or "accuracy vs compute", 95), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
+    fig.tight_layout()  # before the labels: they are placed in the final axes' pixels
+    place_labels(ax, [(r["flops_rel"], r["accuracy"]) for r in rows], [r["config"] for r in rows])
+    return fig
+
+
+def place_labels(ax: Any, points: Sequence[tuple[float, float]], labels: Sequence[str], fontsize: float = 7) -> list:
+    """Write each point's label at the nearest spot, right or left of it and stepping up or down, where it overlaps
+    no other label and no point and stays inside the axes (a thin line joins a moved label to its point); the
+    least crowded spot when none is free. Returns the text artists."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px = ax.transData.transform(np.asarray(points, dtype=np.float64).reshape(-1, 2))
+    frame = ax.get_window_extent(renderer)
+    r = 4.0  # a marker's half size in pixels
+    taken = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in px]
+    step = fontsize * 1.4  # one text line, in points
+    spots = [(dx, k * sign * step) for k in range(0, 12) for sign in ((1,) if k == 0 else (1, -1)) for dx in (5, -5)]
+    texts = []
+    for i in sorted(range(len(labels)), key=lambda j: (px[j][0], -px[j][1])):
+        best = None
+        for dx, dy in spots:
+            t = ax.annotate(labels[i], points[i], textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                            ha="left" if dx > 0 else "right", va="center")
+            box = t.get_window_extent(renderer).expanded(1.04, 1.1)
+            inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1)
+            clashes = sum(box.overlaps(b) for b in taken) + (0 if inside else 100)
+            if best is None or clashes < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clashes, t, box, dy)
+            else:
+                t.remove()
+            if clashes == 0:
+                break
+        _, t, box, dy = best
+        if dy != 0:
+            ax.annotate("", points[i], xytext=t.xyann, textcoords="offset points",
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="0.55", shrinkA=0, shrinkB=3))
+        taken.append(box)
+        texts.append(t)
+    return texts
 
 
 SETTINGS_FILE = "bench.json"

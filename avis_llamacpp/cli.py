@@ -56,7 +56,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from .kdv import validate_pruning
-    from .overlay import render_overlay
+    from .overlay import add_legend, render_overlay
 
     validate_pruning(ratio=args.rho, tau=args.tau if args.rho is None else None)
     if args.cell_px < 1:
@@ -68,7 +68,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
         ans = vlm.ask(args.image, args.question, max_tokens=1, ratio=args.rho,
                       tau=args.tau if args.rho is None else None)
     im = ans.images[0]
-    render_overlay(args.image, im["kept"], tuple(im["grid"]), cell_px=args.cell_px).save(args.out)
+    img = render_overlay(args.image, im["kept"], tuple(im["grid"]), cell_px=args.cell_px)
+    if not args.no_legend:
+        how = (f"KDV rho = {args.rho:g}: a fixed fraction pruned" if args.rho is not None
+               else f"KDV tau = {args.tau:.3g} rad: tokens within tau of the mean key pruned")
+        img = add_legend(img, im["n_kept"], im["n_tokens"], how)
+    img.save(args.out)
     print(f"{args.out}: kept {im['n_kept']} of {im['n_tokens']} image tokens ({im.get('key_source')})")
     return 0
 
@@ -120,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pruning_args(show, tau_default=math.pi / 4,
                      tau_help="KDV adaptive threshold in radians (default pi/4; --rho prunes a fixed fraction)")
     show.add_argument("--cell-px", type=int, default=28, help="pixels per token cell in the output")
+    show.add_argument("--no-legend", action="store_true",
+                      help="no legend strip under the image (kept / pruned counts, what dark and crossed mean)")
     show.add_argument("--out", "-o", default="kdv_overlay.png",
                       help="output image file (.png, .jpg, .webp; its folder must exist)")
     show.add_argument("question", nargs="?", default="Describe the image.", help="question for the prompt")

@@ -1,13 +1,17 @@
-"""Draw which image tokens KDV kept: pruned cells dimmed and hatched, kept cells untouched (PIL only)."""
+"""Draw which image tokens KDV kept: pruned cells dimmed and crossed, kept cells untouched, and a legend strip
+saying so (PIL only)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .images import ImageInput, load_image
+
+
+PRUNED_LINE = (200, 40, 40)
 
 
 def render_overlay(image: ImageInput, kept: Sequence[int], grid: tuple[int, int], *, cell_px: int = 28,
@@ -28,5 +32,32 @@ def render_overlay(image: ImageInput, kept: Sequence[int], grid: tuple[int, int]
     draw = ImageDraw.Draw(out)
     for i in np.flatnonzero(~kept_mask):
         x, y = (i % nx) * cell_px, (i // nx) * cell_px
-        draw.line((x, y, x + cell_px - 1, y + cell_px - 1), fill=(200, 40, 40))
+        draw.line((x, y, x + cell_px - 1, y + cell_px - 1), fill=PRUNED_LINE)
+    return out
+
+
+def add_legend(overlay: Image.Image, n_kept: int, n_tokens: int, how: str = "", *, dim: float = 0.25,
+               font_px: int = 14) -> Image.Image:
+    """The overlay with a legend strip under it: a kept and a pruned (dark, crossed) swatch with their token
+    counts, and `how` (e.g. "KDV tau = 0.785 rad"); the strip widens the image when the text needs it."""
+    font = ImageFont.load_default(size=font_px)
+    pad, sw = 6, font_px + 2
+    lines = [f"kept (as is): {n_kept} of {n_tokens} image tokens ({n_kept / max(n_tokens, 1):.0%})",
+             f"pruned (dark, crossed): {n_tokens - n_kept}"] + ([how] if how else [])
+    probe = ImageDraw.Draw(overlay)
+    text_w = max(int(probe.textlength(t, font=font)) for t in lines)
+    width = max(overlay.width, pad * 3 + sw + text_w)
+    height = overlay.height + pad + len(lines) * (sw + pad)
+    out = Image.new("RGB", (width, height), (255, 255, 255))
+    out.paste(overlay.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    grey = (90, 90, 90)
+    for row, text in enumerate(lines):
+        y = overlay.height + pad + row * (sw + pad)
+        if row < 2:
+            shade = 200 if row == 0 else int(200 * dim)
+            draw.rectangle((pad, y, pad + sw - 1, y + sw - 1), fill=(shade, shade, shade), outline=(0, 0, 0))
+            if row == 1:
+                draw.line((pad, y, pad + sw - 1, y + sw - 1), fill=PRUNED_LINE)
+        draw.text((pad * 2 + sw, y + sw // 2), text, fill=(0, 0, 0) if row < 2 else grey, font=font, anchor="lm")
     return out

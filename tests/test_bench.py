@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from avis_llamacpp import bench
@@ -180,3 +181,40 @@ def test_bench_refuses_bad_input_before_writing(llava_fixture, items, tmp_path, 
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not out.exists(), extra
+
+
+def test_plot_title_inside_and_labels_apart():
+    """The accuracy-vs-FLOPs plot keeps its (long) title inside the figure and no two point labels overlap, even
+    when the points cluster (as the pruning rows do at the same kept count)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    rng = np.random.default_rng(0)
+    names = [c.name for c in default_configs(with_policy=True, policy_name="avis (policy K, tau=0.785)")]
+    rows = []
+    for i, name in enumerate(names):  # three tight clusters plus a few spread points
+        x, y = ((0.53, 0.57), (0.6, 0.6), (0.92, 0.63))[i % 3] if i < 15 else (1.0 + 0.2 * (i - 15), 0.61)
+        acc = y + rng.normal(0, 0.004)
+        rows.append({"config": name, "flops_rel": x + rng.normal(0, 0.004), "accuracy": acc, "ci_low": acc - 0.05,
+                     "ci_high": acc + 0.05})
+    title = "some-folder/a-long-model-file-name.gguf on test300 " * 3 + "(300 items, seed 0, max_tokens 96)"
+    fig = bench.plot_accuracy_vs_flops(rows, title)
+    try:
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        fig_box = fig.bbox
+        t = ax.title.get_window_extent(r)
+        assert t.x0 >= fig_box.x0 and t.x1 <= fig_box.x1 and t.y1 <= fig_box.y1, "title cut"
+        labels = [a for a in ax.texts if isinstance(a, Text) and a.get_text()]
+        assert sorted(a.get_text() for a in labels) == sorted(names)
+        boxes = [a.get_window_extent(r) for a in labels]
+        frame = ax.get_window_extent(r)
+        for i, b in enumerate(boxes):
+            assert frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1, labels[i]
+            for j in range(i):
+                assert not b.overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    finally:
+        plt.close(fig)

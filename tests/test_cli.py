@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -37,11 +38,19 @@ def test_ask_json(llava_fixture, demo_image, capsys):
 
 
 def test_show_writes_overlay(llava_fixture, demo_image, tmp_path, capsys):
-    png = tmp_path / "o.png"
-    assert main(["show", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "-i", str(demo_image),
-                 "--rho", "0.75", "--cell-px", "4", "-o", str(png)]) == 0
-    assert Image.open(png).size == (14 * 4, 14 * 4)
+    png, bare = tmp_path / "o.png", tmp_path / "bare.png"
+    argv = ["show", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "-i", str(demo_image),
+            "--rho", "0.75", "--cell-px", "4"]
+    assert main(argv + ["--no-legend", "-o", str(bare)]) == 0
+    assert Image.open(bare).size == (14 * 4, 14 * 4)
     assert "kept 49 of 196" in capsys.readouterr().out
+    # with the legend: the same overlay on top, a strip of text and swatches under it
+    assert main(argv + ["-o", str(png)]) == 0
+    img = Image.open(png).convert("RGB")
+    assert img.height > 14 * 4 + 40 and img.width > 200
+    assert (np.asarray(img.crop((0, 0, 56, 56))) == np.asarray(Image.open(bare).convert("RGB"))).all()
+    strip = np.asarray(img.crop((0, 60, img.width, img.height)))
+    assert (strip < 100).any(axis=2).sum() > 200  # dark text / swatch pixels in the legend
 
 
 def test_errors_exit_2_with_message(llava_fixture, tmp_path):
