@@ -64,6 +64,7 @@ VideoInput = Union[str, os.PathLike, bytes, bytearray, "Image.Image", np.ndarray
 
 _EXTRA_HINT = "install the video extra: pip install 'avis-llamacpp[video]' (PyAV)"
 _MOV_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+_FORMAT_NAMES = {"mov": "MP4 / MOV", "matroska": "MKV / WebM", "avi": "AVI"}  # for messages
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ def _probe(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> dict[str,
     except VideoError:
         raise
     except Exception as e:
-        raise VideoError(f"{what}: the {fmt} data is truncated or corrupt ({_describe(e)}); re-encode or "
+        raise VideoError(f"{what}: the {_FORMAT_NAMES[fmt]} data is truncated or corrupt ({_describe(e)}); re-encode or "
                          "re-download the video") from None
     with container:
         if not container.streams.video:
@@ -285,7 +286,7 @@ def _probe(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> dict[str,
             except VideoError:
                 raise
             except Exception as e:
-                raise VideoError(f"{what}: the {fmt} data is truncated or corrupt ({_describe(e)}); re-encode or "
+                raise VideoError(f"{what}: the {_FORMAT_NAMES[fmt]} data is truncated or corrupt ({_describe(e)}); re-encode or "
                                  "re-download the video") from None
         if n <= 0:
             raise VideoError(f"{what}: the video stream has no frames; the file is empty or truncated")
@@ -387,7 +388,7 @@ def _decode_container(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -
             with open_() as container:
                 got = _decode_in_order(container, wanted, size, fps, done)
         except Exception as e:
-            raise VideoError(f"{what}: the {fmt} data is truncated or corrupt (decoding frame {done[0] + 1} failed: "
+            raise VideoError(f"{what}: the {_FORMAT_NAMES[fmt]} data is truncated or corrupt (decoding frame {done[0] + 1} failed: "
                              f"{_describe(e)}); re-encode or re-download the video") from None
         if max(wanted) not in got:
             raise VideoError(f"{what}: the video is truncated or corrupt: its header counts {n_source} frames but "

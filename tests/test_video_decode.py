@@ -173,6 +173,7 @@ def test_load_frames_still_works_and_takes_video_files(clip, files, tmp_path):
     assert len(got) == 4 and all(g.shape == (48, 64, 3) for g in got)
     assert [int(np.argmin([_mad(g, c) for c in clip])) for g in got] == sample_indices(N, 4)
     assert len(load_frames(files[".mp4"], max_frames=16)) == 6
+    assert len(load_frames("data:video/webm;base64," + base64.b64encode(files[".webm"]).decode())) == 6
     assert len(load_frames([Image.fromarray(c) for c in clip[:5]], max_frames=3)) == 3  # unchanged for lists
 
 
