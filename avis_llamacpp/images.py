@@ -256,13 +256,9 @@ def load_image(src: ImageInput, *, allow_remote: bool = False) -> np.ndarray:
 def load_frames(src: ImageInput | list[ImageInput] | tuple[ImageInput, ...], *, max_frames: int = 16,
                 allow_remote: bool = False) -> list[np.ndarray]:
     """Frames of a video as RGB arrays of one size: a list of images, or the frames of an animated GIF / WebP /
-    PNG evenly sampled down to max_frames. Frames of another size are resized to the first frame's. Video files
-    (mp4, mov, webm, mkv, avi: a path, bytes or a data:video/ URI) go to video.load_video with its defaults."""
+    PNG evenly sampled down to max_frames. Frames of another size are resized to the first frame's."""
     if not isinstance(max_frames, int) or max_frames < 1:
         raise ImageError(f"max_frames must be an int >= 1, got {max_frames!r}")
-    if _is_video_file(src):
-        from .video import load_video
-        return load_video(src, max_frames=max(2, max_frames), allow_remote=allow_remote).frames[:max_frames]
     if isinstance(src, (list, tuple)):
         if not src:
             raise ImageError("a video needs at least one frame")
@@ -294,26 +290,6 @@ def load_frames(src: ImageInput | list[ImageInput] | tuple[ImageInput, ...], *, 
     h, w = frames[0].shape[:2]
     return [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
             for f in frames]
-
-
-def _is_video_file(src: object) -> bool:
-    """Whether src names a video container (by its first bytes, or a data:video/ URI) rather than an image."""
-    from .video import container_format
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return container_format(bytes(src[:16])) is not None
-    if not isinstance(src, (str, os.PathLike)):
-        return False
-    s = os.fspath(src)
-    s = os.fsdecode(s) if isinstance(s, bytes) else s
-    if s[:11].lower() == "data:video/":
-        return True
-    if s.startswith(("data:", "http://", "https://")):
-        return False
-    try:
-        with open(s[7:] if s.startswith("file://") else s, "rb") as f:
-            return container_format(f.read(16)) is not None
-    except (OSError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- #

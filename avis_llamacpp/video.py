@@ -46,7 +46,7 @@ from .images import ImageInput, _describe, _open_bytes, load_image
 logger = logging.getLogger(__name__)
 
 __all__ = ["Video", "VideoInput", "load_video", "pixel_budget", "sample_count", "sample_indices", "frame_size",
-           "probe_video", "container_format", "DEFAULT_FPS", "DEFAULT_MIN_FRAMES", "DEFAULT_MAX_FRAMES",
+           "probe_video", "container_format", "is_video_file", "DEFAULT_FPS", "DEFAULT_MIN_FRAMES", "DEFAULT_MAX_FRAMES",
            "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS", "DEFAULT_TOTAL_PIXELS", "PIXELS_PER_TOKEN"]
 
 PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: 14-pixel patches merged 2x2 (and 2 frames deep) make one LLM token
@@ -237,6 +237,26 @@ def container_format(head: bytes) -> str | None:
     if head[4:8] in _MOV_BOXES:
         return "mov"
     return None
+
+
+def is_video_file(src: object) -> bool:
+    """Whether src is a video container (mp4 / mov / webm / mkv / avi: a path, its bytes or a data:video/ URI), as
+    opposed to an image or a list of frames; for callers choosing between load_video and images.load_frames."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return container_format(bytes(src[:16])) is not None
+    if not isinstance(src, (str, os.PathLike)):
+        return False
+    s = os.fspath(src)
+    s = os.fsdecode(s) if isinstance(s, bytes) else s
+    if s[:11].lower() == "data:video/":
+        return True
+    if s[:5].lower() == "data:" or s[:7].lower() == "http://" or s[:8].lower() == "https://":
+        return False
+    try:
+        with open(s[7:] if s[:7].lower() == "file://" else s, "rb") as f:
+            return container_format(f.read(16)) is not None
+    except (OSError, ValueError):
+        return False
 
 
 def _import_av() -> Any:

@@ -16,8 +16,8 @@ pytest.importorskip("av", reason="the [video] extra (PyAV) is part of the test e
 
 from avis_llamacpp import ImageError, VideoError  # noqa: E402
 from avis_llamacpp.images import load_frames  # noqa: E402
-from avis_llamacpp.video import (Video, frame_size, load_video, pixel_budget, probe_video,  # noqa: E402
-                                 sample_count, sample_indices)
+from avis_llamacpp.video import (Video, frame_size, is_video_file, load_video, pixel_budget,  # noqa: E402
+                                 probe_video, sample_count, sample_indices)
 from convert.video_files import malformed_videos, moving_shapes_clip, write_video  # noqa: E402
 
 N, FPS, SIZE = 30, 10, (64, 48)  # a 3 s clip
@@ -166,15 +166,20 @@ def test_animated_images_are_sampled_by_their_frame_times(fmt, clip, tmp_path):
         assert load_video(im).indices == v.indices
 
 
-def test_load_frames_still_works_and_takes_video_files(clip, files, tmp_path):
+def test_is_video_file_and_load_frames_unchanged(clip, files, tmp_path):
     path = tmp_path / "c.mkv"
     path.write_bytes(files[".mkv"])
-    got = load_frames(path, max_frames=4)
-    assert len(got) == 4 and all(g.shape == (48, 64, 3) for g in got)
-    assert [int(np.argmin([_mad(g, c) for c in clip])) for g in got] == sample_indices(N, 4)
-    assert len(load_frames(files[".mp4"], max_frames=16)) == 6
-    assert len(load_frames("data:video/webm;base64," + base64.b64encode(files[".webm"]).decode())) == 6
-    assert len(load_frames([Image.fromarray(c) for c in clip[:5]], max_frames=3)) == 3  # unchanged for lists
+    gif = tmp_path / "a.gif"
+    Image.fromarray(clip[0]).save(gif, save_all=True, append_images=[Image.fromarray(c) for c in clip[1:6]])
+    uri = "data:video/webm;base64," + base64.b64encode(files[".webm"]).decode()
+    for src in (path, str(path), f"file://{path}", files[".mp4"], files[".avi"], uri):
+        assert is_video_file(src)
+    for src in (gif, gif.read_bytes(), clip[:3], clip[0], tmp_path / "missing.mp4", "data:image/png;base64,AA==",
+                b"", "https://example.invalid/a.mp4"):
+        assert not is_video_file(src)
+    # images.load_frames (lists and animated images) keeps its behaviour; video files go to load_video
+    assert len(load_frames([Image.fromarray(c) for c in clip[:5]], max_frames=3)) == 3
+    assert len(load_frames(gif, max_frames=3)) == 3
 
 
 # --- malformed input ---------------------------------------------------------------------------------------
