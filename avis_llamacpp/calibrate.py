@@ -34,13 +34,13 @@ from .features import FEATURE_VERSION
 from .items import Item, load_items, read_records
 from .items import progress as progress_bar
 from .kdv import DEFAULT_TAU
-from .policy import K_CHOICES, AVISPolicy, FeatureSpec, expected_vote_accuracy, fit_k_map
+from .policy import AUTO_TAU, K_CHOICES, AVISPolicy, FeatureSpec, expected_vote_accuracy, fit_k_map
 from .tau import (DEFAULT_KEEP, DEFAULT_TOLERANCE, TauCalibration, calibrate_tau, choose_tau_labelled,
                   format_tau_table, list_images)
 from .voting import extract_answer, normalize_answer
 
-__all__ = ["RECORD_VERSION", "CalibrationItem", "accuracy_matrix", "cost_matrix", "fit_policy", "format_report",
-           "load_items", "load_records", "register_cli", "run_calibration"]
+__all__ = ["RECORD_VERSION", "CalibrationItem", "accuracy_matrix", "choose_tau", "cost_matrix", "fit_policy",
+           "format_report", "load_items", "load_records", "read_calibration_images", "register_cli", "run_calibration"]
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +246,11 @@ def read_calibration_images(items_jsonl: str | os.PathLike, limit: int | None = 
     path = Path(items_jsonl)
     if not path.is_file():
         raise InvalidArgumentError(f"{path}: no such items file")
-    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:limit]
-    if lines and all(isinstance(d, dict) and "answer" in d for d in lines):
+    try:
+        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:limit]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        lines = None  # not JSONL: items.load_items says what is wrong with it
+    if lines is None or (lines and all(isinstance(d, dict) and "answer" in d for d in lines)):
         return [str(it.image) for it in load_items(path, limit)], True
     images = []
     for i, d in enumerate(lines, 1):
@@ -502,15 +505,37 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         tau, ratio = None, args.rho
     else:
         tau, ratio = args.tau, None
-    _check_cli_args(args, tau, ratio)  # every knob and file before the model loads or anything is written
+    labelled = _check_cli_args(args, tau, ratio)  # every knob and file before the model loads or anything is written
     logging.getLogger("avis_llamacpp").setLevel(logging.INFO if not args.quiet else logging.WARNING)
     out = Path(args.out)
+    cal = None
+    tau_kw = dict(keep=args.keep, tolerance=args.tolerance, limit=args.limit, max_tokens=args.max_tokens,
+                  answer_tags=args.answer_tags, seed=args.seed, progress=not args.no_progress)
+    if not labelled:  # label-free: only tau (no answers to calibrate K on); encodes, never decodes
+        with VLM(args.model, args.mmproj, n_seq_max=1, **vlm_kwargs(args)) as vlm:
+            cal = choose_tau(vlm, out, items_jsonl=args.items,
+                             images=list_images(args.images) if args.images else None, **tau_kw)
+        print(format_tau_table(cal))
+        written = [out / TAU_FILE]
+        if args.policy:
+            from .policy import load_policy
+
+            load_policy(args.policy).with_tau(cal.tau, cal.to_dict()).save(out / POLICY_FILE)
+            written.append(out / POLICY_FILE)
+        print(f"wrote {' and '.join(map(str, written))}" + ("" if args.policy else
+              f"; prune with --tau {cal.tau:.4f}, or give --policy P to write P with this tau"))
+        return 0
     with VLM(args.model, args.mmproj, n_seq_max=max(8, args.k_max), **vlm_kwargs(args)) as vlm:
+        if tau == AUTO_TAU:  # labelled: the largest pruning within --tolerance of unpruned accuracy
+            cal = choose_tau(vlm, out, items_jsonl=args.items, **tau_kw)
+            print(format_tau_table(cal))
+            tau = cal.tau
         records = run_calibration(vlm, args.items, out, k_max=args.k_max, seed=args.seed, max_tokens=args.max_tokens,
                                   answer_tags=args.answer_tags, tau=tau, ratio=ratio, resume=not args.no_resume,
                                   progress=not args.no_progress, limit=args.limit, ray_workers=args.ray,
                                   ray_address=args.ray_address, temperature=args.temperature, top_p=args.top_p)
-    policy, report = fit_policy(records, lambda_=args.lambda_, budget=args.budget, seed=args.seed, cost=args.cost)
+    policy, report = fit_policy(records, lambda_=args.lambda_, budget=args.budget, seed=args.seed, cost=args.cost,
+                                tau_calibration=cal.to_dict() if cal is not None and cal.tau is not None else None)
     policy.save(out / POLICY_FILE)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     print(format_report(report))
@@ -518,11 +543,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_cli_args(args: argparse.Namespace, tau: float | None, ratio: float | None) -> None:
-    """`avis calibrate`'s knobs, files and items, checked before any model loads or file is written."""
+def _check_cli_args(args: argparse.Namespace, tau: float | str | None, ratio: float | None) -> bool:
+    """`avis calibrate`'s knobs, files and items, checked before any model loads or file is written; returns
+    whether the items are labelled (else only tau is calibrated, label-free)."""
     from .kdv import validate_pruning
 
-    validate_pruning(ratio=ratio, tau=tau)
+    validate_pruning(ratio=ratio, tau=None if tau == AUTO_TAU else tau)
+    if (args.items is None) == (args.images is None):
+        raise InvalidArgumentError("give --items (a JSONL of items) or --images (a folder of images), one of them")
+    if not 0.0 < args.keep <= 1.0:
+        raise InvalidArgumentError(f"--keep (target kept share) must be in (0, 1], got {args.keep}")
+    if not 0.0 <= args.tolerance < 1.0:
+        raise InvalidArgumentError(f"--tolerance must be in [0, 1), got {args.tolerance}")
     for name, value, low in (("--k-max", args.k_max, 1), ("--max-tokens", args.max_tokens, 1),
                              ("--limit", args.limit, 1), ("--ray", args.ray, 0)):
         if value is not None and value < low:
@@ -533,17 +565,36 @@ def _check_cli_args(args: argparse.Namespace, tau: float | None, ratio: float | 
         raise InvalidArgumentError(f"--budget must be > 0, got {args.budget}")
     check_sampling(args.temperature, args.top_p)
     check_model_files(args)
-    check_input_file(args.items, "--items")
-    load_items(args.items, args.limit)  # every item's fields and image, before the model loads
     check_output_dir(args.out)
+    if args.policy:
+        check_input_file(args.policy, "--policy")
+    if args.images is not None:
+        list_images(args.images)
+        labelled = False
+    else:
+        check_input_file(args.items, "--items")
+        _, labelled = read_calibration_images(args.items, args.limit)  # every item, before the model loads
+    if not labelled and tau != AUTO_TAU:
+        raise InvalidArgumentError("without answers only tau is calibrated (label-free, at --keep); drop --tau / "
+                                   "--rho / --no-prune, or give items with answers")
+    if labelled and args.policy:
+        raise InvalidArgumentError("--policy (a policy to give the calibrated tau) goes with --images or items "
+                                   "without answers; with answers a new policy is fitted")
+    return labelled
 
 
 CLI_DESCRIPTION = """\
 Calibrate an AVIS policy for your model on your labelled data: how many rollouts (K) each query gets, chosen
 by a difficulty predictor on the image features, and the KDV pruning it runs with.
 
-Each item is run twice: once greedily (K=1) and once with --k-max sampled rollouts sharing one prefill, pruned
-as the policy will prune (--tau, default pi/4; or --rho; or --no-prune). Then a predictor and a p_hat -> K map
+First the KDV angle tau is chosen for this model (--tau auto, the default; the share of image tokens a given tau
+keeps differs from model to model): with answers, the largest pruning whose greedy accuracy stays within
+--tolerance of unpruned (a table of tau, kept share and accuracy; tau.json); without answers (--images DIR, or
+items without "answer"), label-free: the tau that keeps --keep of the image tokens on average, from encodes
+alone, and nothing else is calibrated. The policy records the tau, and `--tau auto` elsewhere means it.
+
+Each item is then run twice: once greedily (K=1) and once with --k-max sampled rollouts sharing one prefill,
+pruned as the policy will prune (that tau; or --tau X, --rho, --no-prune). Then a predictor and a p_hat -> K map
 are fitted to trade accuracy against compute (--lambda, or --budget). Records are appended as they are made,
 so re-running the same command resumes an interrupted run (a re-run with other settings is refused).
 
@@ -557,6 +608,7 @@ Time: two model calls per item, the second decoding --k-max rollouts of up to --
 --limit 20 first to see the speed.
 
   avis calibrate -m model.gguf --mmproj mmproj.gguf --items calib/items.jsonl --out calib_out --limit 200
+  avis calibrate -m model.gguf --mmproj mmproj.gguf --images my_photos/ --out tau_out --keep 0.3
 """
 
 
@@ -566,8 +618,17 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                               "labelled items", description=CLI_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--items", required=True, help="JSONL of items: image (path relative to the file), question, "
-                   "options, answer (letter), optional id")
+    p.add_argument("--items", default=None, help="JSONL of items: image (path relative to the file), question, "
+                   "options, answer (letter), optional id; without answers only tau is calibrated (label-free)")
+    p.add_argument("--images", default=None, help="a folder of images instead of --items: calibrate only tau, "
+                   "label-free (encodes only), so that it keeps --keep of the image tokens")
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                   help=f"label-free tau: the mean share of image tokens to keep (default {DEFAULT_KEEP})")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"labelled tau: the accuracy (0-1) pruning may lose against unpruned greedy answers "
+                        f"(default {DEFAULT_TOLERANCE})")
+    p.add_argument("--policy", default=None, help="with --images: write this policy with the calibrated tau to "
+                   "OUT/policy.gguf")
     p.add_argument("--out", required=True, help="output folder (records.jsonl, policy.gguf, report.json)")
     p.add_argument("--k-max", type=int, default=7, help="rollouts recorded per item (the largest K; default 7)")
     obj = p.add_mutually_exclusive_group()
@@ -581,8 +642,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     add_answer_tags_arg(p)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the k_max rollouts")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of the k_max rollouts")
-    add_pruning_args(p, tau_default=DEFAULT_TAU, no_prune=True,
-                     tau_help="KDV adaptive angle in radians, e.g. 0.785 or pi/4 (default pi/4)")
+    add_pruning_args(p, tau_default=AUTO_TAU, no_prune=True,
+                     tau_help="KDV adaptive angle in radians (e.g. 0.785 or pi/4), or auto (default): chosen here "
+                              "for this model, labelled (--tolerance) with answers, else label-free (--keep)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--no-resume", action="store_true", help="start over instead of skipping recorded items")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress log lines")

@@ -19,9 +19,11 @@ __all__ = ["parse_tau", "flash_attn_arg", "add_model_args", "add_pruning_args", 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def parse_tau(value: str) -> float:
-    """tau in radians; 'pi/4'-style fractions of pi are accepted."""
+def parse_tau(value: str) -> float | str:
+    """tau in radians; 'pi/4'-style fractions of pi are accepted; 'auto': the policy's calibrated tau."""
     v = value.strip().lower().replace(" ", "")
+    if v == "auto":
+        return "auto"
     try:
         if v.startswith("pi/"):
             return math.pi / float(v[3:])

@@ -193,3 +193,78 @@ def test_calibration_record_is_json():
 
     cal = tau_for_keep([[np.linspace(-1, 0, 20)]], 0.3)
     assert isinstance(cal, TauCalibration) and json.loads(json.dumps(cal.to_dict()))["tau"] == cal.tau
+
+
+def _run_cli(argv: list[str]) -> int:
+    import argparse
+
+    from avis_llamacpp.calibrate import register_cli
+
+    parser = argparse.ArgumentParser(prog="avis")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["calibrate", *argv])
+    return args.func(args)
+
+
+def test_calibrate_cli_label_free_and_labelled(llava_fixture, tmp_path, capsys):
+    import json
+
+    from avis_llamacpp.calibrate import POLICY_FILE, TAU_FILE, load_records
+    from avis_llamacpp.features import n_features
+    from avis_llamacpp.policy import AVISPolicy, KMap, load_policy
+    from avis_llamacpp.predictor import NumpyPredictor
+
+    model = ["--model", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "--threads", "1",
+             "--threads-batch", "1", "--n-ctx", "1024", "--no-progress", "--quiet"]
+    folder = tmp_path / "img"
+    paths = _images(folder, 5, seed=4)
+    base = tmp_path / "base.gguf"  # a K=1 policy for the fixture's 64-wide text model, to receive the tau
+    d = n_features(64)
+    AVISPolicy(NumpyPredictor(np.zeros(d), np.ones(d), (np.zeros((d, 1)),), (np.zeros(1),)), KMap((), (1,))).save(base)
+    # label-free from a folder: tau.json, and the given policy rewritten with that tau
+    assert _run_cli([*model, "--images", str(folder), "--out", str(tmp_path / "free"), "--keep", "0.4",
+                     "--policy", str(base)]) == 0
+    saved = json.loads((tmp_path / "free" / TAU_FILE).read_text())["calibration"]
+    assert saved["method"] == "keep" and saved["keep"] == 0.4
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=1024, n_seq_max=1, n_threads=1,
+             n_threads_batch=1) as vlm:
+        share = mean_kept_share([image_scores(vlm, p) for p in paths], saved["tau"])
+    assert share == pytest.approx(saved["kept_share"]) and abs(share - 0.4) < 0.02
+    pol = load_policy(tmp_path / "free" / POLICY_FILE)
+    assert pol.calibrated_tau == pytest.approx(saved["tau"]) and pol.tau_calibration["keep"] == 0.4
+    assert "tau " in capsys.readouterr().out
+    # items without answers: label-free too
+    items = tmp_path / "img" / "items.jsonl"
+    items.write_text("".join(json.dumps({"image": p.name, "question": "q?"}) + "\n" for p in paths))
+    assert _run_cli([*model, "--items", str(items), "--out", str(tmp_path / "free2"), "--keep", "0.4"]) == 0
+    assert json.loads((tmp_path / "free2" / TAU_FILE).read_text())["calibration"]["tau"] == saved["tau"]
+    assert not (tmp_path / "free2" / POLICY_FILE).exists()
+    # with answers: the labelled search chooses tau, the records are made at it and the policy records it
+    labelled = tmp_path / "img" / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"image": p.name, "question": "How many?", "options": ["1", "2"],
+                                            "answer": "A"}) + "\n" for p in paths))
+    out = tmp_path / "lab"
+    assert _run_cli([*model, "--items", str(labelled), "--out", str(out), "--k-max", "2", "--max-tokens", "3",
+                     "--limit", "3", "--cost", "k"]) == 0
+    cal = json.loads((out / TAU_FILE).read_text())["calibration"]
+    assert cal["method"] == "labelled" and len(cal["table"]) == 7 and cal["n_images"] == 3
+    recs = load_records(out)
+    pol = load_policy(out / POLICY_FILE)
+    if cal["tau"] is not None:
+        assert all(r["pruning"]["tau"] == cal["tau"] for r in recs) and pol.calibrated_tau == cal["tau"]
+    else:
+        assert all(r["pruning"]["tau"] is None for r in recs) and pol.tau is None
+    assert "tolerance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,msg", [(["--items", "X", "--images", "Y"], "one of them"),
+                                       ([], "one of them"),
+                                       (["--images", "IMG", "--tau", "0.5"], "only tau"),
+                                       (["--images", "IMG", "--keep", "0"], "--keep"),
+                                       (["--images", "IMG", "--tolerance", "1.5"], "--tolerance")])
+def test_calibrate_cli_refuses_bad_tau_arguments(llava_fixture, tmp_path, extra, msg):
+    _images(tmp_path / "img", 1, seed=0)
+    extra = [str(tmp_path / "img") if x == "IMG" else x for x in extra]
+    with pytest.raises(InvalidArgumentError, match=msg):
+        _run_cli(["--model", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "--out",
+                  str(tmp_path / "o"), *extra])
