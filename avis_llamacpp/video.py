@@ -46,8 +46,8 @@ from .images import ImageInput, _describe, _open_bytes, load_image
 logger = logging.getLogger(__name__)
 
 __all__ = ["Video", "VideoInput", "load_video", "pixel_budget", "sample_count", "sample_indices", "frame_size",
-           "probe_video", "container_format", "is_video_file", "DEFAULT_FPS", "DEFAULT_MIN_FRAMES", "DEFAULT_MAX_FRAMES",
-           "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS", "DEFAULT_TOTAL_PIXELS", "PIXELS_PER_TOKEN"]
+           "probe_video", "container_format", "is_video_file", "DEFAULT_FPS", "DEFAULT_MIN_FRAMES",
+           "DEFAULT_MAX_FRAMES", "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS", "DEFAULT_TOTAL_PIXELS", "PIXELS_PER_TOKEN"]
 
 PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: 14-pixel patches merged 2x2 (and 2 frames deep) make one LLM token
 DEFAULT_FPS = 2.0  # qwen-vl-utils FPS
@@ -259,6 +259,11 @@ def is_video_file(src: object) -> bool:
         return False
 
 
+def _corrupt(what: str, fmt: str, detail: str) -> VideoError:
+    return VideoError(f"{what}: the {_FORMAT_NAMES[fmt]} data is truncated or corrupt ({detail}); re-encode or "
+                      "re-download the video")
+
+
 def _import_av() -> Any:
     try:
         import av
@@ -277,8 +282,7 @@ def _probe(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> dict[str,
     except VideoError:
         raise
     except Exception as e:
-        raise VideoError(f"{what}: the {_FORMAT_NAMES[fmt]} data is truncated or corrupt ({_describe(e)}); re-encode or "
-                         "re-download the video") from None
+        raise _corrupt(what, fmt, _describe(e)) from None
     with container:
         if not container.streams.video:
             if container.streams.audio:
@@ -306,8 +310,7 @@ def _probe(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -> dict[str,
             except VideoError:
                 raise
             except Exception as e:
-                raise VideoError(f"{what}: the {_FORMAT_NAMES[fmt]} data is truncated or corrupt ({_describe(e)}); re-encode or "
-                                 "re-download the video") from None
+                raise _corrupt(what, fmt, _describe(e)) from None
         if n <= 0:
             raise VideoError(f"{what}: the video stream has no frames; the file is empty or truncated")
         fps = float(rate) if rate else (n / header_s if header_s else 0.0)
@@ -408,8 +411,7 @@ def _decode_container(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -
             with open_() as container:
                 got = _decode_in_order(container, wanted, size, fps, done)
         except Exception as e:
-            raise VideoError(f"{what}: the {_FORMAT_NAMES[fmt]} data is truncated or corrupt (decoding frame {done[0] + 1} failed: "
-                             f"{_describe(e)}); re-encode or re-download the video") from None
+            raise _corrupt(what, fmt, f"decoding frame {done[0] + 1} failed: {_describe(e)}") from None
         if max(wanted) not in got:
             raise VideoError(f"{what}: the video is truncated or corrupt: its header counts {n_source} frames but "
                              f"only {done[0]} could be decoded; re-encode or re-download the video")
