@@ -1,0 +1,212 @@
+"""The video mirror and trainer (training/qwen_video.py, training/train_video_qwen.py) against stock llama.cpp.
+
+Clips go through llama.cpp as the plugin feeds them (``VLM.ask(None, q, video=frames)``: each pair of frames one
+temporal chunk); the PyTorch mirror must give the same first-step logits and greedy tokens, whole and pruned by
+one KDV selection over the clip, on a small random pair whose second temporal conv is not zero. The trainer's
+packed clip batches must give the same logits as the mirror's one-sequence forward of each question."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from avis_llamacpp import VLM
+from convert import video_task
+from convert.shapes_task import format_question, make_item, render
+
+torch = pytest.importorskip("torch")
+
+SMALL = argparse.Namespace(vit_embd=32, vit_heads=2, vit_ff=64, vit_layers=2, embd=64, layers=2, heads=4, ff=160)
+
+
+def _random_image_model(seed: int = 0):
+    from training.qwen_torch import ShapesQwenVLM
+    from training.train_shapes_qwen import default_dims, qwen_vocab
+
+    torch.manual_seed(seed)
+    spec = qwen_vocab()
+    model = ShapesQwenVLM(default_dims(spec.n_vocab, SMALL))
+    with torch.no_grad():  # larger than the training init, so greedy margins are not ties
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    return model.eval(), spec
+
+
+@pytest.fixture(scope="module")
+def video_pair(tmp_path_factory):
+    from training.qwen_video import from_image_model
+    from training.train_video_qwen import write_video_pair
+
+    image_model, spec = _random_image_model()
+    model = from_image_model(image_model)
+    with torch.no_grad():  # two different temporal convs, so the frame order inside a pair matters
+        model.vision.patch1.normal_(0, 0.08)
+    out = tmp_path_factory.mktemp("qwen-video")
+    write_video_pair(model.eval(), out, spec)
+    return out
+
+
+def test_temporal_split_keeps_still_images():
+    """from_image_model halves the patch conv over the two temporal convs: a still image's embeddings and keys are
+    the image model's."""
+    from training.qwen_video import from_image_model
+    from training.vlm_torch import pixels
+
+    image_model, _ = _random_image_model(1)
+    video_model = from_image_model(image_model).eval()
+    px = pixels(np.asarray(render(make_item("test", 0).scene))[None])
+    with torch.no_grad():
+        a, ka = image_model.vision(px)
+        b, kb = video_model.vision(px)
+    assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(a.abs().max()))
+    assert torch.allclose(ka, kb, rtol=0, atol=1e-6 * float(ka.abs().max()))
+    assert torch.equal(video_model.vision.patch, video_model.vision.patch1)
+
+
+def test_video_mirror_matches_llama_cpp_whole_and_pruned(video_pair):
+    from avis_llamacpp.kdv import kdv_scores
+    from training.eval_video_vlm import llama_clip_prompt
+    from training.qwen_torch import dims_from_gguf
+    from training.qwen_video import SEPARATOR, load_video_from_gguf
+
+    torch.set_num_threads(1)
+    model, mmproj = video_pair / "model.gguf", video_pair / "mmproj.gguf"
+    tm = load_video_from_gguf(model, mmproj, dims_from_gguf(model, mmproj))
+    assert float(tm.vision.patch1.detach().abs().max()) > 0
+    from avis_llamacpp.prompt import QWEN25VL
+    from training.data import Tokenizer
+
+    tok = Tokenizer(model, QWEN25VL)
+    sep = tok.encode("".join(SEPARATOR))
+    # flash attention off: llama.cpp's CPU flash path multiplies Q.K in f16 (~1e-2 relative on this random net)
+    with VLM(model, mmproj, n_ctx=2048, n_threads=1, n_threads_batch=1, flash_attn=False) as vlm:
+        for i in range(2):
+            item = video_task.make_item("test", i)
+            frames = video_task.render_clip(item.clip)
+            text, q = format_question(item.question), item.question
+            chunks, want = llama_clip_prompt(vlm, frames, text)
+            assert chunks == [tok.prefix(), sep, sep, sep, tok.question(q)]  # the training layout is mtmd's
+            whole = vlm.ask(None, text, video=frames, answer_tags=True, max_tokens=12)
+            assert whole.image_tokens == [64] * 4
+            out, first = tm.greedy_clip(frames, tok.prefix(), sep, tok.question(q), max_tokens=12, eos=tok.eos)
+            got = first.double().numpy()
+            assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+            assert out == whole.tokens
+            # frames swapped inside each pair change the embeddings (W0 != W1): the mirror sees the order
+            swapped = [frames[j ^ 1] for j in range(len(frames))]
+            _, first_sw = tm.greedy_clip(swapped, tok.prefix(), sep, tok.question(q), max_tokens=1, eos=tok.eos)
+            assert np.abs(first_sw.double().numpy() - got).max() > 1e-3 * np.abs(got).max()
+            pruned = vlm.ask(None, text, video=frames, answer_tags=True, max_tokens=12, ratio=0.75)
+            kept = np.concatenate([np.asarray(im["kept"]) + 64 * j for j, im in enumerate(pruned.images)])
+            assert len(kept) == 64
+            out_p, _ = tm.greedy_clip(frames, tok.prefix(), sep, tok.question(q), max_tokens=12, eos=tok.eos,
+                                      kept=kept)
+            assert out_p == pruned.tokens
+            # the plugin selects once over the whole clip: the mirror's keys, all chunks together, pick the same
+            with torch.no_grad():
+                _, keys, _, _ = tm.encode_clip(frames)
+            scores = kdv_scores(keys.double().numpy())
+            assert np.array_equal(np.sort(np.argsort(-scores, kind="stable")[:64]), np.sort(kept))
+
+
+def test_packed_clip_batch_equals_one_sequence_forward(video_pair):
+    """video_inputs' packed rows (prefix, kept tokens by chunk, separators, several question branches under one
+    block mask) give each answer token the logits of the mirror's own single-sequence forward of that question."""
+    from avis_llamacpp.prompt import QWEN25VL
+    from training.data import Tokenizer
+    from training.qwen_torch import dims_from_gguf
+    from training.qwen_video import load_video_from_gguf
+    from training.train_video_qwen import VideoBatcher, video_inputs
+
+    torch.set_num_threads(1)
+    model, mmproj = video_pair / "model.gguf", video_pair / "mmproj.gguf"
+    tm = load_video_from_gguf(model, mmproj, dims_from_gguf(model, mmproj))
+    tok = Tokenizer(model, QWEN25VL)
+    vb = VideoBatcher(tok, batch=2, seed=0, prune_prob=1.0)
+    batch = vb.next()
+    batch.update(n_keep=100, selector="kdv")
+    assert any(len(p) > 1 for p in batch["pairs"])  # several branches share a clip
+    with torch.no_grad():
+        x, pos, pk, kept, _ = video_inputs(tm, batch, vb.prefix, vb.sep, seed=0)
+        packed = tm.text.logits(tm.text.hidden(x, pos, pk["mask"]))
+        n_checked = 0
+        L = pk["rest"].shape[1] // max(len(p) for p in batch["pairs"])
+        P = x.shape[1] - pk["rest"].shape[1]
+        for b, pairs in enumerate(batch["pairs"]):
+            img, _, nx, ny = tm.encode_clip(batch["frames"][b])
+            for j, (q, t) in enumerate(pairs):
+                xs, ps = tm.clip_prompt(vb.prefix, img, kept[b].numpy(), 4, nx, ny, vb.sep, q + t)
+                single = tm.text.logits(tm.text.hidden(xs, ps, None))[0]
+                n_rest = len(q) + len(t)
+                got = packed[b, P + j * L:P + j * L + n_rest]
+                want = single[-n_rest:]
+                assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+                n_checked += 1
+    assert n_checked >= 3
+
+
+def test_video_batcher_questions_are_the_task_items():
+    """Training clips are the video task's train split (never test), each asked its own question first."""
+    from training.train_video_qwen import VideoBatcher
+
+    class Tok:
+        def prefix(self):
+            return [1]
+
+        def encode(self, s):
+            return [2, 3]
+
+        def question(self, q):
+            return [len(q.text)]
+
+        def target(self, q):
+            return [ord(q.answer)]
+
+    vb = VideoBatcher(Tok(), batch=3, seed=0, prune_prob=0.0)
+    for i in range(3):
+        item = video_task.make_item("train", i)
+        qs = vb.questions(item, i)
+        assert qs[0] == item.question
+        extra = {q.kind for q in qs[1:]}
+        assert extra <= {"count", "colour"}
+        if extra:
+            assert all(all(tr.visible) for tr in item.clip.tracks)
+    b = vb.next()
+    assert b["frames"].shape == (3, video_task.N_FRAMES, video_task.FRAME_SIZE, video_task.FRAME_SIZE, 3)
+    assert b["n_keep"] == 256 and b["selector"] == "none"
+    assert b["pairs"][0][0] == ([len(video_task.make_item("train", 0).question.text)],
+                                [ord(video_task.make_item("train", 0).question.answer)])
+
+
+def test_clip_token_labels_follow_the_pixels():
+    """The per-token clip targets: a token labelled with a colour has that colour under its 14 px cell in the
+    pair's frames, and a mover's tokens carry the direction its pixels move from the first to the last frame."""
+    from tests.test_video_task import read_frames
+    from training.train_video_qwen import MOTION, clip_token_labels
+
+    colours = list(video_task.COLOURS)
+    n_checked = 0
+    for i in range(30):
+        item = video_task.make_item("train", i, "direction")
+        frames = video_task.render_clip(item.clip)
+        lab = clip_token_labels(item.clip).reshape(3, 4, 8, 8)
+        reading = read_frames(frames)
+        for j in range(4):
+            for y, x in zip(*np.nonzero(lab[0, j])):
+                colour = colours[lab[0, j, y, x] - 1]
+                cell = np.concatenate([f[y * 14:(y + 1) * 14, x * 14:(x + 1) * 14] for f in frames[2 * j:2 * j + 2]])
+                dist = np.abs(cell.reshape(-1, 3).astype(int) - np.array(video_task.COLOURS[colour])).max(1)
+                assert (dist < 60).sum() >= 4
+                cs = [c for _, c in reading[colour]]
+                d = cs[-1] - cs[0]
+                if np.abs(d).max() > 10:
+                    axis = int(abs(d[1]) > abs(d[0]))
+                    want = ("right" if d[0] > 0 else "left") if axis == 0 else ("down" if d[1] > 0 else "up")
+                    assert MOTION[lab[2, j, y, x]] == want
+                    n_checked += 1
+                else:
+                    assert MOTION[lab[2, j, y, x]] == "still"
+    assert n_checked > 30
