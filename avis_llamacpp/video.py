@@ -405,16 +405,23 @@ def _decode_container(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -
         except Exception as e:  # unseekable, no timestamps, damaged: decoding in order decides
             logger.info("%s: seeking failed (%s); decoding in order", what, _describe(e))
             mode, got = "in order", {}
-    if mode == "in order":
+    while mode == "in order":
         done = [0]
         try:
             with open_() as container:
                 got = _decode_in_order(container, wanted, size, fps, done)
         except Exception as e:
             raise _corrupt(what, fmt, f"decoding frame {done[0] + 1} failed: {_describe(e)}") from None
-        if max(wanted) not in got:
+        if max(wanted) in got:
+            break
+        if not 0 < n_source - done[0] <= max(2, n_source // 50):
             raise VideoError(f"{what}: the video is truncated or corrupt: its header counts {n_source} frames but "
                              f"only {done[0]} could be decoded; re-encode or re-download the video")
+        # a header that overcounts by a frame or two (edit lists, a dropped last frame): sample what is there
+        logger.info("%s: header counts %d frames, %d decode; sampling those", what, n_source, done[0])
+        n_source = done[0]
+        idx, size = _plan(n_source, o.sample_count(n_source, fps), info["width"], info["height"], o)
+        wanted = set(idx)
     frames = [got[j][0] for j in idx]
     stamps = [got[j][1] for j in idx]
     upright = (frames[0].shape[1], frames[0].shape[0])  # size turned by the display rotation, if any

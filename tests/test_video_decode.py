@@ -300,3 +300,20 @@ def test_display_rotation_is_applied(angle, turns, tmp_path):
         assert _mad(f, upright[i]) < 8.0 and int(np.argmin([_mad(f, g) for g in upright])) == i
     small = load_video(path, total_pixels=1024, min_pixels=1)  # the budget's downscale keeps the orientation
     assert small.size[1] > small.size[0] if turns % 2 else small.size[0] > small.size[1]
+
+
+def test_a_header_that_overcounts_by_a_frame_is_sampled_as_decoded(clip, files, monkeypatch):
+    import avis_llamacpp.video as video
+    real_probe = video._probe
+
+    def overcounting(*args, extra=1):
+        info = real_probe(*args)
+        return {**info, "frames": info["frames"] + extra}
+
+    monkeypatch.setattr(video, "_probe", overcounting)
+    v = load_video(files[".mp4"])  # the header says 31 frames, 30 decode: sampled as the 30 there are
+    assert v.indices == [0, 6, 12, 17, 23, 29] and v.settings["source_frames"] == N
+    assert [int(np.argmin([_mad(f, g) for g in clip])) for f in v.frames] == v.indices
+    monkeypatch.setattr(video, "_probe", lambda *a: overcounting(*a, extra=5))
+    with pytest.raises(VideoError, match="header counts 35 frames but only 30 could be decoded"):
+        load_video(files[".mp4"])
