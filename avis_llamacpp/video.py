@@ -208,7 +208,8 @@ class _Opts:
 
 
 def _finish(frames: list[np.ndarray], timestamps: list[float], idx: list[int], size: tuple[int, int],
-            source_fps: float, n_source: int, source: str, o: _Opts, source_size: tuple[int, int]) -> Video:
+            source_fps: float, n_source: int, source: str, o: _Opts, source_size: tuple[int, int],
+            **extra: Any) -> Video:
     w, h = size
     out = []
     for f in frames:
@@ -217,7 +218,7 @@ def _finish(frames: list[np.ndarray], timestamps: list[float], idx: list[int], s
         out.append(np.ascontiguousarray(f, dtype=np.uint8))
     settings = o.settings()
     settings.update(source=source, source_frames=n_source, source_size=list(source_size), size=[w, h],
-                    frames=len(out), padded=len(idx) - len(set(idx)))
+                    frames=len(out), padded=len(idx) - len(set(idx)), **extra)
     return Video(out, [float(t) for t in timestamps], float(source_fps), float(n_source / source_fps), list(idx),
                  settings)
 
@@ -425,11 +426,8 @@ def _decode_container(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -
     frames = [got[j][0] for j in idx]
     stamps = [got[j][1] for j in idx]
     upright = (frames[0].shape[1], frames[0].shape[0])  # size turned by the display rotation, if any
-    video = _finish(frames, stamps, idx, upright, fps, n_source, f"{fmt}:{info['codec']}", o,
-                    (info["width"], info["height"]))
-    video.settings["decode"] = mode
-    video.settings["rotated"] = upright != size
-    return video
+    return _finish(frames, stamps, idx, upright, fps, n_source, f"{fmt}:{info['codec']}", o,
+                   (info["width"], info["height"]), decode=mode, rotated=upright != size)
 
 
 def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:
