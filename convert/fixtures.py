@@ -118,14 +118,18 @@ QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_
 DEFAULT_QUANT = {"bench": "q8_0", "real": "q4_k_m"}
 
 
-def quantize_model(src: Path, dst: Path, qtype: str, nthread: int | None = None) -> None:
-    """Quantize a text-model GGUF with llama.cpp's own quantizer (llama_model_quantize); nthread None: all CPUs."""
+def quantize_model(src: Path, dst: Path, qtype: str, nthread: int | None = None, verbose: bool = False) -> None:
+    """Quantize a text-model GGUF with llama.cpp's own quantizer (llama_model_quantize); nthread None: all CPUs.
+    Its per-tensor log lines go to stderr only when verbose (errors always)."""
     import llama_cpp
+
+    from avis_llamacpp.native import set_native_verbosity
 
     const = QUANT_TYPES.get(qtype)
     if const is None:
         os.replace(src, dst)
         return
+    set_native_verbosity(verbose)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, const)
     params.nthread = nthread or os.cpu_count() or 1
@@ -135,7 +139,7 @@ def quantize_model(src: Path, dst: Path, qtype: str, nthread: int | None = None)
 
 
 def _write_spec_fixture(family: str, size: str, *, seed: int, out_dir: str | os.PathLike | None, force: bool,
-                        quantize: str | None, quant_threads: int | None) -> Fixture:
+                        quantize: str | None, quant_threads: int | None, verbose: bool = False) -> Fixture:
     """The writer of the _SPECS families: text_model.py + mmproj.py from the family's dims at a size."""
     if quantize == "default":
         quantize = DEFAULT_QUANT.get(size, "q8_0")
@@ -164,7 +168,7 @@ def _write_spec_fixture(family: str, size: str, *, seed: int, out_dir: str | os.
 
     def finish_model(tmp_model: Path, model: Path) -> None:
         if ftype == "f16" and quantize:
-            quantize_model(tmp_model, model, quantize, quant_threads)
+            quantize_model(tmp_model, model, quantize, quant_threads, verbose=verbose)
             tmp_model.unlink()
         else:
             os.replace(tmp_model, model)
@@ -174,7 +178,7 @@ def _write_spec_fixture(family: str, size: str, *, seed: int, out_dir: str | os.
 
 
 AnyFixture = Union[Fixture, PairFixture, DimsFixture, PixtralFixture]
-# a writer: (family, size, seed=, out_dir=, force=, quantize=, quant_threads=) -> the family's fixture object
+# a writer: (family, size, seed=, out_dir=, force=, quantize=, quant_threads=, verbose=) -> the family's fixture
 Writer = Callable[..., AnyFixture]
 
 
@@ -216,18 +220,19 @@ ALL_FAMILIES = tuple(REGISTRY)
 
 
 def make_fixture(family: str, size: str = "tiny", *, seed: int = 0, out_dir: str | os.PathLike | None = None,
-                 force: bool = False, quantize: str | None = "default", quant_threads: int | None = None) -> AnyFixture:
+                 force: bool = False, quantize: str | None = "default", quant_threads: int | None = None,
+                 verbose: bool = False) -> AnyFixture:
     """Write (or reuse from the cache) the text model + mmproj of any registered family at a size; returns an
     object with .family, .seed, .model and .mmproj (and the family's dims). f16 (bench, real) text models are
     then quantized with llama.cpp's quantizer (`quantize`; "default": Q8_0 for bench, Q4_K_M for real) on
-    `quant_threads` threads (None: all CPUs)."""
+    `quant_threads` threads (None: all CPUs), showing llama.cpp's quantizer log only when `verbose`."""
     if family not in REGISTRY:
         raise ValueError(f"unknown fixture family {family!r}; families: {', '.join(ALL_FAMILIES)}")
     entry = REGISTRY[family]
     if size not in entry.sizes:
         raise ValueError(f"fixture family {family!r} has no size {size!r}; its sizes: {', '.join(entry.sizes)}")
     return entry.write(family, size, seed=seed, out_dir=out_dir, force=force, quantize=quantize,
-                       quant_threads=quant_threads)
+                       quant_threads=quant_threads, verbose=verbose)
 
 
 def list_fixtures() -> list[str]:
@@ -252,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         "real; f16 keeps them unquantized)")
     p.add_argument("--quant-threads", type=int, default=None, help="quantizer threads (default: all CPUs)")
     p.add_argument("--shell", action="store_true", help="print AVIS_MODEL=... AVIS_MMPROJ=... for one family")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's quantizer log (one line per tensor)")
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(list_fixtures()))
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size == "real":  # minutes of work: show progress
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     opts = dict(seed=args.seed, out_dir=args.out, force=args.force, quantize=args.quantize,
-                quant_threads=args.quant_threads)
+                quant_threads=args.quant_threads, verbose=args.verbose)
     if args.shell:
         import shlex
         fx = make_fixture(families[0], args.size, **opts)

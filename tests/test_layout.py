@@ -1,14 +1,10 @@
 """The package's layout: no import circle among avis_llamacpp modules (every import counts, also those inside
-functions), and one registry of test models (convert/fixtures.py) that names every family and size."""
+functions)."""
 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "avis_llamacpp"
@@ -76,22 +72,3 @@ def test_no_import_circle_in_the_package():
     assert "cli" not in graph["bench"] | graph["calibrate"], "bench / calibrate import the dispatcher"
     assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph) or [])}"
 
-
-def test_fixture_list_names_every_family_and_size():
-    """`python -m convert.fixtures --list` prints one line per registered family with its sizes, and every
-    family of the registry is one make_fixture call away (unknown names are refused with the list)."""
-    from convert.fixtures import REGISTRY, SIZES, _SPECS, make_fixture
-
-    out = subprocess.run([sys.executable, "-m", "convert.fixtures", "--list"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
-    listed = {line.split()[0]: line.split()[1:-1] for line in out.splitlines()}
-    families = {"llava", "qwen25vl", "qwen3vl", "ldpv2", "gemma3", "gemma4v", "pixtral", "lightonocr", "internvl",
-                "idefics3", "lfm2"}
-    assert set(listed) == set(REGISTRY) == families
-    for fam, sizes in listed.items():
-        assert sizes == [s for s in SIZES if (fam, s) in _SPECS or (s == "tiny" and fam not in
-                                                                    {f for f, _ in _SPECS})], fam
-    with pytest.raises(ValueError, match="families: llava, qwen25vl"):
-        make_fixture("nosuch")
-    with pytest.raises(ValueError, match="its sizes: tiny"):
-        make_fixture("gemma3", "bench")
