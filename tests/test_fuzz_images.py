@@ -107,7 +107,6 @@ def video_cases(n: int, seed: int, work_dir) -> list[tuple[str, bytes]]:
 
 
 def test_mutated_videos_never_crash(qwen_fixture, tmp_path):
-    pytest.importorskip("av")
     from benchmarks.fuzz_images import FuzzReport, _drive
 
     cases = video_cases(40, seed=0, work_dir=tmp_path)

@@ -8,17 +8,17 @@ import base64
 import math
 import sys
 
+import av  # the [video] extra is part of the test extra: these tests fail rather than skip without it
 import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("av", reason="the [video] extra (PyAV) is part of the test extra")
-
-from avis_llamacpp import ImageError, VideoError  # noqa: E402
-from avis_llamacpp.images import load_frames  # noqa: E402
-from avis_llamacpp.video import (Video, frame_size, is_video_file, load_video, pixel_budget,  # noqa: E402
-                                 probe_video, sample_count, sample_indices)
-from convert.video_files import malformed_videos, moving_shapes_clip, write_video  # noqa: E402
+import avis_llamacpp.video as video
+from avis_llamacpp import ImageError, VideoError
+from avis_llamacpp.images import load_frames
+from avis_llamacpp.video import (Video, frame_size, is_video_file, load_video, pixel_budget, probe_video,
+                                 sample_count, sample_indices)
+from convert.video_files import malformed_videos, moving_shapes_clip, write_video
 
 N, FPS, SIZE = 30, 10, (64, 48)  # a 3 s clip
 
@@ -267,7 +267,6 @@ def test_other_refusals(tmp_path, monkeypatch, files):
 
 @pytest.mark.parametrize("ext", [".mp4", ".webm", ".mkv", ".avi"])
 def test_seeking_takes_the_same_frames_as_decoding_in_order(ext, tmp_path, monkeypatch):
-    import avis_llamacpp.video as video
     frames = moving_shapes_clip(160, (48, 32), seed=2)
     path = write_video(frames, tmp_path / f"long{ext}", 20, gop=12)  # 8 s: 16 samples, 10 frames apart
     monkeypatch.setattr(video, "SEEK_MIN_GAP", 10 ** 9)
@@ -283,7 +282,6 @@ def test_seeking_takes_the_same_frames_as_decoding_in_order(ext, tmp_path, monke
 
 @pytest.mark.parametrize("angle,turns", [(90, 1), (-90, 3), (180, 2)])
 def test_display_rotation_is_applied(angle, turns, tmp_path):
-    import av
     frames = moving_shapes_clip(20, (64, 32), seed=4)  # stored landscape, 2 s at 10 fps
     path = tmp_path / "phone.mp4"
     with av.open(str(path), "w") as out:
@@ -303,7 +301,6 @@ def test_display_rotation_is_applied(angle, turns, tmp_path):
 
 
 def test_a_header_that_overcounts_by_a_frame_is_sampled_as_decoded(clip, files, monkeypatch):
-    import avis_llamacpp.video as video
     real_probe = video._probe
 
     def overcounting(*args, extra=1):
