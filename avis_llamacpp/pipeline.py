@@ -23,18 +23,16 @@ from . import query
 from .answer import Answer, build_answer, estimate_tokens_saved  # noqa: F401 (estimate_tokens_saved re-exported)
 from .capture import KeyCapture
 from .errors import ClosedError, InvalidArgumentError
-from .families import Family, TokenKeys
 from .images import ImageInput, load_image
-from .kdv import TokenSelector, validate_pruning
-from .mtmd import ImageChunk, Projector
+from .kdv import validate_pruning
+from .mtmd import Projector
 from .native import Context, ContextSettings, FlashAttn, Model
 from .options import MODES, SELECTORS, QuerySettings  # noqa: F401 (MODES, SELECTORS re-exported)
-from .prefill import ChunkSelector
 from .prefix_cache import PrefixStore
 from .prefix_hold import PrefixHold, cache_id_for
 from .prompt import ChatFormat, check_format_name, render, resolve_format, user_message
 from .query import VRS_SAMPLING  # noqa: F401 (re-exported)
-from .scorer import ImageMeta, ImageScorer
+from .scorer import ImageScorer, ScorerViews
 from .snapshot import Snapshot, file_fingerprint
 from .video import VideoInput
 from .voting import ANSWER_PROMPT_SUFFIX
@@ -55,7 +53,7 @@ class QueryPolicy(Protocol):
         ...
 
 
-class VLM:
+class VLM(ScorerViews):
     """A vision-language model in llama.cpp: text GGUF + mmproj GGUF, one context, one projector.
 
     The context holds n_seq_max sequences in a unified KV cache so up to n_seq_max rollouts can share one
@@ -183,18 +181,11 @@ class VLM:
                  on_text: Callable[[str], None] | None = None, video: bool = False, **knobs: Any) -> Answer:
         """Run a raw prompt (one media marker per image) through encode, KDV selection, prefill and K rollouts.
 
-        settings: the query's knobs as one validated QuerySettings (options.py); keyword `knobs` are its fields
-        (max_tokens, stop, stop_after, sampling, ratio, tau, k, mode, seed, early_stop, options, policy, selector,
-        wave, stopping, stop_threshold, reuse_prefix, cache_namespace, video_selection) and replace those of
-        `settings`. In short: ratio / tau prune (fraction, or adaptive angle); k rollouts (greedy at K=1, the
-        paper's sampling at K>1, rollout i seeded from seed); mode 'parallel' | 'snapshot' | 'staged' (k is then
-        K_max, waves of `wave` until the stopping rule settles the vote; rollout i is the same as in a fixed-K
-        run); policy decides the pruning (unless given) and K from the query's features; reuse_prefix /
-        cache_namespace: the prefix cache (Answer.prefix_reused, .tokens_skipped).
-        question: the question text (for the policy's features). snapshot: a prefilled prefix (see `snapshot`);
-        the prompt must start with its prefix text, and images, if given, must be the snapshot's. on_text: called
-        with the first rollout's text as it decodes (streaming a K=1 answer). video: the images are one video's
-        frames (pruned as one selection unless video_selection='per_chunk')."""
+        settings / knobs: the query's settings as one validated QuerySettings, or its fields as keywords (they replace
+        those of `settings`; options.py says what each does). question: the question text (for the policy's
+        features). snapshot: a prefilled prefix (see `snapshot`); the prompt must start with its prefix text, and
+        images, if given, must be the snapshot's. on_text: called with the first rollout's text as it decodes.
+        video: the images are one video's frames (one selection unless video_selection='per_chunk')."""
         q = QuerySettings.from_kwargs(settings, **knobs)  # every knob validated here, in one place
         images = query.check_query(q, self.settings.n_seq_max, prompt_text, images, on_text)
         ratio, tau = query.pruning(q)
@@ -281,30 +272,6 @@ class VLM:
         if self._closed:
             raise ClosedError("this VLM was closed (its model, context and projector are freed); "
                               "create a new VLM to run more queries")
-
-    # -- the image scorer's public face (scorer.py) ----------------------------------------------------
-    @property
-    def family(self) -> Family:
-        """The vision family of the loaded mmproj (families.py): key tensor, token mapping, FLOPs rules."""
-        return self.scorer.family
-
-    def token_grid(self, chunk: ImageChunk) -> tuple[int, int]:
-        """(nx, ny) of an image's LLM tokens, by the family's rule (a 1-row mtmd grid made 2-D where known)."""
-        return self.scorer.token_grid(chunk)
-
-    def scored_keys(self, chunk: ImageChunk, embeddings: np.ndarray) -> tuple[TokenKeys, str]:
-        """Keys of the scored LLM tokens of the chunk just encoded, and where they came from (scorer.py)."""
-        return self.scorer.scored_keys(chunk, embeddings)
-
-    def token_keys(self, chunk: ImageChunk, embeddings: np.ndarray) -> tuple[np.ndarray, str]:
-        """Keys of the scored tokens only (see scored_keys), and where they came from."""
-        tk, source = self.scorer.scored_keys(chunk, embeddings)
-        return tk.keys, source
-
-    def kdv_selector(self, ratio: float | None, tau: float | None, image_meta: ImageMeta,
-                     selector: str | TokenSelector = "kdv", seed: int = 0) -> ChunkSelector:
-        """A prefill token selector keeping each image's tokens chosen by KDV (or a baseline), see scorer.py."""
-        return self.scorer.kdv_selector(ratio, tau, image_meta, selector, seed)
 
     def close(self) -> None:
         """Free the projector, context and model (also done at garbage collection). Waits for a query running

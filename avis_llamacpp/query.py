@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .answer import normalised_answers
+from . import answer as answers  # answers.normalised_answers read at call time (tests patch it)
 from .errors import ContextOverflowError, InvalidArgumentError, SnapshotMismatchError
 from .features import query_features
 from .flops import TextDims
@@ -140,14 +140,14 @@ def make_rollout_params(k: int, sampling: SamplingParams | None, seed: int) -> l
 
 def settled(rule: StoppingRule, k_max: int, options: Sequence[str] | None) -> Callable[[list[Rollout]], bool]:
     """The staged runner's check: the stopping rule on the normalised answers of the rollouts so far."""
-    return lambda done: bool(rule(normalised_answers(done, options), k_max))
+    return lambda done: bool(rule(answers.normalised_answers(done, options), k_max))
 
 
 def early_stopper(options: Sequence[str] | None) -> EarlyStop:
     """Stop the remaining rollouts once the leading answer cannot be overtaken."""
     def decided(done: list[Rollout], n_remaining: int) -> bool:
         counts: dict[str, int] = {}
-        for a in normalised_answers(done, options):
+        for a in answers.normalised_answers(done, options):
             if a is not None:
                 counts[a] = counts.get(a, 0) + 1
         return bool(counts) and not can_be_overtaken(counts, n_remaining)

@@ -161,3 +161,33 @@ class ImageScorer:
             return 0.0
         fam = self.family
         return encoder_flops(fam.encoder_dims(info), fam.n_patches(n_tokens, info))
+
+
+class ScorerViews:
+    """The public face of an object's ImageScorer (VLM's family, token_grid, scored_keys, token_keys and
+    kdv_selector), kept with the scorer so the session class stays small."""
+
+    scorer: ImageScorer
+
+    @property
+    def family(self) -> Family:
+        """The vision family of the loaded mmproj (families.py): key tensor, token mapping, FLOPs rules."""
+        return self.scorer.family
+
+    def token_grid(self, chunk: ImageChunk) -> tuple[int, int]:
+        """(nx, ny) of an image's LLM tokens, by the family's rule (a 1-row mtmd grid made 2-D where known)."""
+        return self.scorer.token_grid(chunk)
+
+    def scored_keys(self, chunk: ImageChunk, embeddings: np.ndarray) -> tuple[TokenKeys, str]:
+        """Keys of the scored LLM tokens of the chunk just encoded, and where they came from (scorer.py)."""
+        return self.scorer.scored_keys(chunk, embeddings)
+
+    def token_keys(self, chunk: ImageChunk, embeddings: np.ndarray) -> tuple[np.ndarray, str]:
+        """Keys of the scored tokens only (see scored_keys), and where they came from."""
+        tk, source = self.scorer.scored_keys(chunk, embeddings)
+        return tk.keys, source
+
+    def kdv_selector(self, ratio: float | None, tau: float | None, image_meta: ImageMeta,
+                     selector: str | TokenSelector = "kdv", seed: int = 0) -> ChunkSelector:
+        """A prefill token selector keeping each image's tokens chosen by KDV (or a baseline), see scorer.py."""
+        return self.scorer.kdv_selector(ratio, tau, image_meta, selector, seed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+import avis_llamacpp.answer as answer_module
 from PIL import Image
 
 from avis_llamacpp import VLM, ContextOverflowError, InvalidArgumentError
@@ -115,8 +117,8 @@ def test_snapshot_refuses_other_model_and_other_prompt(vlm, vlm_fixture, fixture
 def test_early_stop_never_changes_the_winner(vlm, demo_image, monkeypatch):
     """With answers derived from each rollout's first token (3 classes), early stopping on many seeds
     returns the same winner as running all K, and cancels rollouts on some of them."""
-    monkeypatch.setattr(VLM, "_normalised_answers",
-                        staticmethod(lambda rollouts, options: [None if r.finish_reason == "early_stop" or not r.tokens
+    monkeypatch.setattr(answer_module, "normalised_answers",
+                        (lambda rollouts, options: [None if r.finish_reason == "early_stop" or not r.tokens
                                                                 else str(r.tokens[0] % 3) for r in rollouts]))
     cancelled = 0
     for seed in range(12):

@@ -16,6 +16,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import avis_llamacpp.answer as answer_module
+
 from avis_llamacpp import VLM, InvalidArgumentError
 from avis_llamacpp.native import SamplingParams
 from avis_llamacpp.pipeline import VRS_SAMPLING
@@ -79,7 +81,7 @@ def _oracle_stop(answers: list, rule, k_max: int, wave: int) -> tuple[int, int]:
 
 
 def test_staged_stops_where_the_rule_says(vlm, demo_image, monkeypatch):
-    monkeypatch.setattr(VLM, "_normalised_answers", staticmethod(_first_token_answers))
+    monkeypatch.setattr(answer_module, "normalised_answers", _first_token_answers)
     rules = {"unanimity": make_unanimity_rule(), "posterior 0.5": make_posterior_rule(0.5),
              "posterior 0.9": make_posterior_rule(0.9)}
     stopped = ran_all = 0
@@ -110,7 +112,7 @@ def test_staged_stops_where_the_rule_says(vlm, demo_image, monkeypatch):
 def test_staged_with_early_stop(vlm, demo_image, monkeypatch):
     """Early stop inside staged waves counts the rollouts not started yet as still to come: with a rule that
     never settles the winner is the fixed-K winner; with the posterior rule it is the staged winner."""
-    monkeypatch.setattr(VLM, "_normalised_answers", staticmethod(_first_token_answers))
+    monkeypatch.setattr(answer_module, "normalised_answers", _first_token_answers)
     cancelled = between = 0
     for seed in range(12):
         kw = dict(max_tokens=12, k=K, seed=seed, stop=["e"])  # a stop string: rollouts end at different steps
@@ -213,7 +215,7 @@ def test_chat_handler_and_cli(llava_fixture, demo_image, capsys):
     assert again["avis"]["rollouts"] == av["rollouts"]
     rc = main(["ask", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "-i", str(demo_image),
                "--k", "5", "--seed", "4", "--mode", "staged", "--wave", "2", "--stopping", "unanimity",
-               "--max-tokens", "8", "--json", Q])
+               "--max-tokens", "8", "--no-answer-tags", "--json", Q])
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert d["mode"] == "staged" and d["k"] == 5 and (d["waves"], d["rollouts_saved"]) == (want.waves, want.rollouts_saved)
