@@ -6,12 +6,16 @@ use them; this is a thin tool around them:
     python -m convert.policy_file show policy.gguf [--model M --mmproj P]   # metadata; check against a model
     python -m convert.policy_file fit OUT_DIR/records.jsonl --out policy.gguf [--lambda L | --budget B]
         # refit predictor + K map from calibration records without running the model again
+    python -m convert.policy_file set-tau policy.gguf --calibration OUT_DIR/tau.json --out new.gguf
+        # the same policy pruning at the tau `avis calibrate` chose for the model (tau.json), recorded as calibrated
 
 File layout (format version 1):
   KV   general.architecture = "avis-policy", general.name
        avis.policy.version (u32), avis.policy.feature.{version,n_embd,count} (u32)
        avis.policy.k_map.bounds (f64[n_bins + 1], from 0 to 1), avis.policy.k_map.ks (u32[n_bins])
        avis.policy.pruning ("tau" | "ratio" | "none"), avis.policy.tau / avis.policy.ratio (f64)
+       avis.policy.tau.calibration (JSON str, optional: how tau was chosen for the model; absent in older files,
+       whose tau is then one nobody calibrated)
        avis.policy.predictor.{kind,activation} (str), .n_layers (u32), .pca (bool)
        avis.policy.{model_id,model_file,mmproj_file,created,creator} (str), avis.policy.info (JSON str)
   F64  predictor.scaler.{mean,scale} [n_features], predictor.pca.{mean [n_features], components [c, n_features]}
@@ -61,6 +65,23 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_tau(args: argparse.Namespace) -> int:
+    """Write a policy pruning at a calibrated tau (from tau.json, as `avis calibrate` writes it)."""
+    from avis_llamacpp.errors import InvalidArgumentError
+
+    try:
+        doc = json.loads(Path(args.calibration).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidArgumentError(f"{args.calibration}: not a tau.json ({e})") from None
+    cal = doc.get("calibration", doc) if isinstance(doc, dict) else None
+    if not isinstance(cal, dict) or cal.get("tau") is None:
+        raise InvalidArgumentError(f"{args.calibration}: no calibrated tau in it")
+    policy = load_policy(args.path).with_tau(float(cal["tau"]), cal)
+    policy.save(args.out)
+    print(f"wrote {args.out}: {policy}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m convert.policy_file", description=__doc__,
@@ -81,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--report", default=None, help="report JSON path (default: report.json next to --out)")
     f.set_defaults(func=_fit)
+    t = sub.add_parser("set-tau", help="write a policy with the tau `avis calibrate` chose (tau.json)")
+    t.add_argument("path", help="policy GGUF to start from")
+    t.add_argument("--calibration", required=True, help="tau.json from `avis calibrate` (its 'calibration')")
+    t.add_argument("--out", required=True, help="policy GGUF to write (may be the same path)")
+    t.set_defaults(func=_set_tau)
     args = p.parse_args(argv)
     if args.command == "show" and bool(args.model) != bool(args.mmproj):
         p.error("--model and --mmproj go together")

@@ -141,3 +141,23 @@ def test_fit_policy_records_the_calibration():
     assert pol2.calibrated_tau is None and report2["tau_calibration"] is None and pol2.tau == 0.61
     with pytest.raises(InvalidArgumentError, match="calibrated tau"):
         fit_policy(recs, seed=0, tau_calibration={**CAL, "tau": 0.9})
+
+
+def test_policy_file_set_tau(tmp_path, capsys):
+    import json
+
+    from convert.policy_file import main
+
+    src = tmp_path / "p.gguf"
+    _policy(tau=0.9).save(src)
+    (tmp_path / "tau.json").write_text(json.dumps({"settings": {}, "calibration": CAL}))
+    assert main(["set-tau", str(src), "--calibration", str(tmp_path / "tau.json"),
+                 "--out", str(tmp_path / "q.gguf")]) == 0
+    pol, before = load_policy(tmp_path / "q.gguf"), load_policy(src)
+    assert pol.calibrated_tau == 0.61 and pol.tau_calibration == CAL and before.calibrated_tau is None
+    x = np.linspace(-2, 2, D)
+    assert pol.decide(x) == before.decide(x) and pol.k_map == before.k_map
+    (tmp_path / "bad.json").write_text(json.dumps({"calibration": {**CAL, "tau": None}}))
+    assert main(["set-tau", str(src), "--calibration", str(tmp_path / "bad.json"),
+                 "--out", str(tmp_path / "r.gguf")]) == 1
+    assert "no calibrated tau" in capsys.readouterr().err and not (tmp_path / "r.gguf").exists()
