@@ -16,7 +16,7 @@ import numpy as np
 from .capture import KeyCapture, read_constant_tensors, read_vision_info
 from .families import ChunkGeometry, VisionInfo, family_for
 from .errors import EncodeError, ImageError, InvalidArgumentError, ModelLoadError
-from .native import FlashAttn, Model, flash_attn_type
+from .native import FlashAttn, Model, flash_attn_type, set_native_verbosity
 from .preflight import check_mmproj_file
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Projector:
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = verbose
+        set_native_verbosity(verbose)  # clip / mtmd logs only when verbose (a borrowed Model never set it)
         params.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         # "auto": clip.cpp tries flash attention when it first allocates the graph (at the first encode, as
         # warmup is off) and keeps it if the encoder's backend supports it

@@ -150,3 +150,29 @@ def test_server_with_openai_client(server, data_url):
         outs = list(pool.map(lambda _: client.chat.completions.create(
             model="m", messages=_messages(data_url), max_tokens=6, temperature=0.0).choices[0].message.content, range(3)))
     assert outs == [r.choices[0].message.content] * 3
+
+
+def test_quiet_when_not_verbose(llava_fixture, demo_image):
+    """Llama(verbose=False) with the handler's verbose=False writes no llama.cpp / clip / mtmd line on stderr
+    (fd 2 of a fresh process: the C libraries write there directly); verbose=True shows clip's loader log."""
+    import subprocess
+    import sys
+
+    script = (
+        "import base64, sys\n"
+        "from llama_cpp import Llama\n"
+        "from avis_llamacpp.chat_handler import AVISChatHandler\n"
+        "model, mmproj, image, verbose = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == '1'\n"
+        "llm = Llama(model_path=model, n_ctx=1024, n_threads=1, verbose=verbose,\n"
+        "            chat_handler=AVISChatHandler(clip_model_path=mmproj, tau=0.785, verbose=verbose))\n"
+        "url = 'data:image/png;base64,' + base64.b64encode(open(image, 'rb').read()).decode()\n"
+        "msgs = [{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': url}},\n"
+        "                                     {'type': 'text', 'text': 'What is it?'}]}]\n"
+        "print(llm.create_chat_completion(messages=msgs, max_tokens=2, temperature=0.0)['avis']['k'])\n"
+        "llm.close()\n")
+    runs = {v: subprocess.run([sys.executable, "-c", script, str(llava_fixture.model), str(llava_fixture.mmproj),
+                               str(demo_image), v], capture_output=True, text=True, timeout=300) for v in "01"}
+    for v, r in runs.items():
+        assert r.returncode == 0 and r.stdout.strip() == "1", (v, r.stderr[-2000:])
+    assert runs["0"].stderr == ""
+    assert "clip_model_loader" in runs["1"].stderr
