@@ -27,7 +27,7 @@ import numpy as np
 
 from .cli_args import add_answer_tags_arg, add_model_args, check_input_file, check_model_files
 from .errors import InvalidArgumentError
-from .items import iterate, read_records
+from .items import iterate, media_args, read_records
 from .items import load_items as read_items
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class BenchConfig:
     k: int = 1
     selector: str = "kdv"
     policy: bool = False  # use the calibrated policy (tau and K per query)
+    video_selection: str = "joint"  # a video's chunks pruned as one selection, or "per_chunk"
 
 
 def policy_label(policy_path: str | os.PathLike) -> str:
@@ -57,9 +58,10 @@ def policy_label(policy_path: str | os.PathLike) -> str:
     return "avis (policy K, no pruning)"
 
 
-def default_configs(with_policy: bool, policy_name: str = "avis (policy K)") -> list[BenchConfig]:
+def default_configs(with_policy: bool, policy_name: str = "avis (policy K)", video: bool = False) -> list[BenchConfig]:
     """The paper's configurations plus pruning baselines at 75% and 90% (the first is the vanilla reference); the policy
-    row is named by `policy_name` (see policy_label)."""
+    row is named by `policy_name` (see policy_label). video: items are clips, so KDV chunk by chunk (each frame pair
+    on its own, at the same count) is a row too."""
     c = [BenchConfig("vanilla")]
     c += [BenchConfig(f"kdv rho={r}", ratio=r) for r in (0.5, 0.75, 0.9)]
     c += [BenchConfig(f"kdv tau=pi/{d}", tau=math.pi / d) for d in (6, 4, 3)]
@@ -67,6 +69,8 @@ def default_configs(with_policy: bool, policy_name: str = "avis (policy K)") -> 
     c += [BenchConfig("joint rho=0.75 k=5", ratio=0.75, k=5)]
     c += [BenchConfig(f"{s} rho={r}", ratio=r, selector=s) for r in (0.75, 0.9)
           for s in ("random", "uniform", "embeddings")]
+    if video:
+        c += [BenchConfig(f"kdv per-chunk rho={r}", ratio=r, video_selection="per_chunk") for r in (0.75, 0.9)]
     if with_policy:
         c += [BenchConfig(policy_name, policy=True)]
     return c
@@ -97,9 +101,11 @@ def evaluate_item(vlm: Any, item: dict[str, Any], *, index: int, configs: Sequen
     out = []
     for c in configs:
         t0 = time.perf_counter()
-        ans = vlm.ask(item["image_path"], item["question"], max_tokens=max_tokens, answer_tags=answer_tags,
+        ans = vlm.ask(question=item["question"], **media_args(item["image_path"], bool(item.get("is_video"))),
+                      max_tokens=max_tokens, answer_tags=answer_tags,
                       options=options, seed=seed * 1_000_003 + index, ratio=c["ratio"], tau=c["tau"], k=c["k"],
                       selector=c["selector"], policy=policy if c["policy"] else None,
+                      video_selection=c.get("video_selection", "joint"),
                       sampling=SamplingParams(temperature=temperature, top_p=top_p) if c["k"] > 1 else None)
         wall = time.perf_counter() - t0
         kv_cells = ans.prompt_tokens + sum(ans.decode_tokens)
@@ -371,11 +377,12 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--out {str(out)!r} is an existing file; give a folder (new or from an earlier "
                                    f"run)")
+    items = load_items(items_path, limit)
     configs = list(configs or default_configs(with_policy=policy_path is not None,
-                                              policy_name=policy_label(policy_path) if policy_path else ""))
+                                              policy_name=policy_label(policy_path) if policy_path else "",
+                                              video=any(it.get("is_video") for it in items)))
     if any(c.policy for c in configs) and not policy_path:
         raise InvalidArgumentError("a policy configuration needs --policy")
-    items = load_items(items_path, limit)
     cdicts = [asdict(c) for c in configs]
     rec_path, set_path = out / "records.jsonl", out / SETTINGS_FILE
     settings = run_settings(model, mmproj, items_path, policy_path=policy_path, seed=seed, max_tokens=max_tokens,
@@ -411,7 +418,8 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
             bar = iterate(todo, desc="bench", enabled=progress)
             with VLM(model, mmproj, **vlm_kwargs) as vlm:
                 if todo:  # warm-up: the first query pays one-time allocations, keep them out of the ratios
-                    vlm.ask(todo[0][1]["image_path"], "warm-up", max_tokens=1)
+                    vlm.ask(question="warm-up", max_tokens=1,
+                            **media_args(todo[0][1]["image_path"], bool(todo[0][1].get("is_video"))))
                 for i, it in bar:
                     for r in evaluate_item(vlm, it, index=i, **kw):
                         rec.write(json.dumps(r) + "\n")

@@ -211,8 +211,8 @@ def _calibrate_item(vlm: Any, it: CalibrationItem, *, k_max: int, seed: int, max
     opts = list(it.options) or None
     s = _item_seed(seed, it.id)
     kw = dict(options=opts, answer_tags=answer_tags, max_tokens=max_tokens, tau=tau, ratio=ratio, seed=s)
-    greedy = vlm.ask(str(it.image), it.question, k=1, **kw)
-    multi = vlm.ask(str(it.image), it.question, k=k_max, mode=mode,
+    greedy = vlm.ask(question=it.question, k=1, **it.media(), **kw)
+    multi = vlm.ask(question=it.question, k=k_max, mode=mode, **it.media(),
                     sampling=SamplingParams(temperature=temperature, top_p=top_p) if k_max > 1 else None, **kw)
     g_ans = _normalised(greedy.rollouts[0].text, opts) if greedy.rollouts else None
     rollouts = []

@@ -1,8 +1,8 @@
 """Labelled question sets (JSONL) and result-record files: one reader, one validation, one resume rule and one
 progress helper for `avis calibrate` and `avis bench`.
 
-Items file: one JSON object per line, `{"id", "image" (path relative to the file), "question", "options",
-"answer"}`; extra fields (difficulty, kind, ...) are kept. Record files are append-only JSONL; a truncated last
+Items file: one JSON object per line, `{"id", "image" (path relative to the file) or "video" (a clip file or an
+animated image, relative to the file), "question", "options", "answer"}`; extra fields (difficulty, kind, ...) are kept. Record files are append-only JSONL; a truncated last
 line (an interrupted write) is dropped when the file is read back for resuming."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:(//|[^\\/])")  # scheme://... or data:..., not C:\ or C:/
 T = TypeVar("T")
 
-__all__ = ["Item", "load_items", "read_records", "progress", "iterate"]
+__all__ = ["Item", "load_items", "media_args", "read_records", "progress", "iterate"]
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,17 @@ class Item:
     gold: str
     answer: str = ""  # as written in the file
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    is_video: bool = False  # `image` is a clip (the item's "video" field)
+
+    def media(self) -> dict[str, Any]:
+        """What VLM.ask takes for this item's picture: {"image": path} or {"image": None, "video": path}."""
+        return media_args(str(self.image), self.is_video)
 
     def as_dict(self) -> dict[str, Any]:
         """The item as the file had it, plus `image_path` (resolved) and the normalised `gold`."""
         d = dict(self.extra)
-        d.update(id=self.id, image=self.image_field, image_path=str(self.image), question=self.question,
+        d.update({"video" if self.is_video else "image": self.image_field}, id=self.id, image_path=str(self.image),
+                 is_video=self.is_video, question=self.question,
                  options=list(self.options) or None, answer=self.answer, gold=self.gold)
         return d
 
@@ -76,15 +82,19 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
             raise InvalidArgumentError(f"{where}: not JSON ({e})") from None
         if not isinstance(d, dict):
             raise InvalidArgumentError(f"{where}: each line must be a JSON object")
-        missing = [k for k in ("image", "question", "answer") if k not in d]
+        if ("image" in d) == ("video" in d):
+            raise InvalidArgumentError(f"{where}: give exactly one of 'image' and 'video'")
+        is_video = "video" in d
+        media = "video" if is_video else "image"
+        missing = [k for k in ("question", "answer") if k not in d]
         if missing:
             raise InvalidArgumentError(f"{where}: missing field(s) {missing}")
-        image, question = d["image"], d["question"]
+        image, question = d[media], d["question"]
         if not isinstance(image, str) or not image:
-            raise InvalidArgumentError(f"{where}: 'image' must be a path string")
+            raise InvalidArgumentError(f"{where}: '{media}' must be a path string")
         if _URL_RE.match(image):
-            raise InvalidArgumentError(f"{where}: 'image' must be a local path relative to the JSONL, not a URL "
-                                       f"({image[:60]!r}); remote images are not fetched")
+            raise InvalidArgumentError(f"{where}: '{media}' must be a local path relative to the JSONL, not a URL "
+                                       f"({image[:60]!r}); remote files are not fetched")
         if not isinstance(question, str) or not question.strip():
             raise InvalidArgumentError(f"{where}: 'question' must be a non-empty string")
         options = d.get("options") or []
@@ -104,14 +114,20 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
         seen.add(item_id)
         img = (path.parent / image).resolve()
         if not img.is_file():
-            raise InvalidArgumentError(f"{where}: image {image!r} not found (looked for {img})")
-        extra = {k: v for k, v in d.items() if k not in ("id", "image", "question", "options", "answer")}
-        items.append(Item(item_id, len(items), img, image, question, options_t, gold, str(d["answer"]), extra))
+            raise InvalidArgumentError(f"{where}: {media} {image!r} not found (looked for {img})")
+        extra = {k: v for k, v in d.items() if k not in ("id", "image", "video", "question", "options", "answer")}
+        items.append(Item(item_id, len(items), img, image, question, options_t, gold, str(d["answer"]), extra,
+                          is_video))
         if limit is not None and len(items) >= limit:
             break
     if not items:
         raise InvalidArgumentError(f"{path}: no items")
     return items
+
+
+def media_args(path: str, is_video: bool) -> dict[str, Any]:
+    """VLM.ask's keywords for a picture file: {"image": path}, or {"image": None, "video": path} for a clip."""
+    return {"image": None, "video": path} if is_video else {"image": path}
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -213,7 +213,7 @@ def choose_tau_labelled(vlm: Any, items: Sequence[Any], *, keeps: Sequence[float
         for i, it in enumerate(items):
             opts = list(it.options) or None
             for s, tau in enumerate(settings):
-                a = vlm.ask(str(it.image), it.question, k=1, options=opts, answer_tags=answer_tags,
+                a = vlm.ask(question=it.question, **it.media(), k=1, options=opts, answer_tags=answer_tags,
                             max_tokens=max_tokens, tau=tau, seed=seed)
                 text = a.rollouts[0].text if a.rollouts else ""
                 got = extract_answer(text, opts)

@@ -132,3 +132,33 @@ def test_video_file_is_sampled_and_answered_like_its_frames(qwen_vlm, tmp_path):
     frames = load_video(str(path), temporal_patch=2).frames
     b = qwen_vlm.ask(None, Q, video=frames, fps=10, max_tokens=4, ratio=0.75)
     assert b.video["frames"] == 6 and a.tokens == b.tokens and a.kept_tokens == b.kept_tokens
+
+
+def test_bench_takes_video_items(qwen_fixture, tmp_path):
+    """Items with a `video` field go through avis bench as clips: every chunk counted, KDV joint over the clip,
+    and the per-chunk row keeps floor(0.25 n) of each frame pair instead."""
+    import json
+
+    from avis_llamacpp.bench import BenchConfig, run_bench
+    from avis_llamacpp.kdv import n_keep_for_ratio
+    from convert.video_files import moving_shapes_clip, write_video
+
+    lines = []
+    for i in range(2):
+        write_video(moving_shapes_clip(8, size=112, seed=i), tmp_path / f"c{i}.mp4", fps=4)
+        lines.append({"id": f"c{i}", "video": f"c{i}.mp4", "question": "Which way?", "options": ["left", "right"],
+                      "answer": "A"})
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    configs = [BenchConfig("vanilla"), BenchConfig("kdv rho=0.75", ratio=0.75),
+               BenchConfig("kdv per-chunk rho=0.75", ratio=0.75, video_selection="per_chunk")]
+    run_bench(str(qwen_fixture.model), str(qwen_fixture.mmproj), str(items), tmp_path / "out", configs=configs,
+              max_tokens=2, progress=False, n_threads=1)
+    recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    by = {(r["id"], r["config"]): r for r in recs}
+    for i in range(2):
+        n = by[(f"c{i}", "vanilla")]["kept_tokens"]
+        # 8 frames at 4 fps = 2 s, sampled at 2 fps: 4 frames -> 2 chunks of 4x4 tokens
+        assert n == by[(f"c{i}", "vanilla")]["image_tokens"] and n == 2 * 16
+        assert by[(f"c{i}", "kdv rho=0.75")]["kept_tokens"] == n_keep_for_ratio(n, 0.75)
+        assert by[(f"c{i}", "kdv per-chunk rho=0.75")]["kept_tokens"] == 2 * n_keep_for_ratio(16, 0.75)
