@@ -1,7 +1,8 @@
 """Calibrate an AVIS policy on a labelled set, save it as GGUF, load it back and let it pick K per query.
 
     python examples/calibrate_policy.py --items calib/items.jsonl --out calib_out [--model M --mmproj P]
-(default: 40 generated shapes-task calibration items and the bundled default model)"""
+(default: 40 generated shapes-task calibration items and the bundled default model: two model calls per item, the
+second decoding --k-max rollouts, so minutes on a CPU; --n 10 for a quick look, --threads to use more cores)"""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--k-max", type=int, default=7)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     args = p.parse_args()
     model, mmproj = (args.model, args.mmproj) if args.model else default_model_paths()
     out = Path(args.out or tempfile.mkdtemp(prefix="avis-calib-"))
@@ -33,9 +35,12 @@ def main() -> None:
     if items is None:
         from convert.shapes_task import export
         items = export("calibration", args.n, out / "items")
-    with VLM(model, mmproj, n_ctx=4096) as vlm:
+    n_items = sum(1 for line in Path(items).read_text().splitlines() if line.strip())
+    print(f"calibrating on {n_items} items: per item one greedy answer and {args.k_max} sampled rollouts of up to "
+          f"{args.max_tokens} tokens (minutes on a CPU; --n 10 for a quick look)", file=sys.stderr)
+    with VLM(model, mmproj, n_ctx=4096, n_threads=args.threads) as vlm:
         records = run_calibration(vlm, items, out, k_max=args.k_max, max_tokens=args.max_tokens, answer_tags=True,
-                                  progress=False)
+                                  progress=True)
         policy, report = fit_policy(records, lambda_=0.01)
         print(format_report(report))
         policy.save(out / "policy.gguf")

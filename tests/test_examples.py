@@ -28,6 +28,19 @@ def test_basic_ask(llava_fixture):
     assert "'k': 3" in out
 
 
+def test_basic_ask_defaults_answer_on_the_bundled_model():
+    """As a new user first runs it (no arguments): the bundled model answers its default question about the bundled
+    image correctly (the square in shapes.png is blue: option C)."""
+    import pytest
+
+    from avis_llamacpp.defaults import TRAINED_DIR, bundled_dir
+
+    if bundled_dir() != TRAINED_DIR:
+        pytest.skip("the Qwen2.5-VL-style shapes model is not bundled")
+    out = _run("basic_ask.py", "--threads", "1")
+    assert "'answer': 'C'" in out
+
+
 def test_chat_handler_example(qwen_fixture):
     out = _run("chat_handler.py", *_model_args(qwen_fixture))
     assert "K=1:" in out and "K=5:" in out
