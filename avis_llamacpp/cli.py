@@ -87,7 +87,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # --k / --tau / --no-prune override it, and the older LLaVA-style model runs unpruned at K=1 unless told
     avis = bundled_dir() == TRAINED_DIR and not args.no_prune and args.k is None
     policy_path = default_policy_path() if avis else None
-    tau = None if args.no_prune else args.tau if args.tau is not None else math.pi / 4 if avis else None
+    tau = None if args.no_prune else args.tau if args.tau is not None else "auto" if avis else None
     options = ["0", "1", "2", "3"]
     question = question_with_options(args.question, options)
     with VLM(model, mmproj, n_ctx=2048, n_threads=args.threads) as vlm:
@@ -95,9 +95,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if policy_path is not None:
             from .policy import load_policy
             policy = load_policy(policy_path, vlm)
+        if tau == "auto":  # the tau calibrated for this model (the bundled policy's; pi/4 and a warning if none)
+            from .options import QuerySettings
+            from .policy import resolve_pruning
+            tau = resolve_pruning(QuerySettings(tau=tau, policy=policy))[1]
         ans = vlm.ask(DEMO_IMAGE, question, max_tokens=args.max_tokens, k=args.k or 1, seed=0, answer_tags=True,
                       options=options, tau=tau, policy=policy)
-    how = (f"AVIS: KDV tau={tau:.3g} + policy {policy_path.parent.name}/{policy_path.name} picked K={ans.k}"
+    calibrated = " (calibrated)" if policy is not None and policy.calibrated_tau == tau else ""
+    how = (f"AVIS: KDV tau={tau:.3g}{calibrated} + policy {policy_path.parent.name}/{policy_path.name} "
+           f"picked K={ans.k}"
            if policy is not None else f"K={ans.k}" + (f", KDV tau={tau:.3g}" if tau is not None else ""))
     print(f"model: {model.parent.name}/{model.name}\nimage: {DEMO_IMAGE}\nquestion: {question}")
     print(f"output: {ans.text}\nanswer: {ans.answer} (votes {ans.votes})")
@@ -138,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=96, help="most tokens per rollout")
     demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     demo.add_argument("--tau", type=_tau, default=None,
-                      help="KDV adaptive pruning angle (default pi/4 on the model trained for pruned inputs)")
+                      help="KDV adaptive pruning angle (default on the model trained for pruned inputs: auto, the "
+                           "tau calibrated for it, from its bundled policy)")
     demo.add_argument("--no-prune", action="store_true", help="keep every image token (and no policy)")
     demo.add_argument("question", nargs="?", default="How many red shapes are in the image?",
                       help="the question (options 0-3 are appended as A-D)")

@@ -161,3 +161,16 @@ def test_policy_file_set_tau(tmp_path, capsys):
     assert main(["set-tau", str(src), "--calibration", str(tmp_path / "bad.json"),
                  "--out", str(tmp_path / "r.gguf")]) == 1
     assert "no calibrated tau" in capsys.readouterr().err and not (tmp_path / "r.gguf").exists()
+
+
+def test_server_avis_body_and_operator_flag_take_auto():
+    from avis_llamacpp.server import RequestError, validate_chat_request
+    from tests.test_server_guard import LIMITS, _body
+
+    assert validate_chat_request(_body(avis={"tau": "auto"}), LIMITS, 512).overrides == {"tau": "auto"}
+    for bad in ({"tau": "Auto!"}, {"tau": "auto", "ratio": 0.5}):
+        with pytest.raises(RequestError, match="tau"):
+            validate_chat_request(_body(avis=bad), LIMITS, 512)
+    from avis_llamacpp.cli_args import parse_tau
+
+    assert parse_tau("auto") == "auto" and parse_tau("pi/4") == pytest.approx(math.pi / 4)
