@@ -53,10 +53,10 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ctx.decode_embeddings(embd[kept], pos, seq_id, logits_last=(ci == last))\n",
         "ctx.decode_embeddings(0 * embd[kept], pos, seq_id, logits_last=(ci == last))\n",
         ["tests/test_pipeline.py", "-k", "deterministic"]),
-    "pipeline_keys_reversed": (
-        "avis_llamacpp/pipeline.py",
-        "            sel = prune(tk.keys, ratio=ratio, tau=tau)",
-        "            sel = prune(tk.keys[::-1], ratio=ratio, tau=tau)",
+    "pipeline_keys_reversed": (  # moved by #33 from pipeline.py (tk.keys) to scorer.py (the group's keys)
+        "avis_llamacpp/scorer.py",
+        "            sel = prune(keys, ratio=ratio, tau=tau)",
+        "            sel = prune(keys[::-1], ratio=ratio, tau=tau)",
         ["tests/test_prefill_glue.py", "tests/test_kdv_pipeline.py", "-k", "reference or tau"]),
     "policy_one_minus_p": (
         "avis_llamacpp/policy.py",
@@ -133,6 +133,223 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "    if args.update_training_json and info_path.exists():",
         "    if info_path.exists():",
         ["tests/test_trained_model.py", "-k", "eval_command"]),
+    # -- issue #34: cache keys, snapshot identity, server guard rules and avis keys, pre-flight rules ------------
+    "image_digest_first_row_only": (
+        "avis_llamacpp/snapshot.py",
+        "h.update(np.ascontiguousarray(rgb).tobytes())",
+        "h.update(np.ascontiguousarray(rgb[:1]).tobytes())",
+        ["tests/test_cache_keys.py", "-k", "pixel"]),
+    "store_ignores_namespace": (
+        "avis_llamacpp/prefix_cache.py",
+        "if cid != cache_id or ns != namespace:",
+        "if cid != cache_id:",
+        ["tests/test_cache_keys.py", "-k", "namespace"]),
+    "store_ignores_cache_id": (
+        "avis_llamacpp/prefix_cache.py",
+        "if cid != cache_id or ns != namespace:",
+        "if ns != namespace:",
+        ["tests/test_cache_keys.py", "-k", "cache_id"]),
+    "live_entry_ignores_namespace": (
+        "avis_llamacpp/prefix_cache.py",
+        "if cache_id != self.cache_id or namespace != self.namespace:",
+        "if cache_id != self.cache_id:",
+        ["tests/test_prefix_cache.py", "-k", "namespaces"]),
+    "text_match_assumes_equal_tokens": (
+        "avis_llamacpp/prefix_cache.py",
+        "j = _common(c.tokens, k.tokens)",
+        "j = min(len(c.tokens), len(k.tokens))",
+        ["tests/test_cache_keys.py", "-k", "text_before"]),
+    "snapshot_model_unchecked": (
+        "avis_llamacpp/snapshot.py",
+        "if model_id != self.model_id:",
+        "if False:",
+        ["tests/test_snapshot_identity.py", "-k", "model_file"]),
+    "snapshot_prefix_unchecked": (
+        "avis_llamacpp/snapshot.py",
+        "if prefix_text != self.prefix_text:",
+        "if False:",
+        ["tests/test_snapshot_identity.py", "-k", "prefix_text"]),
+    "snapshot_images_unchecked": (
+        "avis_llamacpp/snapshot.py",
+        "if image_digests is not None and image_digests != self.image_digests:",
+        "if False:",
+        ["tests/test_snapshot_identity.py", "-k", "image_digests_alone"]),
+    "snapshot_digest_ignores_pruning": (
+        "avis_llamacpp/snapshot.py",
+        "h.update(json.dumps(self.pruning, sort_keys=True).encode())",
+        "h.update(b'')",
+        ["tests/test_snapshot_identity.py", "-k", "saved_file"]),
+    "snapshot_digest_ignores_prefix": (
+        "avis_llamacpp/snapshot.py",
+        "h.update(self.prefix_text.encode())",
+        "h.update(b'')",
+        ["tests/test_snapshot_identity.py", "-k", "saved_file"]),
+    "snapshot_digest_ignores_image_order": (
+        "avis_llamacpp/snapshot.py",
+        "for d in self.image_digests:",
+        "for d in sorted(self.image_digests):",
+        ["tests/test_snapshot_identity.py", "-k", "saved_file"]),
+    "image_dir_string_prefix": (
+        "avis_llamacpp/images.py",
+        "if os.path.commonpath([root, real]) != root or real == root:",
+        "if not real.startswith(root) or real == root:",
+        ["tests/test_guard_rules.py", "-k", "image_dir or containment"]),
+    "image_dir_symlinked_folders_followed": (
+        "avis_llamacpp/images.py",
+        "real = os.path.realpath(os.path.join(root, rel))",
+        "real = os.path.normpath(os.path.join(root, rel))",
+        ["tests/test_guard_rules.py", "-k", "image_dir or containment"]),
+    "image_dir_not_resolved": (
+        "avis_llamacpp/images.py",
+        "real = os.path.realpath(self.image_dir)",
+        "real = os.path.abspath(self.image_dir)",
+        ["tests/test_guard_rules.py", "-k", "image_dir or containment"]),
+    "rho_alias_ignored": (
+        "avis_llamacpp/chat_handler.py",
+        'o["ratio"] = o.pop("rho")',
+        'o.pop("rho")',
+        ["tests/test_guard_rules.py", "-k", "takes_effect"]),
+    "top_k_override_ignored": (
+        "avis_llamacpp/chat_handler.py",
+        'top_k=int(s.get("top_k", base.top_k))',
+        "top_k=int(base.top_k)",
+        ["tests/test_guard_rules.py", "-k", "takes_effect"]),
+    "min_p_override_ignored": (
+        "avis_llamacpp/chat_handler.py",
+        'min_p=float(s.get("min_p", base.min_p))',
+        "min_p=float(base.min_p)",
+        ["tests/test_guard_rules.py", "-k", "takes_effect"]),
+    "wave_override_ignored": (
+        "avis_llamacpp/chat_handler.py",
+        'wave=s["wave"]',
+        'wave=self.defaults["wave"]',
+        ["tests/test_guard_rules.py", "-k", "takes_effect"]),
+    "stop_threshold_override_ignored": (
+        "avis_llamacpp/chat_handler.py",
+        'stop_threshold=s["stop_threshold"]',
+        'stop_threshold=self.defaults["stop_threshold"]',
+        ["tests/test_guard_rules.py", "-k", "takes_effect"]),
+    "content_override_ignored": (
+        "avis_llamacpp/chat_handler.py",
+        'out = _completion(ans, name, s["content"])',
+        'out = _completion(ans, name, self.defaults["content"])',
+        ["tests/test_guard_rules.py", "-k", "takes_effect"]),
+    "preflight_no_required_nonblock_tensors": (
+        "avis_llamacpp/preflight.py",
+        "missing += [n for n in fam.required_for(t) if n not in t]",
+        "missing += []",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_forbidden_tensors": (
+        "avis_llamacpp/preflight.py",
+        "    if extra:  # clip.cpp asserts",
+        "    if False:  # clip.cpp asserts",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_qkv_per_block": (
+        "avis_llamacpp/preflight.py",
+        'missing += [f"{b}attn_{x}.weight" for x in "qkv" if f"{b}attn_{x}.weight" not in t]',
+        "missing += []",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_family_per_block": (
+        "avis_llamacpp/preflight.py",
+        "missing += [n for n in fam.required_per_block(il) if n not in t]",
+        "missing += []",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_uniform_blocks": (
+        "avis_llamacpp/preflight.py",
+        'missing += [f"v.blk.{il}.{n}" for il, names in enumerate(blocks) for n in sorted(union - names)]',
+        "missing += []",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_block_count_check": (
+        "avis_llamacpp/preflight.py",
+        "if n_layer is not None and n_layer != -1 and not 0 < n_layer <= LLAMA_MAX_LAYERS:",
+        "if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_nextn_check": (
+        "avis_llamacpp/preflight.py",
+        "if n_layer and n_layer > 0 and nextn is not None and nextn > n_layer:",
+        "if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_expert_check": (
+        "avis_llamacpp/preflight.py",
+        "    if not ok:",
+        "    if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_rope_sections_over_rotary": (
+        "avis_llamacpp/preflight.py",
+        " or (isinstance(n_rot, int) and total > n_rot)",
+        "",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_rope_sections_zero": (
+        "avis_llamacpp/preflight.py",
+        " or total <= 0 or",
+        " or",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_tokens_not_cut_at_nul": (
+        "avis_llamacpp/preflight.py",
+        'word = tok.split(b"\\0", 1)[0] or',
+        "word = tok or",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_architecture_check": (
+        "avis_llamacpp/preflight.py",
+        "    if arch is None:",
+        "    if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_vision_encoder_check": (
+        "avis_llamacpp/preflight.py",
+        'if not hdr.get("clip.has_vision_encoder", False):',
+        "if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_no_clip_check": (
+        "avis_llamacpp/preflight.py",
+        '    if arch != "clip":',
+        "    if False:",
+        ["tests/test_preflight_rules.py"]),
+    # (issue #34, written last: code the lead moved out of pipeline.py into prefix_hold.py and query.py)
+    "cache_key_ignores_selector": (
+        "avis_llamacpp/prefix_hold.py",
+        "key = (selector, None if ratio is None",
+        'key = ("kdv", None if ratio is None',
+        ["tests/test_cache_keys.py", "-k", "selection_field or own_subset"]),
+    "cache_key_ignores_random_seed": (
+        "avis_llamacpp/prefix_hold.py",
+        'int(seed) if selector == "random" else None)',
+        "None)",
+        ["tests/test_cache_keys.py", "-k", "selection_field"]),
+    "cache_key_seed_for_every_selector": (
+        "avis_llamacpp/prefix_hold.py",
+        'int(seed) if selector == "random" else None)',
+        "int(seed))",
+        ["tests/test_cache_keys.py", "-k", "seed_is_no_key"]),
+    "cache_key_ignores_ratio": (
+        "avis_llamacpp/prefix_hold.py",
+        "None if ratio is None else float(ratio), None if tau",
+        "None, None if tau",
+        ["tests/test_cache_keys.py", "-k", "selection_field"]),
+    "cache_key_ignores_tau": (
+        "avis_llamacpp/prefix_hold.py",
+        "None if tau is None else float(tau),",
+        "None,",
+        ["tests/test_cache_keys.py", "-k", "selection_field"]),
+    "cache_id_ignores_n_batch": (
+        "avis_llamacpp/prefix_hold.py",
+        "|b={st.n_batch}",
+        "",
+        ["tests/test_cache_keys.py", "-k", "cache_id"]),
+    "cache_id_ignores_n_ubatch": (
+        "avis_llamacpp/prefix_hold.py",
+        "|ub={st.n_ubatch}",
+        "",
+        ["tests/test_cache_keys.py", "-k", "cache_id"]),
+    "chunk_key_first_image_digest": (
+        "avis_llamacpp/prefix_hold.py",
+        "d = digests[c.image_index] if one_to_one else",
+        "d = digests[0] if one_to_one else",
+        ["tests/test_cache_keys.py", "-k", "second_image"]),
+    "snapshot_pruning_unchecked": (
+        "avis_llamacpp/query.py",
+        'if snapshot.pruning != {"ratio": ratio, "tau": tau} and pruned:',
+        "if False:",
+        ["tests/test_snapshot_identity.py", "-k", "pruning"]),
 }
 
 
