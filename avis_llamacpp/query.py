@@ -18,6 +18,7 @@ from .images import load_image
 from .mtmd import ImageChunk, Projector
 from .native import Context, Model, SamplingParams
 from .options import QuerySettings
+from .policy import resolve_pruning
 from .prefill import ImagePrefill, PrefillResult, prefill
 from .prefix_hold import PrefixHold, chunk_keys, selection_key
 from .scorer import ImageMeta, ImageScorer
@@ -88,10 +89,9 @@ def check_query(q: QuerySettings, n_seq_max: int, prompt_text: Any, images: Any,
 
 
 def pruning(q: QuerySettings) -> tuple[float | None, float | None]:
-    """(ratio, tau) of the query: the caller's, else the policy's (a policy decides how much to see too)."""
-    if q.policy is not None and q.ratio is None and q.tau is None:
-        return q.policy.ratio, q.policy.tau
-    return q.ratio, q.tau
+    """(ratio, tau) of the query: the caller's, tau="auto" the policy's calibrated tau, else the policy's pruning
+    (a policy decides how much to see too); policy.resolve_pruning says it in full."""
+    return resolve_pruning(q)
 
 
 def load_inputs(images: list[Any], allow_remote: bool, model_id: str, prompt_text: str, snapshot: Snapshot | None,

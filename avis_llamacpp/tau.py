@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 from .images import load_image
+from .items import media_args
 from .kdv import kdv_scores
 
 __all__ = ["DEFAULT_KEEP", "DEFAULT_KEEPS", "DEFAULT_TOLERANCE", "TauCalibration", "calibrate_tau",
@@ -213,7 +214,8 @@ def choose_tau_labelled(vlm: Any, items: Sequence[Any], *, keeps: Sequence[float
         for i, it in enumerate(items):
             opts = list(it.options) or None
             for s, tau in enumerate(settings):
-                a = vlm.ask(question=it.question, **it.media(), k=1, options=opts, answer_tags=answer_tags,
+                media = media_args(str(it.image), getattr(it, "is_video", False))
+                a = vlm.ask(question=it.question, **media, k=1, options=opts, answer_tags=answer_tags,
                             max_tokens=max_tokens, tau=tau, seed=seed)
                 text = a.rollouts[0].text if a.rollouts else ""
                 got = extract_answer(text, opts)
