@@ -210,3 +210,17 @@ def test_clip_token_labels_follow_the_pixels():
                 else:
                     assert MOTION[lab[2, j, y, x]] == "still"
     assert n_checked > 30
+
+
+def test_eval_intervals_and_paired_counts():
+    """bootstrap_ci and paired against hand-counted cases."""
+    from training.eval_video_vlm import bootstrap_ci, paired
+
+    assert bootstrap_ci([True] * 20) == (1.0, 1.0)
+    lo, hi = bootstrap_ci([True, False] * 50)
+    assert 0.38 < lo < 0.5 < hi < 0.62
+    a = [{"greedy": g, "answer": "A"} for g in "AAAABBBA"]
+    b = [{"greedy": g, "answer": "A"} for g in "ABBAAABB"]
+    res = paired(a, b)
+    assert (res["only_a"], res["only_b"]) == (3, 2) and res["diff"] == 0.125  # 5/8 right against 4/8
+    assert res["ci95"][0] <= 0.125 <= res["ci95"][1]

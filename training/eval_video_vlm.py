@@ -39,28 +39,58 @@ def summarise(rows: list[dict]) -> dict:
     """Accuracy with its interval, per kind and (clips) temporal vs single-frame kinds."""
     ok = [r["greedy"] == r["answer"] for r in rows]
     lo, hi = bootstrap_ci(ok)
-    out = {"n": len(rows), "greedy_accuracy": round(float(np.mean(ok)), 4), "ci95": [round(lo, 4), round(hi, 4)],
+    out = {"n": len(rows), "accuracy": round(float(np.mean(ok)), 4), "ci95": [round(lo, 4), round(hi, 4)],
            "by_kind": {}}
     for kind in sorted({r["kind"] for r in rows}):
         ks = [r["greedy"] == r["answer"] for r in rows if r["kind"] == kind]
-        out["by_kind"][kind] = {"n": len(ks), "greedy": round(float(np.mean(ks)), 3)}
+        out["by_kind"][kind] = {"n": len(ks), "accuracy": round(float(np.mean(ks)), 3)}
     if any("temporal" in r for r in rows):
         for name, flag in (("temporal", True), ("single_frame", False)):
             ks = [r["greedy"] == r["answer"] for r in rows if r["temporal"] == flag]
-            out[name] = {"n": len(ks), "greedy": round(float(np.mean(ks)), 4) if ks else None}
+            out[name] = {"n": len(ks), "accuracy": round(float(np.mean(ks)), 4) if ks else None}
     if rows and "kept" in rows[0]:
         out["mean_kept"] = round(float(np.mean([r["kept"] for r in rows])), 2)
     return out
 
 
+def config_knobs(spec: str, temperature: float = 0.3) -> dict:
+    """VLM.ask knobs of a config name: 'kdv@0.75' (joint KDV, ratio), 'chunk@0.75' (KDV per chunk), 'random@0.75',
+    'uniform@0.75', 'tau@0.785' (adaptive KDV), 'k@5' (5 rollouts at `temperature`, top-p 0.9, majority vote)."""
+    from avis_llamacpp.native import SamplingParams
+
+    name, _, value = spec.partition("@")
+    if name == "kdv":
+        return {"ratio": float(value)}
+    if name == "chunk":
+        return {"ratio": float(value), "video_selection": "per_chunk"}
+    if name in ("random", "uniform"):
+        return {"ratio": float(value), "selector": name}
+    if name == "tau":
+        return {"tau": float(value)}
+    if name == "k":
+        return {"k": int(value), "sampling": SamplingParams(temperature=temperature, top_p=0.9)}
+    raise ValueError(f"unknown config {spec!r} (kdv@R, chunk@R, random@R, uniform@R, tau@A, k@K)")
+
+
+def paired(rows_a: list[dict], rows_b: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Accuracy a - b on the same items with a 95% paired-bootstrap interval, and the discordant counts."""
+    a = np.array([r["greedy"] == r["answer"] for r in rows_a], dtype=np.float64)
+    b = np.array([r["greedy"] == r["answer"] for r in rows_b], dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
+    d = (a[idx] - b[idx]).mean(1)
+    return {"diff": round(float(a.mean() - b.mean()), 4),
+            "ci95": [round(float(np.quantile(d, 0.025)), 4), round(float(np.quantile(d, 0.975)), 4)],
+            "only_a": int(((a == 1) & (b == 0)).sum()), "only_b": int(((a == 0) & (b == 1)).sum())}
+
+
 def clip_rows(vlm: VLM, n: int, split: str = "test", max_tokens: int = 96, **knobs) -> list[dict]:
-    """Greedy answers on video-task clips 0..n-1 of split (knobs: ratio / tau for pruning)."""
+    """Answers on video-task clips 0..n-1 of split (greedy unless knobs ask for k rollouts; knobs: config_knobs)."""
     rows = []
     for i in range(n):
         item = video_task.make_item(split, i)
         q = item.question
         a = vlm.ask(None, format_question(q), video=video_task.render_clip(item.clip), answer_tags=True,
-                    max_tokens=max_tokens, options=q.options, **knobs)
+                    max_tokens=max_tokens, options=q.options, seed=1000 + i, **knobs)
         rows.append({"id": item.id, "kind": q.kind, "temporal": q.kind in video_task.TEMPORAL_KINDS,
                      "answer": q.answer, "greedy": a.answer, "kept": int(sum(a.kept_tokens))})
     return rows
@@ -146,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=300, help="clips for accuracy (0 to skip)")
     p.add_argument("--images", type=int, default=300, help="image items for accuracy (0 to skip)")
     p.add_argument("--split", default="test", choices=("calibration", "test"))
-    p.add_argument("--ratio", type=float, default=None, help="also score clips with this KDV pruning ratio")
+    p.add_argument("--configs", nargs="*", default=[], help="also score clips under these configs (config_knobs: "
+                   "kdv@0.75 chunk@0.75 random@0.75 uniform@0.75 tau@0.785 k@5 ...), each paired against greedy")
+    p.add_argument("--temperature", type=float, default=0.3, help="sampling temperature of k@K configs")
     p.add_argument("--parity", type=int, default=0, help="test clips for the torch parity check (0 to skip)")
     p.add_argument("--parity-ratio", type=float, default=None, help="also check parity pruned at this ratio")
     p.add_argument("--threads", type=int, default=1)
@@ -168,12 +200,23 @@ def main(argv: list[str] | None = None) -> int:
                 res["parity_pruned"] = run_video_parity(vlm, model, mmproj, args.parity, ratio=args.parity_ratio)
                 print(json.dumps(res["parity_pruned"]), flush=True)
         if args.n:
-            rows = clip_rows(vlm, args.n, args.split)
-            res["clips"] = summarise(rows)
+            rows = {"vanilla": clip_rows(vlm, args.n, args.split)}
+            res["clips"] = summarise(rows["vanilla"])
             print(json.dumps({"clips": res["clips"]}), flush=True)
-            if args.ratio is not None:
-                res[f"clips_kdv_{args.ratio}"] = summarise(clip_rows(vlm, args.n, args.split, ratio=args.ratio))
-                print(json.dumps({f"clips_kdv_{args.ratio}": res[f"clips_kdv_{args.ratio}"]}), flush=True)
+            res["configs"], res["paired"] = {}, {}
+            for spec in args.configs:
+                rows[spec] = clip_rows(vlm, args.n, args.split, **config_knobs(spec, args.temperature))
+                res["configs"][spec] = summarise(rows[spec])
+                res["paired"][f"{spec} - vanilla"] = paired(rows[spec], rows["vanilla"])
+                print(json.dumps({spec: res["configs"][spec], "vs vanilla": res["paired"][f"{spec} - vanilla"]}),
+                      flush=True)
+            for a, b in (("kdv", "chunk"), ("kdv", "random"), ("kdv", "uniform")):
+                for spec in args.configs:
+                    other = spec.replace(a, b, 1) if spec.startswith(a + "@") else None
+                    if other in rows:
+                        res["paired"][f"{spec} - {other}"] = paired(rows[spec], rows[other])
+            if res["paired"]:
+                print(json.dumps({"paired": res["paired"]}), flush=True)
         if args.images:
             res["images"] = summarise(image_rows(vlm, args.images, args.split))
             print(json.dumps({"images": res["images"]}), flush=True)

@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prune-prob", type=float, default=0.5, help="share of batches trained pruned")
     p.add_argument("--aux-object-weight", type=float, default=1.0)
     p.add_argument("--aux-warmup", type=int, default=100, help="steps fitting the fresh auxiliary heads alone")
+    p.add_argument("--export-checkpoint", default=None, metavar="CKPT",
+                   help="only export this checkpoint (a run's ckpt.pt, on the --from model's dims) to --out and exit")
     p.add_argument("--clip-aux-weight", type=float, default=0.5,
                    help="weight of the per-token clip loss (colour, shape, within-pair motion; 0: off)")
     args = p.parse_args(argv)
@@ -255,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_start(args.start)
     dims = model.dims
     spec = qwen_vocab()
+    if args.export_checkpoint:
+        model.load_state_dict(torch.load(args.export_checkpoint, weights_only=True), strict=True)
+        write_video_pair(model.eval(), Path(args.out), spec)
+        print(f"wrote {args.out}", flush=True)
+        return 0
     if spec.n_vocab != dims.n_vocab:
         raise ValueError(f"vocabulary mismatch: task {spec.n_vocab}, model {dims.n_vocab}")
     n_params = {"vision": sum(x.numel() for x in model.vision.parameters()),
