@@ -57,6 +57,15 @@ class ImagePrefill:
         out.update({k: v for k, v in self.meta.items() if k not in drop})
         return out
 
+    @classmethod
+    def from_record(cls, meta: dict, embeddings: np.ndarray) -> "ImagePrefill":
+        """The image back from its `record()` (snapshot and prefix-cache files) and its embeddings."""
+        kept = np.asarray(meta["kept"], dtype=np.int64)
+        im = cls(meta["index"], meta["n_tokens"], len(kept), tuple(meta["grid"]), kept, embeddings)
+        im.meta = {k: v for k, v in meta.items()
+                   if k not in ("index", "n_tokens", "n_kept", "kept_fraction", "grid", "kept")}
+        return im
+
 
 @dataclass
 class PrefillResult:

@@ -222,13 +222,7 @@ class PrefixEntry:
             raise SnapshotMismatchError("not a prefix-cache snapshot (no prefix_cache metadata)")
         if pc.get("arrays") != _arrays_digest(snap.embeddings, snap.scores):
             raise SnapshotMismatchError("the snapshot's image embeddings or scores were changed")
-        images = []
-        for meta, emb in zip(snap.images, snap.embeddings):
-            kept = np.asarray(meta["kept"], dtype=np.int64)
-            im = ImagePrefill(meta["index"], meta["n_tokens"], len(kept), tuple(meta["grid"]), kept, emb)
-            im.meta = {k: v for k, v in meta.items()
-                       if k not in ("index", "n_tokens", "n_kept", "kept_fraction", "grid", "kept")}
-            images.append(im)
+        images = [ImagePrefill.from_record(meta, emb) for meta, emb in zip(snap.images, snap.embeddings)]
         return cls(cache_id=str(pc["cache_id"]), namespace=str(pc["namespace"]),
                    chunks=tuple(_chunk_from_json(c) for c in pc["chunks"]), n_past=snap.n_past, n_kv=snap.n_kv,
                    images=images, scores=list(snap.scores), state=snap.state, prompt_text=snap.prefix_text,

@@ -201,13 +201,7 @@ def prefill_after(ctx: Context, model: Model, snap: Snapshot, suffix: str) -> tu
     if snap.n_kv + len(tokens) > ctx.n_ctx:
         raise ContextOverflowError(f"prompt needs {snap.n_kv + len(tokens)} tokens but n_ctx is {ctx.n_ctx}")
     ctx.decode_tokens(tokens, snap.n_past, 0, logits_last=True)
-    images = []
-    for meta, emb in zip(snap.images, snap.embeddings):
-        kept = np.asarray(meta["kept"], dtype=np.int64)
-        im = ImagePrefill(meta["index"], meta["n_tokens"], len(kept), tuple(meta["grid"]), kept, emb)
-        im.meta = {k: v for k, v in meta.items()
-                   if k not in ("index", "n_tokens", "n_kept", "kept_fraction", "grid", "kept")}
-        images.append(im)
+    images = [ImagePrefill.from_record(meta, emb) for meta, emb in zip(snap.images, snap.embeddings)]
     pre = PrefillResult(snap.n_past + len(tokens), snap.n_kv + len(tokens), images, 0.0, time.perf_counter() - t0)
     return pre, list(snap.scores)
 
