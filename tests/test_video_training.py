@@ -220,7 +220,7 @@ def test_eval_intervals_and_paired_counts():
     lo, hi = bootstrap_ci([True, False] * 50)
     assert 0.38 < lo < 0.5 < hi < 0.62
     a = [{"greedy": g, "answer": "A"} for g in "AAAABBBA"]
-    b = [{"greedy": g, "answer": "A"} for g in "ABBAAABB"]
+    b = [{"greedy": g, "answer": "A"} for g in "BBBAAABB"]
     res = paired(a, b)
-    assert (res["only_a"], res["only_b"]) == (3, 2) and res["diff"] == 0.125  # 5/8 right against 4/8
-    assert res["ci95"][0] <= 0.125 <= res["ci95"][1]
+    assert (res["only_a"], res["only_b"]) == (4, 2) and res["diff"] == 0.25  # 5/8 right against 3/8
+    assert res["ci95"][0] <= 0.25 <= res["ci95"][1]
