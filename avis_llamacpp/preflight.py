@@ -154,6 +154,8 @@ def scan_gguf(path: str | os.PathLike, what: str = "model") -> GGUFHeader:
     """Read and sanity-check a GGUF file's header (magic, metadata, tensor table, tensor data bounds);
     a file that is not a GGUF, truncated or structurally broken raises ModelLoadError naming `what`."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{what} path {path!r} is a folder; give the GGUF file in it")
     if not os.path.isfile(path):
         raise ModelLoadError(f"{what} file not found: {path!r}; check the path")
     size = os.path.getsize(path)

@@ -151,3 +151,5 @@ def test_not_a_gguf_and_missing(tmp_path):
         scan_gguf(tmp_path / "x.gguf", "mmproj")
     with pytest.raises(ModelLoadError, match="mmproj file not found"):
         scan_gguf(tmp_path / "nope.gguf", "mmproj")
+    with pytest.raises(ModelLoadError, match="text model path .* is a folder; give the GGUF file in it"):
+        scan_gguf(tmp_path, "text model")
