@@ -315,8 +315,8 @@ def place_labels(ax: Any, points: Sequence[tuple[float, float]], labels: Sequenc
 
 SETTINGS_FILE = "bench.json"
 # what a record depends on besides its item and configuration: a resumed run must match all of them
-SETTINGS_CHECKED = ("model", "mmproj", "items", "policy", "seed", "max_tokens", "answer_tags", "temperature", "top_p",
-                    "chat_format")
+SETTINGS_CHECKED = ("model", "mmproj", "model_bytes", "mmproj_bytes", "items", "policy", "policy_sha256", "seed",
+                    "max_tokens", "answer_tags", "temperature", "top_p", "chat_format")
 
 
 def check_bench_args(*, max_tokens: int, temperature: float, top_p: float, ray_workers: int = 0) -> None:
@@ -333,11 +333,19 @@ def check_bench_args(*, max_tokens: int, temperature: float, top_p: float, ray_w
 def run_settings(model: str | os.PathLike, mmproj: str | os.PathLike, items_path: str | os.PathLike, *,
                  policy_path: str | os.PathLike | None, seed: int, max_tokens: int, answer_tags: bool,
                  temperature: float, top_p: float, chat_format: str = "auto") -> dict[str, Any]:
-    """The settings a bench run's records depend on (kept in out_dir/bench.json; files as absolute paths)."""
+    """The settings a bench run's records depend on (kept in out_dir/bench.json): files as absolute paths, the
+    model files' sizes (a model replaced at the same path) and the policy file's digest (it is small)."""
+    import hashlib
+
     def where(p: str | os.PathLike | None) -> str | None:
         return None if p is None else str(Path(p).resolve())
 
-    return {"model": where(model), "mmproj": where(mmproj), "items": where(items_path), "policy": where(policy_path),
+    def size(p: str | os.PathLike) -> int | None:
+        return Path(p).stat().st_size if Path(p).is_file() else None
+
+    return {"model": where(model), "mmproj": where(mmproj), "model_bytes": size(model), "mmproj_bytes": size(mmproj),
+            "items": where(items_path), "policy": where(policy_path),
+            "policy_sha256": hashlib.sha256(Path(policy_path).read_bytes()).hexdigest() if policy_path else None,
             "seed": seed, "max_tokens": max_tokens, "answer_tags": bool(answer_tags),
             "temperature": float(temperature), "top_p": float(top_p), "chat_format": chat_format}
 

@@ -154,6 +154,17 @@ def test_rerun_with_other_settings_never_mixes_records(llava_fixture, items, tmp
     finally:
         bench.evaluate_item = orig
     assert calls == [] and len(rec.read_text().splitlines()) == len(recs)
+    # the policy file's content counts, not only its path
+    from avis_llamacpp.defaults import LLAVA_SHAPES_DIR, TRAINED_DIR
+
+    pol = tmp_path / "policy.gguf"
+    pol.write_bytes((LLAVA_SHAPES_DIR / "policy.gguf").read_bytes())
+    out2 = tmp_path / "with_policy"
+    run_bench(*args[:3], out2, configs=configs[:1], max_tokens=2, progress=False, n_threads=1, policy_path=str(pol))
+    pol.write_bytes((TRAINED_DIR / "policy.gguf").read_bytes())
+    with pytest.raises(InvalidArgumentError, match="policy_sha256"):
+        run_bench(*args[:3], out2, configs=configs[:1], max_tokens=2, progress=False, n_threads=1,
+                  policy_path=str(pol))
 
 
 def test_bench_refuses_bad_input_before_writing(llava_fixture, items, tmp_path, monkeypatch, capsys):
