@@ -4,7 +4,10 @@
     llm.create_chat_completion(messages=[...image_url..., text...])
 
 and get the usual OpenAI-shaped response whose message is the voted answer, plus an `avis` field (kept/total
-image tokens per image, K, votes, timings, FLOPs relative to vanilla). Per-request overrides (k, ratio, tau,
+image tokens per image, K, votes, timings, FLOPs relative to vanilla, and a video's sampling). A message may carry
+one video instead of images, as an OpenAI-style {"type": "video_url", "video_url": {"url": ...}} part (a data URI,
+a local path / file:// URL, or http(s) with allow_remote_images): it is sampled for the projector (video.py) and
+pruned as one KDV selection, as VLM.ask(video=...) does. Per-request overrides (k, ratio, tau,
 ...) come from `request_overrides(...)` in Python or from an `avis` object in the HTTP body (see server.py),
 because Llama.create_chat_completion passes no extra keywords to handlers."""
 
@@ -20,8 +23,9 @@ import time
 import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
+from . import query
 from .errors import ImageError, InvalidArgumentError
-from .images import request_image
+from .images import request_image, request_video_urls
 from .native import FlashAttn, SamplingParams, flash_attn_type
 from .pipeline import VRS_SAMPLING, Answer, VLM
 
@@ -35,9 +39,11 @@ _AVIS_SINK: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextV
 # set by the server middleware: whose conversation a request belongs to; the prefix cache reuses KV only within
 # one namespace, so clients never see each other's state (not even whether their prompt was cached)
 _CACHE_NAMESPACE: contextvars.ContextVar[str] = contextvars.ContextVar("avis_cache_namespace", default="")
+VIDEO_KEYS = ("fps", "max_frames", "max_pixels")  # how a video is sampled (video.load_video's knobs)
 OVERRIDE_KEYS = {"k", "ratio", "rho", "tau", "mode", "seed", "early_stop", "answer_tags", "content", "options",
                  "temperature", "top_p", "top_k", "min_p", "policy", "wave", "stopping", "stop_threshold",
-                 "reuse_prefix"}
+                 "reuse_prefix", "video_selection", *VIDEO_KEYS}
+ONE_VIDEO_RULE = "a request may carry one video and no images"
 
 
 @contextlib.contextmanager
@@ -57,18 +63,65 @@ def current_overrides() -> dict[str, Any]:
     return dict(_OVERRIDES.get() or {})
 
 
-def _image_urls(messages: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Image URLs of user messages in order, as llama-cpp-python's stock handlers collect them."""
-    urls: list[str] = []
+def _part_url(part: Any) -> str | None:
+    """The URL of an image_url / video_url content part (the object form or a bare string), else None."""
+    if not isinstance(part, dict) or part.get("type") not in ("image_url", "video_url"):
+        return None
+    u = part.get(part["type"])
+    return u.get("url") if isinstance(u, dict) else u
+
+
+def _is_video_part(part: Mapping[str, Any], server_videos: frozenset[str]) -> bool:
+    """A video_url part, or an image_url part the server rewrote from one (its URL is in server_videos)."""
+    return part.get("type") == "video_url" or (part.get("type") == "image_url" and _part_url(part) in server_videos)
+
+
+def _media_urls(messages: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """(image URLs, video URLs) of user messages in order, as llama-cpp-python's stock handlers collect images."""
+    images: list[str] = []
+    videos: list[str] = []
+    server_videos = request_video_urls()
     for m in messages:
         content = m.get("content")
         if m.get("role") != "user" or not isinstance(content, list):
             continue
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "image_url":
-                iu = part["image_url"]
-                urls.append(iu["url"] if isinstance(iu, dict) else iu)
-    return urls
+            url = _part_url(part)
+            if url is not None:
+                (videos if _is_video_part(part, server_videos) else images).append(url)
+    return images, videos
+
+
+def _image_urls(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Image URLs of user messages in order, as llama-cpp-python's stock handlers collect them."""
+    return _media_urls(messages)[0]
+
+
+def check_one_video(n_images: int, n_videos: int) -> None:
+    """InvalidArgumentError naming the rule unless the request has no video, or one video and no images (a video's
+    frames are one KDV selection; mixing it with other media has no defined selection)."""
+    if n_videos > 1 or (n_videos and n_images):
+        got = f"{n_videos} videos" if n_videos > 1 else f"a video and {n_images} image(s)"
+        raise InvalidArgumentError(f"{ONE_VIDEO_RULE} (got {got}); ask about each separately")
+
+
+def _expand_video(messages: Sequence[Mapping[str, Any]], placeholder: str, n_frames: int,
+                  server_videos: frozenset[str]) -> list[dict[str, Any]]:
+    """The messages with the video part replaced by n_frames image parts (URL `placeholder`) in its place, so the
+    frames' media markers touch, as VLM.ask renders a video (mtmd pairs touching markers into temporal patches)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "user" and isinstance(m.get("content"), list):
+            parts: list[Any] = []
+            for part in m["content"]:
+                if isinstance(part, dict) and _is_video_part(part, server_videos):
+                    parts.extend({"type": "image_url", "image_url": {"url": placeholder}} for _ in range(n_frames))
+                else:
+                    parts.append(part)
+            m["content"] = parts
+        out.append(m)
+    return out
 
 
 class AVISChatHandler:
@@ -79,7 +132,9 @@ class AVISChatHandler:
     else the voted answer). mode "staged" runs the k rollouts in waves of `wave` until the stopping rule
     (`stopping`: "posterior" with `stop_threshold`, or "unanimity") settles the vote.
     flash_attn ("auto" | True | False) is the AVIS context's and the encoder's setting
-    (independent of the Llama's own flash_attn); False reproduces the stock handler's outputs exactly."""
+    (independent of the Llama's own flash_attn); False reproduces the stock handler's outputs exactly.
+    A video_url part is sampled with fps / max_frames / max_pixels (None: video.py's defaults) and pruned as
+    video_selection says ("joint": one KDV selection over the whole clip, or "per_chunk")."""
 
     def __init__(self, clip_model_path: str, *, k: int = 1, ratio: float | None = None, tau: float | None = None,
                  policy: Any = None, mode: str = "parallel", answer_tags: bool = False, content: str = "auto",
@@ -87,7 +142,8 @@ class AVISChatHandler:
                  chat_format: str = "auto", n_seq_max: int = 8,
                  sampling: SamplingParams = VRS_SAMPLING, allow_remote_images: bool = False,
                  flash_attn: FlashAttn = "auto", verbose: bool = False, prefix_cache: bool = True,
-                 prefix_store: Any = None) -> None:
+                 prefix_store: Any = None, video_selection: str = "joint", fps: float | None = None,
+                 max_frames: int | None = None, max_pixels: int | None = None) -> None:
         flash_attn_type(flash_attn)  # InvalidArgumentError now, not at the first request
         if not os.path.exists(clip_model_path):
             raise InvalidArgumentError(f"clip model path does not exist: {clip_model_path!r}")
@@ -99,7 +155,9 @@ class AVISChatHandler:
         self.clip_model_path = clip_model_path
         self.defaults = {"k": k, "ratio": ratio, "tau": tau, "policy": policy, "mode": mode,
                          "answer_tags": answer_tags, "content": content, "early_stop": early_stop,
-                         "wave": wave, "stopping": stopping, "stop_threshold": stop_threshold}
+                         "wave": wave, "stopping": stopping, "stop_threshold": stop_threshold,
+                         "video_selection": video_selection, "fps": fps, "max_frames": max_frames,
+                         "max_pixels": max_pixels}
         self.sampling = sampling
         self.chat_format = chat_format
         self.n_seq_max = n_seq_max
@@ -148,7 +206,16 @@ class AVISChatHandler:
         s = self._settings()
         k = int(s["k"])
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        urls = _image_urls(messages)
+        urls, videos = _media_urls(messages)
+        check_one_video(len(urls), len(videos))
+        clip = None
+        if videos:
+            # sampled before rendering: the prompt has one media marker per sampled frame
+            clip = query.load_clip(_media_source(videos[0], "video"), vlm.projector, vlm.settings.n_ctx,
+                                   allow_remote=self.allow_remote_images, **{k: s.get(k) for k in VIDEO_KEYS})
+            placeholder = f"avis-video-{uuid.uuid4().hex}"
+            messages = _expand_video(messages, placeholder, len(clip.frames), request_video_urls())
+            urls = [placeholder]
         if s["answer_tags"]:
             messages = _with_answer_suffix(messages)
         prompt = vlm.render_messages(messages, urls)
@@ -167,12 +234,19 @@ class AVISChatHandler:
                       tau=s["tau"], k=k, mode=s["mode"], seed=int(s.get("seed", seed or 0) or 0),
                       early_stop=bool(s["early_stop"]), options=s.get("options"), policy=s.get("policy"),
                       question=question, wave=s["wave"], stopping=s["stopping"], stop_threshold=s["stop_threshold"],
-                      reuse_prefix=s.get("reuse_prefix"), cache_namespace=_CACHE_NAMESPACE.get())
-        images = [_image_source(u) for u in urls]
+                      reuse_prefix=s.get("reuse_prefix"), cache_namespace=_CACHE_NAMESPACE.get(),
+                      video_selection=s["video_selection"])
+        if clip is not None:
+            images: list[Any] = list(clip.frames)
+            kwargs["video"] = True
+        else:
+            images = [_image_source(u) for u in urls]
         name = model or os.path.basename(vlm.model.path)
+        record = query.clip_record(clip) if clip is not None else None
         if stream:
-            return self._stream(vlm, prompt, images, kwargs, name, s["content"])
+            return self._stream(vlm, prompt, images, kwargs, name, s["content"], record)
         ans = vlm.generate(prompt, images, **kwargs)
+        ans.video = record
         out = _completion(ans, name, s["content"])
         sink = _AVIS_SINK.get()
         if sink is not None:
@@ -180,7 +254,7 @@ class AVISChatHandler:
         return out
 
     def _stream(self, vlm: VLM, prompt: str, images: list[Any], kwargs: dict[str, Any], name: str,
-                content: str) -> Iterator[dict[str, Any]]:
+                content: str, video: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Chunks as llama-cpp-python streams them: the single rollout as it decodes when K = 1 (and no policy
         may raise K), else the voted answer once the vote is done."""
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -218,6 +292,7 @@ class AVISChatHandler:
         if "error" in box:
             raise box["error"]
         ans: Answer = box["answer"]
+        ans.video = video
         if not live:
             yield chunk({"content": _message_text(ans, content)})
         yield chunk({}, ans.finish_reason, {"avis": _avis_field(ans)})
@@ -259,8 +334,13 @@ def _last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
 def _image_source(url: str) -> Any:
     """What load_image takes for an image_url: data URIs and local paths as is, file:// URLs as paths; inside a
     server request, only the bytes the server's image policy fetched (images.request_image)."""
+    return _media_source(url, "image")
+
+
+def _media_source(url: Any, kind: str) -> Any:
+    """What load_image / load_video take for an image_url / video_url (see _image_source)."""
     if not isinstance(url, str) or not url:
-        raise ImageError("image_url must be a non-empty string")
+        raise ImageError(f"{kind}_url must be a non-empty string")
     return request_image(url)
 
 
@@ -280,7 +360,7 @@ def _avis_field(ans: Answer) -> dict[str, Any]:
             "prefix_reused": ans.prefix_reused, "tokens_skipped": ans.tokens_skipped,
             "timings": {k: round(v, 6) for k, v in ans.timings.items()},
             "flops_vs_vanilla": ans.flops.get("total"),
-            "rollouts": [r.text for r in ans.rollouts]}
+            "rollouts": [r.text for r in ans.rollouts], "video": getattr(ans, "video", None)}
 
 
 def _completion(ans: Answer, name: str, content: str) -> dict[str, Any]:

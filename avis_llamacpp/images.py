@@ -31,7 +31,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Union
+from typing import Iterable, Iterator, Mapping, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -302,6 +302,9 @@ def load_frames(src: ImageInput | list[ImageInput] | tuple[ImageInput, ...], *, 
 _REQUEST_IMAGES: contextvars.ContextVar[Mapping[str, bytes] | None] = contextvars.ContextVar(
     "avis_request_images", default=None)
 
+_REQUEST_VIDEOS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("avis_request_videos",
+                                                                                 default=frozenset())
+
 # the one answer for a local image outside the directory, missing, or unreadable: no file facts leak
 LOCAL_IMAGE_UNAVAILABLE = ("local image not available: a path or file:// URL must name a readable image file "
                            "inside the server's image directory")
@@ -314,13 +317,18 @@ class ImageSourcePolicy:
 
     image_dir: local paths and file:// URLs resolve inside this directory (relative paths against it) and may
     not leave it (`..`, symlinks); None refuses them. allow_remote: fetch http(s) URLs (off: request forgery).
-    max_bytes: encoded bytes per image; max_pixels: width x height per image, checked from the header."""
+    max_bytes: encoded bytes per image; max_pixels: width x height per image (and per video frame), checked from
+    the header. Videos (video_url parts) come from the same places; max_video_bytes, max_video_seconds and
+    max_video_frames (source frames) bound them, checked from the container header by the server."""
 
     image_dir: str | None = None
     allow_remote: bool = False
     max_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     remote_timeout: float = 10.0
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_video_frames: int = 36_000
 
     def __post_init__(self) -> None:
         if self.image_dir is not None:
@@ -328,20 +336,32 @@ class ImageSourcePolicy:
             if not os.path.isdir(real):
                 raise InvalidArgumentError(f"image directory {self.image_dir!r} is not a directory")
             object.__setattr__(self, "image_dir", real)
-        for name in ("max_bytes", "max_pixels"):
+        for name in ("max_bytes", "max_pixels", "max_video_bytes", "max_video_frames"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgumentError(f"{name} must be an int >= 1, got {v!r}")
+        v = self.max_video_seconds
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise InvalidArgumentError(f"max_video_seconds must be a number > 0, got {v!r}")
 
 
 @contextlib.contextmanager
-def request_images(resolved: Mapping[str, bytes]) -> Iterator[None]:
-    """Within the block, the chat handler takes images only from `resolved` (URL -> encoded bytes)."""
+def request_images(resolved: Mapping[str, bytes], videos: Iterable[str] = ()) -> Iterator[None]:
+    """Within the block, the chat handler takes images (and videos) only from `resolved` (URL -> encoded bytes);
+    `videos`: the URLs that came as video_url parts (the server hands them on as image_url parts, since
+    llama_cpp.server's request model knows no video_url)."""
     token = _REQUEST_IMAGES.set(dict(resolved))
+    token_v = _REQUEST_VIDEOS.set(frozenset(videos))
     try:
         yield
     finally:
+        _REQUEST_VIDEOS.reset(token_v)
         _REQUEST_IMAGES.reset(token)
+
+
+def request_video_urls() -> frozenset[str]:
+    """The URLs of the current server request that are videos (empty outside a server request)."""
+    return _REQUEST_VIDEOS.get()
 
 
 def request_image(url: str) -> ImageInput:
@@ -360,25 +380,33 @@ def fetch_request_image(url: str, policy: ImageSourcePolicy) -> bytes:
     """The encoded bytes of an image named in a request, under `policy`: data URIs always, http(s) URLs when
     allowed, local paths / file:// URLs only inside policy.image_dir. Checks the byte limit, the format and the
     pixel count from the header (nothing is decoded). Raises ImageError with a message safe to show a client."""
-    if not isinstance(url, str) or not url:
-        raise ImageError("image URL must be a non-empty string")
-    if url[:5].lower() == "data:":
-        data = _data_uri_bytes(url, policy.max_bytes)
-    elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
-        if not policy.allow_remote:
-            raise ImageError("remote image URLs are disabled on this server; send the image as a data URI "
-                             "(data:image/png;base64,...)")
-        data = _fetch_remote(url, policy)
-    elif "://" in url[:16] and url[:7].lower() != "file://":
-        raise ImageError(f"unsupported image URL scheme {url.split('://', 1)[0][:16]!r}; send a data URI "
-                         "(data:image/png;base64,...)")
-    else:
-        if policy.image_dir is None:
-            raise ImageError("local image paths and file:// URLs are disabled on this server; send the image as a "
-                             "data URI (data:image/png;base64,...)")
-        data = _read_local(url, policy)
+    data = fetch_request_bytes(url, policy)
     check_image_header(data, policy.max_pixels)
     return data
+
+
+def fetch_request_bytes(url: str, policy: ImageSourcePolicy, *, video: bool = False) -> bytes:
+    """The bytes a request's image (or, with video=True, video) URL names, under `policy`'s source rules and its
+    byte limit (max_bytes, or max_video_bytes); nothing is decoded or checked beyond that. Raises ImageError with
+    a message safe to show a client (the same one answer for every unavailable local file, image or video)."""
+    what, example = ("video", "data:video/mp4;base64,...") if video else ("image", "data:image/png;base64,...")
+    max_bytes = policy.max_video_bytes if video else policy.max_bytes
+    if not isinstance(url, str) or not url:
+        raise ImageError(f"{what} URL must be a non-empty string")
+    if url[:5].lower() == "data:":
+        return _data_uri_bytes(url, max_bytes, what)
+    if url[:7].lower() == "http://" or url[:8].lower() == "https://":
+        if not policy.allow_remote:
+            raise ImageError(f"remote {what} URLs are disabled on this server; send the {what} as a data URI "
+                             f"({example})")
+        return _fetch_remote(url, policy, max_bytes, what)
+    if "://" in url[:16] and url[:7].lower() != "file://":
+        raise ImageError(f"unsupported {what} URL scheme {url.split('://', 1)[0][:16]!r}; send a data URI "
+                         f"({example})")
+    if policy.image_dir is None:
+        raise ImageError(f"local {what} paths and file:// URLs are disabled on this server; send the {what} as a "
+                         f"data URI ({example})")
+    return _read_local(url, policy, max_bytes, what)
 
 
 def check_image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
@@ -404,20 +432,25 @@ def check_image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
     return w, h
 
 
-def _data_uri_bytes(url: str, max_bytes: int) -> bytes:
+def _too_big(what: str, max_bytes: int) -> ImageError:
+    return ImageError(f"{what} is over this server's limit of {max_bytes} bytes; send a smaller {what}")
+
+
+def _data_uri_bytes(url: str, max_bytes: int, what: str = "image") -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or ";base64" not in header.lower():
-        raise ImageError("data URI images must be base64-encoded: data:image/png;base64,<data>")
+        example = "data:video/mp4;base64,<data>" if what == "video" else "data:image/png;base64,<data>"
+        raise ImageError(f"data URI {what}s must be base64-encoded: {example}")
     if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
-        raise ImageError(f"image is over this server's limit of {max_bytes} bytes; send a smaller image")
+        raise _too_big(what, max_bytes)
     try:
         data = base64.b64decode(payload, validate=True)
     except ValueError:
-        raise ImageError("data URI: invalid base64; encode the image bytes with standard base64") from None
+        raise ImageError(f"data URI: invalid base64; encode the {what} bytes with standard base64") from None
     if not data:
-        raise ImageError("data URI: empty image data")
+        raise ImageError(f"data URI: empty {what} data")
     if len(data) > max_bytes:
-        raise ImageError(f"image is over this server's limit of {max_bytes} bytes; send a smaller image")
+        raise _too_big(what, max_bytes)
     return data
 
 
@@ -430,23 +463,23 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _fetch_remote(url: str, policy: ImageSourcePolicy) -> bytes:
+def _fetch_remote(url: str, policy: ImageSourcePolicy, max_bytes: int, what: str = "image") -> bytes:
     opener = urllib.request.build_opener(_HttpOnlyRedirects())
     try:
         with opener.open(url, timeout=policy.remote_timeout) as r:
-            data = r.read(policy.max_bytes + 1)
+            data = r.read(max_bytes + 1)
     except ImageError:
         raise
     except Exception as e:
-        raise ImageError(f"could not fetch the image URL ({type(e).__name__})") from None
-    if len(data) > policy.max_bytes:
-        raise ImageError(f"image is over this server's limit of {policy.max_bytes} bytes; send a smaller image")
+        raise ImageError(f"could not fetch the {what} URL ({type(e).__name__})") from None
+    if len(data) > max_bytes:
+        raise _too_big(what, max_bytes)
     if not data:
-        raise ImageError("the image URL returned no data")
+        raise ImageError(f"the {what} URL returned no data")
     return data
 
 
-def _read_local(url: str, policy: ImageSourcePolicy) -> bytes:
+def _read_local(url: str, policy: ImageSourcePolicy, max_bytes: int, what: str = "image") -> bytes:
     """A regular file inside policy.image_dir, else ImageError(LOCAL_IMAGE_UNAVAILABLE) whatever the reason."""
     root = policy.image_dir
     assert root is not None
@@ -468,11 +501,10 @@ def _read_local(url: str, policy: ImageSourcePolicy) -> bytes:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise PermissionError("not a regular file")
-            if st.st_size > policy.max_bytes:
-                raise ImageError(f"image is over this server's limit of {policy.max_bytes} bytes; "
-                                 "send a smaller image")
+            if st.st_size > max_bytes:
+                raise _too_big(what, max_bytes)
             with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(policy.max_bytes + 1)
+                data = f.read(max_bytes + 1)
         finally:
             os.close(fd)
     except ImageError:
@@ -480,7 +512,6 @@ def _read_local(url: str, policy: ImageSourcePolicy) -> bytes:
     except (OSError, ValueError) as e:
         logger.info("refused local image %r: %s", url[:200], _describe(e))
         raise ImageError(LOCAL_IMAGE_UNAVAILABLE) from None
-    if not data or len(data) > policy.max_bytes:
-        raise ImageError(LOCAL_IMAGE_UNAVAILABLE if not data else
-                         f"image is over this server's limit of {policy.max_bytes} bytes; send a smaller image")
+    if not data or len(data) > max_bytes:
+        raise ImageError(LOCAL_IMAGE_UNAVAILABLE) if not data else _too_big(what, max_bytes)
     return data

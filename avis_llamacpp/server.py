@@ -10,7 +10,11 @@ with defaults from the --avis_* flags. Clients pick per-request settings with an
 
 What a request may do (the ASGI guard in front of llama_cpp.server checks it before any work is queued):
 images come as data URIs; http(s) URLs only with --avis_allow_remote_images; local paths and file:// URLs only
-inside --avis_image_dir (one error message for outside / missing / unreadable files). Every client mistake
+inside --avis_image_dir (one error message for outside / missing / unreadable files). One video per request (an
+OpenAI-style {"type": "video_url", "video_url": {"url": ...}} part, and then no images) comes from the same places,
+within --avis_max_video_bytes / _seconds / _frames and --avis_max_image_pixels per frame, read from its container
+header before anything is decoded; the `avis` object may set its sampling (fps, max_frames, max_pixels) and
+video_selection. Every client mistake
 (unknown or ill-typed `avis` keys, K above the server's slots, max_tokens beyond the context, oversized,
 undecodable or too many images, too large a body) is a 4xx with an OpenAI-shaped error body
 {"error": {"message", "type", "param", "code"}}; 5xx means a server fault. Requests are answered one at a time
@@ -32,16 +36,19 @@ from typing import Any, Callable
 
 import anyio
 
-from .chat_handler import _AVIS_SINK, _CACHE_NAMESPACE, _OVERRIDES, OVERRIDE_KEYS, AVISChatHandler
+from .chat_handler import _AVIS_SINK, _CACHE_NAMESPACE, _OVERRIDES, ONE_VIDEO_RULE, OVERRIDE_KEYS, AVISChatHandler
 from .cli_args import flash_attn_arg
 from .cli_args import parse_tau as _parse_tau
-from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError
-from .images import ImageSourcePolicy, fetch_request_image, load_image, request_images
+from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError, VideoError
+from .images import (ImageSourcePolicy, check_image_header, fetch_request_bytes, fetch_request_image, load_image,
+                     request_images)
 
 logger = logging.getLogger(__name__)
 
 AVIS_FORMATS = {"avis": "auto", "avis-llava-1-5": "llava-1-5", "avis-qwen2.5-vl": "qwen2.5-vl"}
 MiB = 1024 * 1024
+MAX_SAMPLE_FPS = 60.0  # the `avis` body's fps
+MAX_SAMPLE_FRAMES = 768  # the `avis` body's max_frames (qwen-vl-utils' FPS_MAX_FRAMES)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class ChatPlan:
     overrides: dict[str, Any]
     images: list[tuple[str, str]]  # (param path, url), in message order
     stream: bool = False
+    videos: list[tuple[str, str]] = field(default_factory=list)  # (param path, url): at most one
 
 
 def _is_int(v: Any) -> bool:
@@ -137,6 +145,12 @@ def _avis_checks(slots: int) -> dict[str, tuple[str, Callable[[Any], bool]]]:
         "min_p": ("a number from 0 to 1", lambda v: num(v) and 0 <= v <= 1),
         "policy": ("null (turns the server's adaptive-K policy off; the operator chooses the policy file)",
                    lambda v: v is None),
+        "fps": (f"a number with 0 < fps <= {MAX_SAMPLE_FPS:g} (video frames sampled per second)",
+                lambda v: num(v) and 0 < v <= MAX_SAMPLE_FPS),
+        "max_frames": (f"an integer from 1 to {MAX_SAMPLE_FRAMES} (most video frames sampled)",
+                       lambda v: _is_int(v) and 1 <= v <= MAX_SAMPLE_FRAMES),
+        "max_pixels": ("an integer >= 1 (most pixels per sampled video frame)", lambda v: _is_int(v) and v >= 1),
+        "video_selection": ('"joint" or "per_chunk"', lambda v: v in ("joint", "per_chunk")),
     }
 
 
@@ -161,9 +175,12 @@ def _validate_avis(raw: Any, slots: int) -> dict[str, Any]:
     return dict(raw)
 
 
-def _message_images(messages: list[Any], max_images: int) -> list[tuple[str, str]]:
-    """(param, url) of every image part of every message, checking the shapes the handler relies on."""
+def _message_images(messages: list[Any], max_images: int,
+                    videos: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """(param, url) of every image part of every message, checking the shapes the handler relies on; video_url
+    parts go to `videos` (one per request, and then no images: a 400 naming the part otherwise)."""
     found: list[tuple[str, str]] = []
+    videos = [] if videos is None else videos
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -182,18 +199,23 @@ def _message_images(messages: list[Any], max_images: int) -> list[tuple[str, str
             if part["type"] == "text":
                 if not isinstance(part.get("text"), str):
                     raise _bad(f"{pw}.text", "a string", part.get("text"))
-            elif part["type"] == "image_url":
-                iu = part.get("image_url")
+            elif part["type"] in ("image_url", "video_url"):
+                kind = part["type"]
+                iu = part.get(kind)
                 url = iu.get("url") if isinstance(iu, dict) else iu
                 if not isinstance(url, str) or not url:
-                    raise _bad(f"{pw}.image_url", 'a non-empty URL string or {"url": "data:image/png;base64,..."}',
-                               iu)
-                found.append((f"{pw}.image_url", url))
+                    example = "data:video/mp4;base64,..." if kind == "video_url" else "data:image/png;base64,..."
+                    raise _bad(f"{pw}.{kind}", f'a non-empty URL string or {{"url": "{example}"}}', iu)
+                (videos if kind == "video_url" else found).append((f"{pw}.{kind}", url))
+                if videos and (len(videos) > 1 or found):
+                    got = f"{len(videos)} videos" if len(videos) > 1 else f"a video and {len(found)} image(s)"
+                    raise RequestError(400, f"{ONE_VIDEO_RULE} (got {got}); ask about each separately",
+                                       param=f"{pw}.{kind}", code="too_many_media")
                 if len(found) > max_images:
                     raise RequestError(400, f"too many images: at most {max_images} per request on this server",
                                        param=f"{pw}.image_url", code="too_many_images")
             else:
-                raise _bad(f"{pw}.type", '"text" or "image_url"', part["type"])
+                raise _bad(f"{pw}.type", '"text", "image_url" or "video_url"', part["type"])
     return found
 
 
@@ -205,7 +227,8 @@ def validate_chat_request(data: Any, limits: ServerLimits, n_ctx: int | None) ->
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "a non-empty list of messages", messages)
-    images = _message_images(messages, limits.max_images)
+    videos: list[tuple[str, str]] = []
+    images = _message_images(messages, limits.max_images, videos)
     overrides = _validate_avis(data.get("avis"), limits.slots)
     mt = data.get("max_tokens")
     if mt is not None:
@@ -227,7 +250,7 @@ def validate_chat_request(data: Any, limits: ServerLimits, n_ctx: int | None) ->
     if data.get("grammar") is not None:
         raise RequestError(400, "grammar is not supported by the AVIS chat handler; leave it out", param="grammar",
                            code="unsupported_parameter")
-    return ChatPlan(overrides=overrides, images=images, stream=data.get("stream") is True)
+    return ChatPlan(overrides=overrides, images=images, stream=data.get("stream") is True, videos=videos)
 
 
 def validate_other_request(path: str, data: Any, n_vocab: int | None, serves_embeddings: bool) -> None:
@@ -272,6 +295,8 @@ def _error_for_exception(exc: BaseException) -> RequestError:
         if isinstance(e, ContextOverflowError):
             return RequestError(400, f"the request does not fit the model's context: {e}", param="messages",
                                 code="context_length_exceeded")
+        if isinstance(e, VideoError):
+            return RequestError(400, f"video: {e}", param="messages", code="invalid_video")
         if isinstance(e, ImageError):
             return RequestError(400, f"image: {e}", param="messages", code="invalid_image")
         if isinstance(e, InvalidArgumentError):
@@ -358,6 +383,9 @@ class AVISGuard:
                                    else None)
                 plan = validate_chat_request(data, self.limits, n_ctx)
                 resolved = await anyio.to_thread.run_sync(self._fetch_images, plan.images)
+                if plan.videos:
+                    resolved.update(await anyio.to_thread.run_sync(self._fetch_videos, plan.videos))
+                    scope, messages = _as_image_parts(scope, data)
         except RequestError as e:
             await _send_error(send, e)
             return
@@ -373,7 +401,7 @@ class AVISGuard:
         token, token_sink = _OVERRIDES.set(plan.overrides or None), _AVIS_SINK.set(sink)
         token_ns = _CACHE_NAMESPACE.set(cache_namespace(scope, data))
         try:
-            with request_images(resolved):
+            with request_images(resolved, videos=[url for _, url in plan.videos]):
                 await self._answer(scope, replay, send, sink)
         finally:
             _CACHE_NAMESPACE.reset(token_ns)
@@ -408,6 +436,87 @@ class AVISGuard:
             except ImageError as e:
                 raise RequestError(400, f"{param}: {e}", param=param, code="invalid_image") from None
         return resolved
+
+
+    def _fetch_videos(self, videos: list[tuple[str, str]]) -> dict[str, bytes]:
+        """The request's video bytes under the source policy, each checked against the video limits from its
+        header (check_video_header); nothing is decoded here (the handler samples the frames it needs)."""
+        policy = self.limits.images
+        resolved: dict[str, bytes] = {}
+        for param, url in videos:
+            try:
+                data = fetch_request_bytes(url, policy, video=True)
+            except ImageError as e:
+                code = "video_too_large" if "over this server's limit" in str(e) else "invalid_video"
+                raise RequestError(400, f"{param}: {e}", param=param, code=code) from None
+            check_video_header(data, policy, param)
+            resolved[url] = data
+        return resolved
+
+
+def check_video_header(data: bytes, policy: ImageSourcePolicy, param: str) -> dict[str, Any]:
+    """A request's video checked from its container header (video.probe_video: no frame decoded) against the
+    policy's limits: pixels per frame, duration, source frames. RequestError (400) naming the part and the limit;
+    returns the header's facts. Animated GIF / WebP / PNG are checked from their image header and frame count."""
+    from .video import container_format, probe_video
+
+    def refuse(code: str, message: str) -> RequestError:
+        return RequestError(400, f"{param}: {message}", param=param, code=code)
+
+    try:
+        if container_format(data[:16]) is not None:
+            # the probe's own limits stay open so that each limit below gets its own code
+            info = probe_video(data, max_bytes=policy.max_video_bytes, max_source_pixels=2 ** 62)
+        else:
+            try:
+                w, h = check_image_header(data, 2 ** 62)
+            except ImageError:
+                raise ImageError("not a readable video; send an mp4, mov, webm, mkv or avi file (or an animated GIF, "
+                                 "WebP or PNG)") from None
+            info = {"width": w, "height": h, "frames": _animation_frames(data), "duration": None}
+    except ImageError as e:
+        raise refuse("invalid_video", str(e)) from None
+    w, h, n, seconds = info["width"], info["height"], info["frames"], info["duration"]
+    if w * h > policy.max_pixels:
+        raise refuse("video_too_many_pixels", f"video frames are {w}x{h} = {w * h} pixels, over this server's limit "
+                                              f"of {policy.max_pixels} per frame; downscale the video")
+    if n > policy.max_video_frames:
+        raise refuse("video_too_many_frames", f"the video has {n} frames, over this server's limit of "
+                                              f"{policy.max_video_frames}; send a shorter clip")
+    if seconds is not None and seconds > policy.max_video_seconds:
+        raise refuse("video_too_long", f"the video lasts {seconds:.1f} s, over this server's limit of "
+                                       f"{policy.max_video_seconds:g} s; send a shorter clip")
+    return info
+
+
+def _animation_frames(data: bytes) -> int:
+    """Frames of an animated (or still) image, counted from its headers."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(getattr(img, "n_frames", 1) or 1)
+    except Exception as e:  # whatever a plugin raises on a damaged animation
+        raise ImageError(f"the animation is truncated or corrupt ({type(e).__name__})") from None
+
+
+def _as_image_parts(scope: dict, data: dict[str, Any]) -> tuple[dict, list[dict]]:
+    """The request with its video_url part handed on as an image_url part of the same URL (llama_cpp.server's
+    request model knows no video_url; request_images tells the handler which URL is the video): the new scope
+    (content-length) and body messages."""
+    messages = []
+    for m in data["messages"]:
+        if isinstance(m.get("content"), list):
+            m = {**m, "content": [{"type": "image_url", "image_url": p["video_url"]}
+                                  if isinstance(p, dict) and p.get("type") == "video_url" else p
+                                  for p in m["content"]]}
+        messages.append(m)
+    body = json.dumps({**data, "messages": messages}).encode()
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    return {**scope, "headers": headers}, [{"type": "http.request", "body": body, "more_body": False}]
 
 
 def cache_namespace(scope: dict, data: Any) -> str:
@@ -605,6 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--avis_max_image_bytes", type=int, default=d.images.max_bytes, help="largest encoded image")
     s.add_argument("--avis_max_image_pixels", type=int, default=d.images.max_pixels, help="largest image (width x height)")
     s.add_argument("--avis_max_images", type=int, default=d.max_images, help="most images per request")
+    s.add_argument("--avis_max_video_bytes", type=int, default=d.images.max_video_bytes,
+                   help="largest encoded video (one video_url per request, from the same places as images)")
+    s.add_argument("--avis_max_video_seconds", type=float, default=d.images.max_video_seconds,
+                   help="longest video, from its container header")
+    s.add_argument("--avis_max_video_frames", type=int, default=d.images.max_video_frames,
+                   help="most source frames in a video, from its header (--avis_max_image_pixels bounds each frame)")
     s.add_argument("--avis_max_queue", type=int, default=d.max_queue,
                    help="most chat requests held at once (running or waiting); more get 429")
     return p
@@ -617,7 +732,10 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
                         images=ImageSourcePolicy(image_dir=args.avis_image_dir,
                                                  allow_remote=args.avis_allow_remote_images,
                                                  max_bytes=args.avis_max_image_bytes,
-                                                 max_pixels=args.avis_max_image_pixels))
+                                                 max_pixels=args.avis_max_image_pixels,
+                                                 max_video_bytes=args.avis_max_video_bytes,
+                                                 max_video_seconds=args.avis_max_video_seconds,
+                                                 max_video_frames=args.avis_max_video_frames))
 
 
 def prefix_cache_from_args(args: argparse.Namespace) -> dict[str, Any]:

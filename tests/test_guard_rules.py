@@ -284,6 +284,63 @@ def _check_reuse_prefix(server, library):
     assert ask(server, {"reuse_prefix": False})["avis"]["tokens_skipped"] == 0
 
 
+_CLIP: list[bytes] = []
+VQ = "What moves?"
+
+
+def _video_body(avis: dict | None) -> dict:
+    """A question about a 3 s, 24-frame 64x64 mp4 (a video_url data URI) with these avis settings (at most 4
+    frames unless they say otherwise: the bundled model takes 196 tokens a frame, and the context is 1024)."""
+    if not _CLIP:
+        import tempfile
+
+        from convert.video_files import moving_shapes_clip, write_video
+        with tempfile.TemporaryDirectory() as d:
+            _CLIP.append(write_video(moving_shapes_clip(24, 64), Path(d) / "clip.mp4", fps=8).read_bytes())
+    uri = "data:video/mp4;base64," + base64.b64encode(_CLIP[0]).decode()
+    return {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
+                                                      {"type": "text", "text": VQ}]}],
+            "max_tokens": 2, "temperature": 0.0, "avis": {"policy": None, "max_frames": 4, **(avis or {})}}
+
+
+def _video_ask(server: _Client, avis: dict | None = None) -> dict:
+    status, out = server.chat(_video_body(avis))
+    assert status == 200, out
+    return out
+
+
+def _check_fps(server, library):
+    # 3 s at 1 fps: qwen-vl-utils' minimum of 4 frames; at 2 fps: 6 frames, which do not fit the context
+    out = _video_ask(server, {"fps": 1, "max_frames": 32})["avis"]["video"]
+    assert out["frames"] == 4 == library.ask(None, VQ, video=_CLIP[0], fps=1, max_tokens=1).video["frames"]
+    status, err = server.chat(_video_body({"fps": 2, "max_frames": 32}))
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+
+
+def _check_max_frames(server, library):
+    assert _video_ask(server, {"max_frames": 2})["avis"]["video"]["frames"] == 2
+    assert _video_ask(server)["avis"]["video"]["frames"] == 4
+
+
+def _check_max_pixels(server, library):
+    small = _video_ask(server, {"max_pixels": 1024})["avis"]["video"]
+    assert small["size"][0] * small["size"][1] <= 1024 and small["size"] == library.ask(
+        None, VQ, video=_CLIP[0], max_frames=4, max_pixels=1024, max_tokens=1).video["size"]
+    assert _video_ask(server)["avis"]["video"]["size"] == [64, 64]
+
+
+def _check_video_selection(server, library):
+    from avis_llamacpp.kdv import n_keep_for_ratio
+
+    joint = _video_ask(server, {"ratio": 0.5})["avis"]["images"]
+    per_chunk = _video_ask(server, {"ratio": 0.5, "video_selection": "per_chunk"})["avis"]["images"]
+    assert len(per_chunk) > 1 and [im["kept"] for im in per_chunk] == [n_keep_for_ratio(im["tokens"], 0.5)
+                                                                         for im in per_chunk]
+    assert sum(im["kept"] for im in joint) == n_keep_for_ratio(sum(im["tokens"] for im in joint), 0.5)
+    want = library.ask(None, VQ, video=_CLIP[0], max_frames=4, ratio=0.5, max_tokens=1)
+    assert [im["kept"] for im in joint] == want.kept_tokens != [im["kept"] for im in per_chunk]
+
+
 KEY_CHECKS: dict[str, Callable] = {
     "k": _check_k, "ratio": _check_ratio, "rho": _check_rho, "tau": _check_tau, "mode": _check_mode,
     "seed": _check_seed, "early_stop": _check_early_stop, "answer_tags": _check_answer_tags,
@@ -291,11 +348,15 @@ KEY_CHECKS: dict[str, Callable] = {
     "top_p": _sampling_check("top_p", 1e-6), "top_k": _sampling_check("top_k", 1),
     "min_p": _sampling_check("min_p", 1.0), "policy": _check_policy, "wave": _check_wave,
     "stopping": _check_stopping, "stop_threshold": _check_stop_threshold, "reuse_prefix": _check_reuse_prefix,
+    "fps": _check_fps, "max_frames": _check_max_frames, "max_pixels": _check_max_pixels,
+    "video_selection": _check_video_selection,
 }
 
 
 def test_every_avis_key_has_an_end_to_end_check():
-    assert set(KEY_CHECKS) == OVERRIDE_KEYS
+    missing, stale = sorted(OVERRIDE_KEYS - set(KEY_CHECKS)), sorted(set(KEY_CHECKS) - OVERRIDE_KEYS)
+    assert not missing, f"avis key(s) {missing} have no end-to-end check: add one to KEY_CHECKS here"
+    assert not stale, f"KEY_CHECKS names keys the server no longer takes: {stale}"
 
 
 @needs_bundle

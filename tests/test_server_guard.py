@@ -223,7 +223,7 @@ def test_valid_bodies_pass_with_their_overrides_and_images():
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}}]}]},
      "messages[0].content[0].image_url", "non-empty URL"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type",
-     '"text" or "image_url"'),
+     '"text", "image_url" or "video_url"'),
     ({"messages": [{"role": "user", "content": [IMG, IMG, IMG]}]}, "messages[0].content[2].image_url",
      "at most 2 per request"),
 ])
