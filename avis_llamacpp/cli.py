@@ -32,16 +32,46 @@ def _check_images(images: Sequence[str]) -> None:
             check_input_file(image[7:] if image.startswith("file://") else image, "--image")
 
 
+def _add_video_args(p: argparse.ArgumentParser) -> None:
+    """--video (instead of --image) and how its frames are sampled (video.py: qwen-vl-utils' rules)."""
+    p.add_argument("--video", default=None,
+                   help="video file (mp4, webm, mov, mkv, avi, or an animated GIF / WebP / PNG) instead of --image: "
+                        "sampled frames pruned as one KDV selection")
+    p.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default 2)")
+    p.add_argument("--max-frames", type=int, default=None, help="most video frames sampled (default 32)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="most pixels per sampled video frame (default 602112; the clip's total budget also applies)")
+
+
+def _media_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """VLM.ask's video keywords from --video / --fps / --max-frames / --max-pixels ({} for images); checks that
+    exactly one of --image / --video is given and that the video file exists (before any model loads)."""
+    image = getattr(args, "image", None)
+    if (image is None) == (args.video is None):
+        raise InvalidArgumentError("give --image or --video (one of them)")
+    if args.video is None:
+        if args.fps is not None or args.max_frames is not None or args.max_pixels is not None:
+            raise InvalidArgumentError("--fps, --max-frames and --max-pixels sample a --video; give one")
+        return {}
+    if not args.video.startswith(("http://", "https://", "data:")):
+        check_input_file(args.video[7:] if args.video.startswith("file://") else args.video, "--video")
+    for flag, v in (("--fps", args.fps), ("--max-frames", args.max_frames), ("--max-pixels", args.max_pixels)):
+        if v is not None and not v > 0:
+            raise InvalidArgumentError(f"{flag} must be > 0, got {v}")
+    return {"video": args.video, "fps": args.fps, "max_frames": args.max_frames, "max_pixels": args.max_pixels}
+
+
 def _cmd_ask(args: argparse.Namespace) -> int:
     from .options import QuerySettings
 
     kw = ask_kwargs(args)
     QuerySettings.from_kwargs(**{k: v for k, v in kw.items() if k != "answer_tags"})  # bad knobs fail before loading
+    video = _media_kwargs(args)
     check_model_files(args)
-    _check_images(args.image)
+    _check_images(args.image or [])
     question = question_with_options(args.question, kw["options"])
     with open_vlm(args) as vlm:
-        ans = vlm.ask(args.image, question, **kw)
+        ans = vlm.ask(args.image, question, **kw, **video)
     if args.json:
         print(json.dumps(ans.to_dict(), indent=2))
         return 0
@@ -61,8 +91,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     validate_pruning(ratio=args.rho, tau=args.tau if args.rho is None else None)
     if args.cell_px < 1:
         raise InvalidArgumentError(f"--cell-px must be >= 1, got {args.cell_px}")
+    video = _media_kwargs(args)
     check_output_file(args.out, "--out", IMAGE_SUFFIXES)
     check_model_files(args)
+    if video:
+        return _show_video(args, video)
     _check_images([args.image])
     with open_vlm(args) as vlm:
         ans = vlm.ask(args.image, args.question, max_tokens=1, ratio=args.rho,
@@ -75,6 +108,31 @@ def _cmd_show(args: argparse.Namespace) -> int:
         img = add_legend(img, im["n_kept"], im["n_tokens"], how)
     img.save(args.out)
     print(f"{args.out}: kept {im['n_kept']} of {im['n_tokens']} image tokens ({im.get('key_source')})")
+    return 0
+
+
+def _show_video(args: argparse.Namespace, video: dict[str, Any]) -> int:
+    """avis show --video: a contact sheet of the sampled frames with each chunk's kept tokens drawn over them."""
+    from .overlay import add_legend, render_video_overlay
+    from .query import load_clip
+
+    pruning = dict(ratio=args.rho, tau=args.tau if args.rho is None else None)
+    knobs = {k: v for k, v in video.items() if k != "video"}
+    with open_vlm(args) as vlm:
+        clip = load_clip(video["video"], vlm.projector, vlm.settings.n_ctx, **knobs)
+        ans = vlm.ask(None, args.question, video=clip, max_tokens=1, **knobs, **pruning)
+        tp = vlm.projector.temporal_patch
+    chunks = [(im["kept"], tuple(im["grid"])) for im in ans.images]
+    img = render_video_overlay(clip.frames, chunks, temporal_patch=tp, timestamps=clip.timestamps,
+                               cell_px=args.cell_px)
+    kept, total = sum(ans.kept_tokens), sum(ans.image_tokens)
+    if not args.no_legend:
+        how = (f"KDV rho = {args.rho:g} over the whole video" if args.rho is not None
+               else f"KDV tau = {args.tau:.3g} rad over the whole video")
+        img = add_legend(img, kept, total, f"{how}; {len(clip.frames)} frames, {len(chunks)} chunks")
+    img.save(args.out)
+    print(f"{args.out}: kept {kept} of {total} video tokens over {len(clip.frames)} frames "
+          f"({len(chunks)} chunks: {ans.kept_tokens})")
     return 0
 
 
@@ -117,17 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="AVIS test-time scaling for vision-language models in llama.cpp")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ask = sub.add_parser("ask", help="answer a question about one or more images")
+    ask = sub.add_parser("ask", help="answer a question about one or more images, or a video")
     add_model_args(ask)
     add_avis_args(ask)
-    ask.add_argument("--image", "-i", action="append", required=True, help="image path (repeat for several)")
+    ask.add_argument("--image", "-i", action="append", default=None, help="image path (repeat for several)")
+    _add_video_args(ask)
     ask.add_argument("--json", action="store_true", help="print the whole result (votes, rollouts, timings) as JSON")
     ask.add_argument("question", help="the question")
     ask.set_defaults(func=_cmd_ask)
 
     show = sub.add_parser("show", help="write a PNG of the image with the tokens KDV prunes dimmed")
     add_model_args(show)
-    show.add_argument("--image", "-i", required=True, help="image path")
+    show.add_argument("--image", "-i", default=None, help="image path")
+    _add_video_args(show)
     add_pruning_args(show, tau_default=math.pi / 4,
                      tau_help="KDV adaptive threshold in radians (default pi/4; --rho prunes a fixed fraction)")
     show.add_argument("--cell-px", type=int, default=28, help="pixels per token cell in the output")

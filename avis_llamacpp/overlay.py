@@ -3,6 +3,7 @@ saying so (PIL only)."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -61,3 +62,35 @@ def add_legend(overlay: Image.Image, n_kept: int, n_tokens: int, how: str = "", 
                 draw.line((pad, y, pad + sw - 1, y + sw - 1), fill=PRUNED_LINE)
         draw.text((pad * 2 + sw, y + sw // 2), text, fill=(0, 0, 0) if row < 2 else grey, font=font, anchor="lm")
     return out
+
+
+def render_video_overlay(frames: Sequence[np.ndarray], chunks: Sequence[tuple[Sequence[int], tuple[int, int]]],
+                         *, temporal_patch: int = 1, timestamps: Sequence[float] | None = None, cell_px: int = 14,
+                         columns: int = 4, dim: float = 0.25, font_px: int = 12) -> Image.Image:
+    """A contact sheet of a video's sampled frames, each drawn as render_overlay draws an image with the tokens
+    of its chunk (kept indices, grid): frame f belongs to chunk f // temporal_patch, since a temporal patch's
+    frames share their tokens. Tiles run left to right, `columns` a row, each labelled "#frame time cchunk"."""
+    if temporal_patch < 1 or len(chunks) * temporal_patch < len(frames):
+        raise ValueError(f"{len(frames)} frames need {math.ceil(len(frames) / max(temporal_patch, 1))} chunks of "
+                         f"{temporal_patch} frame(s), got {len(chunks)}")
+    if not frames:
+        raise ValueError("a contact sheet needs at least one frame")
+    tiles = [render_overlay(f, chunks[i // temporal_patch][0], tuple(chunks[i // temporal_patch][1]),
+                            cell_px=cell_px, dim=dim) for i, f in enumerate(frames)]
+    font = ImageFont.load_default(size=font_px)
+    labels = [f"#{i + 1}" + (f" {timestamps[i]:.2f}s" if timestamps is not None else "") + f" c{i // temporal_patch + 1}"
+              for i in range(len(tiles))]
+    probe = ImageDraw.Draw(tiles[0])
+    tw = max(max(t.width for t in tiles), max(int(probe.textlength(t, font=font)) + 4 for t in labels))
+    th = max(t.height for t in tiles)
+    label_h, gap = font_px + 6, 6
+    cols = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    sheet = Image.new("RGB", (cols * tw + (cols - 1) * gap, rows * (th + label_h) + (rows - 1) * gap),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, tile in enumerate(tiles):
+        x, y = (i % cols) * (tw + gap), (i // cols) * (th + label_h + gap)
+        sheet.paste(tile, (x, y + label_h))
+        draw.text((x + 2, y + label_h // 2), labels[i], fill=(0, 0, 0), font=font, anchor="lm")
+    return sheet
