@@ -93,4 +93,12 @@ class ASGIClient:
         return status[0], b"".join(chunks)
 
     def close(self) -> None:
+        """Cancel what the app left running on the loop (sse-starlette's shutdown watcher polls until a server
+        exits; a test client never does), let the cancellations run, then close the loop, so no pending task is
+        destroyed at exit ('Task was destroyed but it is pending!')."""
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.close()
