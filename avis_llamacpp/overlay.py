@@ -78,8 +78,8 @@ def render_video_overlay(frames: Sequence[np.ndarray], chunks: Sequence[tuple[Se
     tiles = [render_overlay(f, chunks[i // temporal_patch][0], tuple(chunks[i // temporal_patch][1]),
                             cell_px=cell_px, dim=dim) for i, f in enumerate(frames)]
     font = ImageFont.load_default(size=font_px)
-    labels = [f"#{i + 1}" + (f" {timestamps[i]:.2f}s" if timestamps is not None else "") + f" c{i // temporal_patch + 1}"
-              for i in range(len(tiles))]
+    labels = [f"#{i + 1}" + (f" {timestamps[i]:.2f}s" if timestamps is not None else "")
+              + f" c{i // temporal_patch + 1}" for i in range(len(tiles))]
     probe = ImageDraw.Draw(tiles[0])
     tw = max(max(t.width for t in tiles), max(int(probe.textlength(t, font=font)) + 4 for t in labels))
     th = max(t.height for t in tiles)

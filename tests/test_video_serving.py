@@ -208,26 +208,28 @@ def test_chat_handler_video_parts_in_process(qwen_fixture, oracle, clips):
 def test_cli_ask_and_show_video(qwen_fixture, oracle, clips, tmp_path):
     model = ["-m", str(qwen_fixture.model), "--mmproj", str(qwen_fixture.mmproj), "--n-ctx", str(N_CTX),
              "--threads", "1", "--threads-batch", "1"]
-    video = ["--video", str(clips["good"]), "--fps", "4", "--max-frames", "6"]
+    video = ["--video", str(clips["good"]), "--fps", "1", "--max-frames", "8"]  # 3 s at 1 fps: 4 frames (the minimum)
     run = subprocess.run([sys.executable, "-m", "avis_llamacpp.cli", "ask", *model, *video, "--rho", "0.5",
                           "--max-tokens", "6", "--no-answer-tags", Q], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert run.returncode == 0, run.stderr
-    want = oracle.ask(None, Q, video=clips["good"], max_tokens=6, ratio=0.5, fps=4, max_frames=6)
+    want = oracle.ask(None, Q, video=clips["good"], max_tokens=6, ratio=0.5, fps=1, max_frames=8)
     assert run.stdout.rstrip("\n") == want.text
+    assert f"image tokens kept {want.kept_tokens} of {want.image_tokens}" in run.stderr  # 2 chunks: 4 frames
     out = tmp_path / "sheet.png"
     cell = 40  # tiles (3 x 40 px) wider than their labels: tile i sits at column i % 4, row i // 4
     run = subprocess.run([sys.executable, "-m", "avis_llamacpp.cli", "show", *model, *video, "--rho", "0.5",
                           "--cell-px", str(cell), "--no-legend", "-o", str(out), "Describe."], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
-    shown = oracle.ask(None, "Describe.", video=clips["good"], max_tokens=1, ratio=0.5, fps=4, max_frames=6)
-    assert f"kept {sum(shown.kept_tokens)} of {sum(shown.image_tokens)} video tokens over 6 frames" in run.stdout
+    shown = oracle.ask(None, "Describe.", video=clips["good"], max_tokens=1, ratio=0.5, fps=1, max_frames=8)
+    assert f"kept {sum(shown.kept_tokens)} of {sum(shown.image_tokens)} video tokens over 4 frames" in run.stdout
     # each sampled frame's cells: dark where its chunk (frames 2c, 2c+1 -> chunk c) pruned, as bright as the
     # frame itself where it kept them
     from avis_llamacpp.video import load_video
 
-    frames = load_video(clips["good"], fps=4, max_frames=6).frames
+    frames = load_video(clips["good"], fps=1, max_frames=8).frames
+    assert len(frames) == 4 == want.video["frames"]
     sheet = np.asarray(Image.open(out).convert("L"), dtype=np.float64)
     nx, ny = shown.images[0]["grid"]
     label_h, gap = 12 + 6, 6
