@@ -345,6 +345,11 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "d = digests[c.image_index] if one_to_one else",
         "d = digests[0] if one_to_one else",
         ["tests/test_cache_keys.py", "-k", "second_image"]),
+    "cache_key_ignores_video_selection": (
+        "avis_llamacpp/prefix_hold.py",
+        'return key + ("joint",) if joint else key',
+        "return key",
+        ["tests/test_cache_keys.py", "-k", "video"]),
     "snapshot_pruning_unchecked": (
         "avis_llamacpp/query.py",
         'if snapshot.pruning != {"ratio": ratio, "tau": tau} and pruned:',

@@ -238,3 +238,58 @@ def test_each_image_of_a_query_gets_its_own_subset(warm, cold, images, selector)
     assert again.tokens_skipped > sum(again.kept_tokens)
     _same(again, cold.ask(pair, Q2, max_tokens=6, ratio=ratio, selector=selector, seed=seed))
     assert [im["kept"] for im in again.images] == kept
+
+
+# --------------------------------------------------------------------------- #
+# video queries: one selection over the whole video, under every selector, and its rule in the key
+# --------------------------------------------------------------------------- #
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(4)]
+
+
+def _split(kept: list[int], sizes: list[int]) -> list[list[int]]:
+    """Indices into the concatenated video tokens -> each chunk's own indices."""
+    out, start = [], 0
+    for n in sizes:
+        out.append([i - start for i in kept if start <= i < start + n])
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_a_video_is_one_selection_under_every_selector_and_reused_as_such(warm, cold, frames, selector):
+    ratio, seed = 0.5, 3
+    got = cold.ask(None, Q1, video=frames, max_tokens=2, ratio=ratio, selector=selector, seed=seed)
+    sizes, total = got.image_tokens, sum(got.image_tokens)
+    k = math.floor((1 - ratio) * total)
+    assert len(sizes) > 1 and sum(got.kept_tokens) == k  # one count for the whole video
+    kept = [im["kept"] for im in got.images]
+    if selector == "random":  # one subset of the video's tokens, seeded by (seed, the first chunk's index 0)
+        assert kept == _split(_random_oracle(total, k, seed, 0), sizes)
+    elif selector == "uniform":
+        assert kept == _split([j * total // k for j in range(k)], sizes)
+    per_chunk = cold.ask(None, Q1, video=frames, max_tokens=2, ratio=ratio, selector=selector, seed=seed,
+                         video_selection="per_chunk")
+    assert per_chunk.kept_tokens == [math.floor((1 - ratio) * n) for n in sizes]
+    # the prefix cache: the same video again reuses every chunk with the joint kept sets
+    warm.ask(None, Q1, video=frames, max_tokens=2, ratio=ratio, selector=selector, seed=seed)
+    again = warm.ask(None, Q2, video=frames, max_tokens=6, ratio=ratio, selector=selector, seed=seed)
+    assert again.tokens_skipped > sum(again.kept_tokens)
+    _same(again, cold.ask(None, Q2, video=frames, max_tokens=6, ratio=ratio, selector=selector, seed=seed))
+
+
+def test_the_video_selection_rule_is_a_key_field(warm, cold, frames):
+    warm.ask(None, Q1, video=frames, max_tokens=2, ratio=0.5)
+    got = warm.ask(None, Q2, video=frames, max_tokens=6, ratio=0.5, video_selection="per_chunk")
+    want = cold.ask(None, Q2, video=frames, max_tokens=6, ratio=0.5, video_selection="per_chunk")
+    joint = cold.ask(None, Q2, video=frames, max_tokens=1, ratio=0.5)
+    assert [im["kept"] for im in joint.images] != [im["kept"] for im in want.images]  # the two rules differ here
+    _same(got, want)
+    with warm.projector.tokenize(warm.render_question(Q2, len(frames)), frames, video=True) as p:
+        before_video = len(p.chunks[0].tokens)
+    assert 0 < got.tokens_skipped <= before_video  # the text before the video, no chunk of it
+    again = warm.ask(None, Q1, video=frames, max_tokens=6, ratio=0.5, video_selection="per_chunk")  # the control
+    assert again.tokens_skipped > sum(again.kept_tokens)
