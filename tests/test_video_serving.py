@@ -6,6 +6,7 @@ same settings; limits are checked against clips whose duration / frames / size t
 from __future__ import annotations
 
 import base64
+import io
 import json
 import subprocess
 import sys
@@ -111,6 +112,11 @@ def test_video_url_round_trips_through_the_server(served, oracle, clips):
     # the sampling asked for: 3 s at 4 fps = 12 frames, capped at 8; one selection keeps half of all tokens
     assert avis["video"]["frames"] == 8 and len(avis["images"]) == 4
     assert sum(want.kept_tokens) == sum(want.image_tokens) // 2
+    # a second question about the same video reuses the first one's encoded, pruned prefix
+    again = _ask(client, _video_messages(_uri(data), text="And then?"), max_tokens=4, temperature=0.0,
+                 extra_body={"avis": knobs}).model_extra["avis"]
+    assert again["prefix_reused"] and again["tokens_skipped"] >= sum(want.kept_tokens)
+    assert again["timings"]["encode_s"] <= avis["timings"]["encode_s"] / 10
     # streamed, per-chunk selection and defaults: still the oracle's answers
     stream = _ask(client, _video_messages(_uri(data)), max_tokens=8, temperature=0.0, stream=True,
                   extra_body={"avis": {"ratio": 0.5, "video_selection": "per_chunk"}})
@@ -150,6 +156,12 @@ def test_each_video_limit_is_a_400_naming_the_part(served, clips):
     for name, code, words in cases:
         e = _refused(client, _video_messages(_uri(clips[name].read_bytes())), max_tokens=2)
         assert (e.param, e.code) == (PART, code) and words in e.message, (name, e.message)
+    # an animated GIF is a video too: its frame count is checked from its headers
+    frames = [Image.fromarray(f) for f in moving_shapes_clip(48, 32)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=60)
+    e = _refused(client, _video_messages(_uri(gif.getvalue(), "image/gif")), max_tokens=2)
+    assert (e.param, e.code) == (PART, "video_too_many_frames") and "has 48 frames" in e.message
     # a local file over the byte limit is refused by its size, like an image
     (served[1] / "heavy.mp4").write_bytes(clips["heavy"].read_bytes())
     e = _refused(client, _video_messages("heavy.mp4"), max_tokens=2)
