@@ -105,9 +105,9 @@ def test_a_broken_subcommand_module_fails_loudly(monkeypatch):
 
 
 def test_demo_runs_the_avis_query_on_the_bundled_model(capsys):
-    """`avis demo` on the Qwen2.5-VL-style bundled model: adaptive KDV (tau = pi/4) plus the bundled policy, the
-    same answer and kept count as that query through the API; --no-prune keeps every token at K = 1."""
-    import math
+    """`avis demo` on the Qwen2.5-VL-style bundled model: adaptive KDV at the tau calibrated for it (its policy's)
+    plus the bundled policy, the same answer and kept count as that query through the API; --no-prune keeps every
+    token at K = 1."""
     import re
 
     from avis_llamacpp import VLM, load_policy
@@ -119,9 +119,12 @@ def test_demo_runs_the_avis_query_on_the_bundled_model(capsys):
     out = capsys.readouterr().out
     question = "How many red shapes are in the image?\nA. 0\nB. 1\nC. 2\nD. 3"
     with VLM(TRAINED_DIR / "model.gguf", TRAINED_DIR / "mmproj.gguf", n_ctx=2048) as vlm:
+        policy = load_policy(TRAINED_DIR / "policy.gguf", vlm)
+        assert policy.calibrated_tau is not None  # the bundled policy carries the tau calibrated for its model
         want = vlm.ask(DEMO_IMAGE, question, max_tokens=96, seed=0, answer_tags=True, options=["0", "1", "2", "3"],
-                       tau=math.pi / 4, policy=load_policy(TRAINED_DIR / "policy.gguf", vlm))
+                       tau=policy.calibrated_tau, policy=policy)
     assert f"answer: {want.answer} " in out and f"picked K={want.k}" in out
+    assert f"tau={policy.calibrated_tau:.3g} (calibrated)" in out
     kept = re.search(r"image tokens kept \[(\d+)\] of \[256\]", out)
     assert kept and int(kept.group(1)) == want.kept_tokens[0] < 256
     assert main(["demo", "--no-prune"]) == 0
