@@ -259,3 +259,38 @@ def test_cli_ask_and_show_video(qwen_fixture, oracle, clips, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "avis_llamacpp.cli", "ask", *model, "--video", str(tmp_path / "no.mp4"),
                           Q], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "--video" in bad.stderr and "no such file" in bad.stderr
+
+
+def test_remote_videos_follow_the_remote_image_rule(clips):
+    """http(s) video URLs: refused unless remote media are allowed, then fetched within the video byte limit (not
+    the image one), as images are within theirs."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from avis_llamacpp.errors import ImageError
+    from avis_llamacpp.images import ImageSourcePolicy, fetch_request_bytes
+
+    body = clips["good"].read_bytes()
+
+    class Serve(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's API
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/clip.mp4"
+    try:
+        with pytest.raises(ImageError, match="remote video URLs are disabled"):
+            fetch_request_bytes(url, ImageSourcePolicy(), video=True)
+        on = ImageSourcePolicy(allow_remote=True, max_bytes=len(body) - 1, max_video_bytes=len(body))
+        assert fetch_request_bytes(url, on, video=True) == body
+        with pytest.raises(ImageError, match=f"video is over this server's limit of {len(body) - 1} bytes"):
+            fetch_request_bytes(url, ImageSourcePolicy(allow_remote=True, max_video_bytes=len(body) - 1), video=True)
+    finally:
+        srv.shutdown()
