@@ -204,6 +204,26 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "real = os.path.realpath(self.image_dir)",
         "real = os.path.abspath(self.image_dir)",
         ["tests/test_guard_rules.py", "-k", "image_dir or containment"]),
+    "request_bytes_limit_off_by_one": (
+        "avis_llamacpp/server.py",
+        "and int(v) > limit:",
+        "and int(v) >= limit:",
+        ["tests/test_guard_rules.py", "-k", "size_limits"]),
+    "request_bytes_read_off_by_one": (
+        "avis_llamacpp/server.py",
+        "            if size > limit:",
+        "            if size >= limit:",
+        ["tests/test_guard_rules.py", "-k", "size_limits"]),
+    "image_count_limit_off_by_one": (
+        "avis_llamacpp/server.py",
+        "                if len(found) > max_images:",
+        "                if len(found) >= max_images:",
+        ["tests/test_guard_rules.py", "-k", "image_count"]),
+    "data_uri_bytes_limit_off_by_one": (
+        "avis_llamacpp/images.py",
+        "    if len(data) > max_bytes:\n        raise _too_big(what, max_bytes)\n    return data\n",
+        "    if len(data) >= max_bytes:\n        raise _too_big(what, max_bytes)\n    return data\n",
+        ["tests/test_guard_rules.py", "-k", "size_limits"]),
     "rho_alias_ignored": (
         "avis_llamacpp/chat_handler.py",
         'o["ratio"] = o.pop("rho")',

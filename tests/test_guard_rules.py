@@ -29,6 +29,7 @@ DATA = ROOT / "avis_llamacpp" / "data"
 BUNDLE = DATA / "shapes-vlm"
 ITEMS = [json.loads(line) for line in (DATA / "shapes-test" / "items.jsonl").read_text().splitlines()[:6]] \
     if (DATA / "shapes-test" / "items.jsonl").exists() else []
+MAX_REQUEST, MAX_IMAGE_BYTES = 256_000, 2_000  # the server's limits (every image used here is a 224 x 224 PNG)
 CONSISTENT, DIVERSE = 0, 5  # items the bundled model answers the same way every time / differently per rollout
 needs_bundle = pytest.mark.skipif(not ((BUNDLE / "model.gguf").exists() and (BUNDLE / "policy.gguf").exists()
                                        and len(ITEMS) > DIVERSE), reason="bundled shapes VLM not present")
@@ -103,6 +104,8 @@ def server(tree):
         "--model", str(BUNDLE / "model.gguf"), "--clip_model_path", str(BUNDLE / "mmproj.gguf"), "--chat_format",
         "avis", "--n_ctx", "1024", "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "false",
         "--avis_flash_attn", "off", "--avis_slots", "5", "--avis_max_images", "2",
+        "--avis_max_request_bytes", str(MAX_REQUEST), "--avis_max_image_bytes", str(MAX_IMAGE_BYTES),
+        "--avis_max_image_pixels", str(224 * 224),  # exactly the shapes images' size
         "--avis_policy", str(BUNDLE / "policy.gguf"), "--avis_image_dir", str(tree["img"])])
     app, _ = create_avis_app(args)
     c = _Client(app)
@@ -167,6 +170,35 @@ def test_the_image_count_limit_is_exact_through_the_server(server):
     status, err = server.chat(_body([_uri(image)] * 3, question, max_tokens=2))
     assert status == 400 and err["error"]["code"] == "too_many_images"
     assert err["error"]["param"] == "messages[0].content[2].image_url"
+
+
+@needs_bundle
+def test_the_size_limits_are_exact_through_the_server(server):
+    """At each limit a request is served, one byte or pixel over it is refused with the limit's status."""
+    import io
+
+    from PIL import Image
+
+    image, question = _item(CONSISTENT)
+    png = image.read_bytes()
+    exact = png + bytes(MAX_IMAGE_BYTES - len(png))  # zero padding after IEND: the same image, MAX_IMAGE_BYTES long
+    status, out = server.chat(_body(["data:image/png;base64," + base64.b64encode(exact).decode()], question,
+                                    max_tokens=2))
+    assert status == 200, out
+    status, err = server.chat(_body(["data:image/png;base64," + base64.b64encode(exact + b"\0").decode()],
+                                    question, max_tokens=2))
+    assert status == 400 and f"limit of {MAX_IMAGE_BYTES} bytes" in err["error"]["message"], err
+    buf = io.BytesIO()
+    Image.open(image).convert("RGB").resize((225, 224)).save(buf, "PNG")
+    status, err = server.chat(_body(["data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()],
+                                    question, max_tokens=2))
+    assert status == 400 and "225x224 = 50400 pixels, over this server's limit of 50176" in err["error"]["message"]
+    raw = json.dumps(_body([_uri(image)], question, max_tokens=2)).encode()
+    at_limit = raw[:-1] + b" " * (MAX_REQUEST - len(raw)) + raw[-1:]  # JSON padded with spaces to the limit
+    status, body = server.post("/v1/chat/completions", at_limit)
+    assert status == 200, body[:300]
+    status, body = server.post("/v1/chat/completions", at_limit[:-1] + b" " + at_limit[-1:])
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
 
 
 # -- each avis key ---------------------------------------------------------------------------------------------
