@@ -256,6 +256,11 @@ class Projector:
                 self._temporal_patch = 2 if len(prompt.images) == 1 else 1
         return self._temporal_patch
 
+    def image_tokens(self, image_rgb: np.ndarray) -> int:
+        """LLM tokens mtmd gives this image (all its chunks: tiles included), from tokenizing it (no encode)."""
+        with self.tokenize(self.marker, [image_rgb], add_special=False) as prompt:
+            return sum(c.n_tokens for c in prompt.images)
+
     def non_causal(self, chunk: ImageChunk) -> bool:
         """Whether mtmd decodes this image chunk with bidirectional attention (Gemma 3 / 4 image tokens)."""
         return bool(mtmd_cpp.mtmd_decode_use_non_causal(self.ptr, chunk.handle))

@@ -25,7 +25,7 @@ from .scorer import ImageMeta, ImageScorer
 from .rollouts import EarlyStop, Rollout, check_capacity, rollout_params, run_parallel, run_snapshot, run_staged
 from .snapshot import Snapshot, image_digest
 from .stopping import StoppingRule
-from .video import DEFAULT_TOTAL_PIXELS, Video, load_video, pixel_budget
+from .video import DEFAULT_MIN_FRAMES, DEFAULT_TOTAL_PIXELS, Video, load_video, pixel_budget
 from .voting import can_be_overtaken
 
 # the paper's VRS sampling for K > 1
@@ -40,13 +40,20 @@ def too_many_rollouts(k: int, n_seq_max: int) -> str:
 def load_clip(src: Any, projector: Projector, n_ctx: int, *, fps: float | None = None, max_frames: int | None = None,
               max_pixels: int | None = None, total_pixels: int | None = None, allow_remote: bool = False) -> Video:
     """A video's frames sampled for this projector (video.py): frame count a multiple of its temporal patch, and by
-    default a pixel budget of half the context in Qwen2.5-VL tokens (at most video.DEFAULT_TOTAL_PIXELS), so a
-    long clip is downscaled rather than overflowing the context."""
+    default a budget of half the context: in pixels (Qwen2.5-VL tokens, at most video.DEFAULT_TOTAL_PIXELS) so a
+    long clip is downscaled rather than overflowing, and, for models that take frames one by one as images of a
+    fixed token count, in frames (unless max_frames is given)."""
     knobs = {k: v for k, v in {"fps": fps, "max_frames": max_frames, "max_pixels": max_pixels}.items() if v is not None}
     if total_pixels is None:
         total_pixels = min(DEFAULT_TOTAL_PIXELS, pixel_budget(max(1, n_ctx // 2)))
-    return load_video(src, temporal_patch=projector.temporal_patch, total_pixels=total_pixels,
-                      allow_remote=allow_remote, **knobs)
+    patch = projector.temporal_patch
+    clip = load_video(src, temporal_patch=patch, total_pixels=total_pixels, allow_remote=allow_remote, **knobs)
+    if patch == 1 and max_frames is None:
+        fit = max(1, (n_ctx // 2) // max(1, projector.image_tokens(clip.frames[0])))
+        if len(clip.frames) > fit:  # fewer frames, evenly spread, rather than a prompt the context cannot hold
+            clip = load_video(src, temporal_patch=1, total_pixels=total_pixels, allow_remote=allow_remote,
+                              **{**knobs, "max_frames": fit, "min_frames": min(DEFAULT_MIN_FRAMES, fit)})
+    return clip
 
 
 def clip_record(clip: Video) -> dict[str, Any]:

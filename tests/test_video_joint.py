@@ -162,3 +162,17 @@ def test_bench_takes_video_items(qwen_fixture, tmp_path):
         assert n == by[(f"c{i}", "vanilla")]["image_tokens"] and n == 2 * 16
         assert by[(f"c{i}", "kdv rho=0.75")]["kept_tokens"] == n_keep_for_ratio(n, 0.75)
         assert by[(f"c{i}", "kdv per-chunk rho=0.75")]["kept_tokens"] == 2 * n_keep_for_ratio(16, 0.75)
+
+
+def test_frame_by_frame_models_sample_what_the_context_holds(llava_fixture, tmp_path):
+    """A model without temporal patches takes each frame as an image of a fixed token count: the default sampling
+    takes at most half the context's worth of frames (evenly spread) instead of overflowing it."""
+    from convert.video_files import moving_shapes_clip, write_video
+
+    path = write_video(moving_shapes_clip(40, size=112, seed=1), tmp_path / "clip.mp4", fps=4)  # 10 s: 20 at 2 fps
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=1024, n_threads=1, n_threads_batch=1) as v:
+        per_frame = v.projector.image_tokens(np.zeros((112, 112, 3), np.uint8))
+        a = v.ask(None, Q, video=str(path), max_tokens=2)
+        assert v.projector.temporal_patch == 1
+    assert a.video["frames"] == 512 // per_frame and a.image_tokens == [per_frame] * a.video["frames"]
+    assert a.video["timestamps"][0] == 0.0 and a.video["timestamps"][-1] > 9.0  # spread over the whole clip
