@@ -268,3 +268,31 @@ def test_calibrate_cli_refuses_bad_tau_arguments(llava_fixture, tmp_path, extra,
     with pytest.raises(InvalidArgumentError, match=msg):
         _run_cli(["--model", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "--out",
                   str(tmp_path / "o"), *extra])
+
+
+def test_tau_auto_through_the_pipeline(llava_fixture, demo_image, monkeypatch, caplog):
+    """VLM.ask(tau="auto") prunes at the policy's calibrated tau (the kept set of asking with that number), and
+    without a calibrated policy at pi/4 after one warning naming `avis calibrate`."""
+    import logging
+
+    from avis_llamacpp import policy as policy_mod
+    from avis_llamacpp.features import n_features
+    from avis_llamacpp.policy import AVISPolicy, KMap
+    from avis_llamacpp.predictor import NumpyPredictor
+
+    monkeypatch.setattr(policy_mod, "_WARNED", set())
+    d = n_features(64)
+    base = AVISPolicy(NumpyPredictor(np.zeros(d), np.ones(d), (np.zeros((d, 1)),), (np.zeros(1),)), KMap((), (1,)))
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=1024, n_seq_max=1, n_threads=1,
+             n_threads_batch=1) as vlm:
+        cal = calibrate_tau(vlm, [demo_image], keep=0.4)
+        pol = base.with_tau(cal.tau, cal.to_dict())
+        auto = vlm.ask(demo_image, "What is this?", tau="auto", policy=pol, max_tokens=1)
+        given = vlm.ask(demo_image, "What is this?", tau=cal.tau, max_tokens=1)
+        assert auto.images[0]["kept"] == given.images[0]["kept"]
+        assert auto.kept_tokens[0] / 196 == pytest.approx(cal.kept_share) and abs(cal.kept_share - 0.4) < 0.01
+        with caplog.at_level(logging.WARNING, logger="avis_llamacpp.policy"):
+            plain = [vlm.ask(demo_image, "What is this?", tau="auto", max_tokens=1) for _ in range(2)]
+        pi4 = vlm.ask(demo_image, "What is this?", tau=math.pi / 4, max_tokens=1)
+    assert plain[0].images[0]["kept"] == plain[1].images[0]["kept"] == pi4.images[0]["kept"]
+    assert caplog.text.count("avis calibrate") == 1
