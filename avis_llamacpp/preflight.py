@@ -25,7 +25,7 @@ __all__ = ["GGUFHeader", "TextModelInfo", "check_mmproj_file", "check_text_model
 GGUF_MAGIC = b"GGUF"
 # metadata string arrays whose elements are kept (others only counted): the vocabulary
 _KEEP_STRING_ARRAYS = frozenset({"tokenizer.ggml.tokens"})
-_U64 = struct.Struct("<Q")
+_U64 = {gguf.GGUFEndian.LITTLE: struct.Struct("<Q"), gguf.GGUFEndian.BIG: struct.Struct(">Q")}
 
 
 class _Malformed(Exception):
@@ -89,7 +89,7 @@ class _HeaderReader(gguf.GGUFReader):
         if n * 8 > size - offs:
             raise _Malformed(f"an array claims {n} strings, more than the file can hold")
         buf = memoryview(self.data)
-        unpack = _U64.unpack_from
+        unpack = _U64[self.endianess].unpack_from  # the file's byte order (a big-endian file is refused later)
         parts: list[Any] = [etype_raw, count]
         for _ in range(n):  # the hot loop of the scan (vocabularies, merges): kept minimal
             if offs + 8 > size:

@@ -125,11 +125,12 @@ def tensor_names(path: Path) -> list[str]:
 
 
 def rewrite(src: Path, dst: Path, *, add_kv: dict[str, int] | None = None,
-            add_tensors: dict[str, np.ndarray] | None = None) -> None:
-    """Copy a GGUF with gguf-py, adding uint32 metadata keys and F32 tensors (every other key and tensor as is)."""
+            add_tensors: dict[str, np.ndarray] | None = None, big_endian: bool = False) -> None:
+    """Copy a GGUF with gguf-py, adding uint32 metadata keys and F32 tensors (every other key and tensor as is),
+    optionally as a big-endian file."""
     r = gguf.GGUFReader(str(src))
     arch = str(r.fields["general.architecture"].contents())
-    w = gguf.GGUFWriter(str(dst), arch)
+    w = gguf.GGUFWriter(str(dst), arch, endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE)
     for name, f in r.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
@@ -149,6 +150,25 @@ def rewrite(src: Path, dst: Path, *, add_kv: dict[str, int] | None = None,
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def set_array_header(data: bytearray, key: str, *, etype: int | None = None, count: int | None = None) -> None:
+    """Overwrite an array key's element type and / or element count."""
+    at = _kv_value_at(data, key, gguf.GGUFValueType.ARRAY)
+    if etype is not None:
+        data[at:at + 4] = struct.pack("<I", etype)
+    if count is not None:
+        data[at + 4:at + 12] = struct.pack("<Q", count)
+
+
+def set_tensor_type(data: bytearray, name: str, n_dims: int, ggml_type: int) -> None:
+    """Overwrite a tensor's ggml type in the tensor table (name, n_dims, ne[n_dims], type, offset)."""
+    needle = struct.pack("<Q", len(name)) + name.encode()
+    assert data.count(needle) == 1, name
+    at = data.index(needle) + len(needle)
+    assert struct.unpack_from("<I", data, at)[0] == n_dims
+    at += 4 + 8 * n_dims
+    data[at:at + 4] = struct.pack("<I", ggml_type)
 
 
 def _tokens(data: bytes) -> list[tuple[int, int]]:
@@ -199,6 +219,24 @@ CASES: dict[str, tuple[str, str, Callable[[bytearray, Path], None], tuple[str, .
         "qwen25vl", "model", lambda d, p: set_i32_array(d, "qwen2vl.rope.dimension_sections", [0, 0, 0, 0]),
         ("rope.dimension_sections",)),
     "text_duplicate_token_after_nul": ("llava", "model", lambda d, p: duplicate_after_nul(d), ("twice",)),
+    # the header's structure (gguf-py would raise something unrelated, or read past the file)
+    "text_tensor_count_beyond_the_file": (
+        "llava", "model", lambda d, p: d.__setitem__(slice(8, 16), struct.pack("<Q", 1 << 40)),  # tensor count
+        ("claims 1099511627776 tensors",)),
+    "text_row_not_whole_blocks": (
+        "llava", "model",
+        lambda d, p: set_tensor_type(d, "blk.0.attn_norm.weight", 1, int(gguf.GGMLQuantizationType.Q4_K)),
+        ("row size 64 is not a multiple of its block size 256",)),
+    "text_numeric_array_past_the_end": (
+        "llava", "model", lambda d, p: set_array_header(d, "tokenizer.ggml.token_type", count=1 << 40),
+        ("an array of 1099511627776 values runs past the end of the file",)),
+    "text_array_of_unknown_type": (
+        "llava", "model", lambda d, p: set_array_header(d, "tokenizer.ggml.token_type", etype=99),
+        ("unknown element type 99",)),
+    "text_array_of_arrays": (
+        "llava", "model", lambda d, p: set_array_header(d, "tokenizer.ggml.token_type",
+                                                        etype=int(gguf.GGUFValueType.ARRAY)),
+        ("unsupported element type ARRAY",)),
     # mmproj
     "mmproj_other_architecture": ("llava", "mmproj", lambda d, p: set_string(d, "general.architecture", "clip", "clap"),
                                   ("not an mmproj GGUF", "'clap'")),
@@ -224,6 +262,7 @@ CASES: dict[str, tuple[str, str, Callable[[bytearray, Path], None], tuple[str, .
 }
 # made with gguf-py (a key or tensor added): (family, which file, added keys, added tensors, words)
 ADDED: dict[str, tuple[str, str, dict[str, int], dict[str, np.ndarray], tuple[str, ...]]] = {
+    "text_big_endian": ("llava", "model", {}, {}, ("big-endian GGUF",)),  # written big-endian (below)
     "text_nextn_layers_over_block_count": ("llava", "model", {"llama.nextn_predict_layers": 5}, {},
                                            ("nextn_predict_layers 5 exceeds block_count 2",)),
     "text_experts_used_over_count": ("llava", "model", {"llama.expert_count": 2, "llama.expert_used_count": 4}, {},
@@ -250,7 +289,8 @@ def outcomes(llava_fixture, qwen_fixture, tmp_path_factory) -> dict[str, dict[st
         cases.append((name, dst, fam, which))
     for name, (fam, which, kv, tensors, _) in ADDED.items():
         dst = d / f"{name}.gguf"
-        rewrite(Path(getattr(fx[fam], which)), dst, add_kv=kv, add_tensors=tensors)
+        rewrite(Path(getattr(fx[fam], which)), dst, add_kv=kv, add_tensors=tensors,
+                big_endian=name == "text_big_endian")
         cases.append((name, dst, fam, which))
     # the good pair of each family, loaded last: the child process still loads and answers with it
     runs = [(name, str(dst) if which == "model" else str(fx[fam].model),
