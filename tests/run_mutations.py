@@ -309,6 +309,36 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         'word = tok.split(b"\\0", 1)[0] or',
         "word = tok or",
         ["tests/test_preflight_rules.py"]),
+    "preflight_big_endian_accepted": (
+        "avis_llamacpp/preflight.py",
+        '    if r.byte_order != "I":',
+        "    if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_tensor_count_unchecked": (
+        "avis_llamacpp/preflight.py",
+        "if int(count) > self._size() // 24:",
+        "if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_partial_blocks_unchecked": (
+        "avis_llamacpp/preflight.py",
+        "if ne[0] % block:",
+        "if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_numeric_array_bounds_unchecked": (
+        "avis_llamacpp/preflight.py",
+        "if n * np.dtype(nptype).itemsize > size - offs:",
+        "if False:",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_unknown_array_type_wrapped": (
+        "avis_llamacpp/preflight.py",
+        "etype = GGUFValueType(int(etype_raw[0]))",
+        "etype = GGUFValueType(int(etype_raw[0]) % 13)",
+        ["tests/test_preflight_rules.py"]),
+    "preflight_nested_arrays_read_as_strings": (
+        "avis_llamacpp/preflight.py",
+        "if etype != GGUFValueType.STRING:",
+        "if False:",
+        ["tests/test_preflight_rules.py"]),
     "preflight_no_architecture_check": (
         "avis_llamacpp/preflight.py",
         "    if arch is None:",
