@@ -1,5 +1,7 @@
 """Calibrating an AVIS policy on a user's own model and labelled data.
 
+0. `choose_tau` chooses KDV's adaptive angle for this model (tau.py): labelled, the largest pruning within a
+   tolerance of unpruned accuracy; label-free (images only), the tau keeping a target share of the image tokens.
 1. `run_calibration` runs the model over a JSONL set of multiple-choice items (fields: "image", a local path
    relative to the JSONL; "question"; "options"; "answer", the correct letter; optional "id"). Per item it
    makes one greedy K=1 call (the label of the difficulty predictor, and the accuracy of K=1) and one call
@@ -8,8 +10,8 @@
 2. `fit_policy` fits the difficulty predictor on the records' features, the p_hat -> K map on its
    out-of-fold predictions, and returns the `AVISPolicy` and a report comparing it with fixed K.
 
-`register_cli` adds the `avis calibrate` subcommand, which does both and writes out_dir/policy.gguf and
-out_dir/report.json."""
+`register_cli` adds the `avis calibrate` subcommand, which does all three and writes out_dir/tau.json,
+out_dir/policy.gguf and out_dir/report.json (label-free: tau.json only, or a given policy with that tau)."""
 
 from __future__ import annotations
 

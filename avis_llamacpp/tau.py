@@ -29,7 +29,8 @@ from .items import media_args
 from .kdv import kdv_scores
 
 __all__ = ["DEFAULT_KEEP", "DEFAULT_KEEPS", "DEFAULT_TOLERANCE", "TauCalibration", "calibrate_tau",
-           "choose_tau_labelled", "format_tau_table", "image_scores", "mean_kept_share", "tau_for_keep"]
+           "choose_tau_labelled", "format_tau_table", "image_scores", "list_images", "mean_kept_share",
+           "tau_for_keep"]
 
 logger = logging.getLogger(__name__)
 
