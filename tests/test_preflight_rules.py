@@ -206,7 +206,7 @@ def _blocks(path: Path, suffix: str) -> list[str]:
 
 
 # name: (family, which file, the edit, the rule's words in the error)
-CASES: dict[str, tuple[str, str, Callable[[bytearray, Path], None], tuple[str, ...]]] = {
+CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
     # text model
     "text_no_architecture": ("llava", "model", lambda d, p: rename(d, "general.architecture", "general.architectura"),
                              ("has no general.architecture",)),
