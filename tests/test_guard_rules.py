@@ -343,8 +343,8 @@ def _video_ask(server: _Client, avis: dict | None = None) -> dict:
 def _check_fps(server, library):
     # 3 s at 1 fps: qwen-vl-utils' minimum of 4 frames; at 2 fps: 6 frames, which do not fit the context
     out = _video_ask(server, {"fps": 1, "max_frames": 32})["avis"]["video"]
-    assert out["frames"] == 4 == library.ask(None, VQ, video=_CLIP[0], fps=1, max_frames=32,
-                                                                 max_tokens=1).video["frames"]
+    want = library.ask(None, VQ, video=_CLIP[0], fps=1, max_frames=32, max_tokens=1).video["frames"]
+    assert out["frames"] == 4 == want
     status, err = server.chat(_video_body({"fps": 2, "max_frames": 32}))
     assert status == 400 and err["error"]["code"] == "context_length_exceeded"
 
