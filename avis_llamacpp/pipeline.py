@@ -24,7 +24,6 @@ from .answer import Answer, build_answer, estimate_tokens_saved  # noqa: F401 (e
 from .capture import KeyCapture
 from .errors import ClosedError, InvalidArgumentError
 from .images import ImageInput, load_image
-from .kdv import validate_pruning
 from .mtmd import Projector
 from .native import Context, ContextSettings, FlashAttn, Model
 from .options import MODES, SELECTORS, QuerySettings  # noqa: F401 (MODES, SELECTORS re-exported)
@@ -251,11 +250,11 @@ class VLM(ScorerViews):
         return self._model_id
 
     def snapshot(self, image: ImageInput | Sequence[ImageInput], *, ratio: float | None = None,
-                 tau: float | None = None) -> Snapshot:
+                 tau: float | str | None = None) -> Snapshot:
         """Encode and prefill the prompt up to the question once (system text + images, KDV applied), so
         several questions can follow it: `ask(None, question, snapshot=snap)`; `snap.save(path)` keeps it."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
-        validate_pruning(ratio, tau)
+        ratio, tau = query.pruning(QuerySettings(ratio=ratio, tau=tau))  # validated; tau="auto" resolved
         sentinel = "\x00avis-question\x00"
         full = self.render_question(sentinel, len(images))
         arrays = [load_image(im, allow_remote=self.allow_remote_images) for im in images]
