@@ -190,7 +190,7 @@ class VLM(ScorerViews):
         ratio, tau = query.pruning(q)
         t0 = time.perf_counter()
         arrays = query.load_inputs(images, self.allow_remote_images, self.model_id if snapshot is not None else "",
-                                   prompt_text, snapshot, ratio, tau)
+                                   prompt_text, snapshot, ratio, tau, q.selector, self.projector.marker)
         with self._lock:
             self._check_open()
             # a selector callable is not cached: nothing names what it keeps (a new function can reuse an id)

@@ -102,8 +102,10 @@ def pruning(q: QuerySettings) -> tuple[float | None, float | None]:
 
 
 def load_inputs(images: list[Any], allow_remote: bool, model_id: str, prompt_text: str, snapshot: Snapshot | None,
-                ratio: float | None, tau: float | None) -> list[np.ndarray]:
-    """Decode the images to arrays and check them (and the prompt) against the snapshot, if one is given."""
+                ratio: float | None, tau: float | None, selector: Any = "kdv", marker: str = "") -> list[np.ndarray]:
+    """Decode the images to arrays and check them (and the prompt) against the snapshot, if one is given: same
+    model, prefix text, image digests and pruning (snapshots are pruned by KDV), and no media marker after the
+    prefix (the snapshot holds every image the prompt may have)."""
     arrays = [load_image(im, allow_remote=allow_remote) for im in images]
     if snapshot is not None:
         snapshot.check(model_id, prompt_text[:len(snapshot.prefix_text)],
@@ -112,6 +114,14 @@ def load_inputs(images: list[Any], allow_remote: bool, model_id: str, prompt_tex
         if snapshot.pruning != {"ratio": ratio, "tau": tau} and pruned:
             raise SnapshotMismatchError(f"the snapshot was pruned with {snapshot.pruning}, not ratio={ratio}, "
                                         f"tau={tau}")
+        if pruned and selector != "kdv":
+            raise SnapshotMismatchError(f"the snapshot's kept tokens were chosen by KDV, not by selector "
+                                        f"{selector if isinstance(selector, str) else 'callable'!r}; ask without "
+                                        "a snapshot to use another selector")
+        if marker and marker in prompt_text[len(snapshot.prefix_text):]:
+            raise SnapshotMismatchError(f"the prompt has more media markers than the snapshot's "
+                                        f"{len(snapshot.image_digests)} image(s): a snapshot holds every image "
+                                        "its prompt may have")
     return arrays
 
 
