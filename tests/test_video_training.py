@@ -224,3 +224,13 @@ def test_eval_intervals_and_paired_counts():
     res = paired(a, b)
     assert (res["only_a"], res["only_b"]) == (4, 2) and res["diff"] == 0.25  # 5/8 right against 3/8
     assert res["ci95"][0] <= 0.25 <= res["ci95"][1]
+
+
+def test_image_loader_gives_the_video_mirror_for_a_video_pair(video_pair):
+    """qwen_torch.load_from_gguf (the image tools' loader) keeps the second temporal conv of a video pair."""
+    from training.qwen_torch import dims_from_gguf, load_from_gguf
+    from training.qwen_video import ShapesQwenVideoVLM
+
+    m, p = video_pair / "model.gguf", video_pair / "mmproj.gguf"
+    tm = load_from_gguf(m, p, dims_from_gguf(m, p))
+    assert isinstance(tm, ShapesQwenVideoVLM) and float(tm.vision.patch1.detach().abs().max()) > 0

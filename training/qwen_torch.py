@@ -287,11 +287,14 @@ def export_weights(model: ShapesQwenVLM) -> tuple[dict[str, np.ndarray], dict[st
 
 def load_from_gguf(model_path: str | os.PathLike, mmproj_path: str | os.PathLike,
                    dims: QwenVLMDims) -> ShapesQwenVLM:
-    """A ShapesQwenVLM holding exactly the weights of an exported GGUF pair (the second patch conv must be 0)."""
+    """A ShapesQwenVLM holding exactly the weights of an exported GGUF pair; a pair whose second temporal patch
+    conv is not zero (trained on clips) loads as the video mirror, training.qwen_video.ShapesQwenVideoVLM."""
     model = ShapesQwenVLM(dims)
     vmap, tmap = _gguf_map(dims)
     if np.any(read_tensors(mmproj_path)["v.patch_embd.weight.1"]):
-        raise ValueError("the mirror models one patch conv; v.patch_embd.weight.1 must be zeros")
+        from training.qwen_video import load_video_from_gguf  # imports this module: load it only when needed
+
+        return load_video_from_gguf(model_path, mmproj_path, dims)
     model.load_state_dict(state_from_gguf(model_path, mmproj_path, vmap, tmap), strict=True)
     return model.eval()
 
