@@ -405,6 +405,16 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         'if snapshot.pruning != {"ratio": ratio, "tau": tau} and pruned:',
         "if False:",
         ["tests/test_snapshot_identity.py", "-k", "pruning"]),
+    "snapshot_selector_unchecked": (
+        "avis_llamacpp/query.py",
+        'if pruned and selector != "kdv":',
+        "if False:",
+        ["tests/test_snapshot_identity.py", "-k", "selector"]),
+    "snapshot_extra_markers_unchecked": (
+        "avis_llamacpp/query.py",
+        "if marker and marker in prompt_text[len(snapshot.prefix_text):]:",
+        "if False:",
+        ["tests/test_snapshot_identity.py", "-k", "markers"]),
 }
 
 

@@ -76,11 +76,19 @@ def test_another_pruning_is_refused(vlm, images, change):
     _same(vlm.ask(None, Q, max_tokens=6, snapshot=snap), direct)
 
 
-@pytest.mark.parametrize("selector", ["uniform", "random", "embeddings"])
+def _first_tokens(image: Any, n_keep: int) -> np.ndarray:
+    return np.arange(n_keep)
+
+
+@pytest.mark.parametrize("selector", ["uniform", "random", "embeddings", _first_tokens],
+                         ids=["uniform", "random", "embeddings", "callable"])
 def test_another_selector_is_refused(vlm, images, selector):
+    """A snapshot's kept tokens were chosen by KDV: a baseline asked on it must not answer from that KV."""
     snap = vlm.snapshot(images["a"], ratio=0.5)
-    with pytest.raises(SnapshotMismatchError):
+    with pytest.raises(SnapshotMismatchError, match="chosen by KDV"):
         vlm.ask(None, Q, max_tokens=4, snapshot=snap, ratio=0.5, selector=selector)
+    _same(vlm.ask(None, Q, max_tokens=6, snapshot=snap, ratio=0.5, selector="kdv"),  # the control
+          vlm.ask(images["a"], Q, max_tokens=6, ratio=0.5))
 
 
 @pytest.mark.parametrize("which", ["mmproj", "text_model"])
