@@ -339,6 +339,31 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "if etype != GGUFValueType.STRING:",
         "if False:",
         ["tests/test_preflight_rules.py"]),
+    "family_qwen3vl_qkv_bias_not_required": (
+        "avis_llamacpp/families.py",
+        'return [f"v.blk.{il}.attn_qkv.weight", f"v.blk.{il}.attn_qkv.bias"]',
+        'return [f"v.blk.{il}.attn_qkv.weight"]',
+        ["tests/test_preflight_rules.py"]),
+    "family_qwen3vl_patch_bias_not_required": (
+        "avis_llamacpp/families.py",
+        '"v.patch_embd.weight.1", "v.patch_embd.bias", "v.position_embd.weight")',
+        '"v.patch_embd.weight.1", "v.position_embd.weight")',
+        ["tests/test_preflight_rules.py"]),
+    "family_qwen3vl_class_embd_allowed": (
+        "avis_llamacpp/families.py",
+        '    forbidden_tensors = ("v.class_embd",)',
+        "    forbidden_tensors = ()",
+        ["tests/test_preflight_rules.py"]),
+    "family_qwen_q_bias_not_required": (
+        "avis_llamacpp/families.py",
+        'return [f"v.blk.{il}.attn_{x}.bias" for x in "qkv"]',
+        'return [f"v.blk.{il}.attn_{x}.bias" for x in "kv"]',
+        ["tests/test_preflight_rules.py"]),
+    "family_llava_projector_bias_not_required": (
+        "avis_llamacpp/families.py",
+        '"mm.0.weight", "mm.0.bias")',
+        '"mm.0.weight")',
+        ["tests/test_preflight_rules.py"]),
     "preflight_no_architecture_check": (
         "avis_llamacpp/preflight.py",
         "    if arch is None:",

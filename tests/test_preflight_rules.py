@@ -259,6 +259,12 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
     "mmproj_qwen_second_patch_embd_missing": (
         "qwen25vl", "mmproj", lambda d, p: rename(d, "v.patch_embd.weight.1", "v.patch_embd.weight.9"),
         ("v.patch_embd.weight.1",)),
+    "mmproj_qwen3vl_no_qkv_bias_in_any_block": (
+        "qwen3vl", "mmproj", lambda d, p: [rename(d, n, n[:-1] + "X") for n in _blocks(p, ".attn_qkv.bias")],
+        ("v.blk.0.attn_qkv.bias",)),
+    "mmproj_qwen3vl_patch_bias_missing": ("qwen3vl", "mmproj",
+                                          lambda d, p: rename(d, "v.patch_embd.bias", "v.patch_embd.biaX"),
+                                          ("v.patch_embd.bias",)),
 }
 # made with gguf-py (a key or tensor added): (family, which file, added keys, added tensors, words)
 ADDED: dict[str, tuple[str, str, dict[str, int], dict[str, np.ndarray], tuple[str, ...]]] = {
@@ -269,6 +275,8 @@ ADDED: dict[str, tuple[str, str, dict[str, int], dict[str, np.ndarray], tuple[st
                                      ("inconsistent expert counts", "expert_used_count=4")),
     "mmproj_qwen_class_embd_forbidden": ("qwen25vl", "mmproj", {}, {"v.class_embd": np.zeros(64, np.float32)},
                                          ("v.class_embd must not exist",)),
+    "mmproj_qwen3vl_class_embd_forbidden": ("qwen3vl", "mmproj", {}, {"v.class_embd": np.zeros(64, np.float32)},
+                                            ("v.class_embd must not exist",)),
     "mmproj_qwen_patch_bias_forbidden": ("qwen25vl", "mmproj", {}, {"v.patch_embd.bias": np.zeros(64, np.float32)},
                                          ("v.patch_embd.bias must not exist",)),
 }
@@ -276,9 +284,12 @@ ALL_CASES = sorted(set(CASES) | set(ADDED))
 
 
 @pytest.fixture(scope="module")
-def outcomes(llava_fixture, qwen_fixture, tmp_path_factory) -> dict[str, dict[str, Any]]:
+def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    from convert.fixtures import make_fixture
+
     d = tmp_path_factory.mktemp("preflight-rules")
-    fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture}
+    fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture, "qwen3vl": make_fixture("qwen3vl", "tiny",
+                                                                                     out_dir=fixture_root)}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -311,7 +322,7 @@ def test_each_rule_stops_its_broken_file_and_the_process_survives(case, outcomes
 
 def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     """The control: the same loader answers on the unedited pairs (so each case's error comes from its edit)."""
-    assert outcomes["good_llava"]["type"] is None and outcomes["good_qwen25vl"]["type"] is None, outcomes
+    assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):
