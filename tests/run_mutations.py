@@ -224,6 +224,16 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "    if len(data) > max_bytes:\n        raise _too_big(what, max_bytes)\n    return data\n",
         "    if len(data) >= max_bytes:\n        raise _too_big(what, max_bytes)\n    return data\n",
         ["tests/test_guard_rules.py", "-k", "size_limits"]),
+    "detokenize_past_the_vocabulary": (
+        "avis_llamacpp/server.py",
+        "_is_int(t) and 0 <= t < hi for t in tokens",
+        "_is_int(t) and 0 <= t <= hi for t in tokens",
+        ["tests/test_guard_rules.py", "-k", "vocabulary"]),
+    "logit_bias_past_the_vocabulary": (
+        "avis_llamacpp/server.py",
+        "key.isdigit() and int(key) < hi",
+        "key.isdigit() and int(key) <= hi",
+        ["tests/test_guard_rules.py", "-k", "vocabulary"]),
     "rho_alias_ignored": (
         "avis_llamacpp/chat_handler.py",
         'o["ratio"] = o.pop("rho")',

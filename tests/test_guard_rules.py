@@ -395,3 +395,43 @@ def test_every_avis_key_has_an_end_to_end_check():
 @pytest.mark.parametrize("key", sorted(KEY_CHECKS))
 def test_each_avis_key_takes_effect(server, library, key):
     KEY_CHECKS[key](server, library)
+
+
+# -- token ids at the vocabulary's edge (in a child process: a missed rule aborts llama.cpp in detokenize) -------
+
+EDGE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from avis_llamacpp.server import _n_vocab, build_parser, create_avis_app
+from tests.server_process import ASGIClient
+args = build_parser().parse_args(["--model", sys.argv[2], "--clip_model_path", sys.argv[3], "--chat_format", "avis",
+                                  "--n_ctx", "256", "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "false"])
+app, _ = create_avis_app(args)
+client = ASGIClient(app)
+n = _n_vocab()
+print(json.dumps({"n_vocab": n}), flush=True)
+def completion(token):
+    return {"prompt": "a", "max_tokens": 1, "logit_bias": {str(token): 1}}
+for name, path, body in (("detokenize_last", "/extras/detokenize", {"tokens": [n - 1]}),
+                         ("detokenize_past", "/extras/detokenize", {"tokens": [n]}),
+                         ("logit_bias_last", "/v1/completions", completion(n - 1)),
+                         ("logit_bias_past", "/v1/completions", completion(n))):
+    print(json.dumps({"start": name}), flush=True)
+    status, raw = client.post(path, json.dumps(body).encode())
+    print(json.dumps({"case": name, "status": status}), flush=True)
+"""
+
+
+def test_token_ids_are_checked_against_the_vocabulary_exactly(llava_fixture):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", EDGE, str(ROOT), str(llava_fixture.model), str(llava_fixture.mmproj)],
+                          capture_output=True, text=True, timeout=300)
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    started = [x["start"] for x in lines if "start" in x]
+    assert proc.returncode == 0, (f"the server process died (exit {proc.returncode}) on {started[-1:]}: "
+                                  f"{proc.stderr[-1500:]}")
+    got = {x["case"]: x["status"] for x in lines if "case" in x}
+    assert lines[0]["n_vocab"] > 1
+    assert got == {"detokenize_last": 200, "detokenize_past": 400, "logit_bias_last": 200, "logit_bias_past": 400}
