@@ -580,7 +580,7 @@ def test_failing_selector_and_policy_leave_the_vlm_usable(family, vlms, oracle, 
         return select
 
     with monkeypatch.context() as m:
-        m.setattr(vlm, "kdv_selector", selector)
+        m.setattr(vlm.scorer, "kdv_selector", selector)  # the scorer builds the selector (scorer.py)
         with pytest.raises(RuntimeError, match="simulated selector failure"):
             run_spec(vlm, specs["QA"])
     assert run_spec(vlm, specs["QA"]) == oracle(family)["QA"]
