@@ -212,6 +212,32 @@ def _candidate_configs(candidates: Sequence[str], Cs: Sequence[float], n_compone
     return out
 
 
+def _select_by_cv(configs: list[tuple[str, dict]], X: np.ndarray, y: np.ndarray, n_splits: int, random_state: Any,
+                  tol: float, fit: Any) -> tuple[str, dict[str, dict[str, Any]], np.ndarray, str]:
+    """Stratified n_splits-fold CV of every candidate (fit(cfg, X, y) -> a fitted model): the simplest candidate
+    (first in `configs`) whose out-of-fold log-loss is within tol of the best; returns its label, every
+    candidate's metrics, its out-of-fold probabilities and the reason, in words."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=random_state).split(X, y))
+    oofs: dict[str, np.ndarray] = {}
+    scores: dict[str, dict[str, Any]] = {}
+    for label, cfg in configs:
+        oof = np.empty(len(y))
+        for tr, te in folds:
+            oof[te] = fit(cfg, X[tr], y[tr]).predict_proba(X[te])[:, 1]
+        oofs[label] = oof
+        scores[label] = binary_metrics(y, oof)
+        logger.debug("predictor candidate %s: %s", label, scores[label])
+    best = min(scores, key=lambda k: scores[k]["log_loss"])
+    label = next(lbl for lbl, _ in configs if scores[lbl]["log_loss"] <= scores[best]["log_loss"] + tol)
+    s = scores[label]
+    auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f}"
+    reason = (f"{label}: lowest {n_splits}-fold CV log-loss {s['log_loss']:.4f} (AUC {auc}, Brier "
+              f"{s['brier']:.4f})" + ("" if label == best else f", the simplest within {tol:g} of the best ({best})"))
+    return label, scores, oofs[label], reason
+
+
 class DifficultyPredictor:
     """scikit-learn classifier of P(greedy answer correct) from query features, choosing its model by CV.
 
@@ -388,29 +414,11 @@ class DifficultyPredictor:
             label, cfg = configs[len(Cs) // 2] if configs[0][1]["kind"] == "logreg" else configs[0]
             reason = f"only {n_min} example(s) of one class: no CV, using {label}"
         else:
-            from sklearn.model_selection import StratifiedKFold
-
-            folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state).split(X, y))
-            oofs: dict[str, np.ndarray] = {}
-            for label, cfg in configs:
-                oof = np.empty(n)
-                for tr, te in folds:
-                    m = self._fit_quiet(self._make(cfg), X[tr], y[tr])
-                    oof[te] = m.predict_proba(X[te])[:, 1]
-                oofs[label] = oof
-                scores[label] = binary_metrics(y, oof)
-                logger.debug("predictor candidate %s: %s", label, scores[label])
-            best = min(scores, key=lambda k: scores[k]["log_loss"])
-            limit = scores[best]["log_loss"] + self.tol
-            label = next(lbl for lbl, _ in configs if scores[lbl]["log_loss"] <= limit)
+            label, scores, oof, reason = _select_by_cv(configs, X, y, n_splits, self.random_state, self.tol,
+                                                       lambda cfg, Xt, yt: self._fit_quiet(self._make(cfg), Xt, yt))
             cfg = dict(configs)[label]
-            s = scores[label]
-            auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f}"
-            reason = (f"{label}: lowest {n_splits}-fold CV log-loss {s['log_loss']:.4f} (AUC {auc}, Brier "
-                      f"{s['brier']:.4f})" + ("" if label == best else
-                                              f", the simplest within {self.tol:g} of the best ({best})"))
-            self.oof_proba_ = oofs[label]
-            self.cv_metrics_ = dict(s, n_folds=n_splits)
+            self.oof_proba_ = oof
+            self.cv_metrics_ = dict(scores[label], n_folds=n_splits)
         self.pipeline_ = self._fit_quiet(self._make(cfg), X, y)
         self.chosen_ = label
         self.selection_ = {"reason": reason, "candidates": scores, "n_components": nc}
