@@ -301,8 +301,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         ["tests/test_preflight_rules.py"]),
     "preflight_no_expert_check": (
         "avis_llamacpp/preflight.py",
-        "    if not ok:",
-        "    if False:",
+        '    if not ok:\n        raise bad(f"inconsistent expert counts',
+        '    if False:\n        raise bad(f"inconsistent expert counts',
         ["tests/test_preflight_rules.py"]),
     "preflight_rope_sections_over_rotary": (
         "avis_llamacpp/preflight.py",
