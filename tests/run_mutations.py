@@ -450,6 +450,26 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "if marker and marker in prompt_text[len(snapshot.prefix_text):]:",
         "if False:",
         ["tests/test_snapshot_identity.py", "-k", "markers"]),
+    "video_pruned_per_chunk": (
+        "avis_llamacpp/query.py",
+        'joint = video and pruned and q.video_selection == "joint"',
+        "joint = False",
+        ["tests/test_video_joint.py", "-k", "one_selection"]),
+    "video_group_first_chunk_only": (
+        "avis_llamacpp/prefill.py",
+        "            members = [g for g in group_of.get(ci, [ci]) if g >= ci]\n",
+        "            members = [ci]\n",
+        ["tests/test_video_joint.py", "-k", "one_selection"]),
+    "video_joint_chunks_misordered": (
+        "avis_llamacpp/scorer.py",
+        "keys = group[0].keys.keys if len(group) == 1 else np.concatenate([s.keys.keys for s in group])",
+        "keys = group[0].keys.keys if len(group) == 1 else np.concatenate([s.keys.keys for s in group[::-1]])",
+        ["tests/test_video_joint.py", "-k", "one_selection"]),
+    "video_frames_not_capped_for_frame_models": (
+        "avis_llamacpp/query.py",
+        "    if patch == 1 and max_frames is None:",
+        "    if False:",
+        ["tests/test_video_joint.py", "-k", "frame_by_frame"]),
 }
 
 
