@@ -303,3 +303,22 @@ def check_pruned_positions(vlm: VLM, image: Any, monkeypatch: pytest.MonkeyPatch
     assert full.n_past - half.n_past == pruned > 0 and full_max - half_max == pruned
     assert [len(ps) for k, ps in half_calls if k == "image"] == [im.n_kept for im in half.images]
     return full, half, half_calls
+
+
+def noise_images(root: Any, pixel: tuple[int, int, int]) -> dict[str, Any]:
+    """Two seeded 224x224 noise PNGs "a" and "b" under root, and "a_pixel": a copy of "a" with the one channel
+    value at `pixel` (row, column, channel) flipped in its lowest bit (what an image digest must tell apart)."""
+    import numpy as np
+    from PIL import Image
+
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        arr = np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        out[name] = root / f"{name}.png"
+        Image.fromarray(arr).save(out[name])
+        if name == "a":
+            arr = arr.copy()
+            arr[pixel] ^= 1
+            out["a_pixel"] = root / "a_pixel.png"
+            Image.fromarray(arr).save(out["a_pixel"])
+    return out

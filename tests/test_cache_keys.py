@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from avis_llamacpp.images import load_image
 from avis_llamacpp.pipeline import VLM
 from avis_llamacpp.prefix_cache import PrefixStore
+from tests.family_helpers import noise_images
 
 KW = dict(n_ctx=2048, flash_attn=False, n_threads=1, n_threads_batch=1)
 Q1, Q2 = "What is in the picture?", "How many shapes?"
@@ -44,18 +44,7 @@ def cold(vlm_fixture):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     """Two noise images of one size, and a copy of the first with a single pixel changed."""
-    root = tmp_path_factory.mktemp("cache-key-images")
-    out = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        arr = np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-        out[name] = root / f"{name}.png"
-        Image.fromarray(arr).save(out[name])
-        if name == "a":
-            arr = arr.copy()
-            arr[150, 77, 1] ^= 1
-            out["a_pixel"] = root / "a_pixel.png"
-            Image.fromarray(arr).save(out["a_pixel"])
-    return out
+    return noise_images(tmp_path_factory.mktemp("cache-key-images"), (150, 77, 1))
 
 
 def _text_before_image(vlm: VLM, prompt: str, imgs: list) -> int:

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from avis_llamacpp.errors import InvalidArgumentError, SnapshotMismatchError
 from avis_llamacpp.pipeline import VLM
 from avis_llamacpp.snapshot import Snapshot
+from tests.family_helpers import noise_images
 
 KW = dict(n_ctx=1024, n_seq_max=2, flash_attn=False, n_threads=1, n_threads_batch=1)
 Q = "What is in the picture?"
@@ -32,18 +32,8 @@ def vlm(vlm_fixture):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("snapshot-identity")
-    out = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        arr = np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-        out[name] = root / f"{name}.png"
-        Image.fromarray(arr).save(out[name])
-        if name == "a":
-            arr = arr.copy()
-            arr[100, 33, 2] ^= 1
-            out["a_pixel"] = root / "a_pixel.png"
-            Image.fromarray(arr).save(out["a_pixel"])
-    return out
+    """Two noise images of one size, and a copy of the first with a single pixel changed."""
+    return noise_images(tmp_path_factory.mktemp("snapshot-identity"), (100, 33, 2))
 
 
 def _same(a: Any, b: Any) -> None:
