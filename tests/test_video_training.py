@@ -234,3 +234,33 @@ def test_image_loader_gives_the_video_mirror_for_a_video_pair(video_pair):
     m, p = video_pair / "model.gguf", video_pair / "mmproj.gguf"
     tm = load_from_gguf(m, p, dims_from_gguf(m, p))
     assert isinstance(tm, ShapesQwenVideoVLM) and float(tm.vision.patch1.detach().abs().max()) > 0
+
+
+def test_scene_list_traces_name_the_first_and_last_frames():
+    """--scene-lists traces list exactly the colours the first and the last frame show (read from pixels), left to
+    right, and fit the 96-token decode budget with the option lines and tags."""
+    from avis_llamacpp.prompt import QWEN25VL
+    from tests.test_video_task import present, read_frames
+    from training.data import Tokenizer
+    from training.train_video_qwen import LISTED_KINDS, VideoBatcher, scene_list_think
+
+    tok = Tokenizer("avis_llamacpp/data/shapes-qwen/model.gguf", QWEN25VL)
+    vb = VideoBatcher(tok, batch=1, seed=0, prune_prob=0.0, scene_lists=True)
+    n = 0
+    for i in range(120):
+        item = video_task.make_item("train", i)
+        q = item.question
+        if q.kind not in LISTED_KINDS:
+            assert vb.target(q, item.clip) == tok.target(q)
+            continue
+        think = scene_list_think(q, item.clip)
+        first, last = (part.split(": ", 1)[1] for part in think.split(". ")[:2])
+        reading = read_frames(video_task.render_clip(item.clip))
+        for listed, t in ((first, 0), (last, -1)):
+            names = [] if listed == "nothing" else listed.split(", ")
+            assert sorted(nm.split()[0] for nm in names) == sorted(c for c in reading if present(reading, c)[t])
+            xs = [reading[nm.split()[0]][t][1][0] for nm in names]
+            assert xs == sorted(xs)
+        assert think.endswith(q.think) and len(vb.target(q, item.clip)) <= 90
+        n += 1
+    assert n > 20

@@ -19,6 +19,7 @@ a count and a colour question too. The LR schedule anneals by wall clock (--max-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -76,6 +77,20 @@ def clip_token_labels(clip: vt.Clip, token_px: int = 14) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
+LISTED_KINDS = ("appear", "disappear", "order")
+
+
+def scene_list_think(q: vt.Question, clip: vt.Clip) -> str:
+    """A training-only trace for the kinds whose answer is a change of what is in the clip: the shapes in the first
+    frame, then in the last frame, left to right, then the task's own reasoning ("First: red circle, blue square.
+    Last: red circle. The blue square is there at first and then is gone."), so the answer is a comparison of two
+    copied lists instead of one unseen step."""
+    def names(t: int) -> str:
+        return ", ".join(tr.name for tr in sorted(clip.visible_in(t), key=lambda tr: tr.xs[t])) or "nothing"
+
+    return f"First: {names(0)}. Last: {names(clip.n_frames - 1)}. {q.think}"
+
+
 class ClipAuxHeads(torch.nn.Module):
     """Training-only per-token classifiers on clip embeddings (not exported): colour, shape and within-pair motion
     of the object under each token, so the temporal patch conv learns to show motion before the answers need it."""
@@ -120,8 +135,10 @@ def load_start(model_dir: str | Path) -> ShapesQwenVideoVLM:
 class VideoBatcher:
     """Batches of training clips: frames, (question, target) token pairs, and the pruning of the batch."""
 
-    def __init__(self, tok: Tokenizer, batch: int, seed: int, prune_prob: float, token_px: int = 14) -> None:
+    def __init__(self, tok: Tokenizer, batch: int, seed: int, prune_prob: float, token_px: int = 14,
+                 scene_lists: bool = False) -> None:
         self.tok = tok
+        self.scene_lists = scene_lists
         self.token_px = token_px  # frame pixels per merged token side (2 x 2 patches)
         self.batch = batch
         self.seed = seed
@@ -142,12 +159,19 @@ class VideoBatcher:
                     qs.append(q)
         return qs
 
+    def target(self, q: vt.Question, clip: vt.Clip) -> list[int]:
+        """Assistant tokens; with scene_lists an appear / disappear / order trace first lists the shapes of the
+        first and of the last frame (scene_list_think)."""
+        if self.scene_lists and q.kind in LISTED_KINDS:
+            q = dataclasses.replace(q, think=scene_list_think(q, clip))
+        return self.tok.target(q)
+
     def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
         """Frames [F, H, W, 3], (question tokens, target tokens) pairs and per-token labels (clip_token_labels) of
         training clip `index`."""
         item = vt.make_item("train", self.seed * 10_000_000 + index)
         return (np.stack(vt.render_clip(item.clip)),
-                [(self.tok.question(q), self.tok.target(q)) for q in self.questions(item, index)],
+                [(self.tok.question(q), self.target(q, item.clip)) for q in self.questions(item, index)],
                 clip_token_labels(item.clip, self.token_px))
 
     def pruning(self, n_total: int) -> tuple[int, str]:
@@ -250,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aux-warmup", type=int, default=100, help="steps fitting the fresh auxiliary heads alone")
     p.add_argument("--export-checkpoint", default=None, metavar="CKPT",
                    help="only export this checkpoint (a run's ckpt.pt, on the --from model's dims) to --out and exit")
+    p.add_argument("--scene-lists", action="store_true",
+                   help="train appear / disappear / order answers with a trace that first lists the shapes of the "
+                        "first and the last frame")
+    p.add_argument("--data-offset", type=int, default=0,
+                   help="first training image and clip index (fresh items when continuing from a run's output)")
     p.add_argument("--clip-aux-weight", type=float, default=0.5,
                    help="weight of the per-token clip loss (colour, shape, within-pair motion; 0: off)")
     args = p.parse_args(argv)
@@ -271,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer(Path(args.start) / "model.gguf", QWEN25VL)
     args.spatial_places, args.compare_present, args.locate_share = False, 0.0, 0.0  # the bundled recipe's batches
     images = make_batcher(tok, args, args.seed)
-    clips = VideoBatcher(tok, args.batch, args.seed, args.prune_prob, 2 * dims.vision.patch_size)
+    clips = VideoBatcher(tok, args.batch, args.seed, args.prune_prob, 2 * dims.vision.patch_size,
+                         scene_lists=args.scene_lists)
+    images.next_index = clips.next_index = args.data_offset
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
     clip_aux = ClipAuxHeads(dims.vision.proj_dim) if args.clip_aux_weight > 0 else None
     t_all = time.perf_counter()
