@@ -272,7 +272,7 @@ def plugin_call(vlm: Any, hook: EogHook, fn: str, *args: Any, **kw: Any) -> dict
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "ttft_s": None if hook.t_first is None else hook.t_first - t0,
             "decode_tokens": list(a.decode_tokens), "prompt_tokens": a.prompt_tokens,
-            "image_tokens": a.image_tokens, "kept_tokens": a.kept_tokens, "tokens_skipped": a.tokens_skipped,
+            "image_tokens": sum(a.image_tokens), "kept_tokens": sum(a.kept_tokens), "tokens_skipped": a.tokens_skipped,
             "timings": dict(a.timings), "eog_sampled": hook.n_eog}
 
 
@@ -500,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         "the plugin's defaults include KDV key capture in the vision encoder, also when nothing is pruned",
         "EOS: llama-server's ignore_eos bans EOS tokens; the plugin's is_eog wrapper samples them and goes on",
         "llama-server's times include loopback HTTP, JSON and SSE streaming",
+        "llama-server's prompt cache also reuses the system-prompt tokens before the image across requests "
+        "(cached_tokens in a and c); the plugin's cold questions (prefix_cache off, its default) prefill them",
     ]
     print("llama-server:", info["llama_server_command"], flush=True)
     raw: dict[str, dict[str, list[dict]]] = {}
