@@ -64,7 +64,10 @@ class Model:
     """A loaded text model (GGUF) and its vocabulary."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 verbose: bool = False) -> None:
+                 repack: bool = True, verbose: bool = False) -> None:
+        """repack: let llama.cpp move weights into its CPU extra buffer types (AMX tiles, interleaved repacked
+        layouts), its default; False is llama-server's --no-repack (for a host whose AMX faults: SIGILL / SIGSEGV
+        in tinygemm_kernel_amx on the first matrix product of a quantized model)."""
         ensure_backend()
         set_native_verbosity(verbose)
         path = os.fspath(path)
@@ -72,6 +75,7 @@ class Model:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
+        params.use_extra_bufts = bool(repack)
         self.path = path
         self.owned = True
         self.owner: Any = None  # set by borrow(): the object whose model this is

@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", default="a,b,c,d", help="comma list of a, b, c, d (d needs a)")
     p.add_argument("--server-args", default="-np 8 -kvu", help="extra llama-server flags (default: 8 slots in one "
                    "unified KV cache, like the plugin's n_seq_max=8 context; n=K needs >= K slots)")
+    p.add_argument("--no-repack", action="store_true", help="both sides without llama.cpp's CPU weight repacking "
+                   "(AMX, interleaved layouts): llama-server -nr, the plugin Model(repack=False); for a host whose "
+                   "AMX faults on quantized models")
     p.add_argument("--gap", type=float, default=0.5, help="idle seconds between timed calls")
     p.add_argument("--out", type=Path, default=None, help="results prefix (default: "
                    "benchmarks/results/llama_server_qwen25vl_<size>; .md and .json are written)")
@@ -452,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp
 
     from avis_llamacpp import VLM
+    from avis_llamacpp.native import Model
     from convert.fixtures import make_fixture
 
     if a.model:
@@ -488,9 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     images = {s: data_uri(make_png(s, a.side)) for ss in seeds.values() for s in ss}  # all encoded before timing
 
     log_path = a.log or os.path.join(tempfile.gettempdir(), f"avis-llama-server-{os.getpid()}.log")
-    srv = Server(binary, model, mmproj, T, a.ctx, shlex.split(a.server_args), log_path)
+    srv = Server(binary, model, mmproj, T, a.ctx, shlex.split(a.server_args) + (["-nr"] if a.no_repack else []),
+                 log_path)
     info["llama_server_command"] = " ".join(map(shlex.quote, srv.cmd))
-    info["plugin_constructor"] = f"VLM(model, mmproj, n_threads={T}, n_ctx={a.ctx}); b: prefix_cache=True"
+    text_model = "Model(model, repack=False)" if a.no_repack else "model"
+    info["plugin_constructor"] = f"VLM({text_model}, mmproj, n_threads={T}, n_ctx={a.ctx}); b: prefix_cache=True"
     info["differences"] = [
         "prompt: llama-server renders the GGUF's chat template, the plugin llama-cpp-python's Qwen2.5-VL format "
         "(no newline after the final 'assistant'): see prompt_tokens",
@@ -515,10 +521,16 @@ def main(argv: list[str] | None = None) -> int:
             record(name, side, fn())
             time.sleep(a.gap)
 
+    def load_text() -> Any:  # the text model, repacked or not; VLM.close frees it, the finally below again
+        m = Model(model, repack=not a.no_repack)
+        models.append(m)
+        return m
+
     vlms: list[Any] = []
+    models: list[Any] = []
     try:
         info["server_load_s"] = round(srv.start(), 2)
-        vlm = VLM(model, mmproj, n_threads=T, n_ctx=a.ctx)
+        vlm = VLM(load_text(), mmproj, n_threads=T, n_ctx=a.ctx)
         vlms.append(vlm)
         hook = EogHook(vlm.model)
         info["plugin_settings"] = {"flash_attn": vlm.settings.flash_attn, "n_batch": vlm.settings.n_batch,
@@ -557,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         if "b" in scen:
             vlm.close()
             vlms.remove(vlm)
-            vpc = VLM(model, mmproj, n_threads=T, n_ctx=a.ctx, prefix_cache=True)
+            vpc = VLM(load_text(), mmproj, n_threads=T, n_ctx=a.ctx, prefix_cache=True)
             vlms.append(vpc)
             hpc = EogHook(vpc.model)
             plugin_call(vpc, hpc, "ask", w, Q1, max_tokens=N)  # this context's warm-up
@@ -587,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for v in vlms:
             v.close()
+        for m in models:
+            m.close()
         srv.stop()
     info["load_after"] = [round(x, 2) for x in os.getloadavg()]
 

@@ -105,3 +105,23 @@ def test_eog_hook_decodes_max_tokens(qwen_fixture):
         assert res["ttft_s"] is not None and 0 < res["ttft_s"] <= res["wall_s"]
     finally:
         vlm.close()
+
+
+@pytest.mark.parametrize("repack", [True, False])
+def test_model_repack_reaches_llama_cpp(qwen_fixture, monkeypatch, repack):
+    """native.Model(repack=False) loads with use_extra_bufts off (llama-server's -nr), True keeps llama.cpp's
+    default; the benchmark's --no-repack runs the plugin so."""
+    import llama_cpp
+
+    from avis_llamacpp.native import Model
+
+    seen = []
+    load = llama_cpp.llama_model_load_from_file
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file",
+                        lambda path, params: seen.append(params.use_extra_bufts) or load(path, params))
+    m = Model(qwen_fixture.model, repack=repack)
+    try:
+        assert seen == [repack] and m.n_vocab > 0
+        assert llama_cpp.llama_model_default_params().use_extra_bufts  # llama.cpp's default, what repack=True keeps
+    finally:
+        m.close()
