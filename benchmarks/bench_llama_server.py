@@ -13,13 +13,18 @@ script prints the commands that build it (offline, from llama-cpp-python's sdist
 
 Scenarios (R repeats each; the two sides alternate which goes first per repeat and never run at the same time):
   a  cold question about a new image (a new numpy seed per repeat): wall time and time to first token (TTFT).
-  b  turn 2 about the same image: [user: image + Q1, assistant: A1, user: Q2] after an untimed turn 1 (image + Q1);
-     llama-server with its prompt cache (cache_prompt, its default), the plugin with VLM(prefix_cache=True). A1 is
-     one fixed sentence on both sides, so both reuse turn 1's prompt and prefill the rest.
+  b  turn 2 about the same image: [user: image + Q1, assistant: A1, user: Q2] after an untimed turn 1 (image + Q1).
+     A1 is one fixed sentence on both sides, so both reuse turn 1's prompt and prefill the rest.
   c  K sampled answers sharing one prefill: llama-server `n: K` against the plugin's k=K (parallel mode), both with
      the plugin's K > 1 sampling (temperature 0.7, top-p 0.9, top-k and min-p off); a new image per repeat.
   d  the plugin with KDV pruning (ratio 0.75, then tau pi/4) on a's images, against llama-server's a times (it has
      no pruning).
+  e  a's questions on the plugin with reuse_prefix=False (a bare VLM's default), against llama-server's a times.
+
+Both sides keep a prompt cache, as each serves by default: llama-server's cache_prompt, the plugin's
+VLM(prefix_cache=True) (the default of its chat handler and server). So in a, c and d a new image's request still
+reuses the system prompt's tokens before the image from the previous request, on both sides; e shows the cost of
+not doing so.
 
 Equal work: greedy everywhere but c; every answer decodes exactly N tokens on both sides (llama-server:
 ignore_eos; the plugin has no such knob, so its model's is_eog is wrapped to report no end of generation: an EOS
@@ -339,7 +344,8 @@ def summarise(raw: dict[str, dict[str, list[dict]]], n: int, k: int) -> tuple[li
     specs = [("a", "a. cold question", 1, None), ("b", "b. turn 2, cached prefix", 1, None),
              ("c", f"c. K={k} sampled, one shared prefill", k, None),
              ("d_ratio", "d. plugin KDV ratio 0.75 (server: a)", 1, "a"),
-             ("d_tau", "d. plugin KDV tau pi/4 (server: a)", 1, "a")]
+             ("d_tau", "d. plugin KDV tau pi/4 (server: a)", 1, "a"),
+             ("e", "e. plugin without prefix reuse (server: a)", 1, "a")]
     for name, label, kk, server_from in specs:
         if name not in raw:
             continue
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--ctx", type=int, default=4096, help="context size, both sides")
     p.add_argument("--side", type=int, default=644, help="image side in pixels (644: 529 image tokens, 336: 144)")
     p.add_argument("--seed", type=int, default=1234, help="base numpy seed of the images")
-    p.add_argument("--scenarios", default="a,b,c,d", help="comma list of a, b, c, d (d needs a)")
+    p.add_argument("--scenarios", default="a,b,c,d,e", help="comma list of a, b, c, d, e (d and e need a)")
     p.add_argument("--server-args", default="-np 8 -kvu", help="extra llama-server flags (default: 8 slots in one "
                    "unified KV cache, like the plugin's n_seq_max=8 context; n=K needs >= K slots)")
     p.add_argument("--no-repack", action="store_true", help="both sides without llama.cpp's CPU weight repacking "
@@ -442,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         print(build_commands(llama_cpp_python_version()))
         return 0
     scen = [s.strip() for s in a.scenarios.split(",") if s.strip()]
-    if set(scen) - set("abcd") or ("d" in scen and "a" not in scen):
-        p.error(f"--scenarios {a.scenarios!r}: a comma list of a, b, c, d (d is compared with a: include a)")
+    if set(scen) - set("abcde") or (set(scen) & set("de") and "a" not in scen):
+        p.error(f"--scenarios {a.scenarios!r}: a comma list of a, b, c, d, e (d and e are compared with a: include a)")
     binary = find_server(a.server, llama_cpp_python_version())
     if binary is None:
         print("llama-server not found; build it (offline) with:\n" + build_commands(llama_cpp_python_version())
@@ -496,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                  log_path)
     info["llama_server_command"] = " ".join(map(shlex.quote, srv.cmd))
     text_model = "Model(model, repack=False)" if a.no_repack else "model"
-    info["plugin_constructor"] = f"VLM({text_model}, mmproj, n_threads={T}, n_ctx={a.ctx}); b: prefix_cache=True"
+    info["plugin_constructor"] = f"VLM({text_model}, mmproj, n_threads={T}, n_ctx={a.ctx}, prefix_cache=True)"
     info["differences"] = [
         "prompt: llama-server renders the GGUF's chat template, the plugin llama-cpp-python's Qwen2.5-VL format "
         "(no newline after the final 'assistant'): see prompt_tokens",
@@ -506,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         "the plugin's defaults include KDV key capture in the vision encoder, also when nothing is pruned",
         "EOS: llama-server's ignore_eos bans EOS tokens; the plugin's is_eog wrapper samples them and goes on",
         "llama-server's times include loopback HTTP, JSON and SSE streaming",
-        "llama-server's prompt cache also reuses the system-prompt tokens before the image across requests "
-        "(cached_tokens in a and c); the plugin's cold questions (prefix_cache off, its default) prefill them",
+        "both sides keep their prompt cache on (llama-server's cache_prompt default; the plugin's prefix_cache, "
+        "the default of its chat handler and server, not of a bare VLM): a new image's request reuses the system "
+        "prompt's tokens before the image (cached_tokens); e is the plugin without it",
     ]
     print("llama-server:", info["llama_server_command"], flush=True)
     raw: dict[str, dict[str, list[dict]]] = {}
@@ -530,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     models: list[Any] = []
     try:
         info["server_load_s"] = round(srv.start(), 2)
-        vlm = VLM(load_text(), mmproj, n_threads=T, n_ctx=a.ctx)
+        vlm = VLM(load_text(), mmproj, n_threads=T, n_ctx=a.ctx, prefix_cache=True)
         vlms.append(vlm)
         hook = EogHook(vlm.model)
         info["plugin_settings"] = {"flash_attn": vlm.settings.flash_attn, "n_batch": vlm.settings.n_batch,
@@ -567,13 +574,6 @@ def main(argv: list[str] | None = None) -> int:
                      lambda s=s: plugin_call(vlm, hook, "ask", images[s], Q1, max_tokens=N, k=K, seed=s))
                 print(f"c {r + 1}/{R}", flush=True)
         if "b" in scen:
-            vlm.close()
-            vlms.remove(vlm)
-            vpc = VLM(load_text(), mmproj, n_threads=T, n_ctx=a.ctx, prefix_cache=True)
-            vlms.append(vpc)
-            hpc = EogHook(vpc.model)
-            plugin_call(vpc, hpc, "ask", w, Q1, max_tokens=N)  # this context's warm-up
-
             def turn2(m1: list[dict]) -> list[dict]:
                 return m1 + [{"role": "assistant", "content": A1}, {"role": "user", "content": Q2}]
 
@@ -586,9 +586,9 @@ def main(argv: list[str] | None = None) -> int:
 
             def plugin_b(s: int) -> dict[str, Any]:
                 m1 = [user_msg(PLUGIN_URL, Q1)]
-                t1 = plugin_call(vpc, hpc, "generate", vpc.render_messages(m1, [PLUGIN_URL]), [images[s]],
+                t1 = plugin_call(vlm, hook, "generate", vlm.render_messages(m1, [PLUGIN_URL]), [images[s]],
                                  max_tokens=N)
-                t2 = plugin_call(vpc, hpc, "generate", vpc.render_messages(turn2(m1), [PLUGIN_URL]), [images[s]],
+                t2 = plugin_call(vlm, hook, "generate", vlm.render_messages(turn2(m1), [PLUGIN_URL]), [images[s]],
                                  max_tokens=N)
                 t2["turn1"] = {key: t1[key] for key in ("wall_s", "ttft_s", "prompt_tokens", "timings")}
                 return t2
@@ -596,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
             for r, s in enumerate(seeds["b"]):
                 both(r, "b", lambda s=s: server_b(s), lambda s=s: plugin_b(s))
                 print(f"b {r + 1}/{R}", flush=True)
+        if "e" in scen:  # the library's default VLM(prefix_cache=False): nothing reused, same context
+            for s in seeds["a"]:
+                record("e", "plugin", plugin_call(vlm, hook, "ask", images[s], Q1, max_tokens=N, reuse_prefix=False))
+                time.sleep(a.gap)
+            print("e done", flush=True)
     finally:
         for v in vlms:
             v.close()
