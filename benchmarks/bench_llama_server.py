@@ -399,7 +399,8 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]], det: list[dict[st
     lines = [f"# bench_llama_server.py: plugin vs llama-server, qwen25vl {info['size']} fixture", "",
              f"Command: `{info['command']}`", "",
              f"Started {info['started']} on {info['host']} ({info['cpus']} CPUs); load average before "
-             f"{info['load_before']}, after {info['load_after']}. {info['image_tokens']} image tokens "
+             f"{info['load_before']}, after {info['load_after']}, 1-min load during the run {info['load_during']} "
+             f"(its own {info['threads']} threads count). {info['image_tokens']} image tokens "
              f"({info['image_side']} px), {info['max_tokens']} decoded tokens per answer, {info['threads']} threads, "
              f"R = {info['repeat']} repeats (median [min-max]; ratio = plugin / server per repeat, same image).", "",
              f"- llama-server: `{info['llama_server_command']}` ({info['llama_server_version']})",
@@ -519,8 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     print("llama-server:", info["llama_server_command"], flush=True)
     raw: dict[str, dict[str, list[dict]]] = {}
 
+    loads: list[float] = []  # 1-minute load average after each timed call (this run's own 2 threads included)
+
     def record(name: str, side: str, res: dict[str, Any]) -> None:
         raw.setdefault(name, {"server": [], "plugin": []})[side].append(res)
+        loads.append(round(os.getloadavg()[0], 2))
 
     def both(r: int, name: str, run_server: Callable[[], dict], run_plugin: Callable[[], dict]) -> None:
         order = [("server", run_server), ("plugin", run_plugin)]
@@ -608,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             m.close()
         srv.stop()
     info["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    info["load_during"] = [min(loads), max(loads)] if loads else None
 
     rows, mismatches = summarise(raw, N, K)
     det = details(raw)
