@@ -1,9 +1,18 @@
 """Train the bundled Qwen2.5-VL-architecture shapes VLM on clips as well as images, for pruned inputs.
 
     .venv/bin/pip install torch==2.13.0
-    .venv/bin/python -m training.train_video_qwen --seed 0 --max-minutes 100 --threads 1 \
-        --from avis_llamacpp/data/shapes-qwen --work /tmp/vq --out /tmp/vq/out
-    .venv/bin/python -m training.eval_video_vlm --model-dir /tmp/vq/out --n 300 --images 300 --parity 50
+    .venv/bin/python -m training.train_video_qwen --seed 0 --max-minutes 110 --threads 1 \
+        --from avis_llamacpp/data/shapes-qwen --work /tmp/vq --out /tmp/vq/out      # stopped after step 1300:
+    .venv/bin/python -m training.train_video_qwen --export-checkpoint /tmp/vq/ckpt.pt --out /tmp/vq/stage1
+    .venv/bin/python -m training.train_video_qwen --seed 0 --max-minutes 80 --threads 1 --from /tmp/vq/stage1 \
+        --scene-lists --video-share 0.7 --lr 8e-4 --data-offset 20000 --work /tmp/vq2 --out /tmp/vq2/out
+    .venv/bin/python -m training.eval_video_vlm --model-dir /tmp/vq2/out --n 300 --images 300 --parity 50 \
+        --parity-ratio 0.75 --configs kdv@0.75 chunk@0.75 random@0.75 uniform@0.75
+
+The clip-trained model (avis_llamacpp/data/shapes-qwen-video/) came from these two stages on one thread of a
+shared 2-core machine (1300 + about 5000 steps, 28 + 80 minutes): the first stage alone left the temporal kinds
+near chance (0.38 on 100 calibration clips); --scene-lists and a larger video share lifted them (0.62 on the same
+clips 45 minutes into the second stage). The stage-1 stop was by hand, so its steps depend on this machine's load.
 
 It starts from the bundled model's weights (its patch conv split evenly over the two temporal halves, so every
 still image gives the same embeddings as before: training/qwen_video.py) and alternates batches of images (the
