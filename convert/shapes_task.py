@@ -393,17 +393,21 @@ def export(split: str, n: int, out: str | Path, *, start: int = 0) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert.shapes_task", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", choices=list(SPLITS), required=True)
+def export_main(prog: str, doc: str | None, splits: Any, export_fn: Any, argv: list[str] | None = None) -> int:
+    """The command line of a seeded task's exporter (this one and convert.video_task): --split, --n, --start, --out;
+    prints the items file written."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", choices=list(splits), required=True)
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    path = export(args.split, args.n, args.out, start=args.start)
-    print(path)
+    print(export_fn(args.split, args.n, args.out, start=args.start))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export_main("python -m convert.shapes_task", __doc__, SPLITS, export, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Targets carry the image task's trace form (a short reasoning line, every option 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -380,15 +379,9 @@ def export(split: str, n: int, out: str | Path, *, start: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert.video_task", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", choices=list(SPLITS), required=True)
-    p.add_argument("--n", type=int, default=300)
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    print(export(args.split, args.n, args.out, start=args.start))
-    return 0
+    from convert.shapes_task import export_main
+
+    return export_main("python -m convert.video_task", __doc__, SPLITS, export, argv)
 
 
 if __name__ == "__main__":
