@@ -150,8 +150,9 @@ def test_bench_takes_video_items(qwen_fixture, tmp_path):
                       "answer": "A"})
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps(d) + "\n" for d in lines))
-    configs = [BenchConfig("vanilla"), BenchConfig("kdv rho=0.75", ratio=0.75),
-               BenchConfig("kdv per-chunk rho=0.75", ratio=0.75, video_selection="per_chunk")]
+    # rho 0.9 keeps floor(0.1 * 32) = 3 of the clip jointly but 2 x floor(0.1 * 16) = 2 chunk by chunk
+    configs = [BenchConfig("vanilla"), BenchConfig("kdv rho=0.9", ratio=0.9),
+               BenchConfig("kdv per-chunk rho=0.9", ratio=0.9, video_selection="per_chunk")]
     run_bench(str(qwen_fixture.model), str(qwen_fixture.mmproj), str(items), tmp_path / "out", configs=configs,
               max_tokens=2, progress=False, n_threads=1)
     recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
@@ -160,8 +161,8 @@ def test_bench_takes_video_items(qwen_fixture, tmp_path):
         n = by[(f"c{i}", "vanilla")]["kept_tokens"]
         # 8 frames at 4 fps = 2 s, sampled at 2 fps: 4 frames -> 2 chunks of 4x4 tokens
         assert n == by[(f"c{i}", "vanilla")]["image_tokens"] and n == 2 * 16
-        assert by[(f"c{i}", "kdv rho=0.75")]["kept_tokens"] == n_keep_for_ratio(n, 0.75)
-        assert by[(f"c{i}", "kdv per-chunk rho=0.75")]["kept_tokens"] == 2 * n_keep_for_ratio(16, 0.75)
+        assert by[(f"c{i}", "kdv rho=0.9")]["kept_tokens"] == n_keep_for_ratio(n, 0.9) == 3
+        assert by[(f"c{i}", "kdv per-chunk rho=0.9")]["kept_tokens"] == 2 * n_keep_for_ratio(16, 0.9) == 2
 
 
 def test_frame_by_frame_models_sample_what_the_context_holds(llava_fixture, tmp_path):
