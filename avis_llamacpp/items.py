@@ -1,8 +1,8 @@
 """Labelled question sets (JSONL) and result-record files: one reader, one validation, one resume rule and one
 progress helper for `avis calibrate` and `avis bench`.
 
-Items file: one JSON object per line, `{"id", "image" (path relative to the file) or "video" (a clip file or an
-animated image, relative to the file), "question", "options", "answer"}`; extra fields (difficulty, kind, ...) are kept. Record files are append-only JSONL; a truncated last
+Items file: one JSON object per line, `{"id", "image" (path relative to the file) or "video" (a clip file, an
+animated image, or a list of frame files in order; relative to the file), "question", "options", "answer"}`; extra fields (difficulty, kind, ...) are kept. Record files are append-only JSONL; a truncated last
 line (an interrupted write) is dropped when the file is read back for resuming."""
 
 from __future__ import annotations
@@ -35,22 +35,28 @@ class Item:
     id: str
     index: int
     image: Path
-    image_field: str
+    image_field: str | list[str]  # as the file has it
     question: str
     options: tuple[str, ...]
     gold: str
     answer: str = ""  # as written in the file
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     is_video: bool = False  # `image` is a clip (the item's "video" field)
+    frames: tuple[Path, ...] = ()  # a clip given as frame files: all of them (`image` is the first)
+
+    @property
+    def media_path(self) -> str | list[str]:
+        """The picture as VLM.ask's `image` / `video` takes it: one resolved path, or a clip's frame paths."""
+        return [str(f) for f in self.frames] if self.frames else str(self.image)
 
     def media(self) -> dict[str, Any]:
-        """What VLM.ask takes for this item's picture: {"image": path} or {"image": None, "video": path}."""
-        return media_args(str(self.image), self.is_video)
+        """What VLM.ask takes for this item's picture: {"image": path} or {"image": None, "video": path(s)}."""
+        return media_args(self.media_path, self.is_video)
 
     def as_dict(self) -> dict[str, Any]:
         """The item as the file had it, plus `image_path` (resolved) and the normalised `gold`."""
         d = dict(self.extra)
-        d.update({"video" if self.is_video else "image": self.image_field}, id=self.id, image_path=str(self.image),
+        d.update({"video" if self.is_video else "image": self.image_field}, id=self.id, image_path=self.media_path,
                  is_video=self.is_video, question=self.question,
                  options=list(self.options) or None, answer=self.answer, gold=self.gold)
         return d
@@ -90,11 +96,14 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
         if missing:
             raise InvalidArgumentError(f"{where}: missing field(s) {missing}")
         image, question = d[media], d["question"]
-        if not isinstance(image, str) or not image:
-            raise InvalidArgumentError(f"{where}: '{media}' must be a path string")
-        if _URL_RE.match(image):
-            raise InvalidArgumentError(f"{where}: '{media}' must be a local path relative to the JSONL, not a URL "
-                                       f"({image[:60]!r}); remote files are not fetched")
+        paths = image if is_video and isinstance(image, list) else [image]
+        if not paths or not all(isinstance(x, str) and x for x in paths):
+            raise InvalidArgumentError(f"{where}: '{media}' must be a path string"
+                                       + (" or a non-empty list of frame paths" if is_video else ""))
+        for x in paths:
+            if _URL_RE.match(x):
+                raise InvalidArgumentError(f"{where}: '{media}' must be a local path relative to the JSONL, not a "
+                                           f"URL ({x[:60]!r}); remote files are not fetched")
         if not isinstance(question, str) or not question.strip():
             raise InvalidArgumentError(f"{where}: 'question' must be a non-empty string")
         options = d.get("options") or []
@@ -112,12 +121,14 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
         if item_id in seen:
             raise InvalidArgumentError(f"{where}: duplicate id {item_id!r}")
         seen.add(item_id)
-        img = (path.parent / image).resolve()
-        if not img.is_file():
-            raise InvalidArgumentError(f"{where}: {media} {image!r} not found (looked for {img})")
+        resolved = [(path.parent / x).resolve() for x in paths]
+        for x, img in zip(paths, resolved):
+            if not img.is_file():
+                raise InvalidArgumentError(f"{where}: {media} {x!r} not found (looked for {img})")
         extra = {k: v for k, v in d.items() if k not in ("id", "image", "video", "question", "options", "answer")}
-        items.append(Item(item_id, len(items), img, image, question, options_t, gold, str(d["answer"]), extra,
-                          is_video))
+        frames = tuple(resolved) if isinstance(image, list) else ()
+        items.append(Item(item_id, len(items), resolved[0], image, question, options_t, gold, str(d["answer"]),
+                          extra, is_video, frames))
         if limit is not None and len(items) >= limit:
             break
     if not items:
@@ -125,8 +136,9 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
     return items
 
 
-def media_args(path: str, is_video: bool) -> dict[str, Any]:
-    """VLM.ask's keywords for a picture file: {"image": path}, or {"image": None, "video": path} for a clip."""
+def media_args(path: str | list[str], is_video: bool) -> dict[str, Any]:
+    """VLM.ask's keywords for a picture file: {"image": path}, or {"image": None, "video": path} for a clip (a file,
+    or its frame files in order)."""
     return {"image": None, "video": path} if is_video else {"image": path}
 
 

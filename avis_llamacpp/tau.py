@@ -25,11 +25,10 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 from .images import load_image
-from .items import media_args
 from .kdv import kdv_scores
 
 __all__ = ["DEFAULT_KEEP", "DEFAULT_KEEPS", "DEFAULT_TOLERANCE", "TauCalibration", "calibrate_tau",
-           "choose_tau_labelled", "format_tau_table", "image_scores", "list_images", "mean_kept_share",
+           "choose_tau_labelled", "clip_scores", "format_tau_table", "image_scores", "item_scores", "list_images", "mean_kept_share",
            "tau_for_keep"]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +77,31 @@ def image_scores(vlm: Any, image: Any) -> list[np.ndarray]:
             tk, _ = scorer.scored_keys(chunk, emb)  # read now: the capture holds only the last encode's keys
             out.append(kdv_scores(tk.keys))
     return out
+
+
+def clip_scores(vlm: Any, video: Any) -> list[np.ndarray]:
+    """KDV scores of one video as the plugin selects it (one selection per video): the clip sampled as VLM.ask samples
+    it, every chunk encoded with its last-block keys captured, the keys of all chunks scored against ONE anchor.
+    One array (the whole clip is one selection), so a tau is calibrated on the shares the query path will keep."""
+    from .query import load_clip
+
+    clip = load_clip(video, vlm.projector, vlm.settings.n_ctx,
+                     allow_remote=bool(getattr(vlm, "allow_remote_images", False)))
+    scorer = getattr(vlm, "scorer", vlm)
+    keys = []
+    with vlm.projector.tokenize(vlm.render_question("", len(clip.frames)), clip.frames, video=True) as prompt:
+        for chunk in prompt.images:
+            emb = vlm.projector.encode(chunk)
+            tk, _ = scorer.scored_keys(chunk, emb)
+            keys.append(tk.keys)
+    return [kdv_scores(np.concatenate(keys))]
+
+
+def item_scores(vlm: Any, item: Any) -> list[np.ndarray]:
+    """KDV scores of a labelled item's picture: an image's per chunk (image_scores), a clip's as one (clip_scores)."""
+    if getattr(item, "is_video", False):
+        return clip_scores(vlm, item.media_path)
+    return image_scores(vlm, item.image)
 
 
 def _check_scores(scores: Sequence[ImageScores]) -> list[list[np.ndarray]]:
@@ -206,7 +230,7 @@ def choose_tau_labelled(vlm: Any, items: Sequence[Any], *, keeps: Sequence[float
     if not (isinstance(tolerance, (int, float)) and 0.0 <= tolerance < 1.0):
         raise InvalidArgumentError(f"tolerance must be in [0, 1), got {tolerance!r}")
     keeps = sorted({float(k) for k in keeps}, reverse=True)
-    scores = [image_scores(vlm, it.image) for it in items]
+    scores = [item_scores(vlm, it) for it in items]
     cals = [tau_for_keep(scores, k) for k in keeps]
     settings: list[float | None] = [None] + [c.tau for c in cals]
     correct = np.zeros((len(settings), len(items)))
@@ -215,8 +239,7 @@ def choose_tau_labelled(vlm: Any, items: Sequence[Any], *, keeps: Sequence[float
         for i, it in enumerate(items):
             opts = list(it.options) or None
             for s, tau in enumerate(settings):
-                media = media_args(str(it.image), getattr(it, "is_video", False))
-                a = vlm.ask(question=it.question, **media, k=1, options=opts, answer_tags=answer_tags,
+                a = vlm.ask(question=it.question, **it.media(), k=1, options=opts, answer_tags=answer_tags,
                             max_tokens=max_tokens, tau=tau, seed=seed)
                 text = a.rollouts[0].text if a.rollouts else ""
                 got = extract_answer(text, opts)

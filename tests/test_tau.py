@@ -161,7 +161,8 @@ def test_labelled_search_picks_the_largest_pruning_within_tolerance(monkeypatch)
     needs = {n: (0.5 if i < 4 else 0.2 if i < 10 else 0.0) for i, n in enumerate(names)}
     vlm = _ScriptedVLM(scores, needs)
     monkeypatch.setattr(tau_mod, "image_scores", lambda v, image: [scores[str(image)]])
-    items = [SimpleNamespace(image=n, question="q", options=("x", "y"), gold="A") for n in names]
+    items = [SimpleNamespace(image=n, question="q", options=("x", "y"), gold="A", media=lambda n=n: {"image": n})
+             for n in names]
     keeps = (0.7, 0.5, 0.3, 0.2, 0.1)
     cal = choose_tau_labelled(vlm, items, keeps=keeps, tolerance=0.1, max_tokens=8)
     # oracle: the accuracy of each share by hand from the same rule, and the expected choice

@@ -177,3 +177,49 @@ def test_frame_by_frame_models_sample_what_the_context_holds(llava_fixture, tmp_
         assert v.projector.temporal_patch == 1
     assert a.video["frames"] == 512 // per_frame and a.image_tokens == [per_frame] * a.video["frames"]
     assert a.video["timestamps"][0] == 0.0 and a.video["timestamps"][-1] > 9.0  # spread over the whole clip
+
+
+def test_items_take_a_clip_as_frame_files(qwen_vlm, tmp_path):
+    """An item's `video` may list its frame files (what convert/video_task.py writes): they load in order and VLM.ask
+    answers them exactly as the same frames passed as arrays; a missing frame or an empty list is refused by name."""
+    import json
+
+    from PIL import Image
+
+    from avis_llamacpp.errors import InvalidArgumentError
+    from avis_llamacpp.items import load_items
+
+    frames = _clip(4, size=112)
+    rels = []
+    for t, f in enumerate(frames):
+        (tmp_path / "clip").mkdir(exist_ok=True)
+        Image.fromarray(f).save(tmp_path / "clip" / f"f{t}.png")
+        rels.append(f"clip/f{t}.png")
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "c", "video": rels, "question": Q, "options": ["a", "b"], "answer": "B"}) + "\n")
+    (it,) = load_items(items)
+    assert it.is_video and it.media()["video"] == [str((tmp_path / r).resolve()) for r in rels]
+    assert it.as_dict()["video"] == rels
+    got = qwen_vlm.ask(question=Q, max_tokens=3, ratio=0.75, **it.media())
+    want = qwen_vlm.ask(None, Q, video=frames, max_tokens=3, ratio=0.75)
+    assert got.image_tokens == want.image_tokens and len(got.image_tokens) == 2
+    assert got.rollouts[0].tokens == want.rollouts[0].tokens
+    np.testing.assert_array_equal(_kept_over_video(got), _kept_over_video(want))
+    for bad, says in (([*rels[:3], "clip/f9.png"], "'clip/f9.png' not found"), ([], "list of frame paths")):
+        items.write_text(json.dumps({"video": bad, "question": Q, "answer": "x"}) + "\n")
+        with pytest.raises(InvalidArgumentError, match=says):
+            load_items(items)
+
+
+@pytest.mark.parametrize("tau", [math.pi / 6, math.pi / 4, math.pi / 3])
+def test_tau_calibration_scores_a_clip_as_one_selection(qwen_vlm, chunk_keys, tau):
+    """What calibration scores for a clip (tau.clip_scores) is what the query path keeps: one array over all chunks
+    equal to the numpy oracle on the concatenated keys, whose count at a tau is the count VLM.ask keeps."""
+    from avis_llamacpp.tau import clip_scores
+
+    (scores,) = clip_scores(qwen_vlm, _clip())
+    keys = np.concatenate(chunk_keys)
+    assert scores.shape == (len(keys),)
+    np.testing.assert_array_equal(np.flatnonzero(scores >= -math.cos(tau)), _oracle_kept(keys, tau=tau))
+    a = qwen_vlm.ask(None, Q, video=_clip(), max_tokens=1, tau=tau)
+    assert sum(a.kept_tokens) == max(1, int((scores >= -math.cos(tau)).sum()))

@@ -267,6 +267,34 @@ def test_scene_list_traces_name_the_first_and_last_frames():
     assert n > 20
 
 
+
+def test_shuffled_scene_lists_name_the_same_shapes_in_other_orders():
+    """--shuffled-lists: a share of the traces list the same shapes (the same multiset, read from the sorted trace)
+    in a random order, deterministic per clip; share 0 gives the sorted traces and share 1 reorders some."""
+    from avis_llamacpp.prompt import QWEN25VL
+    from training.data import Tokenizer
+    from training.train_video_qwen import LISTED_KINDS, VideoBatcher
+
+    tok = Tokenizer("avis_llamacpp/data/shapes-qwen/model.gguf", QWEN25VL)
+    plain = VideoBatcher(tok, batch=1, seed=0, prune_prob=0.0, scene_lists=True)
+    mixed = VideoBatcher(tok, batch=1, seed=0, prune_prob=0.0, scene_lists=True, shuffled_lists=0.5)
+    always = VideoBatcher(tok, batch=1, seed=0, prune_prob=0.0, scene_lists=True, shuffled_lists=1.0)
+    n_reordered = {0.5: 0, 1.0: 0}
+    n_listed = 0
+    for i in range(200):
+        item = video_task.make_item("train", i)
+        q = item.question
+        if q.kind not in LISTED_KINDS:
+            continue
+        n_listed += 1
+        want = plain.target(q, item.clip, i)
+        for share, vb in ((0.5, mixed), (1.0, always)):
+            got = vb.target(q, item.clip, i)
+            assert got == vb.target(q, item.clip, i)  # deterministic per clip index
+            assert sorted(got) == sorted(want) and len(got) == len(want)  # same shapes, same words
+            n_reordered[share] += got != want
+    assert 0 < n_reordered[0.5] < n_reordered[1.0] < n_listed
+
 VIDEO_BUNDLE = Path(__file__).resolve().parents[1] / "avis_llamacpp" / "data" / "shapes-qwen-video"
 
 

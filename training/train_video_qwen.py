@@ -89,13 +89,17 @@ def clip_token_labels(clip: vt.Clip, token_px: int = 14) -> np.ndarray:
 LISTED_KINDS = ("appear", "disappear", "order")
 
 
-def scene_list_think(q: vt.Question, clip: vt.Clip) -> str:
+def scene_list_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | None = None) -> str:
     """A training-only trace for the kinds whose answer is a change of what is in the clip: the shapes in the first
     frame, then in the last frame, left to right, then the task's own reasoning ("First: red circle, blue square.
     Last: red circle. The blue square is there at first and then is gone."), so the answer is a comparison of two
-    copied lists instead of one unseen step."""
+    copied lists instead of one unseen step. With `rng` each list comes in a random order instead: the same facts
+    by another route, so sampled rollouts can differ in their path and not only in noise (self-consistency)."""
     def names(t: int) -> str:
-        return ", ".join(tr.name for tr in sorted(clip.visible_in(t), key=lambda tr: tr.xs[t])) or "nothing"
+        shown = sorted(clip.visible_in(t), key=lambda tr: tr.xs[t])
+        if rng is not None:
+            shown = [shown[i] for i in rng.permutation(len(shown))]
+        return ", ".join(tr.name for tr in shown) or "nothing"
 
     return f"First: {names(0)}. Last: {names(clip.n_frames - 1)}. {q.think}"
 
@@ -145,9 +149,10 @@ class VideoBatcher:
     """Batches of training clips: frames, (question, target) token pairs, and the pruning of the batch."""
 
     def __init__(self, tok: Tokenizer, batch: int, seed: int, prune_prob: float, token_px: int = 14,
-                 scene_lists: bool = False) -> None:
+                 scene_lists: bool = False, shuffled_lists: float = 0.0) -> None:
         self.tok = tok
         self.scene_lists = scene_lists
+        self.shuffled_lists = shuffled_lists  # share of scene-list traces listed in a random order
         self.token_px = token_px  # frame pixels per merged token side (2 x 2 patches)
         self.batch = batch
         self.seed = seed
@@ -168,11 +173,13 @@ class VideoBatcher:
                     qs.append(q)
         return qs
 
-    def target(self, q: vt.Question, clip: vt.Clip) -> list[int]:
+    def target(self, q: vt.Question, clip: vt.Clip, index: int = 0) -> list[int]:
         """Assistant tokens; with scene_lists an appear / disappear / order trace first lists the shapes of the
-        first and of the last frame (scene_list_think)."""
+        first and of the last frame (scene_list_think), in a random order for a share shuffled_lists of clips."""
         if self.scene_lists and q.kind in LISTED_KINDS:
-            q = dataclasses.replace(q, think=scene_list_think(q, clip))
+            rng = np.random.default_rng([19, self.seed, index])
+            shuffle = self.shuffled_lists > 0 and rng.uniform() < self.shuffled_lists
+            q = dataclasses.replace(q, think=scene_list_think(q, clip, rng if shuffle else None))
         return self.tok.target(q)
 
     def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
@@ -180,7 +187,7 @@ class VideoBatcher:
         training clip `index`."""
         item = vt.make_item("train", self.seed * 10_000_000 + index)
         return (np.stack(vt.render_clip(item.clip)),
-                [(self.tok.question(q), self.target(q, item.clip)) for q in self.questions(item, index)],
+                [(self.tok.question(q), self.target(q, item.clip, index)) for q in self.questions(item, index)],
                 clip_token_labels(item.clip, self.token_px))
 
     def pruning(self, n_total: int) -> tuple[int, str]:
@@ -286,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scene-lists", action="store_true",
                    help="train appear / disappear / order answers with a trace that first lists the shapes of the "
                         "first and the last frame")
+    p.add_argument("--shuffled-lists", type=float, default=0.0,
+                   help="share of scene-list traces whose shapes come in a random order (greedy keeps the left-to-"
+                        "right route; sampled rollouts may take others)")
     p.add_argument("--data-offset", type=int, default=0,
                    help="first training image and clip index (fresh items when continuing from a run's output)")
     p.add_argument("--clip-aux-weight", type=float, default=0.5,
@@ -310,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args.spatial_places, args.compare_present, args.locate_share = False, 0.0, 0.0  # the bundled recipe's batches
     images = make_batcher(tok, args, args.seed)
     clips = VideoBatcher(tok, args.batch, args.seed, args.prune_prob, 2 * dims.vision.patch_size,
-                         scene_lists=args.scene_lists)
+                         scene_lists=args.scene_lists, shuffled_lists=args.shuffled_lists)
     images.next_index = clips.next_index = args.data_offset
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
     clip_aux = ClipAuxHeads(dims.vision.proj_dim) if args.clip_aux_weight > 0 else None
