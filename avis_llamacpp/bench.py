@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import textwrap
 import time
@@ -368,6 +369,12 @@ def check_resumable(out: Path, settings: dict[str, Any]) -> None:
                                    f"folder, or --no-resume to delete those records and start over")
 
 
+def split_config_names(text: str) -> list[str]:
+    """--configs names: split at commas outside parentheses, so a policy row such as 'avis (policy K, tau=0.977)'
+    can be named."""
+    return [w.strip() for w in re.split(r",(?![^()]*\))", text) if w.strip()]
+
+
 def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLike, *,
               configs: Sequence[BenchConfig] | None = None, policy_path: str | None = None, seed: int = 0,
               max_tokens: int = 64, answer_tags: bool = True, limit: int | None = None, n_ctx: int | None = 4096,
@@ -485,10 +492,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     check_input_file(args.items, "--items")
     if args.policy:
         check_input_file(args.policy, "--policy")
+    items = load_items(args.items, args.limit)  # every item checked before the model loads; clips add rows
     configs = default_configs(with_policy=args.policy is not None,
-                              policy_name=policy_label(args.policy) if args.policy else "")
+                              policy_name=policy_label(args.policy) if args.policy else "",
+                              video=any(it.get("is_video") for it in items))
     if args.configs:
-        wanted = [s.strip() for s in args.configs.split(",")]
+        wanted = split_config_names(args.configs)
         names = {c.name: c for c in configs}
         missing = [w for w in wanted if w not in names]
         if missing:

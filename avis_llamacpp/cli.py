@@ -137,17 +137,30 @@ def _show_video(args: argparse.Namespace, video: dict[str, Any]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .defaults import DEMO_IMAGE, TRAINED_DIR, bundled_dir, default_model_paths, default_policy_path
+    import json
+
+    from .defaults import (DEMO_CLIP, DEMO_CLIP_QUESTION, DEMO_IMAGE, TRAINED_DIR, bundled_dir, default_model_paths,
+                           default_policy_path, video_model_paths)
     from .pipeline import VLM
 
-    model, mmproj = default_model_paths()
-    # the full AVIS query (adaptive KDV + the calibrated K policy) on the model trained for pruned inputs;
-    # --k / --tau / --no-prune override it, and the older LLaVA-style model runs unpruned at K=1 unless told
-    avis = bundled_dir() == TRAINED_DIR and not args.no_prune and args.k is None
-    policy_path = default_policy_path() if avis else None
+    if args.video:  # the clip-trained model on the bundled clip, pruned as one selection over the whole clip
+        model, mmproj, bundled_policy = video_model_paths()
+        avis = not args.no_prune and args.k is None
+        policy_path = bundled_policy if avis else None
+        clip = json.loads(DEMO_CLIP_QUESTION.read_text())
+        options = clip["options"]
+        question = question_with_options(args.question or clip["question"], options)
+        media: dict = {"image": None, "video": DEMO_CLIP}
+    else:
+        model, mmproj = default_model_paths()
+        # the full AVIS query (adaptive KDV + the calibrated K policy) on the model trained for pruned inputs;
+        # --k / --tau / --no-prune override it, and the older LLaVA-style model runs unpruned at K=1 unless told
+        avis = bundled_dir() == TRAINED_DIR and not args.no_prune and args.k is None
+        policy_path = default_policy_path() if avis else None
+        options = ["0", "1", "2", "3"]
+        question = question_with_options(args.question or "How many red shapes are in the image?", options)
+        media = {"image": DEMO_IMAGE}
     tau = None if args.no_prune else args.tau if args.tau is not None else "auto" if avis else None
-    options = ["0", "1", "2", "3"]
-    question = question_with_options(args.question, options)
     with VLM(model, mmproj, n_ctx=2048, n_threads=args.threads) as vlm:
         policy = None
         if policy_path is not None:
@@ -157,13 +170,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             from .options import QuerySettings
             from .policy import resolve_pruning
             tau = resolve_pruning(QuerySettings(tau=tau, policy=policy))[1]
-        ans = vlm.ask(DEMO_IMAGE, question, max_tokens=args.max_tokens, k=args.k or 1, seed=0, answer_tags=True,
-                      options=options, tau=tau, policy=policy)
+        ans = vlm.ask(question=question, **media, max_tokens=args.max_tokens, k=args.k or 1, seed=0,
+                      answer_tags=True, options=options, tau=tau, policy=policy)
     calibrated = " (calibrated)" if policy is not None and policy.calibrated_tau == tau else ""
     how = (f"AVIS: KDV tau={tau:.3g}{calibrated} + policy {policy_path.parent.name}/{policy_path.name} "
            f"picked K={ans.k}"
            if policy is not None else f"K={ans.k}" + (f", KDV tau={tau:.3g}" if tau is not None else ""))
-    print(f"model: {model.parent.name}/{model.name}\nimage: {DEMO_IMAGE}\nquestion: {question}")
+    shown = (f"video: {DEMO_CLIP} ({ans.video['frames']} frames, {len(ans.kept_tokens)} chunks; expected answer "
+             f"{clip['answer']})" if args.video else f"image: {DEMO_IMAGE}")
+    print(f"model: {model.parent.name}/{model.name}\n{shown}\nquestion: {question}")
     print(f"output: {ans.text}\nanswer: {ans.answer} (votes {ans.votes})")
     print(f"[{how}; image tokens kept {ans.kept_tokens} of {ans.image_tokens}; "
           f"{ans.flops['total']:.2f}x the FLOPs of an unpruned greedy answer; {ans.timings['total_s'] * 1000:.0f} ms]")
@@ -207,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KDV adaptive pruning angle (default on the model trained for pruned inputs: auto, the "
                            "tau calibrated for it, from its bundled policy)")
     demo.add_argument("--no-prune", action="store_true", help="keep every image token (and no policy)")
-    demo.add_argument("question", nargs="?", default="How many red shapes are in the image?",
-                      help="the question (options 0-3 are appended as A-D)")
+    demo.add_argument("--video", action="store_true",
+                      help="ask the bundled clip-trained model about the bundled clip (8 frames), pruned as one "
+                           "selection over the whole clip")
+    demo.add_argument("question", nargs="?", default=None,
+                      help="the question (image: 'How many red shapes are in the image?' with options 0-3 appended "
+                           "as A-D; --video: the clip's own question and options)")
     demo.set_defaults(func=_cmd_demo)
 
     from . import bench, calibrate  # a broken module fails loudly instead of its command vanishing

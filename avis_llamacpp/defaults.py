@@ -11,6 +11,9 @@ DATA_DIR = Path(__file__).parent / "data"
 DEMO_IMAGE = DATA_DIR / "shapes.png"
 TRAINED_DIR = DATA_DIR / "shapes-qwen"  # the default: M-RoPE, 256 image tokens, trained for pruned inputs
 LLAVA_SHAPES_DIR = DATA_DIR / "shapes-vlm"  # the first bundled model: 1-D RoPE, 196 tokens, whole images only
+VIDEO_DIR = DATA_DIR / "shapes-qwen-video"  # the same architecture trained on clips as well as images
+DEMO_CLIP = DATA_DIR / "shapes-clip.png"  # an animated PNG: 8 frames of a video-task test clip, 2 fps
+DEMO_CLIP_QUESTION = DATA_DIR / "shapes-clip.json"  # its question, options and answer
 
 
 def bundled_dir() -> Path | None:
@@ -35,6 +38,15 @@ def default_model_paths() -> tuple[Path, Path]:
         fx = make_fixture("llava", "tiny")
         return fx.model, fx.mmproj
     raise FileNotFoundError("no bundled model in this install; pass --model and --mmproj")
+
+
+def video_model_paths() -> tuple[Path, Path, Path | None]:
+    """(text model, mmproj, policy or None) of the bundled clip-trained model (FileNotFoundError when absent)."""
+    m, p = VIDEO_DIR / "model.gguf", VIDEO_DIR / "mmproj.gguf"
+    if not (m.is_file() and p.is_file()):
+        raise FileNotFoundError(f"no bundled video model in this install ({VIDEO_DIR})")
+    policy = VIDEO_DIR / "policy.gguf"
+    return m, p, policy if policy.is_file() else None
 
 
 def default_policy_path() -> Path | None:

@@ -378,6 +378,18 @@ def export(split: str, n: int, out: str | Path, *, start: int = 0) -> Path:
     return path
 
 
+def write_demo_clip(png: str | Path, question_json: str | Path, split: str = "test", index: int = 0) -> VideoItem:
+    """The bundled demo clip: item `index` of `split` as an animated PNG (lossless, 1 / FPS s a frame, so sampling
+    at FPS takes every frame) and its question, options and answer as JSON (what `avis demo --video` asks)."""
+    item = make_item(split, index)
+    frames = [Image.fromarray(f) for f in render_clip(item.clip)]
+    frames[0].save(png, save_all=True, append_images=frames[1:], duration=int(1000 / FPS), loop=0, optimize=True)
+    q = item.question
+    Path(question_json).write_text(json.dumps({"id": item.id, "question": q.text, "options": list(q.options),
+                                               "answer": q.answer, "kind": q.kind}, indent=1) + "\n")
+    return item
+
+
 def main(argv: list[str] | None = None) -> int:
     from convert.shapes_task import export_main
 

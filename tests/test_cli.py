@@ -131,6 +131,37 @@ def test_demo_runs_the_avis_query_on_the_bundled_model(capsys):
     assert "K=1; image tokens kept [256] of [256]" in capsys.readouterr().out
 
 
+
+def test_demo_video_asks_the_clip_model_about_the_bundled_clip(capsys):
+    """`avis demo --video`: the clip-trained model on the bundled clip (its 8 frames are the video task's test clip,
+    pixel for pixel), its own question, the bundled policy's calibrated tau as one selection over the clip; the same
+    answer and per-chunk kept counts as that query through the API on the task's frames; --no-prune keeps all."""
+    import json
+    import re
+
+    from avis_llamacpp import VLM, load_policy
+    from avis_llamacpp.defaults import DEMO_CLIP, DEMO_CLIP_QUESTION, VIDEO_DIR
+    from convert import video_task
+
+    if not (VIDEO_DIR / "model.gguf").is_file():
+        pytest.skip("the clip-trained shapes model is not bundled")
+    meta = json.loads(DEMO_CLIP_QUESTION.read_text())
+    item = video_task.make_item("test", int(meta["id"].rsplit("-", 1)[1]))
+    assert meta["question"] == item.question.text and meta["answer"] == item.question.answer
+    assert main(["demo", "--video"]) == 0
+    out = capsys.readouterr().out
+    question = meta["question"] + "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(meta["options"]))
+    with VLM(VIDEO_DIR / "model.gguf", VIDEO_DIR / "mmproj.gguf", n_ctx=2048) as vlm:
+        policy = load_policy(VIDEO_DIR / "policy.gguf", vlm)
+        assert policy.calibrated_tau is not None
+        want = vlm.ask(None, question, video=video_task.render_clip(item.clip), max_tokens=96, seed=0,
+                       answer_tags=True, options=meta["options"], tau=policy.calibrated_tau, policy=policy)
+    assert f"answer: {want.answer} " in out and f"picked K={want.k}" in out and "8 frames, 4 chunks" in out
+    kept = re.search(r"image tokens kept \[([\d, ]+)\] of \[64, 64, 64, 64\]", out)
+    assert kept and [int(x) for x in kept.group(1).split(", ")] == want.kept_tokens and sum(want.kept_tokens) < 256
+    assert main(["demo", "--video", "--no-prune"]) == 0
+    assert "K=1; image tokens kept [64, 64, 64, 64] of [64, 64, 64, 64]" in capsys.readouterr().out
+
 def _no_model(monkeypatch):
     from avis_llamacpp import pipeline
 

@@ -223,3 +223,31 @@ def test_tau_calibration_scores_a_clip_as_one_selection(qwen_vlm, chunk_keys, ta
     np.testing.assert_array_equal(np.flatnonzero(scores >= -math.cos(tau)), _oracle_kept(keys, tau=tau))
     a = qwen_vlm.ask(None, Q, video=_clip(), max_tokens=1, tau=tau)
     assert sum(a.kept_tokens) == max(1, int((scores >= -math.cos(tau)).sum()))
+
+
+def test_bench_cli_names_clip_rows_and_the_policy_row(qwen_fixture, tmp_path):
+    """`avis bench --configs` accepts the rows clips add (per-chunk KDV) when the items are clips, and a row name
+    with a comma inside parentheses (the policy row's 'avis (policy K, tau=...)') as one name."""
+    import json
+
+    from PIL import Image
+
+    from avis_llamacpp.bench import split_config_names
+    from avis_llamacpp.cli import main
+
+    assert split_config_names("vanilla, avis (policy K, tau=0.977),kdv rho=0.9") == [
+        "vanilla", "avis (policy K, tau=0.977)", "kdv rho=0.9"]
+    rels = []
+    for t, f in enumerate(_clip(4, size=112)):
+        Image.fromarray(f).save(tmp_path / f"f{t}.png")
+        rels.append(f"f{t}.png")
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "c", "video": rels, "question": Q, "options": ["a", "b"], "answer": "A"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["bench", "-m", str(qwen_fixture.model), "--mmproj", str(qwen_fixture.mmproj), "--items", str(items),
+                 "--out", str(out), "--configs", "kdv per-chunk rho=0.9", "--max-tokens", "2", "--threads", "1",
+                 "--no-progress"]) == 0
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["config"] for r in recs) == ["kdv per-chunk rho=0.9", "vanilla"]
+    # 2 chunks of 16 tokens: floor(0.1 * 16) = 1 each chunk by chunk
+    assert {r["config"]: r["kept_tokens"] for r in recs} == {"vanilla": 32, "kdv per-chunk rho=0.9": 2}
