@@ -193,9 +193,10 @@ def paired_differences(records: Iterable[dict[str, Any]], pairs: Sequence[tuple[
 
 
 def default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
-    """The comparisons the table is read for: KDV against each baseline at the same kept count, and every
-    other row against vanilla."""
-    pairs = [(f"kdv rho={r}", f"{s} rho={r}") for r in ("0.75", "0.9") for s in ("random", "uniform", "embeddings")]
+    """The comparisons the table is read for: KDV against each baseline at the same kept count (for clips also
+    against KDV chunk by chunk), and every other row against vanilla."""
+    pairs = [(f"kdv rho={r}", f"{s} rho={r}") for r in ("0.75", "0.9")
+             for s in ("random", "uniform", "embeddings", "kdv per-chunk")]
     pairs += [(n, names[0]) for n in names[1:]]
     return [(a, b) for a, b in pairs if a in names and b in names]
 
@@ -206,6 +207,25 @@ def paired_table(diffs: Sequence[dict[str, Any]]) -> str:
     for d in diffs:
         lines.append(f"| {d['a']} | {d['b']} | {d['n']} | {d['diff']:+.3f} ({d['ci_low']:+.3f} to {d['ci_high']:+.3f}) "
                      f"| {d['a_only']} | {d['b_only']} |")
+    return "\n".join(lines)
+
+
+def kind_table(records: Iterable[dict[str, Any]], names: Sequence[str]) -> str:
+    """Markdown accuracy per item kind (the items' "kind" field) and configuration, so a table shows which kinds of
+    question survive pruning; "" when no item has a kind."""
+    recs = [r for r in records if r.get("kind") is not None]
+    kinds = sorted({str(r["kind"]) for r in recs})
+    if not kinds:
+        return ""
+    cell: dict[tuple[str, str], list[bool]] = {}
+    for r in recs:
+        cell.setdefault((r["config"], str(r["kind"])), []).append(bool(r["correct"]))
+    n_of = {k: max((len(v) for (c, kk), v in cell.items() if kk == k), default=0) for k in kinds}
+    lines = ["| config | " + " | ".join(f"{k} ({n_of[k]})" for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name in names:
+        vals = [cell.get((name, k)) for k in kinds]
+        if any(vals):
+            lines.append(f"| {name} | " + " | ".join(f"{np.mean(v):.2f}" if v else "" for v in vals) + " |")
     return "\n".join(lines)
 
 
@@ -222,12 +242,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "",
-                  diffs: Sequence[dict[str, Any]] = ()) -> dict[str, Path]:
-    """table.md (with the paired differences under it), results.csv, paired.csv and accuracy_vs_flops.png (the
-    PNG needs matplotlib: the [bench] extra)."""
+                  diffs: Sequence[dict[str, Any]] = (), by_kind: str = "") -> dict[str, Path]:
+    """table.md (with accuracy by item kind and the paired differences under it), results.csv, paired.csv and
+    accuracy_vs_flops.png (the PNG needs matplotlib: the [bench] extra)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"table": out_dir / "table.md", "csv": out_dir / "results.csv"}
     text = (f"{title}\n\n" if title else "") + markdown_table(rows) + "\n"
+    if by_kind:
+        text += "\nAccuracy by item kind (items per kind in brackets):\n\n" + by_kind + "\n"
     if diffs:
         text += "\nPaired differences (same items):\n\n" + paired_table(diffs) + "\n"
         paths["paired"] = out_dir / "paired.csv"
@@ -449,7 +471,7 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
              f"({len(items)} items, seed {seed}, max_tokens {max_tokens}, flash_attn {flash_attn!r}, "
              f"sampling T {temperature:g} top-p {top_p:g})")
     diffs = paired_differences(records, default_pairs([c.name for c in configs]), seed=seed)
-    write_outputs(rows, out, title, diffs)
+    write_outputs(rows, out, title, diffs, kind_table(records, [c.name for c in configs]))
     (out / "run.json").write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "items": str(items_path),
                                               "seed": seed, "max_tokens": max_tokens, "answer_tags": answer_tags,
                                               "temperature": temperature, "top_p": top_p,

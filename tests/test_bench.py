@@ -33,7 +33,8 @@ def test_all_configurations_and_outputs(llava_fixture, items, tmp_path):
         assert by[name]["kept_tokens"] == by["kdv rho=0.75"]["kept_tokens"]
     assert by["kdv rho=0.9"]["flops_rel"] < by["kdv rho=0.5"]["flops_rel"] < 1.0
     table, paired = (tmp_path / "table.md").read_text().split("Paired differences")
-    assert table.count("\n| ") == len(names) + 1
+    table, kinds = table.split("Accuracy by item kind")
+    assert table.count("\n| ") == len(names) + 1 and kinds.count("\n| ") == len(names) + 1
     # KDV against each baseline at 75% and 90%, every other row against vanilla
     assert paired.count("\n| ") == 1 + 6 + len(names) - 1 and "| kdv rho=0.9 | uniform rho=0.9 | 3 |" in paired
     with (tmp_path / "results.csv").open() as f:
@@ -229,3 +230,20 @@ def test_plot_title_inside_and_labels_apart():
                 assert not b.overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
     finally:
         plt.close(fig)
+
+
+def test_kind_table_by_hand():
+    """Accuracy per item kind and config, counted by hand; kinds sorted, n per kind in the header, nothing when
+    no record has a kind; clips compare joint KDV with per-chunk KDV at the same count."""
+    recs = [{"config": "vanilla", "kind": "count", "correct": True},
+            {"config": "vanilla", "kind": "count", "correct": False},
+            {"config": "vanilla", "kind": "appear", "correct": True},
+            {"config": "kdv rho=0.75", "kind": "count", "correct": True},
+            {"config": "kdv rho=0.75", "kind": "count", "correct": True},
+            {"config": "kdv rho=0.75", "kind": "appear", "correct": False}]
+    lines = bench.kind_table(recs, ["vanilla", "kdv rho=0.75", "absent"]).splitlines()
+    assert lines[0] == "| config | appear (1) | count (2) |"
+    assert lines[2:] == ["| vanilla | 1.00 | 0.50 |", "| kdv rho=0.75 | 0.00 | 1.00 |"]
+    assert bench.kind_table([{"config": "vanilla", "correct": True}], ["vanilla"]) == ""
+    pairs = bench.default_pairs(["vanilla", "kdv rho=0.75", "kdv per-chunk rho=0.75", "random rho=0.75"])
+    assert ("kdv rho=0.75", "kdv per-chunk rho=0.75") in pairs and ("kdv rho=0.75", "random rho=0.75") in pairs
