@@ -97,6 +97,13 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return read_records(p)
 
 
+def worker_kwargs(vlm: Any, n_seq_max: int) -> dict[str, Any]:
+    """The VLM keywords of a Ray worker: the caller's session as it is (threads, batch, flash attention, GPU layers,
+    chat format; VLM.replica_kwargs), with room for the k_max rollouts."""
+    kw = vlm.replica_kwargs() if hasattr(vlm, "replica_kwargs") else {"n_ctx": vlm.ctx.n_ctx}
+    return {**kw, "n_seq_max": n_seq_max}
+
+
 def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.PathLike, *, k_max: int = 7,
                     seed: int = 0, max_tokens: int = 256, answer_tags: bool = False, tau: float | None = DEFAULT_TAU,
                     ratio: float | None = None, resume: bool = True, progress: bool = True,
@@ -162,7 +169,7 @@ def run_calibration(vlm: Any, items_jsonl: str | os.PathLike, out_dir: str | os.
 
         results = ray_map("avis_llamacpp.calibrate:calibrate_job", todo, model=vlm.model.path,
                           mmproj=vlm.projector.path, n_workers=ray_workers, address=ray_address,
-                          vlm_kwargs={"n_ctx": vlm.ctx.n_ctx, "n_seq_max": n_seq_max}, fn_kwargs=kw)
+                          vlm_kwargs=worker_kwargs(vlm, n_seq_max), fn_kwargs=kw)
         with rec_path.open("a", encoding="utf-8") as f:
             for it, rec in zip(todo, results):
                 if isinstance(rec, Exception):

@@ -122,6 +122,16 @@ class VLM(ScorerViews):
         kwargs.setdefault("verbose", llama.verbose)
         return cls(Model.borrow(llama.model, llama.model_path, owner=llama), mmproj_path, **kwargs)
 
+    def replica_kwargs(self) -> dict[str, Any]:
+        """VLM keywords that rebuild this session in another process (a Ray worker): context, batch, threads, flash
+        attention, GPU layers, chat format and system prompt, so workers run as the caller configured (threads
+        unpinned there would oversubscribe the cores)."""
+        s = self.settings
+        return {"n_ctx": s.n_ctx, "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "n_seq_max": s.n_seq_max,
+                "n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "flash_attn": s.flash_attn,
+                "n_gpu_layers": getattr(self.model, "n_gpu_layers", 0), "chat_format": self.chat_format,
+                "system_prompt": self.system_prompt}
+
     # -- prompt ---------------------------------------------------------------------------------------
     def render_messages(self, messages: Sequence[Mapping[str, Any]], image_urls: Sequence[str] = ()) -> str:
         """Chat messages -> prompt text with one media marker per image."""

@@ -92,6 +92,30 @@ def test_ray_equals_single_process(llava_fixture, items, tmp_path):
     ray.shutdown()
 
 
+def test_calibration_workers_get_the_callers_session(llava_fixture, items, tmp_path, monkeypatch):
+    """Ray workers of `avis calibrate` are built with the caller's threads, batch, flash attention and chat format
+    (unpinned threads in two workers oversubscribed a 2-core machine: 4 items took two minutes), and a VLM built
+    from those keywords has the same settings as the caller's."""
+    from avis_llamacpp import VLM, distributed
+    from avis_llamacpp.calibrate import run_calibration
+
+    seen = {}
+
+    def fake_ray_map(fn_path, todo, *, vlm_kwargs, **kw):
+        seen.update(vlm_kwargs)
+        raise KeyboardInterrupt  # stop here: only the workers' settings are under test
+
+    monkeypatch.setattr(distributed, "ray_map", fake_ray_map)
+    with VLM(llava_fixture.model, llava_fixture.mmproj, n_ctx=1024, n_threads=1, n_threads_batch=1, n_batch=256,
+             flash_attn=False, chat_format="llava-1-5", system_prompt="Be brief.") as vlm:
+        with pytest.raises(KeyboardInterrupt):
+            run_calibration(vlm, items, tmp_path / "cal", k_max=3, max_tokens=4, progress=False, ray_workers=2)
+        assert seen["n_threads"] == 1 and seen["n_threads_batch"] == 1 and seen["n_seq_max"] >= 3
+        with VLM(llava_fixture.model, llava_fixture.mmproj, **{**seen, "n_seq_max": vlm.settings.n_seq_max}) as twin:
+            assert twin.settings == vlm.settings
+            assert twin.chat_format == vlm.chat_format and twin.system_prompt == "Be brief."
+
+
 def test_calibration_on_ray_equals_in_process(llava_fixture, items, tmp_path):
     pytest.importorskip("ray")
     from avis_llamacpp import VLM
