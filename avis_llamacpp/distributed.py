@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any, Callable, Sequence
 
 logger = logging.getLogger(__name__)
@@ -32,18 +33,32 @@ class _Worker:
         return [(index, fn(self.vlm, item, index=index, **kwargs)) for index, item in jobs]
 
 
+def worker_threads(vlm_kwargs: dict[str, Any], n_workers: int, address: str | None) -> dict[str, Any]:
+    """Worker VLM keywords with threads pinned: on a local cluster (no address) a worker that was given no thread
+    count gets an equal share of this machine's cores, prompt batches too (by default each would take half the cores
+    for decoding and all of them for prompts, and ggml's thread pool stalls when threads exceed free cores). Given
+    counts, and workers on a remote cluster, are left as they are."""
+    kw = dict(vlm_kwargs)
+    if address is None and kw.get("n_threads") is None and kw.get("n_threads_batch") is None:
+        share = max(1, (os.cpu_count() or 1) // max(1, n_workers))
+        kw["n_threads"] = kw["n_threads_batch"] = share
+    return kw
+
+
 def ray_map(fn_path: str, items: Sequence[Any], *, model: str, mmproj: str, n_workers: int,
             vlm_kwargs: dict[str, Any] | None = None, fn_kwargs: dict[str, Any] | None = None,
             address: str | None = None, cpus_per_worker: float = 1.0) -> list[Any]:
     """fn(vlm, item, index=i, **fn_kwargs) for every item, sharded round-robin over n_workers Ray actors.
-    Connects to `address` (e.g. "auto" for an existing cluster) or starts a local Ray instance."""
+    Connects to `address` (e.g. "auto" for an existing cluster) or starts a local Ray instance (whose workers share
+    the cores: worker_threads)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": max(1, int(n_workers * cpus_per_worker))}))
     actor_cls = ray.remote(num_cpus=cpus_per_worker)(_Worker)
-    workers = [actor_cls.remote(str(model), str(mmproj), dict(vlm_kwargs or {})) for _ in range(n_workers)]
+    kw = worker_threads(vlm_kwargs or {}, n_workers, address)
+    workers = [actor_cls.remote(str(model), str(mmproj), kw) for _ in range(n_workers)]
     shards: list[list[tuple[int, Any]]] = [[] for _ in range(n_workers)]
     for i, item in enumerate(items):
         shards[i % n_workers].append((i, item))

@@ -271,3 +271,16 @@ def test_kind_table_by_hand():
     assert bench.kind_table([{"config": "vanilla", "correct": True}], ["vanilla"]) == ""
     pairs = bench.default_pairs(["vanilla", "kdv rho=0.75", "kdv per-chunk rho=0.75", "random rho=0.75"])
     assert ("kdv rho=0.75", "kdv per-chunk rho=0.75") in pairs and ("kdv rho=0.75", "random rho=0.75") in pairs
+
+
+def test_local_ray_workers_share_the_cores(monkeypatch):
+    """Local Ray workers given no thread count split the machine's cores between them, prompt batches too; given
+    counts and remote clusters are left alone."""
+    from avis_llamacpp.distributed import worker_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_threads({"n_ctx": 512}, 2, None) == {"n_ctx": 512, "n_threads": 4, "n_threads_batch": 4}
+    assert worker_threads({}, 16, None) == {"n_threads": 1, "n_threads_batch": 1}
+    assert worker_threads({"n_threads": 3, "n_threads_batch": None}, 2, None) == {"n_threads": 3,
+                                                                               "n_threads_batch": None}
+    assert worker_threads({"n_threads": None}, 2, "auto") == {"n_threads": None}
