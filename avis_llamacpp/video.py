@@ -28,6 +28,7 @@ audio-only files, and sources over the limits a server sets (bytes, pixels per f
 from __future__ import annotations
 
 import base64
+import bisect
 import io
 import logging
 import math
@@ -430,8 +431,12 @@ def _decode_container(open_: Callable[[], Any], what: str, fmt: str, o: _Opts) -
                    (info["width"], info["height"]), decode=mode, rotated=upright != size)
 
 
+_ANIMATION_MIN_STEP_MS = 10  # GIF timing resolution: the finest grid an animation's timeline is sampled on
+
+
 def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:
-    """Frames of an animated (or still) GIF / WebP / PNG, timed by each frame's duration."""
+    """Frames of an animated (or still) GIF / WebP / PNG, timed by each frame's duration: a frame shown for three
+    steps counts three times, as the same clip saved frame by frame would."""
     n = int(getattr(img, "n_frames", 1) or 1)
     o.check_source(what, img.width, img.height, n, None)
     starts, total_ms = [], 0.0
@@ -448,12 +453,20 @@ def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:
         total_ms += float(img.info.get("duration") or 0.0)
     if n < 1:
         raise VideoError(f"{what}: the animation has no readable frames")
+    starts = starts[:n]
     if total_ms > 0:
-        src_fps = n / (total_ms / 1000.0)
+        # frames may last different times (encoders merge identical frames into one long one, GIFs hold a frame):
+        # sample the timeline, not the frame list, on a grid of the durations' common step
+        durations = [round(1000.0 * (b - a)) for a, b in zip(starts, starts[1:] + [total_ms / 1000.0])]
+        step_ms = max(_ANIMATION_MIN_STEP_MS, math.gcd(*[d for d in durations if d > 0]))
+        n_grid = max(1, round(total_ms / step_ms))
+        grid = [min(bisect.bisect_right(starts, g * step_ms / 1000.0) - 1, n - 1) for g in range(n_grid)]
+        src_fps = 1000.0 / step_ms
     else:  # no timing: every frame is one sample at the requested rate
-        src_fps, starts = o.fps, [k / o.fps for k in range(n)]
-    o.check_source(what, img.width, img.height, n, n / src_fps)
-    idx, size = _plan(n, o.sample_count(n, src_fps), img.width, img.height, o)
+        src_fps, starts, grid, n_grid = o.fps, [k / o.fps for k in range(n)], list(range(n)), n
+    o.check_source(what, img.width, img.height, n, n_grid / src_fps)
+    picks, size = _plan(n_grid, o.sample_count(n_grid, src_fps), img.width, img.height, o)
+    idx = [grid[g] for g in picks]
     frames: dict[int, np.ndarray] = {}
     for k in sorted(set(idx)):
         try:
@@ -463,7 +476,7 @@ def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:
             raise
         except Exception as e:
             raise VideoError(f"{what}: frame {k + 1} of the animation is unreadable ({_describe(e)})") from None
-    return _finish([frames[k] for k in idx], [starts[k] for k in idx], idx, size, src_fps, n,
+    return _finish([frames[k] for k in idx], [g / src_fps for g in picks], idx, size, src_fps, n,
                    f"animation:{img.format or 'image'}", o, (img.width, img.height))
 
 

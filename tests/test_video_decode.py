@@ -166,6 +166,32 @@ def test_animated_images_are_sampled_by_their_frame_times(fmt, clip, tmp_path):
         assert load_video(im).indices == v.indices
 
 
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG"])
+def test_animated_images_with_held_frames_are_sampled_by_time(fmt, clip, tmp_path):
+    """A frame held longer counts for its time (Pillow merges identical frames into one long frame when it saves
+    GIF / APNG; GIFs hold frames on purpose): 0.5 s A, 1.5 s B, 0.5 s C at 2 fps are A B B B C, padded to the
+    temporal patch, what the same clip saved frame by frame at 2 fps (A B B B C, 2.5 s) gives: 4 of its 5 frames."""
+    a, b, c = (Image.fromarray(f) for f in clip[:3])
+    path = tmp_path / f"held.{fmt.lower()}"
+    a.save(path, format=fmt, save_all=True, append_images=[b, c], duration=[500, 1500, 500], loop=0)
+    v = load_video(path, temporal_patch=2)
+    frame_by_frame = sample_indices(5, 4)  # the constant-rate rule on A B B B C
+    assert [[0, 1, 1, 1, 2][i] for i in frame_by_frame] == v.indices == [0, 1, 1, 2]
+    assert v.timestamps == pytest.approx([i / 2 for i in frame_by_frame])
+    for f, i in zip(v.frames, v.indices):
+        assert int(np.argmin([_mad(f, g) for g in clip[:3]])) == i
+    # the bundled demo clip: its still first frames are merged by the APNG writer, yet it loads back as the task's
+    # 8 frames, pixel for pixel
+    from convert import video_task
+    from convert.video_task import write_demo_clip
+
+    item = write_demo_clip(tmp_path / "demo.png", tmp_path / "demo.json", "test", 9)
+    with Image.open(tmp_path / "demo.png") as im:
+        assert im.n_frames < 8  # the writer merged identical frames
+    loaded = load_video(tmp_path / "demo.png", temporal_patch=2).frames
+    assert len(loaded) == 8 and all(np.array_equal(x, y) for x, y in zip(loaded, video_task.render_clip(item.clip)))
+
 def test_is_video_file_and_load_frames_unchanged(clip, files, tmp_path):
     path = tmp_path / "c.mkv"
     path.write_bytes(files[".mkv"])
