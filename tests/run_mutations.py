@@ -470,6 +470,37 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "    if patch == 1 and max_frames is None:",
         "    if False:",
         ["tests/test_video_joint.py", "-k", "frame_by_frame"]),
+    # eleventh session: clips in items and calibration, Ray workers, bench tables, animation timing
+    "tau_clip_scores_per_chunk": (
+        "avis_llamacpp/tau.py",
+        "    return [kdv_scores(np.concatenate(keys))]",
+        "    return [np.concatenate([kdv_scores(k) for k in keys])]",
+        ["tests/test_video_joint.py", "-k", "tau_calibration"]),
+    "items_frames_reversed": (
+        "avis_llamacpp/items.py",
+        "        frames = tuple(resolved) if isinstance(image, list) else ()",
+        "        frames = tuple(resolved[::-1]) if isinstance(image, list) else ()",
+        ["tests/test_video_joint.py", "-k", "frame_files"]),
+    "calibrate_workers_unpinned": (
+        "avis_llamacpp/calibrate.py",
+        "vlm_kwargs=worker_kwargs(vlm, n_seq_max), fn_kwargs=kw)",
+        'vlm_kwargs={"n_ctx": vlm.ctx.n_ctx, "n_seq_max": n_seq_max}, fn_kwargs=kw)',
+        ["tests/test_bench.py", "-k", "workers_get"]),
+    "animation_sampled_by_frame": (
+        "avis_llamacpp/video.py",
+        "        step_ms = max(_ANIMATION_MIN_STEP_MS, math.gcd(*[d for d in durations if d > 0]))",
+        "        step_ms = max(durations)",
+        ["tests/test_video_decode.py", "-k", "held"]),
+    "kind_table_sums": (
+        "avis_llamacpp/bench.py",
+        'f"{np.mean(v):.2f}" if v',
+        'f"{np.sum(v):.2f}" if v',
+        ["tests/test_bench.py", "-k", "kind_table"]),
+    "bench_configs_split_every_comma": (
+        "avis_llamacpp/bench.py",
+        'return [w.strip() for w in re.split(r",(?![^()]*\\))", text) if w.strip()]',
+        'return [w.strip() for w in text.split(",") if w.strip()]',
+        ["tests/test_video_joint.py", "-k", "bench_cli"]),
 }
 
 
