@@ -28,8 +28,8 @@ from .images import load_image
 from .kdv import kdv_scores
 
 __all__ = ["DEFAULT_KEEP", "DEFAULT_KEEPS", "DEFAULT_TOLERANCE", "TauCalibration", "calibrate_tau",
-           "choose_tau_labelled", "clip_scores", "format_tau_table", "image_scores", "item_scores", "list_images", "mean_kept_share",
-           "tau_for_keep"]
+           "choose_tau_labelled", "clip_scores", "format_tau_table", "image_scores", "item_scores", "list_images",
+           "mean_kept_share", "tau_for_keep"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,37 +64,34 @@ class TauCalibration:
         return asdict(self)
 
 
-def image_scores(vlm: Any, image: Any) -> list[np.ndarray]:
-    """KDV scores of one image's chunks, from the encode alone: the projector encodes each chunk while the last
-    ViT block's keys are captured, the family's rule maps them to LLM tokens and they are scored. Nothing is
-    decoded (no text-model call)."""
-    arr = load_image(image, allow_remote=bool(getattr(vlm, "allow_remote_images", False)))
+def _chunk_keys(vlm: Any, frames: Sequence[np.ndarray], video: bool = False) -> list[np.ndarray]:
+    """Each image chunk's scored keys, from the encode alone: the projector encodes each chunk while the last ViT
+    block's keys are captured and the family's rule maps them to LLM tokens. Nothing is decoded."""
     scorer = getattr(vlm, "scorer", vlm)  # the image scorer (VLM.scorer), or a VLM that scores keys itself
     out = []
-    with vlm.projector.tokenize(vlm.render_question("", 1), [arr]) as prompt:
+    with vlm.projector.tokenize(vlm.render_question("", len(frames)), frames, video=video) as prompt:
         for chunk in prompt.images:
             emb = vlm.projector.encode(chunk)
             tk, _ = scorer.scored_keys(chunk, emb)  # read now: the capture holds only the last encode's keys
-            out.append(kdv_scores(tk.keys))
+            out.append(tk.keys)
     return out
+
+
+def image_scores(vlm: Any, image: Any) -> list[np.ndarray]:
+    """KDV scores of one image's chunks (each chunk its own selection), from the encode alone (no text-model call)."""
+    arr = load_image(image, allow_remote=bool(getattr(vlm, "allow_remote_images", False)))
+    return [kdv_scores(k) for k in _chunk_keys(vlm, [arr])]
 
 
 def clip_scores(vlm: Any, video: Any) -> list[np.ndarray]:
     """KDV scores of one video as the plugin selects it (one selection per video): the clip sampled as VLM.ask samples
-    it, every chunk encoded with its last-block keys captured, the keys of all chunks scored against ONE anchor.
-    One array (the whole clip is one selection), so a tau is calibrated on the shares the query path will keep."""
+    it, every chunk encoded, the keys of all chunks scored against ONE anchor. One array (the whole clip is one
+    selection), so a tau is calibrated on the shares the query path will keep."""
     from .query import load_clip
 
     clip = load_clip(video, vlm.projector, vlm.settings.n_ctx,
                      allow_remote=bool(getattr(vlm, "allow_remote_images", False)))
-    scorer = getattr(vlm, "scorer", vlm)
-    keys = []
-    with vlm.projector.tokenize(vlm.render_question("", len(clip.frames)), clip.frames, video=True) as prompt:
-        for chunk in prompt.images:
-            emb = vlm.projector.encode(chunk)
-            tk, _ = scorer.scored_keys(chunk, emb)
-            keys.append(tk.keys)
-    return [kdv_scores(np.concatenate(keys))]
+    return [kdv_scores(np.concatenate(_chunk_keys(vlm, clip.frames, video=True)))]
 
 
 def item_scores(vlm: Any, item: Any) -> list[np.ndarray]:

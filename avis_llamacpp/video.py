@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import bisect
 import io
+import itertools
 import logging
 import math
 import os
@@ -439,7 +440,7 @@ def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:
     steps counts three times, as the same clip saved frame by frame would."""
     n = int(getattr(img, "n_frames", 1) or 1)
     o.check_source(what, img.width, img.height, n, None)
-    starts, total_ms = [], 0.0
+    durations_ms: list[int] = []
     for k in range(n):
         try:
             img.seek(k)
@@ -449,21 +450,20 @@ def _from_animation(img: Image.Image, what: str, o: _Opts) -> Video:
             break
         except Exception as e:
             raise VideoError(f"{what}: frame {k + 1} of the animation is unreadable ({_describe(e)})") from None
-        starts.append(total_ms / 1000.0)
-        total_ms += float(img.info.get("duration") or 0.0)
+        durations_ms.append(round(float(img.info.get("duration") or 0.0)))
     if n < 1:
         raise VideoError(f"{what}: the animation has no readable frames")
-    starts = starts[:n]
+    total_ms = sum(durations_ms)
     if total_ms > 0:
         # frames may last different times (encoders merge identical frames into one long one, GIFs hold a frame):
-        # sample the timeline, not the frame list, on a grid of the durations' common step
-        durations = [round(1000.0 * (b - a)) for a, b in zip(starts, starts[1:] + [total_ms / 1000.0])]
-        step_ms = max(_ANIMATION_MIN_STEP_MS, math.gcd(*[d for d in durations if d > 0]))
+        # sample the timeline, not the frame list, on a grid of the durations' common step (gcd skips zeros)
+        step_ms = max(_ANIMATION_MIN_STEP_MS, math.gcd(*durations_ms))
+        starts = list(itertools.accumulate(durations_ms[:-1], initial=0))
         n_grid = max(1, round(total_ms / step_ms))
-        grid = [min(bisect.bisect_right(starts, g * step_ms / 1000.0) - 1, n - 1) for g in range(n_grid)]
+        grid = [bisect.bisect_right(starts, g * step_ms) - 1 for g in range(n_grid)]  # the frame shown at step g
         src_fps = 1000.0 / step_ms
     else:  # no timing: every frame is one sample at the requested rate
-        src_fps, starts, grid, n_grid = o.fps, [k / o.fps for k in range(n)], list(range(n)), n
+        src_fps, grid, n_grid = o.fps, list(range(n)), n
     o.check_source(what, img.width, img.height, n, n_grid / src_fps)
     picks, size = _plan(n_grid, o.sample_count(n_grid, src_fps), img.width, img.height, o)
     idx = [grid[g] for g in picks]

@@ -473,8 +473,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     # eleventh session: clips in items and calibration, Ray workers, bench tables, animation timing
     "tau_clip_scores_per_chunk": (
         "avis_llamacpp/tau.py",
-        "    return [kdv_scores(np.concatenate(keys))]",
-        "    return [np.concatenate([kdv_scores(k) for k in keys])]",
+        "    return [kdv_scores(np.concatenate(_chunk_keys(vlm, clip.frames, video=True)))]",
+        "    return [np.concatenate([kdv_scores(k) for k in _chunk_keys(vlm, clip.frames, video=True)])]",
         ["tests/test_video_joint.py", "-k", "tau_calibration"]),
     "items_frames_reversed": (
         "avis_llamacpp/items.py",
@@ -488,8 +488,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         ["tests/test_bench.py", "-k", "workers_get"]),
     "animation_sampled_by_frame": (
         "avis_llamacpp/video.py",
-        "        step_ms = max(_ANIMATION_MIN_STEP_MS, math.gcd(*[d for d in durations if d > 0]))",
-        "        step_ms = max(durations)",
+        "        step_ms = max(_ANIMATION_MIN_STEP_MS, math.gcd(*durations_ms))",
+        "        step_ms = max(durations_ms)",
         ["tests/test_video_decode.py", "-k", "held"]),
     "kind_table_sums": (
         "avis_llamacpp/bench.py",
