@@ -182,6 +182,33 @@ def test_video_batcher_questions_are_the_task_items():
                                 [ord(video_task.make_item("train", 0).question.answer)])
 
 
+def test_video_batcher_pruning_draws_the_asked_keep_range_and_selectors():
+    """--prune-keep and --prune-selectors: pruned batches keep a share inside the range, selectors come at the asked
+    rates (a sample of 4000 draws against the probabilities), unpruned ones keep every token; bad values raise."""
+    from training.train_video_qwen import VideoBatcher
+
+    class Tok:
+        def prefix(self):
+            return [1]
+
+        def encode(self, s):
+            return [2]
+
+    vb = VideoBatcher(Tok(), batch=1, seed=3, prune_prob=0.8, keep_range=(0.2, 0.4), selector_probs=(6, 3, 1))
+    draws = [vb.pruning(256) for _ in range(4000)]
+    pruned = [(k, s) for k, s in draws if s != "none"]
+    assert all(k == 256 for k, s in draws if s == "none")
+    assert abs(len(pruned) / len(draws) - 0.8) < 0.03
+    assert min(k for k, _ in pruned) >= round(0.2 * 256) and max(k for k, _ in pruned) <= round(0.4 * 256)
+    assert np.mean([k for k, _ in pruned]) == pytest.approx(0.3 * 256, rel=0.03)
+    for name, p in (("kdv", 0.6), ("random", 0.3), ("uniform", 0.1)):
+        assert abs(sum(s == name for _, s in pruned) / len(pruned) - p) < 0.03
+    for bad in ({"keep_range": (0.0, 0.5)}, {"keep_range": (0.6, 0.5)}, {"selector_probs": (1, -1, 1)},
+                {"selector_probs": (1, 1)}):
+        with pytest.raises(ValueError):
+            VideoBatcher(Tok(), batch=1, seed=0, prune_prob=0.5, **bad)
+
+
 def test_clip_token_labels_follow_the_pixels():
     """The per-token clip targets: a token labelled with a colour has that colour under its 14 px cell in the
     pair's frames, and a mover's tokens carry the direction its pixels move from the first to the last frame."""

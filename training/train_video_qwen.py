@@ -155,7 +155,15 @@ class VideoBatcher:
     """Batches of training clips: frames, (question, target) token pairs, and the pruning of the batch."""
 
     def __init__(self, tok: Tokenizer, batch: int, seed: int, prune_prob: float, token_px: int = 14,
-                 scene_lists: bool = False, shuffled_lists: float = 0.0) -> None:
+                 scene_lists: bool = False, shuffled_lists: float = 0.0,
+                 keep_range: tuple[float, float] = (0.1, 1.0),
+                 selector_probs: tuple[float, float, float] = (0.5, 0.25, 0.25)) -> None:
+        if not 0 < keep_range[0] <= keep_range[1] <= 1:
+            raise ValueError(f"keep range must satisfy 0 < low <= high <= 1, got {keep_range}")
+        if len(selector_probs) != len(SELECTORS) or min(selector_probs) < 0 or sum(selector_probs) <= 0:
+            raise ValueError(f"selector probabilities must be {len(SELECTORS)} non-negative numbers, got {selector_probs}")
+        self.keep_range = keep_range  # kept share of a pruned clip's tokens, drawn uniformly in this range
+        self.selector_probs = np.asarray(selector_probs, float) / sum(selector_probs)  # over SELECTORS
         self.tok = tok
         self.scene_lists = scene_lists
         self.shuffled_lists = shuffled_lists  # share of scene-list traces listed in a random order
@@ -200,8 +208,8 @@ class VideoBatcher:
         """(tokens kept per clip, selector) for the next batch."""
         if self.prune_rng.uniform() >= self.prune_prob:
             return n_total, "none"
-        keep = int(np.clip(round(self.prune_rng.uniform(0.1, 1.0) * n_total), 1, n_total))
-        return keep, str(self.prune_rng.choice(SELECTORS, p=[0.5, 0.25, 0.25]))
+        keep = int(np.clip(round(self.prune_rng.uniform(*self.keep_range) * n_total), 1, n_total))
+        return keep, str(self.prune_rng.choice(SELECTORS, p=self.selector_probs))
 
     def next(self) -> dict:
         """The next batch (the kept tokens are chosen in video_loss, once the keys are known)."""
@@ -292,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video-share", type=float, default=0.5, help="share of steps that train on clips")
     p.add_argument("--text-lr-scale", type=float, default=0.5, help="LR factor for the text model")
     p.add_argument("--prune-prob", type=float, default=0.5, help="share of batches trained pruned")
+    p.add_argument("--prune-keep", type=float, nargs=2, default=(0.1, 1.0), metavar=("LOW", "HIGH"),
+                   help="kept share of a pruned clip's tokens, uniform in [LOW, HIGH]")
+    p.add_argument("--prune-selectors", type=float, nargs=3, default=(0.5, 0.25, 0.25),
+                   metavar=("KDV", "RANDOM", "UNIFORM"), help="how often a pruned clip batch uses each selector")
     p.add_argument("--aux-object-weight", type=float, default=1.0)
     p.add_argument("--aux-warmup", type=int, default=100, help="steps fitting the fresh auxiliary heads alone")
     p.add_argument("--export-checkpoint", default=None, metavar="CKPT",
@@ -326,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     args.spatial_places, args.compare_present, args.locate_share = False, 0.0, 0.0  # the bundled recipe's batches
     images = make_batcher(tok, args, args.seed)
     clips = VideoBatcher(tok, args.batch, args.seed, args.prune_prob, 2 * dims.vision.patch_size,
-                         scene_lists=args.scene_lists, shuffled_lists=args.shuffled_lists)
+                         scene_lists=args.scene_lists, shuffled_lists=args.shuffled_lists,
+                         keep_range=tuple(args.prune_keep), selector_probs=tuple(args.prune_selectors))
     images.next_index = clips.next_index = args.data_offset
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
     clip_aux = ClipAuxHeads(dims.vision.proj_dim) if args.clip_aux_weight > 0 else None
