@@ -72,6 +72,26 @@ PATCH = 7
 GRID = IMAGE_SIZE // PATCH // 2  # 16 x 16 = 256 image tokens
 CELL = IMAGE_SIZE // GRID  # 14 px per image token
 SELECTORS = ("kdv", "random", "uniform")
+
+
+def check_pruning(keep_range: tuple[float, float], selector_probs: tuple[float, ...]) -> None:
+    """ValueError unless 0 < low <= high <= 1 and selector_probs are len(SELECTORS) non-negative weights, not all 0."""
+    if not 0 < keep_range[0] <= keep_range[1] <= 1:
+        raise ValueError(f"keep range must satisfy 0 < low <= high <= 1, got {keep_range}")
+    if len(selector_probs) != len(SELECTORS) or min(selector_probs) < 0 or sum(selector_probs) <= 0:
+        raise ValueError(f"selector probabilities must be {len(SELECTORS)} non-negative numbers, "
+                         f"got {selector_probs}")
+
+
+def draw_pruning(rng: np.random.Generator, prune_prob: float, n_total: int,
+                 keep_range: tuple[float, float] = (0.1, 1.0),
+                 selector_probs: tuple[float, ...] = (0.5, 0.25, 0.25)) -> tuple[int, str]:
+    """(tokens kept, selector) of one training batch: unpruned ("none") with probability 1 - prune_prob, else a kept
+    share uniform in keep_range and a selector drawn from SELECTORS with selector_probs (normalised; check_pruning)."""
+    if rng.uniform() >= prune_prob:
+        return n_total, "none"
+    keep = int(np.clip(round(rng.uniform(*keep_range) * n_total), 1, n_total))
+    return keep, str(rng.choice(SELECTORS, p=np.asarray(selector_probs, float) / sum(selector_probs)))
 # Text-side count targets (--count-weight): objects of each colour, each shape and each colour-shape pair.
 COUNTED: tuple[tuple[str | None, str | None], ...] = (
     tuple((c, None) for c in COLOURS) + tuple((None, s) for s in SHAPES)
@@ -267,11 +287,7 @@ class Batcher(LlavaBatcher):
 
     def pruning(self) -> tuple[int, str]:
         """(tokens kept per image, selector) for the next batch."""
-        n = GRID * GRID
-        if self.prune_rng.uniform() >= self.prune_prob:
-            return n, "none"
-        keep = int(np.clip(round(self.prune_rng.uniform(0.1, 1.0) * n), 1, n))
-        return keep, str(self.prune_rng.choice(SELECTORS, p=[0.5, 0.25, 0.25]))
+        return draw_pruning(self.prune_rng, self.prune_prob, GRID * GRID)
 
     def next(self) -> dict:
         """The next batch."""

@@ -56,7 +56,8 @@ from training.data import Tokenizer
 from training.qwen_torch import dims_from_gguf, load_from_gguf, text_positions
 from training.qwen_video import (SEPARATOR, ShapesQwenVideoVLM, clip_layout, export_video_weights,
                                  from_image_model, load_video_from_gguf)
-from training.train_shapes_qwen import SELECTORS, AuxHeads, choose_kept, make_batcher, qwen_vocab
+from training.train_shapes_qwen import (AuxHeads, check_pruning, choose_kept, draw_pruning, make_batcher,
+                                       qwen_vocab)
 from training.train_shapes_qwen import loss_fn as image_loss_fn
 from training.train_shapes_vlm import finish_run, lr_at, pack_branches, patch_labels, run_parser, start_run
 from training.train_shapes_vlm import write_gguf_pair as write_llava_pair
@@ -162,12 +163,9 @@ class VideoBatcher:
                  scene_lists: bool = False, shuffled_lists: float = 0.0,
                  keep_range: tuple[float, float] = (0.1, 1.0),
                  selector_probs: tuple[float, float, float] = (0.5, 0.25, 0.25)) -> None:
-        if not 0 < keep_range[0] <= keep_range[1] <= 1:
-            raise ValueError(f"keep range must satisfy 0 < low <= high <= 1, got {keep_range}")
-        if len(selector_probs) != len(SELECTORS) or min(selector_probs) < 0 or sum(selector_probs) <= 0:
-            raise ValueError(f"selector probabilities must be {len(SELECTORS)} non-negative numbers, got {selector_probs}")
+        check_pruning(keep_range, selector_probs)
         self.keep_range = keep_range  # kept share of a pruned clip's tokens, drawn uniformly in this range
-        self.selector_probs = np.asarray(selector_probs, float) / sum(selector_probs)  # over SELECTORS
+        self.selector_probs = selector_probs  # how often each of SELECTORS prunes a pruned batch
         self.tok = tok
         self.scene_lists = scene_lists
         self.shuffled_lists = shuffled_lists  # share of scene-list traces listed in a random order
@@ -210,10 +208,7 @@ class VideoBatcher:
 
     def pruning(self, n_total: int) -> tuple[int, str]:
         """(tokens kept per clip, selector) for the next batch."""
-        if self.prune_rng.uniform() >= self.prune_prob:
-            return n_total, "none"
-        keep = int(np.clip(round(self.prune_rng.uniform(*self.keep_range) * n_total), 1, n_total))
-        return keep, str(self.prune_rng.choice(SELECTORS, p=self.selector_probs))
+        return draw_pruning(self.prune_rng, self.prune_prob, n_total, self.keep_range, self.selector_probs)
 
     def next(self) -> dict:
         """The next batch (the kept tokens are chosen in video_loss, once the keys are known)."""
