@@ -15,6 +15,14 @@ Question kinds, by what answering them needs:
   first);
 - any single frame: ``count`` (how many shapes / shapes of a colour) and ``colour`` (colour of a unique shape).
 
+Content is uneven over time in a share of clips, as in real video: for QUIET_SHARE of the ``count``, ``colour``,
+``direction`` and ``moving`` items the shapes are off screen for a *quiet stretch* of whole frame pairs at the start
+or the end (background only; 1-3 of the 4 pairs for count / colour, 1 for direction / moving, so motion still spans
+six frames). Whether and how an item is quiet is drawn from its own stream (``[SPLITS[split], index, 1]``), so
+every other draw of an item, and every appear / disappear / order item, is what it was before quiet stretches.
+Such clips are where one selection over the whole video (KDV joint) and one per frame pair differ: the joint
+budget moves from the empty pairs to the busy ones.
+
 Targets carry the image task's trace form (a short reasoning line, every option checked, the tagged letter).
 
     python -m convert.video_task --split test --n 300 --out DIR    # DIR/items.jsonl + DIR/clips/<id>/f0.png ...
@@ -22,6 +30,7 @@ Targets carry the image task's trace form (a short reasoning line, every option 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,8 +43,8 @@ from PIL import Image, ImageDraw
 
 from convert.shapes_task import COLOURS, LETTERS, SHAPES, Obj, Question, _plural, _shape_polygon, format_question
 
-__all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "SPLITS", "DIRECTIONS", "Track", "Clip",
-           "VideoItem", "make_item", "render_clip", "item_record", "export"]
+__all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "QUIET_KINDS", "QUIET_SHARE", "SPLITS", "DIRECTIONS",
+           "Track", "Clip", "VideoItem", "make_quiet", "make_item", "render_clip", "item_record", "export"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,9 @@ KINDS: tuple[str, ...] = TEMPORAL_KINDS + ("count", "colour")
 SPLITS: dict[str, int] = {"train": 11, "calibration": 12, "test": 13}
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 GAP = 3.0  # minimum pixels between two visible objects' discs in every frame
+QUIET_KINDS: tuple[str, ...] = ("count", "colour", "direction", "moving")  # kinds whose answer survives a quiet stretch
+QUIET_SHARE = 0.5  # share of QUIET_KINDS items with a quiet stretch
+QUIET_PAIRS: dict[str, tuple[int, int]] = {"count": (1, 3), "colour": (1, 3), "direction": (1, 1), "moving": (1, 1)}
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class Clip:
     specks: int
     seed: int
     n_frames: int = N_FRAMES
+    quiet: tuple[int, ...] = ()  # frames of the quiet stretch (every shape off screen), empty when none
 
     def visible_in(self, t: int) -> list[Track]:
         """Tracks drawn in frame t."""
@@ -332,8 +345,25 @@ def make_question(clip: Clip, facts: dict[str, Any], kind: str, rng: np.random.G
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def make_item(split: str, index: int, kind: str | None = None) -> VideoItem:
-    """Item `index` of `split` (deterministic); the kind is drawn uniformly over KINDS unless given."""
+def make_quiet(clip: Clip, kind: str, rng: np.random.Generator, share: float = QUIET_SHARE) -> Clip:
+    """The clip with a quiet stretch (every shape off screen for whole frame pairs at the start or the end) for a
+    share `share` of QUIET_KINDS items, else the clip unchanged. The answer of these kinds does not depend
+    on it: counts and colours read off any busy frame, a motion off the six or more frames left."""
+    if kind not in QUIET_KINDS or rng.uniform() >= share:
+        return clip
+    lo, hi = QUIET_PAIRS[kind]
+    n_pairs = int(rng.integers(lo, hi + 1))
+    n = clip.n_frames
+    span = range(0, 2 * n_pairs) if rng.uniform() < 0.5 else range(n - 2 * n_pairs, n)
+    quiet = tuple(span)
+    tracks = [dataclasses.replace(tr, visible=tuple(v and t not in quiet for t, v in enumerate(tr.visible)))
+              for tr in clip.tracks]
+    return dataclasses.replace(clip, tracks=tracks, quiet=quiet)
+
+
+def make_item(split: str, index: int, kind: str | None = None, quiet_share: float = QUIET_SHARE) -> VideoItem:
+    """Item `index` of `split` (deterministic); the kind is drawn uniformly over KINDS unless given. quiet_share 0
+    gives the task as it was before quiet stretches (what the bundled model's first four stages trained on)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     if kind is not None and kind not in KINDS:
@@ -346,7 +376,8 @@ def make_item(split: str, index: int, kind: str | None = None) -> VideoItem:
             continue
         q = make_question(*built, k, rng)
         if q is not None:
-            return VideoItem(id=f"video-{split}-{index:05d}", clip=built[0], question=q)
+            clip = make_quiet(built[0], k, np.random.default_rng([SPLITS[split], index, 1]), quiet_share)
+            return VideoItem(id=f"video-{split}-{index:05d}", clip=clip, question=q)
     raise RuntimeError(f"no {k} clip fitted for {split} item {index}")  # pragma: no cover - never seen
 
 
@@ -356,7 +387,7 @@ def item_record(item: VideoItem, frame_paths: list[str]) -> dict[str, Any]:
     return {"id": item.id, "video": list(frame_paths), "fps": FPS, "question": format_question(q),
             "options": list(q.options), "answer": q.answer, "difficulty": item.clip.difficulty, "kind": q.kind,
             "temporal": q.kind in TEMPORAL_KINDS, "n_objects": len(item.clip.tracks),
-            "n_frames": item.clip.n_frames, "target": q.target}
+            "n_frames": item.clip.n_frames, "quiet_frames": list(item.clip.quiet), "target": q.target}
 
 
 def export(split: str, n: int, out: str | Path, *, start: int = 0) -> Path:

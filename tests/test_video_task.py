@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from convert.shapes_task import COLOURS, LETTERS
-from convert.video_task import (FRAME_SIZE, KINDS, N_FRAMES, SPLITS, TEMPORAL_KINDS, export, make_item,
-                                render_clip)
+from convert.video_task import (FRAME_SIZE, KINDS, N_FRAMES, QUIET_KINDS, QUIET_SHARE, SPLITS, TEMPORAL_KINDS,
+                                export, make_item, render_clip)
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 NAMES = list(COLOURS)
@@ -48,19 +48,21 @@ def answer_text(item) -> str:
 def check_by_pixels(item) -> None:
     """Assert the item's answer from its frames alone."""
     q = item.question
-    reading = read_frames(render_clip(item.clip))
+    frames = render_clip(item.clip)
+    busy = [t for t in range(len(frames)) if t not in item.clip.quiet]  # frames outside the quiet stretch
+    reading = read_frames(frames)
     in_clip = [c for c in NAMES if any(present(reading, c))]
     ans = answer_text(item)
     if q.kind == "direction":
         colour = q.text.split()[4]  # "Which way does the <colour> <shape> move?"
-        p = [c for _, c in reading[colour]]
+        p = [reading[colour][t][1] for t in busy]
         d = p[-1] - p[0]
         axis = 0 if abs(d[0]) > abs(d[1]) else 1
-        assert abs(d[axis]) > 15 and abs(d[axis]) > 2 * abs(d[1 - axis])
+        assert abs(d[axis]) > (15 if len(busy) == len(frames) else 10) and abs(d[axis]) > 2 * abs(d[1 - axis])
         assert ans == (("right" if d[0] > 0 else "left") if axis == 0 else ("down" if d[1] > 0 else "up"))
     elif q.kind == "moving":
-        movers = [c for c in in_clip if all(present(reading, c))
-                  and np.abs(reading[c][-1][1] - reading[c][0][1]).max() > 10]
+        movers = [c for c in in_clip if all(present(reading, c)[t] for t in busy)
+                  and np.abs(reading[c][busy[-1]][1] - reading[c][busy[0]][1]).max() > 10]
         assert movers == [ans.split()[0]]
         # every option of another colour names a shape that is still or not in the clip
         assert all(o.split()[0] not in movers for o in q.options if o.split()[0] != ans.split()[0])
@@ -88,11 +90,13 @@ def check_by_pixels(item) -> None:
         else:
             assert int(ans) <= len(in_clip)
     elif q.kind == "colour":
-        assert all(present(reading, ans))
+        assert all(present(reading, ans)[t] for t in busy)
     else:  # pragma: no cover
         raise AssertionError(q.kind)
-    if q.kind in ("count", "colour", "direction", "moving"):
-        assert all(all(present(reading, c)) for c in in_clip)  # single-frame kinds: nothing comes or goes
+    if q.kind in ("count", "colour", "direction", "moving"):  # nothing comes or goes outside the quiet stretch
+        assert all(present(reading, c)[t] == (t in busy) for c in in_clip for t in range(len(frames)))
+    else:
+        assert item.clip.quiet == ()
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -145,6 +149,36 @@ def test_clip_shape_and_kind_mix():
                                            for f in frames)
 
 
+def test_quiet_stretches():
+    """A quiet stretch is whole frame pairs at the start or the end, rendered as the background alone (no saturated
+    pixel, equal to the other quiet frames), in about QUIET_SHARE of the QUIET_KINDS items and no other item."""
+    quiet_items = eligible = 0
+    spans = set()
+    for i in range(300):
+        item = make_item("test", i)
+        clip = item.clip
+        if item.question.kind not in QUIET_KINDS:
+            assert clip.quiet == ()
+            continue
+        eligible += 1
+        if not clip.quiet:
+            continue
+        quiet_items += 1
+        q = clip.quiet
+        assert len(q) % 2 == 0 and q[0] % 2 == 0 and list(q) == list(range(q[0], q[0] + len(q)))
+        assert q[0] == 0 or q[-1] == N_FRAMES - 1
+        assert len(q) <= (6 if item.question.kind in ("count", "colour") else 2)
+        spans.add((q[0] == 0, len(q)))
+        frames = render_clip(clip)
+        for t in q:
+            f = frames[t].reshape(-1, 3).astype(int)
+            assert (f.max(1) - f.min(1) <= 60).all()  # background and specks only
+            assert np.array_equal(frames[t], frames[q[0]])
+        assert any(np.any(frames[t] != frames[q[0]]) for t in range(N_FRAMES) if t not in q)
+    assert abs(quiet_items / eligible - QUIET_SHARE) < 0.12
+    assert {(True, 2), (False, 2), (True, 6), (False, 6)} <= spans
+
+
 def test_export_records_point_at_their_frames(tmp_path):
     path = export("test", 5, tmp_path, start=3)
     recs = [json.loads(line) for line in path.read_text().splitlines()]
@@ -157,3 +191,4 @@ def test_export_records_point_at_their_frames(tmp_path):
         frames = [np.asarray(Image.open(tmp_path / p).convert("RGB")) for p in r["video"]]
         assert all(np.array_equal(a, b) for a, b in zip(frames, render_clip(item.clip)))
         assert len(frames) == r["n_frames"] == N_FRAMES
+        assert r["quiet_frames"] == list(item.clip.quiet)

@@ -36,7 +36,8 @@ def bootstrap_ci(correct: list[bool] | np.ndarray, n_boot: int = 2000, seed: int
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Accuracy with its interval, per kind and (clips) temporal vs single-frame kinds."""
+    """Accuracy with its interval, per kind and (clips) temporal vs single-frame kinds and clips with vs without a
+    quiet stretch (convert/video_task.make_quiet: where one selection over the clip and one per pair differ)."""
     ok = [r["greedy"] == r["answer"] for r in rows]
     lo, hi = bootstrap_ci(ok)
     out = {"n": len(rows), "accuracy": round(float(np.mean(ok)), 4), "ci95": [round(lo, 4), round(hi, 4)],
@@ -44,10 +45,12 @@ def summarise(rows: list[dict]) -> dict:
     for kind in sorted({r["kind"] for r in rows}):
         ks = [r["greedy"] == r["answer"] for r in rows if r["kind"] == kind]
         out["by_kind"][kind] = {"n": len(ks), "accuracy": round(float(np.mean(ks)), 3)}
-    if any("temporal" in r for r in rows):
-        for name, flag in (("temporal", True), ("single_frame", False)):
-            ks = [r["greedy"] == r["answer"] for r in rows if r["temporal"] == flag]
-            out[name] = {"n": len(ks), "accuracy": round(float(np.mean(ks)), 4) if ks else None}
+    for field, groups in (("temporal", (("temporal", True), ("single_frame", False))),
+                          ("quiet", (("quiet_stretch", True), ("no_quiet_stretch", False)))):
+        if any(field in r for r in rows):
+            for name, flag in groups:
+                ks = [r["greedy"] == r["answer"] for r in rows if r[field] == flag]
+                out[name] = {"n": len(ks), "accuracy": round(float(np.mean(ks)), 4) if ks else None}
     if rows and "kept" in rows[0]:
         out["mean_kept"] = round(float(np.mean([r["kept"] for r in rows])), 2)
     return out
@@ -92,7 +95,8 @@ def clip_rows(vlm: VLM, n: int, split: str = "test", max_tokens: int = 96, **kno
         a = vlm.ask(None, format_question(q), video=video_task.render_clip(item.clip), answer_tags=True,
                     max_tokens=max_tokens, options=q.options, seed=1000 + i, **knobs)
         rows.append({"id": item.id, "kind": q.kind, "temporal": q.kind in video_task.TEMPORAL_KINDS,
-                     "answer": q.answer, "greedy": a.answer, "kept": int(sum(a.kept_tokens))})
+                     "quiet": bool(item.clip.quiet), "answer": q.answer, "greedy": a.answer,
+                     "kept": int(sum(a.kept_tokens))})
     return rows
 
 
@@ -215,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                     other = spec.replace(a, b, 1) if spec.startswith(a + "@") else None
                     if other in rows:
                         res["paired"][f"{spec} - {other}"] = paired(rows[spec], rows[other])
+                        for name, flag in (("quiet-stretch clips", True), ("other clips", False)):
+                            sub = [i for i, r in enumerate(rows[spec]) if r["quiet"] == flag]
+                            if sub:
+                                res["paired"][f"{spec} - {other} ({name})"] = paired(
+                                    [rows[spec][i] for i in sub], [rows[other][i] for i in sub])
             if res["paired"]:
                 print(json.dumps({"paired": res["paired"]}), flush=True)
         if args.images:

@@ -162,8 +162,12 @@ class VideoBatcher:
     def __init__(self, tok: Tokenizer, batch: int, seed: int, prune_prob: float, token_px: int = 14,
                  scene_lists: bool = False, shuffled_lists: float = 0.0,
                  keep_range: tuple[float, float] = (0.1, 1.0),
-                 selector_probs: tuple[float, float, float] = (0.5, 0.25, 0.25)) -> None:
+                 selector_probs: tuple[float, float, float] = (0.5, 0.25, 0.25),
+                 quiet_share: float = 0.0) -> None:
         check_pruning(keep_range, selector_probs)
+        if not 0.0 <= quiet_share <= 1.0:
+            raise ValueError(f"quiet_share must be in [0, 1], got {quiet_share}")
+        self.quiet_share = quiet_share  # share of count / colour / direction / moving clips with a quiet stretch
         self.keep_range = keep_range  # kept share of a pruned clip's tokens, drawn uniformly in this range
         self.selector_probs = selector_probs  # how often each of SELECTORS prunes a pruned batch
         self.tok = tok
@@ -179,9 +183,11 @@ class VideoBatcher:
         self.next_index = 0
 
     def questions(self, item: vt.VideoItem, index: int) -> list[vt.Question]:
-        """The item's own question, then count and colour ones when every object is in every frame."""
+        """The item's own question, then count and colour ones when every object is in every frame outside the
+        quiet stretch (if any)."""
         qs = [item.question]
-        if all(all(tr.visible) for tr in item.clip.tracks):
+        clip = item.clip
+        if all(tr.visible[t] for tr in clip.tracks for t in range(clip.n_frames) if t not in clip.quiet):
             rng = np.random.default_rng([17, self.seed, index])
             for kind in ("count", "colour"):
                 q = vt.make_question(item.clip, {}, kind, rng)
@@ -201,7 +207,7 @@ class VideoBatcher:
     def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
         """Frames [F, H, W, 3], (question tokens, target tokens) pairs and per-token labels (clip_token_labels) of
         training clip `index`."""
-        item = vt.make_item("train", self.seed * 10_000_000 + index)
+        item = vt.make_item("train", self.seed * 10_000_000 + index, quiet_share=self.quiet_share)
         return (np.stack(vt.render_clip(item.clip)),
                 [(self.tok.question(q), self.target(q, item.clip, index)) for q in self.questions(item, index)],
                 clip_token_labels(item.clip, self.token_px))
@@ -303,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="kept share of a pruned clip's tokens, uniform in [LOW, HIGH]")
     p.add_argument("--prune-selectors", type=float, nargs=3, default=(0.5, 0.25, 0.25),
                    metavar=("KDV", "RANDOM", "UNIFORM"), help="how often a pruned clip batch uses each selector")
+    p.add_argument("--quiet-share", type=float, default=0.0,
+                   help="share of count / colour / direction / moving clips with a quiet stretch (video_task."
+                        "make_quiet; 0: the task of stages 1-4, the task's own share is %.1f)" % vt.QUIET_SHARE)
     p.add_argument("--aux-object-weight", type=float, default=1.0)
     p.add_argument("--aux-warmup", type=int, default=100, help="steps fitting the fresh auxiliary heads alone")
     p.add_argument("--export-checkpoint", default=None, metavar="CKPT",
@@ -338,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     images = make_batcher(tok, args, args.seed)
     clips = VideoBatcher(tok, args.batch, args.seed, args.prune_prob, 2 * dims.vision.patch_size,
                          scene_lists=args.scene_lists, shuffled_lists=args.shuffled_lists,
-                         keep_range=tuple(args.prune_keep), selector_probs=tuple(args.prune_selectors))
+                         keep_range=tuple(args.prune_keep), selector_probs=tuple(args.prune_selectors),
+                         quiet_share=args.quiet_share)
     images.next_index = clips.next_index = args.data_offset
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
     clip_aux = ClipAuxHeads(dims.vision.proj_dim) if args.clip_aux_weight > 0 else None
