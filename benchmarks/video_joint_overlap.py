@@ -2,7 +2,8 @@
 
 On the first 100 video-task test clips, the bundled clip model's kept sets at rho 0.75 with video_selection "joint"
 and "per_chunk": their Jaccard overlap, how often they are the same set, and how many tokens the joint selection
-gives each frame pair (per chunk always 16 of 64). Writes benchmarks/results/shapes-qwen-video/joint_vs_per_chunk_kept.json.
+gives each frame pair (per chunk always 16 of 64), on clips with a quiet stretch (shapes off screen for whole frame
+pairs: how much of the budget the joint rule leaves on the empty pairs) and on the others. Writes benchmarks/results/shapes-qwen-video/joint_vs_per_chunk_kept.json.
 
     .venv/bin/python benchmarks/video_joint_overlap.py
 """
@@ -18,11 +19,12 @@ from avis_llamacpp import VLM  # noqa: E402
 from convert import video_task as vt  # noqa: E402
 from convert.shapes_task import format_question  # noqa: E402
 B = "avis_llamacpp/data/shapes-qwen-video"
-out = {"rho": 0.75, "n": 100, "jaccard": [], "joint_per_chunk_counts": [], "same_set": 0}
+out = {"rho": 0.75, "n": 100, "jaccard": [], "joint_per_chunk_counts": [], "same_set": 0, "quiet_pairs": []}
 with VLM(f"{B}/model.gguf", f"{B}/mmproj.gguf", n_ctx=2048, n_threads=1, n_threads_batch=1) as v:
     for i in range(100):
         it = vt.make_item("test", i)
         fr = vt.render_clip(it.clip)
+        out["quiet_pairs"].append(sorted({t // 2 for t in it.clip.quiet}))
         sets = []
         for sel in ("joint", "per_chunk"):
             a = v.ask(None, format_question(it.question), video=fr, max_tokens=1, ratio=0.75, video_selection=sel)
@@ -34,7 +36,17 @@ with VLM(f"{B}/model.gguf", f"{B}/mmproj.gguf", n_ctx=2048, n_threads=1, n_threa
         out["jaccard"].append(round(j, 4))
         out["same_set"] += sets[0] == sets[1]
 c = np.array(out["joint_per_chunk_counts"])
-out["summary"] = {"mean_jaccard": float(np.mean(out["jaccard"])), "min_jaccard": float(np.min(out["jaccard"])),
+quiet = np.array([bool(q) for q in out["quiet_pairs"]])
+jac = np.array(out["jaccard"])
+on_quiet = [c[i, p] for i, p in enumerate(out["quiet_pairs"]) if p]
+on_busy = [np.delete(c[i], p) for i, p in enumerate(out["quiet_pairs"]) if p]
+out["summary"] = {"quiet_clips": int(quiet.sum()),
+                  "mean_jaccard_quiet_clips": float(jac[quiet].mean()) if quiet.any() else None,
+                  "mean_jaccard_other_clips": float(jac[~quiet].mean()),
+                  "joint_kept_per_quiet_pair_mean": float(np.concatenate(on_quiet).mean()) if on_quiet else None,
+                  "joint_kept_per_busy_pair_of_quiet_clips_mean":
+                      float(np.concatenate(on_busy).mean()) if on_busy else None,
+                  "mean_jaccard": float(np.mean(out["jaccard"])), "min_jaccard": float(np.min(out["jaccard"])),
                   "same_set_clips": out["same_set"], "joint_kept_per_chunk_mean": c.mean(0).round(2).tolist(),
                   "joint_kept_per_chunk_min": c.min(0).tolist(), "joint_kept_per_chunk_max": c.max(0).tolist(),
                   "share_of_clips_with_a_chunk_off_16_by_more_than_3": float(np.mean(np.abs(c - 16).max(1) > 3))}
