@@ -390,14 +390,15 @@ def item_record(item: VideoItem, frame_paths: list[str]) -> dict[str, Any]:
             "n_frames": item.clip.n_frames, "quiet_frames": list(item.clip.quiet), "target": q.target}
 
 
-def export(split: str, n: int, out: str | Path, *, start: int = 0) -> Path:
-    """Write DIR/items.jsonl and DIR/clips/<id>/f<t>.png for items start..start+n-1 of split; returns the JSONL."""
+def export(split: str, n: int, out: str | Path, *, start: int = 0, quiet_share: float = QUIET_SHARE) -> Path:
+    """Write DIR/items.jsonl and DIR/clips/<id>/f<t>.png for items start..start+n-1 of split; returns the JSONL.
+    quiet_share 0 writes the task as it was before quiet stretches (the stage-4 model's records)."""
     out = Path(out)
     path = out / "items.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for i in range(start, start + n):
-            item = make_item(split, i)
+            item = make_item(split, i, quiet_share=quiet_share)
             rels = []
             for t, frame in enumerate(render_clip(item.clip)):
                 rel = f"clips/{item.id}/f{t}.png"
