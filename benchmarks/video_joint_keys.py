@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 from avis_llamacpp import VLM
 from avis_llamacpp import scorer as sc
-from avis_llamacpp.kdv import kdv_scores
+from avis_llamacpp.kdv import kdv_scores, select_tokens
 from convert import video_task as vt
 from convert.shapes_task import format_question
 
@@ -53,7 +53,7 @@ with VLM(f"{B}/model.gguf", f"{B}/mmproj.gguf", n_ctx=2048, n_threads=1, n_threa
             m = kn[pair == p].mean(0)
             m /= np.linalg.norm(m, axis=-1, keepdims=True)
             within.append(float((kn[pair == p] * m).sum(-1).mean()))
-        keep = np.argsort(-s, kind="stable")[: len(s) // 4]
+        keep = select_tokens(s, ratio=0.75)  # the joint selection at rho 0.75
         rows.append({"id": it.id, "quiet_pairs": quiet_pairs,
                      "score_empty_mean": float(s[empty].mean()), "score_busy_mean": float(s[~empty].mean()),
                      "score_busy_top16_mean": float(np.sort(s[~empty])[-16:].mean()),

@@ -20,8 +20,8 @@ Content is uneven over time in a share of clips, as in real video: for QUIET_SHA
 or the end (background only; 1-3 of the 4 pairs for count / colour, 1 for direction / moving, so motion still spans
 six frames). Whether and how an item is quiet is drawn from its own stream (``[SPLITS[split], index, 1]``), so
 every other draw of an item, and every appear / disappear / order item, is what it was before quiet stretches.
-Such clips are where one selection over the whole video (KDV joint) and one per frame pair differ: the joint
-budget moves from the empty pairs to the busy ones.
+Such clips are where one selection over the whole video (KDV joint) and one per frame pair can differ: the joint
+rule may move budget from the empty pairs to the busy ones (how much it does: benchmarks/video_joint_overlap.py).
 
 Targets carry the image task's trace form (a short reasoning line, every option checked, the tagged letter).
 
@@ -44,7 +44,8 @@ from PIL import Image, ImageDraw
 from convert.shapes_task import COLOURS, LETTERS, SHAPES, Obj, Question, _plural, _shape_polygon, format_question
 
 __all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "QUIET_KINDS", "QUIET_SHARE", "SPLITS", "DIRECTIONS",
-           "Track", "Clip", "VideoItem", "make_quiet", "make_item", "render_clip", "item_record", "export"]
+           "Track", "Clip", "VideoItem", "check_quiet_share", "make_quiet", "make_item", "render_clip", "item_record",
+           "export"]
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +346,12 @@ def make_question(clip: Clip, facts: dict[str, Any], kind: str, rng: np.random.G
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
+def check_quiet_share(share: float) -> None:
+    """Raise ValueError unless share is a proportion (the share of QUIET_KINDS items given a quiet stretch)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"quiet_share must be in [0, 1], got {share}")
+
+
 def make_quiet(clip: Clip, kind: str, rng: np.random.Generator, share: float = QUIET_SHARE) -> Clip:
     """The clip with a quiet stretch (every shape off screen for whole frame pairs at the start or the end) for a
     share `share` of QUIET_KINDS items, else the clip unchanged. The answer of these kinds does not depend
@@ -354,7 +361,7 @@ def make_quiet(clip: Clip, kind: str, rng: np.random.Generator, share: float = Q
     lo, hi = QUIET_PAIRS[kind]
     n_pairs = int(rng.integers(lo, hi + 1))
     n = clip.n_frames
-    span = range(0, 2 * n_pairs) if rng.uniform() < 0.5 else range(n - 2 * n_pairs, n)
+    span = range(2 * n_pairs) if rng.uniform() < 0.5 else range(n - 2 * n_pairs, n)
     quiet = tuple(span)
     tracks = [dataclasses.replace(tr, visible=tuple(v and t not in quiet for t, v in enumerate(tr.visible)))
               for tr in clip.tracks]
@@ -366,6 +373,7 @@ def make_item(split: str, index: int, kind: str | None = None, quiet_share: floa
     gives the task as it was before quiet stretches (what the bundled model's first four stages trained on)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    check_quiet_share(quiet_share)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     rng = np.random.default_rng([SPLITS[split], index])

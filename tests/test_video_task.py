@@ -136,6 +136,8 @@ def test_splits_disjoint_and_seeded():
         make_item("dev", 0)
     with pytest.raises(ValueError, match="kind"):
         make_item("test", 0, "teleport")
+    with pytest.raises(ValueError, match="quiet_share"):
+        make_item("test", 0, quiet_share=1.5)
 
 
 def test_clip_shape_and_kind_mix():

@@ -21,10 +21,9 @@
 training/train_video_recipe.sh runs the five stages (stage 1 as a 28-minute run) and the calibration and benchmark
 in one command. The clip-trained model (avis_llamacpp/data/shapes-qwen-video/) came from these five stages on one
 thread of a 2-core machine (1300 + 5389 + 6416 + 6318 + 6809 steps, 28 + 80 + 92 + 95 + 110 minutes): the first
-stage alone left
-the temporal kinds near chance (0.38 on 100 calibration clips); --scene-lists and a larger video share lifted them
-(0.60 at the end of stage 2, 0.620 on the 300 test clips); the third stage, on fresh items with half of the scene
-lists in a random order, reached 0.797 greedy on test (images 0.690) but lost 7% of that at joint KDV rho 0.75; the
+stage alone left the temporal kinds near chance (0.38 on 100 calibration clips); --scene-lists and a larger video
+share lifted them (0.60 at the end of stage 2, 0.620 on the 300 test clips); the third stage, on fresh items with
+half of the scene lists in a random order, reached 0.797 greedy on test (images 0.690) but lost 7% of that at joint KDV rho 0.75; the
 fourth, with most clip batches pruned by joint KDV to 15-60% of their tokens at half the LR, reached 0.870 greedy
 (images 0.713) and 0.830 at rho 0.75; the fifth, on the task with quiet stretches (stages 1-4 had none), 0.900 on
 its test clips (0.770 on those with a quiet stretch; the stage-4 model 0.813 and 0.527), images 0.723, 0.877 at rho
@@ -171,8 +170,7 @@ class VideoBatcher:
                  selector_probs: tuple[float, float, float] = (0.5, 0.25, 0.25),
                  quiet_share: float = 0.0) -> None:
         check_pruning(keep_range, selector_probs)
-        if not 0.0 <= quiet_share <= 1.0:
-            raise ValueError(f"quiet_share must be in [0, 1], got {quiet_share}")
+        vt.check_quiet_share(quiet_share)
         self.quiet_share = quiet_share  # share of count / colour / direction / moving clips with a quiet stretch
         self.keep_range = keep_range  # kept share of a pruned clip's tokens, drawn uniformly in this range
         self.selector_probs = selector_probs  # how often each of SELECTORS prunes a pruned batch
@@ -317,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                    metavar=("KDV", "RANDOM", "UNIFORM"), help="how often a pruned clip batch uses each selector")
     p.add_argument("--quiet-share", type=float, default=0.0,
                    help="share of count / colour / direction / moving clips with a quiet stretch (video_task."
-                        "make_quiet; 0: the task of stages 1-4, the task's own share is %.1f)" % vt.QUIET_SHARE)
+                        f"make_quiet; 0: the task of stages 1-4, the task's own share is {vt.QUIET_SHARE})")
     p.add_argument("--aux-object-weight", type=float, default=1.0)
     p.add_argument("--aux-warmup", type=int, default=100, help="steps fitting the fresh auxiliary heads alone")
     p.add_argument("--export-checkpoint", default=None, metavar="CKPT",
