@@ -17,11 +17,13 @@ Question kinds, by what answering them needs:
 
 Content is uneven over time in a share of clips, as in real video: for QUIET_SHARE of the ``count``, ``colour``,
 ``direction`` and ``moving`` items the shapes are off screen for a *quiet stretch* of whole frame pairs at the start
-or the end (background only; 1-3 of the 4 pairs for count / colour, 1 for direction / moving, so motion still spans
-six frames). Whether and how an item is quiet is drawn from its own stream (``[SPLITS[split], index, 1]``), so
-every other draw of an item, and every appear / disappear / order item, is what it was before quiet stretches.
-Such clips are where one selection over the whole video (KDV joint) and one per frame pair can differ: the joint
-rule may move budget from the empty pairs to the busy ones (how much it does: benchmarks/video_joint_overlap.py).
+or the end (background only; 3 of the 4 pairs for count / colour, 1 for direction / moving, so motion still spans
+six frames). A quiet count / colour clip is also *crowded*: its one busy pair holds CROWD (5-6) objects, about 20
+of the pair's 64 tokens, more than a quarter of them. Such clips are where one selection over the whole video (KDV
+joint) and one per frame pair differ: at rho 0.75 a per-pair rule keeps 16 tokens of the busy pair and 48 of empty
+background, a joint one can spend the empty pairs' share on the busy pair. Whether and how an item is quiet (and
+its crowd) is drawn from its own stream (``[SPLITS[split], index, 1]``), so every other item, and every appear /
+disappear / order item, is what it was before quiet stretches.
 
 Targets carry the image task's trace form (a short reasoning line, every option checked, the tagged letter).
 
@@ -43,8 +45,8 @@ from PIL import Image, ImageDraw
 
 from convert.shapes_task import COLOURS, LETTERS, SHAPES, Obj, Question, _plural, _shape_polygon, format_question
 
-__all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "QUIET_KINDS", "QUIET_SHARE", "SPLITS", "DIRECTIONS",
-           "Track", "Clip", "VideoItem", "check_quiet_share", "make_quiet", "make_item", "render_clip", "item_record",
+__all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "QUIET_KINDS", "QUIET_SHARE", "CROWD", "SPLITS",
+           "DIRECTIONS", "Track", "Clip", "VideoItem", "check_quiet_share", "draw_quiet", "make_quiet", "crowd", "make_item", "render_clip", "item_record",
            "export"]
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,9 @@ DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up"
 GAP = 3.0  # minimum pixels between two visible objects' discs in every frame
 QUIET_KINDS: tuple[str, ...] = ("count", "colour", "direction", "moving")  # kinds whose answer survives a quiet stretch
 QUIET_SHARE = 0.5  # share of QUIET_KINDS items with a quiet stretch
-QUIET_PAIRS: dict[str, tuple[int, int]] = {"count": (1, 3), "colour": (1, 3), "direction": (1, 1), "moving": (1, 1)}
+QUIET_PAIRS: dict[str, tuple[int, int]] = {"count": (3, 3), "colour": (3, 3), "direction": (1, 1), "moving": (1, 1)}
+CROWD_KINDS: tuple[str, ...] = ("count", "colour")  # quiet items of these kinds are crowded
+CROWD: tuple[int, int] = (5, 6)  # objects in a crowded clip (at least, at most; as many as fit)
 
 
 @dataclass(frozen=True)
@@ -352,20 +356,37 @@ def check_quiet_share(share: float) -> None:
         raise ValueError(f"quiet_share must be in [0, 1], got {share}")
 
 
-def make_quiet(clip: Clip, kind: str, rng: np.random.Generator, share: float = QUIET_SHARE) -> Clip:
-    """The clip with a quiet stretch (every shape off screen for whole frame pairs at the start or the end) for a
-    share `share` of QUIET_KINDS items, else the clip unchanged. The answer of these kinds does not depend
-    on it: counts and colours read off any busy frame, a motion off the six or more frames left."""
+def draw_quiet(kind: str, rng: np.random.Generator, share: float = QUIET_SHARE,
+               n_frames: int = N_FRAMES) -> tuple[int, ...]:
+    """The frames of a quiet stretch (whole frame pairs at the start or the end) for a share `share` of QUIET_KINDS
+    items, else (). The answer of these kinds does not depend on it: counts and colours read off the busy pair, a
+    motion off the six frames left."""
     if kind not in QUIET_KINDS or rng.uniform() >= share:
-        return clip
+        return ()
     lo, hi = QUIET_PAIRS[kind]
     n_pairs = int(rng.integers(lo, hi + 1))
-    n = clip.n_frames
-    span = range(2 * n_pairs) if rng.uniform() < 0.5 else range(n - 2 * n_pairs, n)
-    quiet = tuple(span)
+    span = range(2 * n_pairs) if rng.uniform() < 0.5 else range(n_frames - 2 * n_pairs, n_frames)
+    return tuple(span)
+
+
+def make_quiet(clip: Clip, quiet: tuple[int, ...]) -> Clip:
+    """The clip with every shape off screen in the frames `quiet` (the clip unchanged when there are none)."""
+    if not quiet:
+        return clip
     tracks = [dataclasses.replace(tr, visible=tuple(v and t not in quiet for t, v in enumerate(tr.visible)))
               for tr in clip.tracks]
-    return dataclasses.replace(clip, tracks=tracks, quiet=quiet)
+    return dataclasses.replace(clip, tracks=tracks, quiet=tuple(quiet))
+
+
+def crowd(clip: Clip, rng: np.random.Generator) -> Clip:
+    """The clip with static objects of unused colours added until it holds CROWD objects (a number drawn in that
+    range; fewer only when no more fit): the dense busy pair of a quiet count / colour clip."""
+    tracks = list(clip.tracks)
+    colours = [str(c) for c in rng.permutation(list(COLOURS)) if c not in {tr.colour for tr in tracks}]
+    target = int(rng.integers(CROWD[0], CROWD[1] + 1))
+    for colour in colours[:max(0, target - len(tracks))]:
+        _add_track(rng, tracks, colour, clip.difficulty, clip.n_frames)
+    return dataclasses.replace(clip, tracks=tracks)
 
 
 def make_item(split: str, index: int, kind: str | None = None, quiet_share: float = QUIET_SHARE) -> VideoItem:
@@ -378,14 +399,18 @@ def make_item(split: str, index: int, kind: str | None = None, quiet_share: floa
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     rng = np.random.default_rng([SPLITS[split], index])
     k = kind or str(rng.choice(list(KINDS)))
+    quiet_rng = np.random.default_rng([SPLITS[split], index, 1])  # the quiet stretch and the crowd: own stream
+    quiet = draw_quiet(k, quiet_rng, quiet_share)
     for _ in range(100):
         built = make_clip(rng, k)
         if built is None:
             continue
-        q = make_question(*built, k, rng)
+        clip, facts = built
+        if quiet and k in CROWD_KINDS:
+            clip = crowd(clip, quiet_rng)
+        q = make_question(clip, facts, k, rng)
         if q is not None:
-            clip = make_quiet(built[0], k, np.random.default_rng([SPLITS[split], index, 1]), quiet_share)
-            return VideoItem(id=f"video-{split}-{index:05d}", clip=clip, question=q)
+            return VideoItem(id=f"video-{split}-{index:05d}", clip=make_quiet(clip, quiet), question=q)
     raise RuntimeError(f"no {k} clip fitted for {split} item {index}")  # pragma: no cover - never seen
 
 
