@@ -45,9 +45,9 @@ from PIL import Image, ImageDraw
 
 from convert.shapes_task import COLOURS, LETTERS, SHAPES, Obj, Question, _plural, _shape_polygon, format_question
 
-__all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "QUIET_KINDS", "QUIET_SHARE", "CROWD", "SPLITS",
-           "DIRECTIONS", "Track", "Clip", "VideoItem", "check_quiet_share", "draw_quiet", "make_quiet", "crowd", "make_item", "render_clip", "item_record",
-           "export"]
+__all__ = ["FRAME_SIZE", "N_FRAMES", "KINDS", "TEMPORAL_KINDS", "QUIET_KINDS", "QUIET_SHARE", "CROWD", "CROWD_KINDS",
+           "SPLITS", "DIRECTIONS", "Track", "Clip", "VideoItem", "check_quiet_share", "draw_quiet", "make_quiet",
+           "crowd", "make_item", "render_clip", "item_record", "export"]
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ def bootstrap_ci(correct: list[bool] | np.ndarray, n_boot: int = 2000, seed: int
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Accuracy with its interval, per kind and (clips) temporal vs single-frame kinds and clips with vs without a
-    quiet stretch (convert/video_task.make_quiet: where one selection over the clip and one per pair differ)."""
+    """Accuracy with its interval, per kind and (clips) temporal vs single-frame kinds, clips with vs without a
+    quiet stretch and crowded clips (convert/video_task: where one selection over the clip and one per pair differ)."""
     ok = [r["greedy"] == r["answer"] for r in rows]
     lo, hi = bootstrap_ci(ok)
     out = {"n": len(rows), "accuracy": round(float(np.mean(ok)), 4), "ci95": [round(lo, 4), round(hi, 4)],
@@ -46,7 +46,8 @@ def summarise(rows: list[dict]) -> dict:
         ks = [r["greedy"] == r["answer"] for r in rows if r["kind"] == kind]
         out["by_kind"][kind] = {"n": len(ks), "accuracy": round(float(np.mean(ks)), 3)}
     for field, groups in (("temporal", (("temporal", True), ("single_frame", False))),
-                          ("quiet", (("quiet_stretch", True), ("no_quiet_stretch", False)))):
+                          ("quiet", (("quiet_stretch", True), ("no_quiet_stretch", False))),
+                          ("crowded", (("crowded", True),))):
         if any(field in r for r in rows):
             for name, flag in groups:
                 ks = [r["greedy"] == r["answer"] for r in rows if r[field] == flag]
@@ -95,7 +96,8 @@ def clip_rows(vlm: VLM, n: int, split: str = "test", max_tokens: int = 96, **kno
         a = vlm.ask(None, format_question(q), video=video_task.render_clip(item.clip), answer_tags=True,
                     max_tokens=max_tokens, options=q.options, seed=1000 + i, **knobs)
         rows.append({"id": item.id, "kind": q.kind, "temporal": q.kind in video_task.TEMPORAL_KINDS,
-                     "quiet": bool(item.clip.quiet), "answer": q.answer, "greedy": a.answer,
+                     "quiet": bool(item.clip.quiet),
+                     "crowded": bool(item.clip.quiet) and q.kind in video_task.CROWD_KINDS, "answer": q.answer, "greedy": a.answer,
                      "kept": int(sum(a.kept_tokens))})
     return rows
 
@@ -219,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                     other = spec.replace(a, b, 1) if spec.startswith(a + "@") else None
                     if other in rows:
                         res["paired"][f"{spec} - {other}"] = paired(rows[spec], rows[other])
-                        for name, flag in (("quiet-stretch clips", True), ("other clips", False)):
-                            sub = [i for i, r in enumerate(rows[spec]) if r["quiet"] == flag]
+                        for name, field, flag in (("quiet-stretch clips", "quiet", True),
+                                                  ("other clips", "quiet", False), ("crowded clips", "crowded", True)):
+                            sub = [i for i, r in enumerate(rows[spec]) if r[field] == flag]
                             if sub:
                                 res["paired"][f"{spec} - {other} ({name})"] = paired(
                                     [rows[spec][i] for i in sub], [rows[other][i] for i in sub])
