@@ -63,6 +63,7 @@ GAP = 3.0  # minimum pixels between two visible objects' discs in every frame
 QUIET_KINDS: tuple[str, ...] = ("count", "colour", "direction", "moving")  # kinds whose answer survives a quiet stretch
 QUIET_SHARE = 0.5  # share of QUIET_KINDS items with a quiet stretch
 QUIET_PAIRS: dict[str, tuple[int, int]] = {"count": (3, 3), "colour": (3, 3), "direction": (1, 1), "moving": (1, 1)}
+QUIET_PAIRS_UNCROWDED: dict[str, tuple[int, int]] = {**QUIET_PAIRS, "count": (1, 3), "colour": (1, 3)}  # stage 5's task
 CROWD_KINDS: tuple[str, ...] = ("count", "colour")  # quiet items of these kinds are crowded
 CROWD: tuple[int, int] = (5, 6)  # objects in a crowded clip (at least, at most; as many as fit)
 
@@ -356,14 +357,14 @@ def check_quiet_share(share: float) -> None:
         raise ValueError(f"quiet_share must be in [0, 1], got {share}")
 
 
-def draw_quiet(kind: str, rng: np.random.Generator, share: float = QUIET_SHARE,
-               n_frames: int = N_FRAMES) -> tuple[int, ...]:
+def draw_quiet(kind: str, rng: np.random.Generator, share: float = QUIET_SHARE, n_frames: int = N_FRAMES,
+               crowded: bool = True) -> tuple[int, ...]:
     """The frames of a quiet stretch (whole frame pairs at the start or the end) for a share `share` of QUIET_KINDS
-    items, else (). The answer of these kinds does not depend on it: counts and colours read off the busy pair, a
-    motion off the six frames left."""
+    items, else (). The answer of these kinds does not depend on it: counts and colours read off the busy pairs, a
+    motion off the six frames left. crowded=False draws stage 5's stretches (1-3 pairs for count / colour)."""
     if kind not in QUIET_KINDS or rng.uniform() >= share:
         return ()
-    lo, hi = QUIET_PAIRS[kind]
+    lo, hi = (QUIET_PAIRS if crowded else QUIET_PAIRS_UNCROWDED)[kind]
     n_pairs = int(rng.integers(lo, hi + 1))
     span = range(2 * n_pairs) if rng.uniform() < 0.5 else range(n_frames - 2 * n_pairs, n_frames)
     return tuple(span)
@@ -389,9 +390,11 @@ def crowd(clip: Clip, rng: np.random.Generator) -> Clip:
     return dataclasses.replace(clip, tracks=tracks)
 
 
-def make_item(split: str, index: int, kind: str | None = None, quiet_share: float = QUIET_SHARE) -> VideoItem:
+def make_item(split: str, index: int, kind: str | None = None, quiet_share: float = QUIET_SHARE,
+              crowded: bool = True) -> VideoItem:
     """Item `index` of `split` (deterministic); the kind is drawn uniformly over KINDS unless given. quiet_share 0
-    gives the task as it was before quiet stretches (what the bundled model's first four stages trained on)."""
+    gives the task as it was before quiet stretches (what the bundled model's first four stages trained on);
+    crowded=False the task of stage 5 (quiet stretches of 1-3 pairs for count / colour, no crowd)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     check_quiet_share(quiet_share)
@@ -400,13 +403,13 @@ def make_item(split: str, index: int, kind: str | None = None, quiet_share: floa
     rng = np.random.default_rng([SPLITS[split], index])
     k = kind or str(rng.choice(list(KINDS)))
     quiet_rng = np.random.default_rng([SPLITS[split], index, 1])  # the quiet stretch and the crowd: own stream
-    quiet = draw_quiet(k, quiet_rng, quiet_share)
+    quiet = draw_quiet(k, quiet_rng, quiet_share, crowded=crowded)
     for _ in range(100):
         built = make_clip(rng, k)
         if built is None:
             continue
         clip, facts = built
-        if quiet and k in CROWD_KINDS:
+        if crowded and quiet and k in CROWD_KINDS:
             clip = crowd(clip, quiet_rng)
         q = make_question(clip, facts, k, rng)
         if q is not None:
@@ -423,15 +426,17 @@ def item_record(item: VideoItem, frame_paths: list[str]) -> dict[str, Any]:
             "n_frames": item.clip.n_frames, "quiet_frames": list(item.clip.quiet), "target": q.target}
 
 
-def export(split: str, n: int, out: str | Path, *, start: int = 0, quiet_share: float = QUIET_SHARE) -> Path:
+def export(split: str, n: int, out: str | Path, *, start: int = 0, quiet_share: float = QUIET_SHARE,
+           crowded: bool = True) -> Path:
     """Write DIR/items.jsonl and DIR/clips/<id>/f<t>.png for items start..start+n-1 of split; returns the JSONL.
-    quiet_share 0 writes the task as it was before quiet stretches (the stage-4 model's records)."""
+    quiet_share 0 writes the task as it was before quiet stretches (the stage-4 model's records), crowded=False
+    the task of stage 5 (its records)."""
     out = Path(out)
     path = out / "items.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for i in range(start, start + n):
-            item = make_item(split, i, quiet_share=quiet_share)
+            item = make_item(split, i, quiet_share=quiet_share, crowded=crowded)
             rels = []
             for t, frame in enumerate(render_clip(item.clip)):
                 rel = f"clips/{item.id}/f{t}.png"

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from convert.shapes_task import COLOURS, LETTERS
-from convert.video_task import (CROWD, FRAME_SIZE, KINDS, N_FRAMES, QUIET_KINDS, QUIET_SHARE, SPLITS, TEMPORAL_KINDS,
-                                export, make_item, render_clip)
+from convert.video_task import (CROWD, CROWD_KINDS, FRAME_SIZE, KINDS, N_FRAMES, QUIET_KINDS, QUIET_SHARE, SPLITS,
+                                TEMPORAL_KINDS, export, make_item, render_clip)
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 NAMES = list(COLOURS)
@@ -184,6 +184,20 @@ def test_quiet_stretches():
         assert any(np.any(frames[t] != frames[q[0]]) for t in range(N_FRAMES) if t not in q)
     assert abs(quiet_items / eligible - QUIET_SHARE) < 0.12
     assert {(True, 2), (False, 2), (True, 6), (False, 6)} <= spans
+
+
+def test_uncrowded_task_is_the_crowded_one_but_for_crowded_clips():
+    """crowded=False (stage 5's task) changes only the quiet count / colour items: there the stretch is 1-3 pairs
+    and no shape is added; every other item is the same item."""
+    spans = set()
+    for i in range(200):
+        a, b = make_item("test", i), make_item("test", i, crowded=False)
+        if a.question.kind in CROWD_KINDS and a.clip.quiet:
+            assert b.clip.quiet and len(b.clip.tracks) <= len(a.clip.tracks)
+            spans.add(len(b.clip.quiet))
+        else:
+            assert a == b
+    assert spans == {2, 4, 6}
 
 
 def test_export_records_point_at_their_frames(tmp_path):

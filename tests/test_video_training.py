@@ -194,6 +194,15 @@ def test_video_batcher_questions_are_the_task_items():
         if item.clip.quiet and item.question.kind in ("count", "colour"):
             assert len(pairs) > 1
     assert n_quiet > 10
+    # --no-crowd: the clips of stage 5's task (make_item(crowded=False)), which differ on quiet count / colour clips
+    stage5 = VideoBatcher(Tok(), batch=1, seed=0, prune_prob=0.0, quiet_share=1.0, crowded=False)
+    n_differ = 0
+    for i in range(20):
+        item = video_task.make_item("train", i, quiet_share=1.0, crowded=False)
+        frames = stage5.sample(i)[0]
+        assert np.array_equal(frames, np.stack(video_task.render_clip(item.clip)))
+        n_differ += not np.array_equal(frames, quiet.sample(i)[0])
+    assert n_differ > 0
     with pytest.raises(ValueError, match="quiet_share"):
         VideoBatcher(Tok(), batch=1, seed=0, prune_prob=0.0, quiet_share=1.5)
 

@@ -168,10 +168,11 @@ class VideoBatcher:
                  scene_lists: bool = False, shuffled_lists: float = 0.0,
                  keep_range: tuple[float, float] = (0.1, 1.0),
                  selector_probs: tuple[float, float, float] = (0.5, 0.25, 0.25),
-                 quiet_share: float = 0.0) -> None:
+                 quiet_share: float = 0.0, crowded: bool = True) -> None:
         check_pruning(keep_range, selector_probs)
         vt.check_quiet_share(quiet_share)
         self.quiet_share = quiet_share  # share of count / colour / direction / moving clips with a quiet stretch
+        self.crowded = crowded  # quiet count / colour clips crowded (False: stage 5's task)
         self.keep_range = keep_range  # kept share of a pruned clip's tokens, drawn uniformly in this range
         self.selector_probs = selector_probs  # how often each of SELECTORS prunes a pruned batch
         self.tok = tok
@@ -211,7 +212,8 @@ class VideoBatcher:
     def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
         """Frames [F, H, W, 3], (question tokens, target tokens) pairs and per-token labels (clip_token_labels) of
         training clip `index`."""
-        item = vt.make_item("train", self.seed * 10_000_000 + index, quiet_share=self.quiet_share)
+        item = vt.make_item("train", self.seed * 10_000_000 + index, quiet_share=self.quiet_share,
+                            crowded=self.crowded)
         return (np.stack(vt.render_clip(item.clip)),
                 [(self.tok.question(q), self.target(q, item.clip, index)) for q in self.questions(item, index)],
                 clip_token_labels(item.clip, self.token_px))
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet-share", type=float, default=0.0,
                    help="share of count / colour / direction / moving clips with a quiet stretch (video_task."
                         f"make_quiet; 0: the task of stages 1-4, the task's own share is {vt.QUIET_SHARE})")
+    p.add_argument("--no-crowd", dest="crowded", action="store_false",
+                   help="quiet count / colour clips as stage 5 saw them (1-3 quiet pairs, no crowd; video_task.crowd)")
     p.add_argument("--aux-object-weight", type=float, default=1.0)
     p.add_argument("--aux-warmup", type=int, default=100, help="steps fitting the fresh auxiliary heads alone")
     p.add_argument("--export-checkpoint", default=None, metavar="CKPT",
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     clips = VideoBatcher(tok, args.batch, args.seed, args.prune_prob, 2 * dims.vision.patch_size,
                          scene_lists=args.scene_lists, shuffled_lists=args.shuffled_lists,
                          keep_range=tuple(args.prune_keep), selector_probs=tuple(args.prune_selectors),
-                         quiet_share=args.quiet_share)
+                         quiet_share=args.quiet_share, crowded=args.crowded)
     images.next_index = clips.next_index = args.data_offset
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
     clip_aux = ClipAuxHeads(dims.vision.proj_dim) if args.clip_aux_weight > 0 else None
