@@ -3,7 +3,8 @@
 On the first 100 video-task test clips, the bundled clip model's kept sets at rho 0.75 with video_selection "joint"
 and "per_chunk": their Jaccard overlap, how often they are the same set, and how many tokens the joint selection
 gives each frame pair (per chunk always 16 of 64), on clips with a quiet stretch (shapes off screen for whole frame
-pairs: how much of the budget the joint rule leaves on the empty pairs) and on the others. Writes benchmarks/results/shapes-qwen-video/joint_vs_per_chunk_kept.json.
+pairs: how much of the budget the joint rule leaves on the empty pairs), on the crowded ones among them (one busy pair
+holding 5-6 shapes: how many tokens the joint rule gives it) and on the others. Writes benchmarks/results/shapes-qwen-video/joint_vs_per_chunk_kept.json.
 
     .venv/bin/python benchmarks/video_joint_overlap.py
 """
@@ -19,12 +20,14 @@ from avis_llamacpp import VLM  # noqa: E402
 from convert import video_task as vt  # noqa: E402
 from convert.shapes_task import format_question  # noqa: E402
 B = "avis_llamacpp/data/shapes-qwen-video"
-out = {"rho": 0.75, "n": 100, "jaccard": [], "joint_per_chunk_counts": [], "same_set": 0, "quiet_pairs": []}
+out = {"rho": 0.75, "n": 100, "jaccard": [], "joint_per_chunk_counts": [], "same_set": 0, "quiet_pairs": [],
+       "crowded": []}
 with VLM(f"{B}/model.gguf", f"{B}/mmproj.gguf", n_ctx=2048, n_threads=1, n_threads_batch=1) as v:
     for i in range(100):
         it = vt.make_item("test", i)
         fr = vt.render_clip(it.clip)
         out["quiet_pairs"].append(sorted({t // 2 for t in it.clip.quiet}))
+        out["crowded"].append(bool(it.clip.quiet) and it.question.kind in vt.CROWD_KINDS)
         sets = []
         for sel in ("joint", "per_chunk"):
             a = v.ask(None, format_question(it.question), video=fr, max_tokens=1, ratio=0.75, video_selection=sel)
@@ -40,12 +43,17 @@ quiet = np.array([bool(q) for q in out["quiet_pairs"]])
 jac = np.array(out["jaccard"])
 on_quiet = [c[i, p] for i, p in enumerate(out["quiet_pairs"]) if p]
 on_busy = [np.delete(c[i], p) for i, p in enumerate(out["quiet_pairs"]) if p]
+crowded = np.array(out["crowded"])
+on_crowded = [np.delete(c[i], p) for i, p in enumerate(out["quiet_pairs"]) if crowded[i]]
 out["summary"] = {"quiet_clips": int(quiet.sum()),
                   "mean_jaccard_quiet_clips": float(jac[quiet].mean()) if quiet.any() else None,
                   "mean_jaccard_other_clips": float(jac[~quiet].mean()),
                   "joint_kept_per_quiet_pair_mean": float(np.concatenate(on_quiet).mean()) if on_quiet else None,
                   "joint_kept_per_busy_pair_of_quiet_clips_mean":
                       float(np.concatenate(on_busy).mean()) if on_busy else None,
+                  "crowded_clips": int(crowded.sum()),
+                  "joint_kept_on_the_crowded_pair_mean": float(np.concatenate(on_crowded).mean()) if on_crowded else None,
+                  "mean_jaccard_crowded_clips": float(jac[crowded].mean()) if crowded.any() else None,
                   "mean_jaccard": float(np.mean(out["jaccard"])), "min_jaccard": float(np.min(out["jaccard"])),
                   "same_set_clips": out["same_set"], "joint_kept_per_chunk_mean": c.mean(0).round(2).tolist(),
                   "joint_kept_per_chunk_min": c.min(0).tolist(), "joint_kept_per_chunk_max": c.max(0).tolist(),

@@ -30,8 +30,13 @@ $PY -m training.train_video_qwen --seed 0 --max-minutes 95 --threads 1 --from "$
 # screen for whole frame pairs at the start or the end), stage 4's pruning mix and LR, fresh items
 $PY -m training.train_video_qwen --seed 0 --max-minutes 110 --threads 1 --from "$W/s4/out" --scene-lists \
     --shuffled-lists 0.5 --video-share 0.7 --lr 3e-4 --prune-prob 0.75 --prune-keep 0.15 0.6 \
-    --prune-selectors 0.7 0.15 0.15 --quiet-share 0.5 --data-offset 200000 --work "$W/s5" --out "$W/s5/out"
-M="$W/s5/out"
+    --prune-selectors 0.7 0.15 0.15 --quiet-share 0.5 --no-crowd --data-offset 200000 --work "$W/s5" --out "$W/s5/out"
+# stage 6: the task as it is now (a quiet count / colour clip has one busy pair, crowded with 5-6 shapes), stage 5's
+# settings, fresh items
+$PY -m training.train_video_qwen --seed 0 --max-minutes 125 --threads 1 --from "$W/s5/out" --scene-lists \
+    --shuffled-lists 0.5 --video-share 0.7 --lr 3e-4 --prune-prob 0.75 --prune-keep 0.15 0.6 \
+    --prune-selectors 0.7 0.15 0.15 --quiet-share 0.5 --data-offset 300000 --work "$W/s6" --out "$W/s6/out"
+M="$W/s6/out"
 # llama.cpp accuracy on 300 test clips and 300 test images, PyTorch parity on 50 clips (unpruned and rho 0.75)
 $PY -m training.eval_video_vlm --model-dir "$M" --n 300 --images 300 --parity 50 --parity-ratio 0.75 \
     --out "$W/eval.json"
