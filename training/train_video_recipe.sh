@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The clip-trained shapes model (avis_llamacpp/data/shapes-qwen-video/) in one command: five stages on one CPU
+# The clip-trained shapes model (avis_llamacpp/data/shapes-qwen-video/) in one command: six stages on one CPU
 # thread from the bundled image model, then the bundle's policy and tau, its evaluation and its benchmark.
 #
-#     bash training/train_video_recipe.sh [WORK_DIR]        # about 7.2 hours on one thread of a 2-core machine
+#     bash training/train_video_recipe.sh [WORK_DIR]        # about 9.3 hours on one thread of a 2-core machine
 #
 # Needs the dev extra (torch): .venv/bin/pip install -e '.[dev]'. The LR schedules anneal by wall clock
 # (--max-minutes), so a faster machine takes more steps: the recipe is reproducible, the weights only on the same
