@@ -27,7 +27,7 @@ with VLM(f"{B}/model.gguf", f"{B}/mmproj.gguf", n_ctx=2048, n_threads=1, n_threa
         it = vt.make_item("test", i)
         fr = vt.render_clip(it.clip)
         out["quiet_pairs"].append(sorted({t // 2 for t in it.clip.quiet}))
-        out["crowded"].append(bool(it.clip.quiet) and it.question.kind in vt.CROWD_KINDS)
+        out["crowded"].append(it.clip.crowded)
         sets = []
         for sel in ("joint", "per_chunk"):
             a = v.ask(None, format_question(it.question), video=fr, max_tokens=1, ratio=0.75, video_selection=sel)

@@ -108,6 +108,7 @@ class Clip:
     seed: int
     n_frames: int = N_FRAMES
     quiet: tuple[int, ...] = ()  # frames of the quiet stretch (every shape off screen), empty when none
+    crowded: bool = False  # shapes added by crowd(): the dense busy pair of a quiet count / colour clip
 
     def visible_in(self, t: int) -> list[Track]:
         """Tracks drawn in frame t."""
@@ -387,7 +388,7 @@ def crowd(clip: Clip, rng: np.random.Generator) -> Clip:
     target = int(rng.integers(CROWD[0], CROWD[1] + 1))
     for colour in colours[:max(0, target - len(tracks))]:
         _add_track(rng, tracks, colour, clip.difficulty, clip.n_frames)
-    return dataclasses.replace(clip, tracks=tracks)
+    return dataclasses.replace(clip, tracks=tracks, crowded=True)
 
 
 def make_item(split: str, index: int, kind: str | None = None, quiet_share: float = QUIET_SHARE,

@@ -96,9 +96,8 @@ def clip_rows(vlm: VLM, n: int, split: str = "test", max_tokens: int = 96, **kno
         a = vlm.ask(None, format_question(q), video=video_task.render_clip(item.clip), answer_tags=True,
                     max_tokens=max_tokens, options=q.options, seed=1000 + i, **knobs)
         rows.append({"id": item.id, "kind": q.kind, "temporal": q.kind in video_task.TEMPORAL_KINDS,
-                     "quiet": bool(item.clip.quiet),
-                     "crowded": bool(item.clip.quiet) and q.kind in video_task.CROWD_KINDS, "answer": q.answer, "greedy": a.answer,
-                     "kept": int(sum(a.kept_tokens))})
+                     "quiet": bool(item.clip.quiet), "crowded": item.clip.crowded, "answer": q.answer,
+                     "greedy": a.answer, "kept": int(sum(a.kept_tokens))})
     return rows
 
 
