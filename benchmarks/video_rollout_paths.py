@@ -45,17 +45,24 @@ def vote(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[a] == top)
 
 
+def anchored_vote(greedy: str | None, samples: list[str | None]) -> str | None:
+    """A vote rule aimed at rollouts that are worse than greedy: the greedy answer plus k-1 samples, ties to greedy
+    (greedy is listed first), so samples overturn greedy only by outnumbering it."""
+    return vote([greedy, *samples])
+
+
 def trace(text: str) -> str:
     """The reasoning part of a rollout: everything before <answer>."""
     return text.split("<answer>", 1)[0].strip()
 
 
-def run_model(model_dir: Path, n: int, k: int, temperature: float, threads: int, max_tokens: int) -> list[dict]:
+def run_model(model_dir: Path, n: int, k: int, temperature: float, threads: int, max_tokens: int,
+              split: str = "test") -> list[dict]:
     """Per clip: kind, gold, greedy answer, the K sampled answers and traces."""
     rows = []
     with VLM(model_dir / "model.gguf", model_dir / "mmproj.gguf", n_threads=threads, n_threads_batch=threads) as vlm:
         for i in range(n):
-            item = video_task.make_item("test", i)
+            item = video_task.make_item(split, i)
             q = item.question
             opts = list(q.options)
             frames = video_task.render_clip(item.clip)
@@ -88,7 +95,15 @@ def summarise(rows: list[dict], k: int) -> dict:
         out["votes"][f"k={kk}"] = {"accuracy": round(float(v.mean()), 4),
                                    "minus_greedy": round(float(v.mean() - greedy.mean()), 4),
                                    "ci95": paired_ci(v, greedy)}
-    out["distinct_traces"] = round(float(np.mean([len(set(r["traces"])) for r in rows])), 3)
+        if kk > 1:
+            a = np.array([anchored_vote(r["greedy"], r["answers"][:kk - 1]) == g for r, g in zip(rows, gold)],
+                         dtype=float)
+            out["votes"][f"k={kk}"]["anchored"] = {"accuracy": round(float(a.mean()), 4),
+                                                   "minus_greedy": round(float(a.mean() - greedy.mean()), 4),
+                                                   "ci95": paired_ci(a, greedy)}
+    n_traces = [len(set(r["traces"])) if "traces" in r else r.get("n_traces") for r in rows]
+    out["distinct_traces"] = (round(float(np.mean(n_traces)), 3) if None not in n_traces
+                              else None)  # rows saved before n_traces was kept
     out["distinct_answers"] = round(float(np.mean([len({a for a in r["answers"] if a}) for r in rows])), 3)
     out["disagree_share"] = round(float(np.mean([len({a for a in r["answers"] if a}) > 1 for r in rows])), 4)
     out["any_correct"] = round(float(np.mean([g in r["answers"] for r, g in zip(rows, gold)])), 4)
@@ -99,23 +114,41 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", action="append", required=True, help="model.gguf + mmproj.gguf (repeat to compare)")
     p.add_argument("--n", type=int, default=300)
+    p.add_argument("--split", default="test", choices=("calibration", "test"),
+                   help="which split's clips (design vote rules on calibration, report on test)")
     p.add_argument("--k", type=int, default=7)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="JSON results (with every rollout's answer)")
+    p.add_argument("--rows", default=None, metavar="JSON",
+                   help="re-summarise the rows an earlier --out wrote (same --model-dir) instead of running the model")
     args = p.parse_args(argv)
     result = {"command": "python benchmarks/video_rollout_paths.py " + " ".join(argv or sys.argv[1:]), "models": {}}
+    saved_run = json.loads(Path(args.rows).read_text()) if args.rows else {}
+    saved = saved_run.get("models", {})
+    if args.rows:
+        result["rows_from"] = saved_run.get("rows_from", saved_run.get("command"))  # the run that made the rows
     for d in args.model_dir:
         t0 = time.perf_counter()
-        rows = run_model(Path(d), args.n, args.k, args.temperature, args.threads, args.max_tokens)
+        if args.rows:
+            if d not in saved:
+                p.error(f"{args.rows} has no rows for {d} (it has {sorted(saved)})")
+            rows = saved[d]["rows"]
+        else:
+            rows = run_model(Path(d), args.n, args.k, args.temperature, args.threads, args.max_tokens, args.split)
         summary = {"all": summarise(rows, args.k),
                    "listed_kinds": summarise([r for r in rows if r["kind"] in LISTED], args.k),
                    "other_kinds": summarise([r for r in rows if r["kind"] not in LISTED], args.k),
                    "seconds": round(time.perf_counter() - t0, 1)}
+        for name, sub in summary.items():  # re-summarised rows without trace counts: the run's own figure
+            if isinstance(sub, dict) and sub.get("distinct_traces") is None and args.rows:
+                sub["distinct_traces"] = saved[d]["summary"].get(name, {}).get("distinct_traces")
         result["models"][d] = {"summary": summary,
-                               "rows": [{k: v for k, v in r.items() if k != "traces"} for r in rows]}
-        print(f"\n{d}  ({args.n} test clips, K={args.k}, T={args.temperature})")
+                               "rows": [{**{k: v for k, v in r.items() if k != "traces"},
+                                         **({"n_traces": len(set(r["traces"]))} if "traces" in r else {})}
+                                        for r in rows]}
+        print(f"\n{d}  ({args.n} {args.split} clips, K={args.k}, T={args.temperature})")
         print("| subset | n | greedy | " + " | ".join(f"vote {v}" for v in summary["all"]["votes"])
               + " | distinct traces | distinct answers | disagree | any correct |")
         print("|---" * (7 + len(summary["all"]["votes"])) + "|")
@@ -123,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             s = summary[name]
             votes = " | ".join(f"{v['accuracy']:.3f} ({v['minus_greedy']:+.3f} [{v['ci95'][0]:+.3f}, "
                                f"{v['ci95'][1]:+.3f}])" for v in s["votes"].values())
-            print(f"| {name} | {s['n']} | {s['greedy']:.3f} | {votes} | {s['distinct_traces']:.2f} | "
+            print(f"| {name} | {s['n']} | {s['greedy']:.3f} | {votes} | {s['distinct_traces'] if s['distinct_traces'] is None else round(s['distinct_traces'], 2)} | "
                   f"{s['distinct_answers']:.2f} | {s['disagree_share']:.3f} | {s['any_correct']:.3f} |")
+        print("anchored vote (greedy + k-1 samples, ties to greedy): " + ", ".join(
+            f"{k} {v['anchored']['accuracy']:.3f} ({v['anchored']['minus_greedy']:+.3f} [{v['anchored']['ci95'][0]:+.3f}, "
+            f"{v['anchored']['ci95'][1]:+.3f}])" for k, v in summary["all"]["votes"].items() if "anchored" in v))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
