@@ -90,17 +90,17 @@ def summarise(rows: list[dict], k: int) -> dict:
     gold = [r["gold"] for r in rows]
     greedy = np.array([r["greedy"] == g for r, g in zip(rows, gold)], dtype=float)
     out = {"n": len(rows), "greedy": round(float(greedy.mean()), 4), "votes": {}}
+
+    def against_greedy(picked: list[str | None]) -> dict:
+        right = np.array([a == g for a, g in zip(picked, gold)], dtype=float)
+        return {"accuracy": round(float(right.mean()), 4),
+                "minus_greedy": round(float(right.mean() - greedy.mean()), 4), "ci95": paired_ci(right, greedy)}
+
     for kk in sorted({1, 3, 5, k} & set(range(1, k + 1))):
-        v = np.array([vote(r["answers"][:kk]) == g for r, g in zip(rows, gold)], dtype=float)
-        out["votes"][f"k={kk}"] = {"accuracy": round(float(v.mean()), 4),
-                                   "minus_greedy": round(float(v.mean() - greedy.mean()), 4),
-                                   "ci95": paired_ci(v, greedy)}
+        out["votes"][f"k={kk}"] = against_greedy([vote(r["answers"][:kk]) for r in rows])
         if kk > 1:
-            a = np.array([anchored_vote(r["greedy"], r["answers"][:kk - 1]) == g for r, g in zip(rows, gold)],
-                         dtype=float)
-            out["votes"][f"k={kk}"]["anchored"] = {"accuracy": round(float(a.mean()), 4),
-                                                   "minus_greedy": round(float(a.mean() - greedy.mean()), 4),
-                                                   "ci95": paired_ci(a, greedy)}
+            out["votes"][f"k={kk}"]["anchored"] = against_greedy([anchored_vote(r["greedy"], r["answers"][:kk - 1])
+                                                                  for r in rows])
     n_traces = [len(set(r["traces"])) if "traces" in r else r.get("n_traces") for r in rows]
     out["distinct_traces"] = (round(float(np.mean(n_traces)), 3) if None not in n_traces
                               else None)  # rows saved before n_traces was kept
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                    "listed_kinds": summarise([r for r in rows if r["kind"] in LISTED], args.k),
                    "other_kinds": summarise([r for r in rows if r["kind"] not in LISTED], args.k),
                    "seconds": round(time.perf_counter() - t0, 1)}
-        for name, sub in summary.items():  # re-summarised rows without trace counts: the run's own figure
-            if isinstance(sub, dict) and sub.get("distinct_traces") is None and args.rows:
-                sub["distinct_traces"] = saved[d]["summary"].get(name, {}).get("distinct_traces")
+        for name in ("all", "listed_kinds", "other_kinds"):  # rows saved without trace counts: the run's own figure
+            if summary[name]["distinct_traces"] is None and args.rows:
+                summary[name]["distinct_traces"] = saved[d]["summary"].get(name, {}).get("distinct_traces")
         result["models"][d] = {"summary": summary,
                                "rows": [{**{k: v for k, v in r.items() if k != "traces"},
                                          **({"n_traces": len(set(r["traces"]))} if "traces" in r else {})}
@@ -156,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             s = summary[name]
             votes = " | ".join(f"{v['accuracy']:.3f} ({v['minus_greedy']:+.3f} [{v['ci95'][0]:+.3f}, "
                                f"{v['ci95'][1]:+.3f}])" for v in s["votes"].values())
-            print(f"| {name} | {s['n']} | {s['greedy']:.3f} | {votes} | {s['distinct_traces'] if s['distinct_traces'] is None else round(s['distinct_traces'], 2)} | "
+            traces = "n/a" if s["distinct_traces"] is None else f"{s['distinct_traces']:.2f}"
+            print(f"| {name} | {s['n']} | {s['greedy']:.3f} | {votes} | {traces} | "
                   f"{s['distinct_answers']:.2f} | {s['disagree_share']:.3f} | {s['any_correct']:.3f} |")
         print("anchored vote (greedy + k-1 samples, ties to greedy): " + ", ".join(
-            f"{k} {v['anchored']['accuracy']:.3f} ({v['anchored']['minus_greedy']:+.3f} [{v['anchored']['ci95'][0]:+.3f}, "
-            f"{v['anchored']['ci95'][1]:+.3f}])" for k, v in summary["all"]["votes"].items() if "anchored" in v))
+            f"{k} {a['accuracy']:.3f} ({a['minus_greedy']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}])"
+            for k, v in summary["all"]["votes"].items() if (a := v.get("anchored"))))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
