@@ -8,6 +8,8 @@ packed clip batches must give the same logits as the mirror's one-sequence forwa
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +348,87 @@ def test_shuffled_scene_lists_name_the_same_shapes_in_other_orders():
             assert sorted(got) == sorted(want) and len(got) == len(want)  # same shapes, same words
             n_reordered[share] += got != want
     assert 0 < n_reordered[0.5] < n_reordered[1.0] < n_listed
+
+def test_count_list_traces_name_every_shape_read_from_the_pixels():
+    """--count-lists: a count trace names the colours a busy frame shows (read from pixels, quiet stretches and
+    crowded clips included), left to right unshuffled, then the task's own count; shuffled traces name the same
+    shapes and some in another order. Every target fits the 96-token decode budget."""
+    from avis_llamacpp.prompt import QWEN25VL
+    from tests.test_video_task import present, read_frames
+    from training.data import Tokenizer
+    from training.train_video_qwen import VideoBatcher, count_list_think
+
+    tok = Tokenizer("avis_llamacpp/data/shapes-qwen/model.gguf", QWEN25VL)
+    vb = VideoBatcher(tok, batch=1, seed=0, prune_prob=0.0, count_lists=True, shuffled_lists=1.0, quiet_share=0.5)
+    n, n_quiet, n_reordered = 0, 0, 0
+    for i in range(150):
+        item = video_task.make_item("train", i, quiet_share=0.5)
+        for q in vb.questions(item, i):
+            if q.kind != "count":
+                continue
+            think = count_list_think(q, item.clip)
+            listed, rest = think.split(". ", 1)
+            names = listed.removeprefix("Shapes: ").split(", ")
+            frames = video_task.render_clip(item.clip)
+            busy = [t for t in range(len(frames)) if t not in item.clip.quiet]
+            reading = read_frames(frames)
+            t = busy[0]
+            assert sorted(nm.split()[0] for nm in names) == sorted(c for c in reading if present(reading, c)[t])
+            xs = [reading[nm.split()[0]][t][1][0] for nm in names]
+            assert xs == sorted(xs)
+            # the count the trace states is the listed shapes of the asked kind ("shapes": all of them)
+            what = q.text.split()[2]
+            counted = len(names) if what == "shapes" else sum(what in (nm.split()[1] + "s", nm.split()[1] + "es")
+                                                              for nm in names)
+            assert rest == q.think == f"I count {counted} {what}."
+            got = vb.target(q, item.clip, i)
+            assert sorted(got) == sorted(tok.target(dataclasses.replace(q, think=think))) and len(got) <= 90
+            n_reordered += got != tok.target(dataclasses.replace(q, think=think))
+            n += 1
+            n_quiet += bool(item.clip.quiet)
+    assert n > 40 and n_quiet > 5 and n_reordered > 5
+
+
+def test_direction_place_traces_read_the_movers_cells_from_the_pixels():
+    """--direction-places: a direction trace names the asked mover's token cell (14 px) in its first and last busy
+    frame, which the pixels' centroid of its colour agrees with, and the way it names is the larger move between
+    those cells; shuffled traces put last before first on some clips."""
+    from avis_llamacpp.prompt import QWEN25VL
+    from tests.test_video_task import read_frames
+    from training.data import Tokenizer
+    from training.train_video_qwen import VideoBatcher, direction_places_think
+
+    tok = Tokenizer("avis_llamacpp/data/shapes-qwen/model.gguf", QWEN25VL)
+    vb = VideoBatcher(tok, batch=1, seed=0, prune_prob=0.0, direction_places=True, shuffled_lists=1.0,
+                      quiet_share=0.5)
+    n, n_swapped = 0, 0
+    for i in range(250):
+        item = video_task.make_item("train", i, quiet_share=0.5)
+        q = item.question
+        if q.kind != "direction":
+            continue
+        think = direction_places_think(q, item.clip)
+        colour = q.text.split()[4]
+        frames = video_task.render_clip(item.clip)
+        busy = [t for t in range(len(frames)) if t not in item.clip.quiet]
+        reading = read_frames(frames)
+        centroids = [reading[colour][t][1] for t in (busy[0], busy[-1])]
+        m = re.fullmatch(r"The (\w+ \w+): first at row (\d), column (\d); last at row (\d), column (\d)\. (.*)",
+                         think)
+        assert m and m.group(1).split()[0] == colour and m.group(6) == q.think
+        said = [(int(m.group(2)), int(m.group(3))), (int(m.group(4)), int(m.group(5)))]
+        for (r, c), (x, y) in zip(said, centroids):  # the drawn shape's centroid lies in (or within 4 px of) the cell
+            assert c * 14 - 4 <= x < c * 14 + 18 and r * 14 - 4 <= y < r * 14 + 18
+        dx, dy = centroids[1] - centroids[0]
+        way = ("down" if dy > 0 else "up") if abs(dy) > abs(dx) else ("right" if dx > 0 else "left")
+        assert q.think == f"The {m.group(1)} moves {way}."
+        got = tok.decode(vb.target(q, item.clip, i))
+        words = sorted(re.findall(r"\w+", tok.decode(tok.target(dataclasses.replace(q, think=think)))))
+        assert sorted(re.findall(r"\w+", got)) == words  # the same facts, perhaps in the other order
+        n_swapped += got.index("last at") < got.index("first at")
+        n += 1
+    assert n > 20 and 0 < n_swapped < n
+
 
 VIDEO_BUNDLE = Path(__file__).resolve().parents[1] / "avis_llamacpp" / "data" / "shapes-qwen-video"
 

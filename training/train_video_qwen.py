@@ -126,6 +126,39 @@ def scene_list_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | N
     return f"First: {names(0)}. Last: {names(clip.n_frames - 1)}. {q.think}"
 
 
+def busy_frames(clip: vt.Clip) -> list[int]:
+    """Frames outside the clip's quiet stretch (every frame when it has none)."""
+    return [t for t in range(clip.n_frames) if t not in clip.quiet]
+
+
+def count_list_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | None = None) -> str:
+    """A training-only count trace that names every shape before counting ("Shapes: red circle, blue square. I
+    count 1 circles."): left to right in the first frame outside any quiet stretch, or with `rng` in a random
+    order, so sampled rollouts enumerate by different routes and miss different shapes, not the same one."""
+    t = busy_frames(clip)[0]
+    shown = sorted(clip.tracks, key=lambda tr: tr.xs[t])
+    if rng is not None:
+        shown = [shown[i] for i in rng.permutation(len(shown))]
+    return f"Shapes: {', '.join(tr.name for tr in shown)}. {q.think}"
+
+
+def grid_cell(tr: vt.Track, t: int, token_px: int = 14) -> str:
+    """The merged-token cell under a track's centre in frame t, as the image traces spell places."""
+    return f"row {int(tr.ys[t] // token_px)}, column {int(tr.xs[t] // token_px)}"
+
+
+def direction_places_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | None = None) -> str:
+    """A training-only direction trace that reads the mover's token cell in its first and its last frame outside
+    any quiet stretch before naming the way ("The red circle: first at row 2, column 1; last at row 2, column 5.
+    The red circle moves right."); with `rng`, half the time last before first (another route, same facts)."""
+    tr = next(tr for tr in clip.tracks if f"the {tr.name} " in q.text)
+    busy = busy_frames(clip)
+    parts = [f"first at {grid_cell(tr, busy[0])}", f"last at {grid_cell(tr, busy[-1])}"]
+    if rng is not None and rng.uniform() < 0.5:
+        parts.reverse()
+    return f"The {tr.name}: {'; '.join(parts)}. {q.think}"
+
+
 class ClipAuxHeads(torch.nn.Module):
     """Training-only per-token classifiers on clip embeddings (not exported): colour, shape and within-pair motion
     of the object under each token, so the temporal patch conv learns to show motion before the answers need it."""
@@ -174,7 +207,8 @@ class VideoBatcher:
                  scene_lists: bool = False, shuffled_lists: float = 0.0,
                  keep_range: tuple[float, float] = (0.1, 1.0),
                  selector_probs: tuple[float, float, float] = (0.5, 0.25, 0.25),
-                 quiet_share: float = 0.0, crowded: bool = True) -> None:
+                 quiet_share: float = 0.0, crowded: bool = True, count_lists: bool = False,
+                 direction_places: bool = False) -> None:
         check_pruning(keep_range, selector_probs)
         vt.check_quiet_share(quiet_share)
         self.quiet_share = quiet_share  # share of count / colour / direction / moving clips with a quiet stretch
@@ -183,7 +217,9 @@ class VideoBatcher:
         self.selector_probs = selector_probs  # how often each of SELECTORS prunes a pruned batch
         self.tok = tok
         self.scene_lists = scene_lists
-        self.shuffled_lists = shuffled_lists  # share of scene-list traces listed in a random order
+        self.shuffled_lists = shuffled_lists  # share of list / place traces in a random order
+        self.count_lists = count_lists  # count traces name every shape first (count_list_think)
+        self.direction_places = direction_places  # direction traces read the mover's cells first
         self.token_px = token_px  # frame pixels per merged token side (2 x 2 patches)
         self.batch = batch
         self.seed = seed
@@ -208,11 +244,16 @@ class VideoBatcher:
 
     def target(self, q: vt.Question, clip: vt.Clip, index: int = 0) -> list[int]:
         """Assistant tokens; with scene_lists an appear / disappear / order trace first lists the shapes of the
-        first and of the last frame (scene_list_think), in a random order for a share shuffled_lists of clips."""
-        if self.scene_lists and q.kind in LISTED_KINDS:
+        first and of the last frame (scene_list_think), with count_lists a count trace names every shape first
+        (count_list_think), with direction_places a direction trace reads the mover's first and last cells
+        (direction_places_think); each in a random order for a share shuffled_lists of clips."""
+        think = {"appear": scene_list_think, "disappear": scene_list_think, "order": scene_list_think,
+                 "count": count_list_think, "direction": direction_places_think}.get(q.kind)
+        wanted = {"count": self.count_lists, "direction": self.direction_places}.get(q.kind, self.scene_lists)
+        if think is not None and wanted:
             rng = np.random.default_rng([19, self.seed, index])
             shuffle = self.shuffled_lists > 0 and rng.uniform() < self.shuffled_lists
-            q = dataclasses.replace(q, think=scene_list_think(q, clip, rng if shuffle else None))
+            q = dataclasses.replace(q, think=think(q, clip, rng if shuffle else None))
         return self.tok.target(q)
 
     def sample(self, index: int) -> tuple[np.ndarray, list[tuple[list[int], list[int]]], np.ndarray]:
@@ -336,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffled-lists", type=float, default=0.0,
                    help="share of scene-list traces whose shapes come in a random order (greedy keeps the left-to-"
                         "right route; sampled rollouts may take others)")
+    p.add_argument("--count-lists", action="store_true",
+                   help="train count answers with a trace that first names every shape (random order for a share "
+                        "--shuffled-lists)")
+    p.add_argument("--direction-places", action="store_true",
+                   help="train direction answers with a trace that first reads the mover's first and last token "
+                        "cells (last first for half of a share --shuffled-lists)")
     p.add_argument("--data-offset", type=int, default=0,
                    help="first training image and clip index (fresh items when continuing from a run's output)")
     p.add_argument("--clip-aux-weight", type=float, default=0.5,
@@ -362,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     clips = VideoBatcher(tok, args.batch, args.seed, args.prune_prob, 2 * dims.vision.patch_size,
                          scene_lists=args.scene_lists, shuffled_lists=args.shuffled_lists,
                          keep_range=tuple(args.prune_keep), selector_probs=tuple(args.prune_selectors),
-                         quiet_share=args.quiet_share, crowded=args.crowded)
+                         quiet_share=args.quiet_share, crowded=args.crowded, count_lists=args.count_lists,
+                         direction_places=args.direction_places)
     images.next_index = clips.next_index = args.data_offset
     aux = AuxHeads(dims.vision.proj_dim, args.aux_object_weight)
     clip_aux = ClipAuxHeads(dims.vision.proj_dim) if args.clip_aux_weight > 0 else None
