@@ -7,7 +7,8 @@ temperature T, top-p 0.9, the answer-tag prompt) through the public pipeline. Pe
   to reach the top count, as VLM.ask votes), with 95% paired-bootstrap intervals of vote - greedy;
 * how much the rollouts differ: distinct reasoning traces (the text before <answer>) and distinct answers per clip,
   the share of clips whose rollouts disagree, and "any of K correct" (the most voting could recover);
-* the same split by the kinds whose traces list shapes (appear / disappear / order) and the rest.
+* the same split by the kinds whose traces list shapes in every model since stage 2 (appear / disappear / order) and
+  the rest, and by question kind (where votes win or lose).
 
     .venv/bin/python benchmarks/video_rollout_paths.py --model-dir DIR [--model-dir DIR2] --n 300 --k 7 \
         --temperature 0.7 --threads 1 --out benchmarks/results/shapes-qwen-video/rollout_paths.json
@@ -140,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"all": summarise(rows, args.k),
                    "listed_kinds": summarise([r for r in rows if r["kind"] in LISTED], args.k),
                    "other_kinds": summarise([r for r in rows if r["kind"] not in LISTED], args.k),
+                   **{f"kind:{kind}": summarise([r for r in rows if r["kind"] == kind], args.k)
+                      for kind in sorted({r["kind"] for r in rows})},  # where votes win or lose
                    "seconds": round(time.perf_counter() - t0, 1)}
-        for name in ("all", "listed_kinds", "other_kinds"):  # rows saved without trace counts: the run's own figure
+        subsets = [name for name in summary if name != "seconds"]
+        for name in subsets:  # rows saved without trace counts: the run's own figure
             if summary[name]["distinct_traces"] is None and args.rows:
                 summary[name]["distinct_traces"] = saved[d]["summary"].get(name, {}).get("distinct_traces")
         result["models"][d] = {"summary": summary,
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| subset | n | greedy | " + " | ".join(f"vote {v}" for v in summary["all"]["votes"])
               + " | distinct traces | distinct answers | disagree | any correct |")
         print("|---" * (7 + len(summary["all"]["votes"])) + "|")
-        for name in ("all", "listed_kinds", "other_kinds"):
+        for name in subsets:
             s = summary[name]
             votes = " | ".join(f"{v['accuracy']:.3f} ({v['minus_greedy']:+.3f} [{v['ci95'][0]:+.3f}, "
                                f"{v['ci95'][1]:+.3f}])" for v in s["votes"].values())

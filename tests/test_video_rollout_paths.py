@@ -49,4 +49,9 @@ def test_rows_resummarises_a_saved_run_and_keeps_its_command(tmp_path, capsys):
     s = got["models"]["M"]["summary"]["all"]
     assert s == {**summarise(ROWS, 7), "distinct_traces": 3.5}  # the trace count comes from the saved run
     assert got["models"]["M"]["rows"] == ROWS
+    # one subset per question kind, each its own clip: count's k=5 plain vote is B (wrong), order's greedy is wrong
+    kinds = {name: v for name, v in got["models"]["M"]["summary"].items() if name.startswith("kind:")}
+    assert sorted(kinds) == ["kind:colour", "kind:count", "kind:order"] and all(v["n"] == 1 for v in kinds.values())
+    assert kinds["kind:count"]["greedy"] == 1.0 and kinds["kind:count"]["votes"]["k=5"]["accuracy"] == 0.0
+    assert kinds["kind:order"]["greedy"] == 0.0 and kinds["kind:order"]["votes"]["k=7"]["accuracy"] == 1.0
     assert "anchored vote" in capsys.readouterr().out
