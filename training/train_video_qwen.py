@@ -34,6 +34,9 @@ the LR, reached 0.870 greedy (images 0.713) and 0.830 at rho 0.75; the fifth, on
 the stage-4 model 0.813 and 0.527), images 0.723, 0.877 at rho 0.75; the sixth, on the task with crowded quiet
 clips (the stage-5 model: 0.883 on its test clips), 0.937 (0.884 on the 43 crowded clips), images 0.730, 0.917 at
 joint rho 0.75. The stage-1 stop was by hand, so its steps depend on this machine's load.
+Two later stages were run and not bundled (benchmarks/results/shapes-qwen-video/stage7_unbundled/ and
+stage8_unbundled/, commands in their training_stage*.json); --count-lists and --direction-places are stage 8's
+traces, aimed at votes that differ where the model errs (they did not make votes win).
 
 It starts from the bundled model's weights (its patch conv split evenly over the two temporal halves, so every
 still image gives the same embeddings as before: training/qwen_video.py) and alternates batches of images (the
