@@ -531,7 +531,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                      ray_workers=args.ray, ray_address=args.ray_address, n_threads=args.threads,
                      n_threads_batch=args.threads_batch, temperature=args.temperature, top_p=args.top_p,
                      vlm_options=dict(n_gpu_layers=args.n_gpu_layers, chat_format=args.chat_format,
-                                      verbose=args.verbose, flash_attn=args.flash_attn))
+                                      verbose=args.verbose, flash_attn=args.flash_attn, repack=args.repack))
     print(markdown_table(rows))
     print(f"\n(wrote {args.out}/table.md with the paired differences, results.csv, paired.csv, "
           f"accuracy_vs_flops.png, records.jsonl)")

@@ -60,6 +60,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", default="auto", help="prompt format: auto, llava-1-5 or qwen2.5-vl")
     p.add_argument("--flash-attn", type=flash_attn_arg, default="auto", metavar="{auto,on,off}",
                    help="flash attention in the text model and the vision encoder (default auto: where supported)")
+    p.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="keep weights out of llama.cpp's CPU extra buffer types (AMX, repacked layouts), as "
+                        "llama-server's --no-repack: for a host whose AMX kernels fault on quantized models")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
 
 
@@ -112,7 +115,7 @@ def vlm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """VLM keywords from the shared model flags (add_model_args)."""
     return dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
                 n_gpu_layers=args.n_gpu_layers, chat_format=args.chat_format, verbose=args.verbose,
-                flash_attn=args.flash_attn)
+                flash_attn=args.flash_attn, repack=args.repack)
 
 
 def split_options(text: str | None) -> list[str] | None:

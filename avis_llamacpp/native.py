@@ -78,6 +78,7 @@ class Model:
         params.use_extra_bufts = bool(repack)
         self.path = path
         self.n_gpu_layers = n_gpu_layers  # what a replica in another process needs
+        self.repack = bool(repack)
         self.owned = True
         self.owner: Any = None  # set by borrow(): the object whose model this is
         self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)

@@ -60,12 +60,15 @@ class VLM(ScorerViews):
     flash_attn ("auto" | True | False) applies to the text context and the vision encoder; "auto" (llama.cpp's
     default) enables it where the backend supports it. Stock llama_cpp.Llama disables it: pass flash_attn=False
     to reproduce its outputs exactly (with it on, K/V go through f16, so logits differ slightly).
+    repack=False keeps the weights out of llama.cpp's CPU extra buffer types (llama-server's --no-repack), for a host
+    whose AMX kernels fault on quantized models.
     """
 
     def __init__(self, model_path: str | os.PathLike | Model, mmproj_path: str | os.PathLike, *, n_ctx: int | None = None,
                  n_batch: int = 512, n_ubatch: int = 512, n_seq_max: int = 8, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = 0, use_gpu: bool = True,
-                 flash_attn: FlashAttn = "auto", chat_format: str | ChatFormat = "auto", system_prompt: str | None = None,
+                 repack: bool = True, flash_attn: FlashAttn = "auto", chat_format: str | ChatFormat = "auto",
+                 system_prompt: str | None = None,
                  allow_remote_images: bool = False, capture_keys: bool = True, verbose: bool = False,
                  prefix_cache: bool = False, prefix_store: PrefixStore | None = None) -> None:
         self._lock = threading.RLock()
@@ -79,7 +82,7 @@ class VLM(ScorerViews):
                                         n_threads=n_threads, n_threads_batch=n_threads_batch, flash_attn=flash_attn)
         try:
             self.model = model_path if isinstance(model_path, Model) else Model(model_path, n_gpu_layers=n_gpu_layers,
-                                                                               verbose=verbose)
+                                                                               repack=repack, verbose=verbose)
             if n_ctx is None and 0 < self.model.n_ctx_train < self.settings.n_ctx:
                 # default: 4096, or the model's training context when shorter (no overflow past what it learned)
                 self.settings = dataclasses.replace(self.settings, n_ctx=self.model.n_ctx_train)
@@ -129,8 +132,8 @@ class VLM(ScorerViews):
         s = self.settings
         return {"n_ctx": s.n_ctx, "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "n_seq_max": s.n_seq_max,
                 "n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "flash_attn": s.flash_attn,
-                "n_gpu_layers": getattr(self.model, "n_gpu_layers", 0), "chat_format": self.chat_format,
-                "system_prompt": self.system_prompt}
+                "n_gpu_layers": getattr(self.model, "n_gpu_layers", 0), "repack": getattr(self.model, "repack", True),
+                "chat_format": self.chat_format, "system_prompt": self.system_prompt}
 
     # -- prompt ---------------------------------------------------------------------------------------
     def render_messages(self, messages: Sequence[Mapping[str, Any]], image_urls: Sequence[str] = ()) -> str:

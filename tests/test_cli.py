@@ -228,3 +228,30 @@ def test_ask_options_are_shown_to_the_model(llava_fixture, demo_image, capsys):
         bare = vlm.ask(demo_image, "Which colour?", max_tokens=4, answer_tags=True, options=["red", "green", "blue"])
     assert out["prompt_tokens"] == typed.prompt_tokens != bare.prompt_tokens
     assert out["text"] == typed.text
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-repack"]])
+def test_no_repack_reaches_llama_cpp_from_the_cli_and_ray_replicas(qwen_fixture, demo_image, monkeypatch, capsys,
+                                                                   flag):
+    """`avis ask --no-repack` loads the text model with llama.cpp's use_extra_bufts off (llama-server's --no-repack,
+    for hosts whose AMX kernels fault), without it on (llama.cpp's default); the VLM's replica keywords carry the
+    setting, so a Ray worker built from them loads the same way."""
+    import llama_cpp
+
+    from avis_llamacpp import VLM
+
+    seen = []
+    load = llama_cpp.llama_model_load_from_file
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file",
+                        lambda path, params: seen.append(params.use_extra_bufts) or load(path, params))
+    rc = main(["ask", "-m", str(qwen_fixture.model), "--mmproj", str(qwen_fixture.mmproj), "-i", str(demo_image),
+               "--max-tokens", "2", "--threads", "1", *flag, "What is shown?"])
+    assert rc == 0 and capsys.readouterr().out
+    want = not flag
+    assert seen == [want]
+    with VLM(qwen_fixture.model, qwen_fixture.mmproj, n_threads=1, repack=want) as vlm:
+        kw = vlm.replica_kwargs()
+    assert kw["repack"] is want
+    with VLM(qwen_fixture.model, qwen_fixture.mmproj, **kw):
+        pass
+    assert seen == [want, want, want]
