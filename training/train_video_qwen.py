@@ -65,13 +65,13 @@ import torch.nn.functional as F
 
 from avis_llamacpp.prompt import QWEN25VL
 from convert import video_task as vt
-from convert.shapes_task import COLOURS, SHAPES
+from convert.shapes_task import COLOURS, SHAPES, grid_place
 from training.data import Tokenizer
 from training.qwen_torch import dims_from_gguf, load_from_gguf, text_positions
 from training.qwen_video import (SEPARATOR, ShapesQwenVideoVLM, clip_layout, export_video_weights,
                                  from_image_model, load_video_from_gguf)
 from training.train_shapes_qwen import (AuxHeads, check_pruning, choose_kept, draw_pruning, make_batcher,
-                                       qwen_vocab)
+                                       place_text, qwen_vocab)
 from training.train_shapes_qwen import loss_fn as image_loss_fn
 from training.train_shapes_vlm import finish_run, lr_at, pack_branches, patch_labels, run_parser, start_run
 from training.train_shapes_vlm import write_gguf_pair as write_llava_pair
@@ -112,6 +112,15 @@ def clip_token_labels(clip: vt.Clip, token_px: int = 14) -> np.ndarray:
 
 
 LISTED_KINDS = ("appear", "disappear", "order")
+TOKEN_PX = 14  # frame pixels per merged token side of the bundled architecture (2 x 2 patches of 7 px)
+
+
+def listed_names(tracks: list[vt.Track], t: int, rng: np.random.Generator | None = None) -> str:
+    """The tracks' names left to right in frame t ("nothing" when none), or with `rng` in a random order."""
+    shown = sorted(tracks, key=lambda tr: tr.xs[t])
+    if rng is not None:
+        shown = [shown[i] for i in rng.permutation(len(shown))]
+    return ", ".join(tr.name for tr in shown) or "nothing"
 
 
 def scene_list_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | None = None) -> str:
@@ -120,13 +129,8 @@ def scene_list_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | N
     Last: red circle. The blue square is there at first and then is gone."), so the answer is a comparison of two
     copied lists instead of one unseen step. With `rng` each list comes in a random order instead: the same facts
     by another route, so sampled rollouts can differ in their path and not only in noise (self-consistency)."""
-    def names(t: int) -> str:
-        shown = sorted(clip.visible_in(t), key=lambda tr: tr.xs[t])
-        if rng is not None:
-            shown = [shown[i] for i in rng.permutation(len(shown))]
-        return ", ".join(tr.name for tr in shown) or "nothing"
-
-    return f"First: {names(0)}. Last: {names(clip.n_frames - 1)}. {q.think}"
+    first, last = (listed_names(clip.visible_in(t), t, rng) for t in (0, clip.n_frames - 1))
+    return f"First: {first}. Last: {last}. {q.think}"
 
 
 def busy_frames(clip: vt.Clip) -> list[int]:
@@ -138,16 +142,7 @@ def count_list_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | N
     """A training-only count trace that names every shape before counting ("Shapes: red circle, blue square. I
     count 1 circles."): left to right in the first frame outside any quiet stretch, or with `rng` in a random
     order, so sampled rollouts enumerate by different routes and miss different shapes, not the same one."""
-    t = busy_frames(clip)[0]
-    shown = sorted(clip.tracks, key=lambda tr: tr.xs[t])
-    if rng is not None:
-        shown = [shown[i] for i in rng.permutation(len(shown))]
-    return f"Shapes: {', '.join(tr.name for tr in shown)}. {q.think}"
-
-
-def grid_cell(tr: vt.Track, t: int, token_px: int = 14) -> str:
-    """The merged-token cell under a track's centre in frame t, as the image traces spell places."""
-    return f"row {int(tr.ys[t] // token_px)}, column {int(tr.xs[t] // token_px)}"
+    return f"Shapes: {listed_names(clip.tracks, busy_frames(clip)[0], rng)}. {q.think}"
 
 
 def direction_places_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generator | None = None) -> str:
@@ -156,7 +151,8 @@ def direction_places_think(q: vt.Question, clip: vt.Clip, rng: np.random.Generat
     The red circle moves right."); with `rng`, half the time last before first (another route, same facts)."""
     tr = next(tr for tr in clip.tracks if f"the {tr.name} " in q.text)
     busy = busy_frames(clip)
-    parts = [f"first at {grid_cell(tr, busy[0])}", f"last at {grid_cell(tr, busy[-1])}"]
+    parts = [f"{when} at {place_text(grid_place(tr.at(t), TOKEN_PX))}"
+             for when, t in (("first", busy[0]), ("last", busy[-1]))]
     if rng is not None and rng.uniform() < 0.5:
         parts.reverse()
     return f"The {tr.name}: {'; '.join(parts)}. {q.think}"
