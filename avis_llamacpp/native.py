@@ -3,14 +3,16 @@ for text models. Each class frees what it allocates; nothing here knows about im
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
 import numbers
 import os
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence, Union
+from typing import Any, Iterable, Iterator, Literal, Sequence, Union
 
 import llama_cpp
 import numpy as np
@@ -58,6 +60,32 @@ def set_native_verbosity(verbose: bool) -> None:
     llama_cpp.llama_log_set(_native_log_callback, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_log_set(_native_log_callback, None)
     mtmd_cpp.mtmd_helper_log_set(_native_log_callback, None)
+
+
+_NO_REPACK_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def no_repack() -> Iterator[None]:
+    """Within the block, `llama_cpp.Llama(...)` loads its weights outside llama.cpp's CPU extra buffer types (AMX
+    tiles, repacked layouts), as llama-server's --no-repack: llama-cpp-python has no keyword for it, and a host
+    whose AMX kernels fault cannot run a quantized model without it. Swaps llama_cpp's default model params for
+    the block, so a Llama another thread builds meanwhile loads the same way; blocks of two threads take turns."""
+    import llama_cpp.llama_cpp as lib  # the module llama_cpp.Llama reads its default params from
+
+    with _NO_REPACK_LOCK:
+        original = lib.llama_model_default_params
+
+        def default_params_without_repack() -> Any:
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = default_params_without_repack
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = original
 
 
 class Model:

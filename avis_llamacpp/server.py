@@ -27,6 +27,7 @@ or learns of, another's; no request can name a file for the server to read (the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from .cli_args import parse_tau as _parse_tau
 from .errors import AVISError, ClosedError, ContextOverflowError, ImageError, InvalidArgumentError, VideoError
 from .images import (ImageSourcePolicy, check_image_header, fetch_request_bytes, fetch_request_image, load_image,
                      request_images)
+from .native import no_repack
 
 logger = logging.getLogger(__name__)
 
@@ -596,23 +598,28 @@ class _HeldResponse:
 # llama_cpp.server integration
 # --------------------------------------------------------------------------- #
 
-def install(handler_defaults: dict[str, Any]) -> None:
-    """Teach llama_cpp.server's model loader the "avis*" chat formats, and its route error handler that AVIS's
-    client-error exceptions are 4xx (idempotent)."""
+def install(handler_defaults: dict[str, Any], *, repack: bool = True) -> None:
+    """Teach llama_cpp.server's model loader the "avis*" chat formats (and, with repack=False, to load every model
+    as llama-server's --no-repack does), and its route error handler that AVIS's client-error exceptions are 4xx
+    (idempotent)."""
     from llama_cpp.server import model as server_model
     from llama_cpp.server.errors import RouteErrorHandler
 
     proxy = server_model.LlamaProxy
     original = getattr(proxy, "_avis_original_loader", None) or proxy.load_llama_from_model_settings
 
+    def load_model(settings: Any) -> Any:
+        with contextlib.nullcontext() if repack else no_repack():
+            return original(settings)
+
     def load(settings: Any) -> Any:
         fmt = settings.chat_format
         if fmt not in AVIS_FORMATS:
-            return original(settings)
+            return load_model(settings)
         if not settings.clip_model_path:
             raise ValueError(f"chat_format {fmt!r} needs clip_model_path (the mmproj GGUF)")
         plain = settings.model_copy(update={"chat_format": None})
-        llama = original(plain)
+        llama = load_model(plain)
         llama.chat_handler = AVISChatHandler(settings.clip_model_path, chat_format=AVIS_FORMATS[fmt],
                                              verbose=settings.verbose, **handler_defaults)
         return llama
@@ -682,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args_from_model(p, Settings)
     p.add_argument("--config_file", type=str, help="llama_cpp.server config file (JSON or YAML)")
+    p.add_argument("--avis_no_repack", dest="avis_repack", action="store_false",
+                   help="load every model outside llama.cpp's CPU extra buffer types (AMX, repacked layouts), as "
+                        "llama-server's --no-repack: for a host whose AMX kernels fault on quantized models")
     g = p.add_argument_group("AVIS defaults (clients override per request with an `avis` body object)")
     g.add_argument("--avis_k", type=int, default=1, help="rollouts per query (1 = greedy)")
     g.add_argument("--avis_ratio", type=float, default=None, help="KDV: fraction of image tokens to prune")
@@ -781,7 +791,7 @@ def create_avis_app(args: argparse.Namespace) -> Any:
     install({"k": args.avis_k, "ratio": args.avis_ratio, "tau": args.avis_tau, "policy": args.avis_policy,
              "mode": args.avis_mode, "answer_tags": args.avis_answer_tags, "content": args.avis_content,
              "early_stop": args.avis_early_stop, "n_seq_max": limits.slots, "flash_attn": args.avis_flash_attn,
-             **prefix_cache_from_args(args)})
+             **prefix_cache_from_args(args)}, repack=args.avis_repack)
     config_file = os.environ.get("CONFIG_FILE", args.config_file)
     if config_file:
         with open(config_file, "rb") as f:

@@ -127,7 +127,7 @@ def test_server_flag_reaches_the_handler(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_install(defaults: dict) -> None:
+    def fake_install(defaults: dict, **_: object) -> None:
         seen.update(defaults)
         raise Stop
 
