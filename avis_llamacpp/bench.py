@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .cli_args import add_answer_tags_arg, add_model_args, check_input_file, check_model_files
+from .cli_args import add_answer_tags_arg, add_model_args, check_input_file, check_model_files, vlm_kwargs
 from .errors import InvalidArgumentError
 from .items import iterate, media_args, read_records
 from .items import load_items as read_items
@@ -405,7 +405,7 @@ def run_bench(model: str, mmproj: str, items_path: str, out_dir: str | os.PathLi
               n_threads_batch: int | None = None, temperature: float = 0.7, top_p: float = 0.9,
               vlm_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Evaluate every configuration on every item; returns the summary rows (and writes the outputs).
-    vlm_options: further VLM keywords (n_gpu_layers, chat_format, flash_attn, verbose)
+    vlm_options: further VLM keywords (n_gpu_layers, chat_format, flash_attn, repack, verbose)
     n_threads / n_threads_batch: CPU threads per model (give both when several runs share the cores).
     resume: keep out_dir's records of an earlier run with the same settings (other settings: refused, naming
     them); resume=False deletes them and starts over. Every argument is checked before anything is written."""
@@ -506,6 +506,9 @@ def register_cli(sub: Any) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+_PASSED_APART = ("n_ctx", "n_threads", "n_threads_batch")  # run_bench's own keywords (replicas size their context)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     check_bench_args(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, ray_workers=args.ray)
     if args.limit is not None and args.limit < 1:
@@ -530,8 +533,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                      n_ctx=args.n_ctx, resume=not args.no_resume, progress=not args.no_progress,
                      ray_workers=args.ray, ray_address=args.ray_address, n_threads=args.threads,
                      n_threads_batch=args.threads_batch, temperature=args.temperature, top_p=args.top_p,
-                     vlm_options=dict(n_gpu_layers=args.n_gpu_layers, chat_format=args.chat_format,
-                                      verbose=args.verbose, flash_attn=args.flash_attn, repack=args.repack))
+                     vlm_options={k: v for k, v in vlm_kwargs(args).items() if k not in _PASSED_APART})
     print(markdown_table(rows))
     print(f"\n(wrote {args.out}/table.md with the paired differences, results.csv, paired.csv, "
           f"accuracy_vs_flops.png, records.jsonl)")

@@ -284,3 +284,22 @@ def test_local_ray_workers_share_the_cores(monkeypatch):
     assert worker_threads({"n_threads": 3, "n_threads_batch": None}, 2, None) == {"n_threads": 3,
                                                                                "n_threads_batch": None}
     assert worker_threads({"n_threads": None}, 2, "auto") == {"n_threads": None}
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-repack"]])
+def test_bench_loads_the_model_as_its_flags_say(llava_fixture, items, tmp_path, monkeypatch, capsys, flag):
+    """`avis bench` takes the shared model flags (cli_args.vlm_kwargs) as `avis ask` does: --no-repack reaches
+    llama.cpp's loader (use_extra_bufts off), without it llama.cpp's default."""
+    import llama_cpp
+
+    from avis_llamacpp.cli import main
+
+    seen = []
+    load = llama_cpp.llama_model_load_from_file
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file",
+                        lambda path, params: seen.append(params.use_extra_bufts) or load(path, params))
+    rc = main(["bench", "-m", str(llava_fixture.model), "--mmproj", str(llava_fixture.mmproj), "--items", str(items),
+               "--out", str(tmp_path / "out"), "--limit", "1", "--max-tokens", "2", "--threads", "1", "--no-progress",
+               "--configs", "vanilla", *flag])
+    assert rc == 0 and "vanilla" in capsys.readouterr().out
+    assert seen and set(seen) == {not flag}
