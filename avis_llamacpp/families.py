@@ -282,6 +282,32 @@ class Qwen3VLFamily(QwenMergerFamily):
         return [f"v.blk.{il}.attn_qkv.weight", f"v.blk.{il}.attn_qkv.bias"]
 
 
+class GLM4VFamily(QwenMergerFamily):
+    """GLM-4.1V-4.6V, GLM-OCR vision (glm4v.cpp): the input permute puts each 2x2 merge group in 4 consecutive
+    rows (row-major block order, no windows), 2-D M-RoPE keys `Kcur_pos-<il>` (fused QKV: `Kcur` is a strided
+    view), SwiGLU blocks; a 2x2 stride-2 conv merges the 4 rows of a token, then the FC / SwiGLU projector."""
+
+    name = "glm4v"
+    projector_types = ("glm4v",)
+    gated_ffn = True
+    required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1", "v.patch_embd.bias", "mm.patch_merger.weight",
+                        "mm.patch_merger.bias", "mm.model.fc.weight", "mm.post_norm.weight", "mm.up.weight",
+                        "mm.gate.weight", "mm.down.weight")
+    forbidden_tensors = ("v.class_embd",)
+
+    def windowed(self, info: VisionInfo) -> bool:
+        return False
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_ffn_down_w->ne[1]."""
+        if "mm.down.weight" in tensors:
+            return int(tensors["mm.down.weight"][0][1])
+        return None
+
+    def required_per_block(self, il: int) -> list[str]:
+        return []
+
+
 class NoViTBlocksFamily(Family):
     """Projectors clip.cpp loads without the standard ViT blocks (MobileNetV5, TTS encoders): fallback only."""
 
@@ -301,7 +327,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), NoViTBlocksFamily()):
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), GLM4VFamily(), NoViTBlocksFamily()):
     register(_f)
 
 

@@ -15,6 +15,10 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   patch-embedding convs plus a patch bias, learned position embeddings, LayerNorm blocks with one fused
   QKV projection (so llama.cpp's ``Kcur`` is a strided view), 2-D M-RoPE, GELU MLP, no windows, 2x2
   merger and optional deepstack mergers (extra embedding slices for chosen blocks).
+* ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
+  patch-embedding convs plus a patch bias, an RMS norm after them (``v.norm_embd``), learned position
+  embeddings, RMSNorm blocks with one fused QKV projection (no bias), 2-D M-RoPE keys ``Kcur_pos``, SwiGLU MLP,
+  RMS post-norm, then a 2x2 conv patch merger and the FC / LayerNorm / GELU / SwiGLU projector.
 * ``"ldpv2"``: MobileVLM-V2 (``clip.projector_type = "ldpv2"``): the LLaVA CLIP ViT, then an MLP, a 2x2
   average pool of the 24 x 24 patch grid clip.cpp hard-codes (so image_size / patch_size must be 24) and a
   depthwise-conv position generator ("peg").
@@ -61,7 +65,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "qwen3vl", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "qwen3vl", "glm4v", "ldpv2")
 
 
 @dataclass
@@ -314,6 +318,35 @@ def _qwen3vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarr
         yield from _linear(init, f"{b}.fc2", merged, d.proj_dim)
 
 
+def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
+    e, p, m = d.n_embd, d.patch_size, d.spatial_merge
+    n_pos = (d.image_size // p) ** 2
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.patch_embd.weight.1", init.normal(e, 3, p, p)
+    yield "v.patch_embd.bias", init.normal(e)
+    yield "v.norm_embd.weight", 1.0 + init.normal(e)
+    yield "v.position_embd.weight", init.normal(n_pos, e)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield f"{b}.ln1.weight", 1.0 + init.normal(e)
+        yield from _linear(init, f"{b}.attn_qkv", e, 3 * e, bias=False)
+        yield from _linear(init, f"{b}.attn_out", e, e, bias=False)
+        yield f"{b}.ln2.weight", 1.0 + init.normal(e)
+        yield from _linear(init, f"{b}.ffn_gate", e, d.n_ff, bias=False)
+        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff, bias=False)
+        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e, bias=False)
+    yield "v.post_ln.weight", 1.0 + init.normal(e)
+    yield "mm.patch_merger.weight", init.normal(d.proj_dim, e, m, m)  # Conv2d(e, proj, m, stride m)
+    yield "mm.patch_merger.bias", init.normal(d.proj_dim)
+    yield from _linear(init, "mm.model.fc", d.proj_dim, d.proj_dim, bias=False)
+    yield "mm.post_norm.weight", init.ones(d.proj_dim)
+    yield "mm.post_norm.bias", init.zeros(d.proj_dim)
+    yield from _linear(init, "mm.gate", d.proj_dim, 2 * d.proj_dim, bias=False)
+    yield from _linear(init, "mm.up", d.proj_dim, 2 * d.proj_dim, bias=False)
+    yield from _linear(init, "mm.down", 2 * d.proj_dim, d.proj_dim, bias=False)
+
+
 def clip_vision_kv(image_size: int, patch_size: int, n_embd: int, n_ff: int, n_layer: int, proj_dim: int,
                    n_head: int, eps: float) -> list[tuple[str, object]]:
     """The clip.vision.* sizes every projector's loader reads, in the order every mmproj here writes them."""
@@ -376,6 +409,9 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
     elif d.family == "qwen3vl":
         kv += [("clip.projector_type", "qwen3vl_merger"), ("clip.use_gelu", True),
                ("clip.vision.spatial_merge_size", d.spatial_merge)]
+    elif d.family == "glm4v":
+        kv += [("clip.projector_type", "glm4v"), ("clip.use_silu", True),
+               ("clip.vision.spatial_merge_size", d.spatial_merge)]
     else:
         kv += [("clip.projector_type", "qwen2.5vl_merger"), ("clip.use_silu", True),
                ("clip.vision.n_wa_pattern", d.n_wa_pattern), ("clip.vision.window_size", d.window_size),
@@ -413,7 +449,7 @@ def write_mmproj(
     path = os.fspath(path)
     init = _Init(seed, weight_std)
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
-           "ldpv2": _ldpv2_tensors}[dims.family]
+           "glm4v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")
     _write_kv(writer, dims, name, ftype)

@@ -322,3 +322,63 @@ def noise_images(root: Any, pixel: tuple[int, int, int]) -> dict[str, Any]:
             out["a_pixel"] = root / "a_pixel.png"
             Image.fromarray(arr).save(out["a_pixel"])
     return out
+
+
+def assert_merge_group_token_keys(vlm: VLM, rows: np.ndarray, grid: tuple[int, int]) -> None:
+    """The VLM's per-token keys for a 2x2-merge graph (4 consecutive rows per token, row-major blocks) equal each
+    group's mean computed by a plain loop: token (tx, ty) of the gx x gy grid = patches (2tx+dx, 2ty+dy), whose
+    graph row is 4*(ty*gx + tx) + 2*dy + dx."""
+    gx, gy = grid
+    want = np.zeros((gx * gy,) + rows.shape[1:])
+    for ty in range(gy):
+        for tx in range(gx):
+            group = [4 * (ty * gx + tx) + 2 * dy + dx for dy in range(2) for dx in range(2)]
+            want[ty * gx + tx] = rows[group].mean(axis=0)
+    chunk = type("C", (), {"n_tokens": gx * gy, "nx": gx, "ny": gy, "image_index": 0})()
+    tokens, _ = vlm.token_keys(chunk, np.zeros((gx * gy, 4)))
+    np.testing.assert_allclose(tokens, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def assert_pruned_mrope_prefill(vlm: VLM, fx: Any, img: np.ndarray, monkeypatch: Any) -> None:
+    """A spy on the decode calls of a pruned query (ratio 0.5) on an M-RoPE model: the image rows decoded are
+    exactly the kept rows of the encoder output, at the positions mtmd gives those tokens unpruned ((t, y, x) of
+    token i on the nx x ny grid, checked by hand), and the text after the image continues at its unpruned
+    position."""
+    from convert.mmproj import expected_image_grid
+
+    seen = []
+    real = vlm.ctx.decode_embeddings
+
+    def spy(embd, positions, seq_id=0, *, logits_last=False):
+        seen.append((np.array(embd, copy=True), np.array(positions, copy=True)))
+        return real(embd, positions, seq_id, logits_last=logits_last)
+
+    full = vlm.ask(img, Q, max_tokens=1)
+    encoded = {}
+    real_encode = vlm.projector.encode
+
+    def encode_spy(chunk):
+        out = real_encode(chunk)
+        encoded["embd"], encoded["pos"] = out.copy(), vlm.projector.positions(chunk, 0)
+        encoded["chunk"] = chunk
+        return out
+
+    monkeypatch.setattr(vlm.ctx, "decode_embeddings", spy)
+    monkeypatch.setattr(vlm.projector, "encode", encode_spy)
+    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
+    monkeypatch.undo()
+    kept = np.asarray(a.images[0]["kept"])
+    nx, ny = a.images[0]["grid"]
+    h, w = img.shape[:2]
+    assert (nx, ny) == (encoded["chunk"].nx, encoded["chunk"].ny) == expected_image_grid(fx.vision, w, h)
+    assert nx != ny
+    assert a.image_tokens == full.image_tokens == [nx * ny]
+    assert len(kept) == a.kept_tokens[0] < nx * ny and a.images[0]["key_source"].startswith("vit_keys:")
+    (rows, pos), = seen
+    np.testing.assert_array_equal(rows, encoded["embd"][kept])
+    p0 = int(pos[0, 0]) - int(encoded["pos"][kept[0], 0])
+    np.testing.assert_array_equal(pos, encoded["pos"][kept] + np.array([p0, p0, p0, 0]))
+    ys, xs = kept // nx, kept % nx
+    np.testing.assert_array_equal(pos[:, 1] - p0, ys)
+    np.testing.assert_array_equal(pos[:, 2] - p0, xs)
+    assert full.prompt_tokens - a.prompt_tokens == nx * ny - len(kept)  # only the KV cells shrink

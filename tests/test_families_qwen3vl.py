@@ -10,8 +10,8 @@ import numpy as np
 
 from avis_llamacpp.capture import strided_to_array, tensor_nbytes
 from avis_llamacpp.families import family_for
-from convert.mmproj import expected_image_grid
-from tests.family_helpers import Q, core_family_fixtures, noise, open_vlm, png_bytes, stock_chat_completion
+from tests.family_helpers import (Q, assert_merge_group_token_keys, assert_pruned_mrope_prefill, core_family_fixtures,
+                                  noise, open_vlm, png_bytes, stock_chat_completion)
 
 fx, vlm = core_family_fixtures("qwen3vl")
 
@@ -59,61 +59,14 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     last = ref["keys_rope"][-1]
     assert got.shape == last.shape
     np.testing.assert_allclose(got, last, rtol=2e-3, atol=2e-3 * np.abs(last).max())
-    # token (tx, ty) of the 8x8 grid = patches (2tx+dx, 2ty+dy); the graph's row of patch (x, y) is
-    # 4*(ty*gx + tx) + 2*dy + dx
-    gx, gy = ref["grid"]
-    want = np.zeros((gx * gy,) + last.shape[1:])
-    for ty in range(gy):
-        for tx in range(gx):
-            rows = [4 * (ty * gx + tx) + 2 * dy + dx for dy in range(2) for dx in range(2)]
-            want[ty * gx + tx] = last[rows].mean(axis=0)
-    chunk = type("C", (), {"n_tokens": gx * gy, "nx": gx, "ny": gy, "image_index": 0})()
-    tokens, _ = vlm.token_keys(chunk, np.zeros((gx * gy, 4)))
-    np.testing.assert_allclose(tokens, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert_merge_group_token_keys(vlm, last, ref["grid"])
 
 
 def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, monkeypatch):
     """A spy on the decode calls: the image rows decoded are exactly the kept rows of the encoder output, at
     the positions mtmd gives those tokens unpruned; the text after the image continues at its unpruned
     position."""
-    img = noise(320, 160, 5)  # non-square
-    seen = []
-    real = vlm.ctx.decode_embeddings
-
-    def spy(embd, positions, seq_id=0, *, logits_last=False):
-        seen.append((np.array(embd, copy=True), np.array(positions, copy=True)))
-        return real(embd, positions, seq_id, logits_last=logits_last)
-
-    full = vlm.ask(img, Q, max_tokens=1)
-    encoded = {}
-    real_encode = vlm.projector.encode
-
-    def encode_spy(chunk):
-        out = real_encode(chunk)
-        encoded["embd"], encoded["pos"] = out.copy(), vlm.projector.positions(chunk, 0)
-        encoded["chunk"] = chunk
-        return out
-
-    monkeypatch.setattr(vlm.ctx, "decode_embeddings", spy)
-    monkeypatch.setattr(vlm.projector, "encode", encode_spy)
-    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
-    monkeypatch.undo()
-    kept = np.asarray(a.images[0]["kept"])
-    nx, ny = a.images[0]["grid"]
-    assert (nx, ny) == (encoded["chunk"].nx, encoded["chunk"].ny) == expected_image_grid(fx.vision, 320, 160)
-    assert nx > ny
-    assert a.image_tokens == full.image_tokens == [nx * ny]
-    assert len(kept) == a.kept_tokens[0] < nx * ny and a.images[0]["key_source"].startswith("vit_keys:")
-    (rows, pos), = seen
-    np.testing.assert_array_equal(rows, encoded["embd"][kept])
-    p0 = int(pos[0, 0]) - int(encoded["pos"][kept[0], 0])
-    np.testing.assert_array_equal(pos, encoded["pos"][kept] + np.array([p0, p0, p0, 0]))
-    # hand check of M-RoPE: (t, y, x) of token i on the nx x ny grid
-    ys, xs = kept // nx, kept % nx
-    np.testing.assert_array_equal(pos[:, 1] - p0, ys)
-    np.testing.assert_array_equal(pos[:, 2] - p0, xs)
-    # text continues where it would without pruning; only the KV cells shrink
-    assert full.prompt_tokens - a.prompt_tokens == nx * ny - len(kept)
+    assert_pruned_mrope_prefill(vlm, fx, noise(320, 160, 5), monkeypatch)  # non-square
 
 
 def test_nothing_pruned_matches_stock_mtmd_handler(vlm, fx):

@@ -265,6 +265,12 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
     "mmproj_qwen3vl_patch_bias_missing": ("qwen3vl", "mmproj",
                                           lambda d, p: rename(d, "v.patch_embd.bias", "v.patch_embd.biaX"),
                                           ("v.patch_embd.bias",)),
+    "mmproj_glm4v_second_patch_embd_missing": (
+        "glm4v", "mmproj", lambda d, p: rename(d, "v.patch_embd.weight.1", "v.patch_embd.weight.9"),
+        ("v.patch_embd.weight.1",)),
+    "mmproj_glm4v_patch_merger_missing": (
+        "glm4v", "mmproj", lambda d, p: rename(d, "mm.patch_merger.weight", "mm.patch_merger.weighX"),
+        ("mm.patch_merger.weight",)),
 }
 # made with gguf-py (a key or tensor added): (family, which file, added keys, added tensors, words)
 ADDED: dict[str, tuple[str, str, dict[str, int], dict[str, np.ndarray], tuple[str, ...]]] = {
@@ -277,6 +283,8 @@ ADDED: dict[str, tuple[str, str, dict[str, int], dict[str, np.ndarray], tuple[st
                                          ("v.class_embd must not exist",)),
     "mmproj_qwen3vl_class_embd_forbidden": ("qwen3vl", "mmproj", {}, {"v.class_embd": np.zeros(64, np.float32)},
                                             ("v.class_embd must not exist",)),
+    "mmproj_glm4v_class_embd_forbidden": ("glm4v", "mmproj", {}, {"v.class_embd": np.zeros(64, np.float32)},
+                                          ("v.class_embd must not exist",)),
     "mmproj_qwen_patch_bias_forbidden": ("qwen25vl", "mmproj", {}, {"v.patch_embd.bias": np.zeros(64, np.float32)},
                                          ("v.patch_embd.bias must not exist",)),
 }
@@ -288,8 +296,8 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
     from convert.fixtures import make_fixture
 
     d = tmp_path_factory.mktemp("preflight-rules")
-    fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture, "qwen3vl": make_fixture("qwen3vl", "tiny",
-                                                                                     out_dir=fixture_root)}
+    fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
+          **{fam: make_fixture(fam, "tiny", out_dir=fixture_root) for fam in ("qwen3vl", "glm4v")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -322,7 +330,7 @@ def test_each_rule_stops_its_broken_file_and_the_process_survives(case, outcomes
 
 def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     """The control: the same loader answers on the unedited pairs (so each case's error comes from its edit)."""
-    assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl")), outcomes
+    assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "glm4v")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):

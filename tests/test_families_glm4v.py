@@ -1,0 +1,95 @@
+"""GLM-4.1V-4.6V / GLM-OCR family (glm4v, fused QKV, 2x2 conv merger): the keys KDV scores equal a numpy
+re-implementation of glm4v.cpp (tests/reference_glm4v.py), pruned prefill feeds the kept rows at their original
+M-RoPE positions, and with nothing pruned the answer equals stock llama-cpp-python's. The fixture's text model is
+Qwen2-VL's (M-RoPE, as GLM-4.1V's glm4 text model with rope sections): mtmd positions the image the same way."""
+
+from __future__ import annotations
+
+import math
+
+import llama_cpp.llama_chat_format as lcf
+import numpy as np
+
+from avis_llamacpp.families import GLM4VFamily, family_for
+from avis_llamacpp.mtmd import read_vision_info
+from avis_llamacpp.preflight import scan_gguf
+from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_merge_group_token_keys,
+                                  assert_pruned_mrope_prefill, core_family_fixtures, noise,
+                                  open_vlm, png_bytes, stock_chat_completion)
+from tests.reference_glm4v import glm4v_forward
+
+fx, vlm = core_family_fixtures("glm4v")
+
+
+def test_registry_preflight_and_vision_info(fx, vlm):
+    fam = family_for("glm4v")
+    assert isinstance(fam, GLM4VFamily) and fam.native and fam.gated_ffn
+    hdr = scan_gguf(fx.mmproj, "mmproj")
+    assert fam.projection_dim(hdr.tensors) == fx.text.n_embd == vlm.model.n_embd_inp  # clip_n_mmproj_embd
+    assert set(fam.required_for(hdr.tensors)) <= set(hdr.tensors)
+    vi = read_vision_info(fx.mmproj)
+    assert vi.projector_type == "glm4v" and fam.blocks_run(vi) == fx.vision.n_layer
+    assert fam.n_patches(64, vi) == 256 and not fam.windowed(vi)
+
+
+def test_pruned_query_answers_with_post_rope_vit_keys(vlm, fx):
+    img = noise(224, 224, 1)
+    for kw in ({"tau": math.pi / 4}, {"ratio": 0.5}, {}):
+        a = vlm.ask(img, Q, max_tokens=4, **kw)
+        assert a.images[0]["key_source"] == f"vit_keys:Kcur_pos-{fx.vision.n_layer - 1}", kw
+    assert vlm.ask(img, Q, max_tokens=4, ratio=0.5).kept_tokens == [32]
+
+
+def test_captured_keys_equal_numpy_reference(vlm, fx):
+    """KDV's per-token keys = mean over each 2x2 merge group of the last block's post-RoPE keys, recomputed in
+    numpy from the GGUF weights and grouped by a plain loop over the grid."""
+    img = noise(224, 224, 11)
+    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
+    assert a.images[0]["key_source"].startswith("vit_keys:Kcur_pos")
+    got = vlm.key_capture.keys  # rows as the graph holds them
+    ref = glm4v_forward(str(fx.mmproj), img)
+    last = ref["keys_rope"][-1]
+    assert got.shape == last.shape
+    np.testing.assert_allclose(got, last, rtol=2e-3, atol=2e-3 * np.abs(last).max())
+    assert_merge_group_token_keys(vlm, last, ref["grid"])
+
+
+def test_strided_kcur_view_is_read_by_its_strides(fx):
+    """The pre-RoPE `Kcur-(L-1)` is a strided view into the fused QKV output: read by its strides it equals the
+    reference's K projection."""
+    img = noise(224, 224, 13)
+    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
+        v.key_capture.use_key_names(("Kcur",))
+        v.ask(img, Q, max_tokens=1)
+        assert v.key_capture.name == f"Kcur-{fx.vision.n_layer - 1}"
+        got = v.key_capture.keys
+    want = glm4v_forward(str(fx.mmproj), img)["keys"][-1]
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, monkeypatch):
+    assert_pruned_mrope_prefill(vlm, fx, noise(320, 160, 5), monkeypatch)  # non-square: resized to 308 x 168
+
+
+def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
+    """K = 1, nothing pruned: the prefill's next-token logits equal mtmd_helper_eval_chunks' on the same prompt, and
+    the greedy answer equals stock llama-cpp-python's through its Qwen2.5-VL handler (the fixture's text model and
+    template; the generic MTMDChatHandler renders this template with one more token)."""
+    img = noise(224, 224, 7)
+    path = tmp_path / "glm4v.png"
+    path.write_bytes(png_bytes(img))
+    assert_first_logits_equal_stock(fx, vlm, path, 2048)
+    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,
+                                flash_attn=False, handler=lcf.Qwen25VLChatHandler)
+    ours = vlm.ask(path, Q, max_tokens=10)  # (stock's prompt_tokens counts M-RoPE positions, 8 for the image)
+    assert ours.text == out["choices"][0]["message"]["content"]
+    assert len(ours.tokens) == out["usage"]["completion_tokens"] > 0
+
+
+def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
+    img = noise(224, 224, 9)
+    with open_vlm(fx, n_ctx=2048, flash_attn=True) as on:
+        for kw in ({"ratio": 0.5}, {"tau": math.pi / 4}):
+            a, b = on.ask(img, Q, max_tokens=1, **kw), vlm.ask(img, Q, max_tokens=1, **kw)
+            assert a.images[0]["key_source"] == b.images[0]["key_source"]
+            assert a.images[0]["kept"] == b.images[0]["kept"], kw
