@@ -327,7 +327,8 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), GLM4VFamily(), NoViTBlocksFamily()):
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), GLM4VFamily(),
+           NoViTBlocksFamily()):
     register(_f)
 
 

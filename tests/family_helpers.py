@@ -324,6 +324,19 @@ def noise_images(root: Any, pixel: tuple[int, int, int]) -> dict[str, Any]:
     return out
 
 
+def assert_merge_graph_keys_equal_reference(vlm: VLM, img: np.ndarray, ref: dict[str, Any], key_name: str) -> None:
+    """A pruned query on a 2x2-merge graph captures the last block's post-RoPE keys ``key_name``-(L-1): they equal
+    the numpy reference's ``ref["keys_rope"][-1]`` row for row, and the per-token keys KDV scores equal their
+    groups' means (assert_merge_group_token_keys)."""
+    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
+    assert a.images[0]["key_source"] == f"vit_keys:{key_name}-{len(ref['keys_rope']) - 1}"
+    got = vlm.key_capture.keys  # rows as the graph holds them
+    last = ref["keys_rope"][-1]
+    assert got.shape == last.shape
+    np.testing.assert_allclose(got, last, rtol=2e-3, atol=2e-3 * np.abs(last).max())
+    assert_merge_group_token_keys(vlm, last, ref["grid"])
+
+
 def assert_merge_group_token_keys(vlm: VLM, rows: np.ndarray, grid: tuple[int, int]) -> None:
     """The VLM's per-token keys for a 2x2-merge graph (4 consecutive rows per token, row-major blocks) equal each
     group's mean computed by a plain loop: token (tx, ty) of the gx x gy grid = patches (2tx+dx, 2ty+dy), whose

@@ -13,32 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_qwen3vl import _merge_order
-from tests.reference_vit import (_W, _attn_out, _ffn, _linear, _patch_conv, _pixels, _qwen_grid_ok, _rms_norm,
-                                 _rope_vision, load_mmproj, qwen25vl_positions)
+from tests.reference_qwen3vl import _merge_order, merger_tower_input
+from tests.reference_vit import _attn_out, _ffn, _linear, _rms_norm, _rope_vision, qwen25vl_positions
 
 
 def glm4v_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
     """Run glm4v.cpp's ViT on an image; returns per-layer keys before and after the vision M-RoPE
     ([n_patches, n_head, d_head], graph row order: each 2x2 merge group's 4 patches consecutive, groups row-major)
     and the merged token grid."""
-    weights, hp = load_mmproj(path)
-    if hp["projector_type"] != "glm4v":
-        raise ValueError(f"glm4v_forward supports 'glm4v', got {hp['projector_type']!r}")
-    W = _W(weights)
-    img = np.asarray(image_rgb)
-    h, w = img.shape[:2]
-    if not _qwen_grid_ok(w, h, hp):
-        raise ValueError(f"{w}x{h} would be resized by mtmd (its resize is not mirrored)")
-    p, e_dim, n_head, d_head, eps = hp["patch_size"], hp["n_embd"], hp["n_head"], hp["d_head"], hp["eps"]
-    px = _pixels(img, hp)
-    conv = _patch_conv(px, W.req("v.patch_embd.weight"), p) + _patch_conv(px, W.req("v.patch_embd.weight.1"), p)
-    ny, nx = conv.shape[:2]
+    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, "glm4v")
+    e_dim, n_head, d_head, eps = hp["n_embd"], hp["n_head"], hp["d_head"], hp["eps"]
     n = nx * ny
-    pos_embd = W.req("v.position_embd.weight")
-    side = int(round(np.sqrt(pos_embd.shape[0])))
-    if (nx, ny) != (side, side):
-        raise ValueError("position-embedding interpolation is not mirrored: use an image of the table's size")
     x = _merge_order(conv, nx, ny) + W.req("v.patch_embd.bias")
     x = _rms_norm(x, W.get("v.norm_embd.weight"), W.get("v.norm_embd.bias"), eps)  # the graph's RMS norm type
     x = x + _merge_order(pos_embd.reshape(ny, nx, e_dim), nx, ny)  # build_vit adds the learned positions first

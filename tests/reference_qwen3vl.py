@@ -23,27 +23,37 @@ def _merge_order(x: np.ndarray, nx: int, ny: int) -> np.ndarray:
     return x.reshape(ny // 2, 2, nx // 2, 2, e).transpose(0, 2, 1, 3, 4).reshape(nx * ny, e)
 
 
-def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
-    """Run the qwen3vl.cpp graph on an image; returns per-layer keys before and after the vision M-RoPE
-    ([n_patches, n_head, d_head], ViT row order: 2x2 merge groups contiguous, blocks row-major), the merged
-    grid and the LLM embeddings (main merger only, deepstack slices not mirrored)."""
+def merger_tower_input(path: str | os.PathLike, image_rgb: np.ndarray, projector_type: str
+                       ) -> tuple[_W, dict[str, Any], np.ndarray, np.ndarray, int, int]:
+    """What the Qwen3-VL and GLM-4V graphs share before their blocks: the weights and hparams of a
+    `projector_type` mmproj, the two temporal patch convs summed ([ny, nx, e]) and the learned position table
+    ([n, e], same grid: interpolation is not mirrored), with the patch grid (nx, ny)."""
     weights, hp = load_mmproj(path)
-    if hp["projector_type"] != "qwen3vl_merger":
-        raise ValueError(f"qwen3vl_forward supports 'qwen3vl_merger', got {hp['projector_type']!r}")
+    if hp["projector_type"] != projector_type:
+        raise ValueError(f"this reference supports {projector_type!r}, got {hp['projector_type']!r}")
     W = _W(weights)
     img = np.asarray(image_rgb)
     h, w = img.shape[:2]
     if not _qwen_grid_ok(w, h, hp):
-        raise ValueError(f"{w}x{h} would be resized by mtmd (smart resize is not mirrored)")
-    p, e_dim, n_head, d_head, eps = hp["patch_size"], hp["n_embd"], hp["n_head"], hp["d_head"], hp["eps"]
+        raise ValueError(f"{w}x{h} would be resized by mtmd (its resize is not mirrored)")
+    p = hp["patch_size"]
     px = _pixels(img, hp)
     conv = _patch_conv(px, W.req("v.patch_embd.weight"), p) + _patch_conv(px, W.req("v.patch_embd.weight.1"), p)
     ny, nx = conv.shape[:2]
-    n = nx * ny
     pos_embd = W.req("v.position_embd.weight")
     side = int(round(np.sqrt(pos_embd.shape[0])))
     if (nx, ny) != (side, side):
         raise ValueError("position-embedding interpolation is not mirrored: use an image of the table's size")
+    return W, hp, conv, pos_embd, nx, ny
+
+
+def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
+    """Run the qwen3vl.cpp graph on an image; returns per-layer keys before and after the vision M-RoPE
+    ([n_patches, n_head, d_head], ViT row order: 2x2 merge groups contiguous, blocks row-major), the merged
+    grid and the LLM embeddings (main merger only, deepstack slices not mirrored)."""
+    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, "qwen3vl_merger")
+    e_dim, n_head, d_head, eps = hp["n_embd"], hp["n_head"], hp["d_head"], hp["eps"]
+    n = nx * ny
     x = _merge_order(conv, nx, ny) + W.req("v.patch_embd.bias")
     x = x + _merge_order(pos_embd.reshape(ny, nx, e_dim), nx, ny)
     pre_w = W.get("v.pre_ln.weight")

@@ -13,7 +13,7 @@ import numpy as np
 from avis_llamacpp.families import GLM4VFamily, family_for
 from avis_llamacpp.mtmd import read_vision_info
 from avis_llamacpp.preflight import scan_gguf
-from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_merge_group_token_keys,
+from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_merge_graph_keys_equal_reference,
                                   assert_pruned_mrope_prefill, core_family_fixtures, noise,
                                   open_vlm, png_bytes, stock_chat_completion)
 from tests.reference_glm4v import glm4v_forward
@@ -44,14 +44,7 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     """KDV's per-token keys = mean over each 2x2 merge group of the last block's post-RoPE keys, recomputed in
     numpy from the GGUF weights and grouped by a plain loop over the grid."""
     img = noise(224, 224, 11)
-    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
-    assert a.images[0]["key_source"].startswith("vit_keys:Kcur_pos")
-    got = vlm.key_capture.keys  # rows as the graph holds them
-    ref = glm4v_forward(str(fx.mmproj), img)
-    last = ref["keys_rope"][-1]
-    assert got.shape == last.shape
-    np.testing.assert_allclose(got, last, rtol=2e-3, atol=2e-3 * np.abs(last).max())
-    assert_merge_group_token_keys(vlm, last, ref["grid"])
+    assert_merge_graph_keys_equal_reference(vlm, img, glm4v_forward(str(fx.mmproj), img), "Kcur_pos")
 
 
 def test_strided_kcur_view_is_read_by_its_strides(fx):

@@ -10,8 +10,8 @@ import numpy as np
 
 from avis_llamacpp.capture import strided_to_array, tensor_nbytes
 from avis_llamacpp.families import family_for
-from tests.family_helpers import (Q, assert_merge_group_token_keys, assert_pruned_mrope_prefill, core_family_fixtures,
-                                  noise, open_vlm, png_bytes, stock_chat_completion)
+from tests.family_helpers import (Q, assert_merge_graph_keys_equal_reference, assert_pruned_mrope_prefill,
+                                  core_family_fixtures, noise, open_vlm, png_bytes, stock_chat_completion)
 
 fx, vlm = core_family_fixtures("qwen3vl")
 
@@ -52,14 +52,7 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     from tests.reference_qwen3vl import qwen3vl_forward
 
     img = noise(224, 224, 11)
-    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
-    assert a.images[0]["key_source"].startswith("vit_keys:")
-    got = vlm.key_capture.keys  # rows as the graph holds them
-    ref = qwen3vl_forward(str(fx.mmproj), img)
-    last = ref["keys_rope"][-1]
-    assert got.shape == last.shape
-    np.testing.assert_allclose(got, last, rtol=2e-3, atol=2e-3 * np.abs(last).max())
-    assert_merge_group_token_keys(vlm, last, ref["grid"])
+    assert_merge_graph_keys_equal_reference(vlm, img, qwen3vl_forward(str(fx.mmproj), img), "Kcur_rope")
 
 
 def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, monkeypatch):
