@@ -395,3 +395,16 @@ def assert_pruned_mrope_prefill(vlm: VLM, fx: Any, img: np.ndarray, monkeypatch:
     np.testing.assert_array_equal(pos[:, 1] - p0, ys)
     np.testing.assert_array_equal(pos[:, 2] - p0, xs)
     assert full.prompt_tokens - a.prompt_tokens == nx * ny - len(kept)  # only the KV cells shrink
+
+
+def assert_kept_sets_equal_flash_on_off(fx: Any, vlm: VLM) -> None:
+    """The same image pruned by ratio and by tau keeps the same tokens with flash attention on (a second VLM) as
+    with it off (``vlm``), from the same key source."""
+    import math
+
+    img = noise(224, 224, 9)
+    with open_vlm(fx, n_ctx=2048, flash_attn=True) as on:
+        for kw in ({"ratio": 0.5}, {"tau": math.pi / 4}):
+            a, b = on.ask(img, Q, max_tokens=1, **kw), vlm.ask(img, Q, max_tokens=1, **kw)
+            assert a.images[0]["key_source"] == b.images[0]["key_source"]
+            assert a.images[0]["kept"] == b.images[0]["kept"], kw

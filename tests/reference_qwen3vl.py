@@ -47,24 +47,19 @@ def merger_tower_input(path: str | os.PathLike, image_rgb: np.ndarray, projector
     return W, hp, conv, pos_embd, nx, ny
 
 
-def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
-    """Run the qwen3vl.cpp graph on an image; returns per-layer keys before and after the vision M-RoPE
-    ([n_patches, n_head, d_head], ViT row order: 2x2 merge groups contiguous, blocks row-major), the merged
-    grid and the LLM embeddings (main merger only, deepstack slices not mirrored)."""
-    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, "qwen3vl_merger")
+def fused_qkv_rope_blocks(x: np.ndarray, W: _W, hp: dict[str, Any], nx: int, ny: int, norm: Any, act: str
+                          ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """build_vit's blocks as Qwen3-VL and GLM-4V run them: `norm` (LayerNorm or RMSNorm) -> one fused QKV
+    projection (K is the middle third) -> 2-D vision M-RoPE on q and k (no windows) -> attention, residual; `norm` ->
+    FFN, residual. Returns the keys before and after RoPE per block and the positions."""
     e_dim, n_head, d_head, eps = hp["n_embd"], hp["n_head"], hp["d_head"], hp["eps"]
     n = nx * ny
-    x = _merge_order(conv, nx, ny) + W.req("v.patch_embd.bias")
-    x = x + _merge_order(pos_embd.reshape(ny, nx, e_dim), nx, ny)
-    pre_w = W.get("v.pre_ln.weight")
-    if pre_w is not None:
-        x = _layer_norm(x, pre_w, W.get("v.pre_ln.bias"), eps)
     pos = qwen25vl_positions(nx, ny, np.arange(n // 4))  # no windows: identity block order
     keys, keys_rope = [], []
     for il in range(hp["n_layer"]):
         b = f"v.blk.{il}"
-        cur = _layer_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
-        qkv = _linear(cur, W.req(f"{b}.attn_qkv.weight"), W.req(f"{b}.attn_qkv.bias"))
+        cur = norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
+        qkv = _linear(cur, W.req(f"{b}.attn_qkv.weight"), W.get(f"{b}.attn_qkv.bias"))
         q = qkv[:, :e_dim].reshape(n, n_head, d_head)
         k = qkv[:, e_dim:2 * e_dim].reshape(n, n_head, d_head)
         v = qkv[:, 2 * e_dim:].reshape(n, n_head, d_head)
@@ -72,6 +67,21 @@ def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
         q, k = _rope_vision(q, pos), _rope_vision(k, pos)
         keys_rope.append(k)
         x = x + _attn_out(q, k, v, W, b)
-        cur = _layer_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
+        cur = norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
         x = x + _ffn(cur, W, il, hp, act)
+    return keys, keys_rope, pos
+
+
+def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
+    """Run the qwen3vl.cpp graph on an image; returns per-layer keys before and after the vision M-RoPE
+    ([n_patches, n_head, d_head], ViT row order: 2x2 merge groups contiguous, blocks row-major), the merged
+    grid and the LLM embeddings (main merger only, deepstack slices not mirrored)."""
+    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, "qwen3vl_merger")
+    e_dim, eps = hp["n_embd"], hp["eps"]
+    x = _merge_order(conv, nx, ny) + W.req("v.patch_embd.bias")
+    x = x + _merge_order(pos_embd.reshape(ny, nx, e_dim), nx, ny)
+    pre_w = W.get("v.pre_ln.weight")
+    if pre_w is not None:
+        x = _layer_norm(x, pre_w, W.get("v.pre_ln.bias"), eps)
+    keys, keys_rope, pos = fused_qkv_rope_blocks(x, W, hp, nx, ny, _layer_norm, act)
     return {"keys": keys, "keys_rope": keys_rope, "grid": (nx // 2, ny // 2), "positions": pos, "hparams": hp}

@@ -10,8 +10,9 @@ import numpy as np
 
 from avis_llamacpp.capture import strided_to_array, tensor_nbytes
 from avis_llamacpp.families import family_for
-from tests.family_helpers import (Q, assert_merge_graph_keys_equal_reference, assert_pruned_mrope_prefill,
-                                  core_family_fixtures, noise, open_vlm, png_bytes, stock_chat_completion)
+from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, assert_merge_graph_keys_equal_reference,
+                                  assert_pruned_mrope_prefill, core_family_fixtures, noise, open_vlm, png_bytes,
+                                  stock_chat_completion)
 
 fx, vlm = core_family_fixtures("qwen3vl")
 
@@ -75,12 +76,8 @@ def test_nothing_pruned_matches_stock_mtmd_handler(vlm, fx):
 
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
-    img = noise(224, 224, 9)
-    with open_vlm(fx, n_ctx=2048, flash_attn=True) as on:
-        for kw in ({"ratio": 0.5}, {"tau": math.pi / 4}):
-            a, b = on.ask(img, Q, max_tokens=1, **kw), vlm.ask(img, Q, max_tokens=1, **kw)
-            assert a.images[0]["key_source"] == b.images[0]["key_source"]
-            assert a.images[0]["kept"] == b.images[0]["kept"], kw
+    assert_kept_sets_equal_flash_on_off(fx, vlm)
+
 
 
 def test_strided_kcur_view_is_read_by_its_strides(fx):
