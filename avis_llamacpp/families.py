@@ -283,12 +283,12 @@ class Qwen3VLFamily(QwenMergerFamily):
 
 
 class GLM4VFamily(QwenMergerFamily):
-    """GLM-4.1V-4.6V, GLM-OCR vision (glm4v.cpp): the input permute puts each 2x2 merge group in 4 consecutive
+    """GLM-4.1V-4.6V, GLM-OCR, GLM-5V vision (glm4v.cpp for both projector types): the input permute puts each 2x2 merge group in 4 consecutive
     rows (row-major block order, no windows), 2-D M-RoPE keys `Kcur_pos-<il>` (fused QKV: `Kcur` is a strided
     view), SwiGLU blocks; a 2x2 stride-2 conv merges the 4 rows of a token, then the FC / SwiGLU projector."""
 
     name = "glm4v"
-    projector_types = ("glm4v",)
+    projector_types = ("glm4v", "glm5v")
     gated_ffn = True
     required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1", "v.patch_embd.bias", "mm.patch_merger.weight",
                         "mm.patch_merger.bias", "mm.model.fc.weight", "mm.post_norm.weight", "mm.up.weight",

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
-EXTRA_FAMILIES = ("qwen3vl", "glm4v", "ldpv2")
+EXTRA_FAMILIES = ("qwen3vl", "glm4v", "glm5v", "ldpv2")
 SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
@@ -64,6 +64,12 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
     ("glm4v", "tiny"): (
         TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
         VisionDims("glm4v", n_embd=64, n_layer=3, n_head=4, n_ff=96, patch_size=14, image_size=224, proj_dim=64),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # GLM-5V: the glm4v graph with a SwiGLU clamp small enough to bite on these weights, and glm5v's padded canvas
+    ("glm5v", "tiny"): (
+        TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
+        VisionDims("glm5v", n_embd=64, n_layer=3, n_head=4, n_ff=96, patch_size=14, image_size=224, proj_dim=64,
+                   swiglu_clamp=0.02),
         CHATML_CHAT_TEMPLATE, "f32"),
     # MobileVLM-V2: the llava ViT on a 24 x 24 patch grid (clip.cpp hard-codes it), 2x2 average pool -> 144
     ("ldpv2", "tiny"): (

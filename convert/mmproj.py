@@ -19,6 +19,8 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   patch-embedding convs plus a patch bias, an RMS norm after them (``v.norm_embd``), learned position
   embeddings, RMSNorm blocks with one fused QKV projection (no bias), 2-D M-RoPE keys ``Kcur_pos``, SwiGLU MLP,
   RMS post-norm, then a 2x2 conv patch merger and the FC / LayerNorm / GELU / SwiGLU projector.
+* ``"glm5v"``: the same tower and graph (clip.cpp builds glm4v.cpp for it) with a clamped SwiGLU
+  (``clip.vision.swiglu_clamp``) and its own resize: the canvas is ceil-aligned to 28 px and padded, not scaled.
 * ``"ldpv2"``: MobileVLM-V2 (``clip.projector_type = "ldpv2"``): the LLaVA CLIP ViT, then an MLP, a 2x2
   average pool of the 24 x 24 patch grid clip.cpp hard-codes (so image_size / patch_size must be 24) and a
   depthwise-conv position generator ("peg").
@@ -65,7 +67,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "qwen3vl", "glm4v", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "qwen3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -87,6 +89,7 @@ class VisionDims:
     image_max_pixels: int | None = None  # metadata only (ignored by clip.cpp for qwen2.5vl)
     eps: float = 1e-6
     deepstack_layers: tuple[int, ...] = ()  # qwen3vl: blocks whose output feeds a deepstack merger
+    swiglu_clamp: float = 0.0  # glm5v: gate <= clamp, |up| <= clamp in every SwiGLU (required key there)
 
     @property
     def n_output_dim(self) -> int:
@@ -170,6 +173,30 @@ def _smart_resize(width: int, height: int, align: int, min_pixels: int, max_pixe
     return w_bar, h_bar
 
 
+def _glm5v_canvas(width: int, height: int, factor: int, min_px: int, max_px: int) -> tuple[int, int]:
+    """Mirror mtmd_image_preprocessor_glm5v: the canvas ceil-aligned to `factor`, grown to min_px (content scaled
+    up), or the largest content height whose aligned canvas fits max_px (binary search, as in C++)."""
+    def align(v: int) -> int:
+        return (v + factor - 1) // factor * factor
+
+    canvas_h, canvas_w = align(height), align(width)
+    if canvas_h * canvas_w < min_px:
+        scale = math.sqrt(min_px / (height * width))
+        canvas_h = align(max(1, math.ceil(height * scale)))
+        canvas_w = align(max(1, math.ceil(width * scale)))
+    if canvas_h * canvas_w > max_px:
+        lo, hi, best_h, best_w = 1, height, factor, factor
+        while lo <= hi:
+            ch = (lo + hi) // 2
+            cw = max(1, width * ch // height)
+            if align(ch) * align(cw) <= max_px:
+                best_h, best_w, lo = align(ch), align(cw), ch + 1
+            else:
+                hi = ch - 1
+        canvas_h, canvas_w = best_h, best_w
+    return canvas_w, canvas_h
+
+
 def expected_image_grid(
     dims: VisionDims, width: int, height: int, *, image_min_tokens: int = 0, image_max_tokens: int = 0
 ) -> tuple[int, int]:
@@ -183,7 +210,10 @@ def expected_image_grid(
         dims, image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens
     )
     align = dims.patch_size * dims.spatial_merge
-    w, h = _smart_resize(width, height, align, min_px, max_px)
+    if dims.family == "glm5v":
+        w, h = _glm5v_canvas(width, height, align, min_px, max_px)
+    else:
+        w, h = _smart_resize(width, height, align, min_px, max_px)
     return w // align, h // align
 
 
@@ -409,9 +439,13 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
     elif d.family == "qwen3vl":
         kv += [("clip.projector_type", "qwen3vl_merger"), ("clip.use_gelu", True),
                ("clip.vision.spatial_merge_size", d.spatial_merge)]
-    elif d.family == "glm4v":
-        kv += [("clip.projector_type", "glm4v"), ("clip.use_silu", True),
+    elif d.family in ("glm4v", "glm5v"):
+        kv += [("clip.projector_type", d.family), ("clip.use_silu", True),
                ("clip.vision.spatial_merge_size", d.spatial_merge)]
+        if d.family == "glm5v":  # clip.cpp requires all three for glm5v
+            min_px, max_px = effective_pixel_limits(d)
+            kv += [("clip.vision.swiglu_clamp", float(d.swiglu_clamp)), ("clip.vision.image_min_pixels", min_px),
+                   ("clip.vision.image_max_pixels", max_px)]
     else:
         kv += [("clip.projector_type", "qwen2.5vl_merger"), ("clip.use_silu", True),
                ("clip.vision.n_wa_pattern", d.n_wa_pattern), ("clip.vision.window_size", d.window_size),
@@ -449,7 +483,7 @@ def write_mmproj(
     path = os.fspath(path)
     init = _Init(seed, weight_std)
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
-           "glm4v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
+           "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")
     _write_kv(writer, dims, name, ftype)

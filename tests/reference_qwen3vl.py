@@ -23,14 +23,14 @@ def _merge_order(x: np.ndarray, nx: int, ny: int) -> np.ndarray:
     return x.reshape(ny // 2, 2, nx // 2, 2, e).transpose(0, 2, 1, 3, 4).reshape(nx * ny, e)
 
 
-def merger_tower_input(path: str | os.PathLike, image_rgb: np.ndarray, projector_type: str
+def merger_tower_input(path: str | os.PathLike, image_rgb: np.ndarray, projector_types: tuple[str, ...]
                        ) -> tuple[_W, dict[str, Any], np.ndarray, np.ndarray, int, int]:
-    """What the Qwen3-VL and GLM-4V graphs share before their blocks: the weights and hparams of a
-    `projector_type` mmproj, the two temporal patch convs summed ([ny, nx, e]) and the learned position table
+    """What the Qwen3-VL and GLM-4V graphs share before their blocks: the weights and hparams of an mmproj of one
+    of `projector_types`, the two temporal patch convs summed ([ny, nx, e]) and the learned position table
     ([n, e], same grid: interpolation is not mirrored), with the patch grid (nx, ny)."""
     weights, hp = load_mmproj(path)
-    if hp["projector_type"] != projector_type:
-        raise ValueError(f"this reference supports {projector_type!r}, got {hp['projector_type']!r}")
+    if hp["projector_type"] not in projector_types:
+        raise ValueError(f"this reference supports {projector_types}, got {hp['projector_type']!r}")
     W = _W(weights)
     img = np.asarray(image_rgb)
     h, w = img.shape[:2]
@@ -47,11 +47,11 @@ def merger_tower_input(path: str | os.PathLike, image_rgb: np.ndarray, projector
     return W, hp, conv, pos_embd, nx, ny
 
 
-def fused_qkv_rope_blocks(x: np.ndarray, W: _W, hp: dict[str, Any], nx: int, ny: int, norm: Any, act: str
-                          ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def fused_qkv_rope_blocks(x: np.ndarray, W: _W, hp: dict[str, Any], nx: int, ny: int, norm: Any, act: str,
+                          ffn: Any = _ffn) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """build_vit's blocks as Qwen3-VL and GLM-4V run them: `norm` (LayerNorm or RMSNorm) -> one fused QKV
     projection (K is the middle third) -> 2-D vision M-RoPE on q and k (no windows) -> attention, residual; `norm` ->
-    FFN, residual. Returns the keys before and after RoPE per block and the positions."""
+    `ffn(cur, W, il, hp, act)`, residual. Returns the keys before and after RoPE per block and the positions."""
     e_dim, n_head, d_head, eps = hp["n_embd"], hp["n_head"], hp["d_head"], hp["eps"]
     n = nx * ny
     pos = qwen25vl_positions(nx, ny, np.arange(n // 4))  # no windows: identity block order
@@ -68,7 +68,7 @@ def fused_qkv_rope_blocks(x: np.ndarray, W: _W, hp: dict[str, Any], nx: int, ny:
         keys_rope.append(k)
         x = x + _attn_out(q, k, v, W, b)
         cur = norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
-        x = x + _ffn(cur, W, il, hp, act)
+        x = x + ffn(cur, W, il, hp, act)
     return keys, keys_rope, pos
 
 
@@ -76,7 +76,7 @@ def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
     """Run the qwen3vl.cpp graph on an image; returns per-layer keys before and after the vision M-RoPE
     ([n_patches, n_head, d_head], ViT row order: 2x2 merge groups contiguous, blocks row-major), the merged
     grid and the LLM embeddings (main merger only, deepstack slices not mirrored)."""
-    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, "qwen3vl_merger")
+    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, ("qwen3vl_merger",))
     e_dim, eps = hp["n_embd"], hp["eps"]
     x = _merge_order(conv, nx, ny) + W.req("v.patch_embd.bias")
     x = x + _merge_order(pos_embd.reshape(ny, nx, e_dim), nx, ny)

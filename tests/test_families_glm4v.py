@@ -1,5 +1,6 @@
-"""GLM-4.1V-4.6V / GLM-OCR family (glm4v, fused QKV, 2x2 conv merger): the keys KDV scores equal a numpy
-re-implementation of glm4v.cpp (tests/reference_glm4v.py), pruned prefill feeds the kept rows at their original
+"""GLM-4.1V-4.6V / GLM-OCR (glm4v) and GLM-5V (glm5v: the same graph, SwiGLU clamped, its own padded canvas): fused
+QKV, 2x2 conv merger. Every test runs on both fixtures: the keys KDV scores equal a numpy re-implementation of
+glm4v.cpp (tests/reference_glm4v.py), pruned prefill feeds the kept rows at their original
 M-RoPE positions, and with nothing pruned the answer equals stock llama-cpp-python's. The fixture's text model is
 Qwen2-VL's (M-RoPE, as GLM-4.1V's glm4 text model with rope sections): mtmd positions the image the same way."""
 
@@ -9,26 +10,37 @@ import math
 
 import llama_cpp.llama_chat_format as lcf
 import numpy as np
+import pytest
 
 from avis_llamacpp.families import GLM4VFamily, family_for
 from avis_llamacpp.mtmd import read_vision_info
 from avis_llamacpp.preflight import scan_gguf
+from convert.fixtures import make_fixture
 from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_kept_sets_equal_flash_on_off,
-                                  assert_merge_graph_keys_equal_reference, assert_pruned_mrope_prefill,
-                                  core_family_fixtures, noise, open_vlm, png_bytes, stock_chat_completion)
+                                  assert_merge_graph_keys_equal_reference, assert_pruned_mrope_prefill, noise,
+                                  open_vlm, png_bytes, stock_chat_completion)
 from tests.reference_glm4v import glm4v_forward
 
-fx, vlm = core_family_fixtures("glm4v")
+
+@pytest.fixture(scope="module", params=["glm4v", "glm5v"])
+def fx(request, fixture_root):
+    return make_fixture(request.param, "tiny", out_dir=fixture_root)
+
+
+@pytest.fixture(scope="module")
+def vlm(fx):
+    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
+        yield v
 
 
 def test_registry_preflight_and_vision_info(fx, vlm):
-    fam = family_for("glm4v")
+    fam = family_for(fx.family)
     assert isinstance(fam, GLM4VFamily) and fam.native and fam.gated_ffn
     hdr = scan_gguf(fx.mmproj, "mmproj")
     assert fam.projection_dim(hdr.tensors) == fx.text.n_embd == vlm.model.n_embd_inp  # clip_n_mmproj_embd
     assert set(fam.required_for(hdr.tensors)) <= set(hdr.tensors)
     vi = read_vision_info(fx.mmproj)
-    assert vi.projector_type == "glm4v" and fam.blocks_run(vi) == fx.vision.n_layer
+    assert vi.projector_type == fx.family and fam.blocks_run(vi) == fx.vision.n_layer
     assert fam.n_patches(64, vi) == 256 and not fam.windowed(vi)
 
 
@@ -44,7 +56,11 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     """KDV's per-token keys = mean over each 2x2 merge group of the last block's post-RoPE keys, recomputed in
     numpy from the GGUF weights and grouped by a plain loop over the grid."""
     img = noise(224, 224, 11)
-    assert_merge_graph_keys_equal_reference(vlm, img, glm4v_forward(str(fx.mmproj), img), "Kcur_pos")
+    ref = glm4v_forward(str(fx.mmproj), img)
+    assert_merge_graph_keys_equal_reference(vlm, img, ref, "Kcur_pos")
+    if fx.family == "glm5v":  # the clamp shapes these keys: without it the reference is off by more than the tolerance
+        last, unclamped = ref["keys_rope"][-1], glm4v_forward(str(fx.mmproj), img, swiglu_clamp=0.0)["keys_rope"][-1]
+        assert np.abs(last - unclamped).max() > 2e-3 * np.abs(last).max()
 
 
 def test_strided_kcur_view_is_read_by_its_strides(fx):
@@ -61,7 +77,7 @@ def test_strided_kcur_view_is_read_by_its_strides(fx):
 
 
 def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, monkeypatch):
-    assert_pruned_mrope_prefill(vlm, fx, noise(320, 160, 5), monkeypatch)  # non-square: resized to 308 x 168
+    assert_pruned_mrope_prefill(vlm, fx, noise(320, 160, 5), monkeypatch)  # non-square: 308 x 168 / 336 x 168 (glm5v)
 
 
 def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
