@@ -282,6 +282,25 @@ class Qwen3VLFamily(QwenMergerFamily):
         return [f"v.blk.{il}.attn_qkv.weight", f"v.blk.{il}.attn_qkv.bias"]
 
 
+class Ling3VLFamily(Qwen3VLFamily):
+    """Ling-3-VL (ling3vl.cpp): "same vision tower as qwen3vl", built with build_vit, so its 2-D M-RoPE keys are
+    `Kcur_pos-<il>`; 4 consecutive rows = one 2x2 token as in Qwen3-VL. The merger is a LayerNorm and an MLP over
+    each group's rows (mm.0 / mm.2), no deepstack; the patch bias is optional."""
+
+    name = "ling3vl"
+    projector_types = ("ling3vl",)
+    required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1", "v.position_embd.weight",
+                        "mm.input_norm.weight", "mm.input_norm.bias", "mm.0.weight", "mm.0.bias", "mm.2.weight",
+                        "mm.2.bias")
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_1_b (mm.2.bias) ne[0]."""
+        return int(tensors["mm.2.bias"][0][0]) if "mm.2.bias" in tensors else None
+
+    def required_per_block(self, il: int) -> list[str]:
+        return []
+
+
 class GLM4VFamily(QwenMergerFamily):
     """GLM-4.1V-4.6V, GLM-OCR, GLM-5V vision (glm4v.cpp for both projector types): the input permute puts each 2x2 merge group in 4 consecutive
     rows (row-major block order, no windows), 2-D M-RoPE keys `Kcur_pos-<il>` (fused QKV: `Kcur` is a strided
@@ -327,7 +346,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), GLM4VFamily(),
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), Ling3VLFamily(), GLM4VFamily(),
            NoViTBlocksFamily()):
     register(_f)
 

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
-EXTRA_FAMILIES = ("qwen3vl", "glm4v", "glm5v", "ldpv2")
+EXTRA_FAMILIES = ("qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
@@ -57,6 +57,11 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
                       n_deepstack=1),
         VisionDims("qwen3vl", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224,
                    proj_dim=64, deepstack_layers=(1,)),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # Ling-3-VL: the Qwen3-VL tower with its own merger (norm + MLP), no deepstack, before a Qwen3-VL text model
+    ("ling3vl", "tiny"): (
+        TextModelDims("qwen3vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
+        VisionDims("ling3vl", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
         CHATML_CHAT_TEMPLATE, "f32"),
     # GLM-4.1V-4.6V / GLM-OCR: the glm4v vision tower (fused QKV, RMSNorm, SwiGLU, 2x2 conv merger) before a
     # Qwen2-VL text model: GLM-4.1V's own text model (llama.cpp arch glm4 with rope sections) is M-RoPE too, so mtmd

@@ -15,6 +15,8 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   patch-embedding convs plus a patch bias, learned position embeddings, LayerNorm blocks with one fused
   QKV projection (so llama.cpp's ``Kcur`` is a strided view), 2-D M-RoPE, GELU MLP, no windows, 2x2
   merger and optional deepstack mergers (extra embedding slices for chosen blocks).
+* ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
+  a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
   patch-embedding convs plus a patch bias, an RMS norm after them (``v.norm_embd``), learned position
   embeddings, RMSNorm blocks with one fused QKV projection (no bias), 2-D M-RoPE keys ``Kcur_pos``, SwiGLU MLP,
@@ -67,7 +69,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "qwen3vl", "glm4v", "glm5v", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -336,6 +338,12 @@ def _qwen3vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarr
         yield f"{b}.ln2.bias", init.zeros(e)
         yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
         yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
+    if d.family == "ling3vl":  # ling3vl.cpp: LayerNorm per patch, then the MLP over each 2x2 group's 4 rows
+        yield "mm.input_norm.weight", 1.0 + init.normal(e)
+        yield "mm.input_norm.bias", init.normal(e)
+        yield from _linear(init, "mm.0", merged, merged)
+        yield from _linear(init, "mm.2", merged, d.proj_dim)
+        return
     yield "v.post_ln.weight", init.ones(e)
     yield "v.post_ln.bias", init.zeros(e)
     yield from _linear(init, "mm.0", merged, merged)
@@ -436,8 +444,9 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         # neither use_gelu nor use_silu -> quick-GELU in the ViT MLP, as CLIP ViT-L/14
         kv += [("clip.projector_type", "mlp" if d.family == "llava" else "ldpv2"),
                ("clip.has_llava_projector", True), ("clip.use_gelu", False)]
-    elif d.family == "qwen3vl":
-        kv += [("clip.projector_type", "qwen3vl_merger"), ("clip.use_gelu", True),
+    elif d.family in ("qwen3vl", "ling3vl"):
+        kv += [("clip.projector_type", "qwen3vl_merger" if d.family == "qwen3vl" else "ling3vl"),
+               ("clip.use_gelu", True),
                ("clip.vision.spatial_merge_size", d.spatial_merge)]
     elif d.family in ("glm4v", "glm5v"):
         kv += [("clip.projector_type", d.family), ("clip.use_silu", True),
@@ -483,6 +492,7 @@ def write_mmproj(
     path = os.fspath(path)
     init = _Init(seed, weight_std)
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
+           "ling3vl": _qwen3vl_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

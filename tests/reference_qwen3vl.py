@@ -1,6 +1,6 @@
-"""Numpy re-implementation of llama.cpp's Qwen3-VL vision graph (tools/mtmd/models/qwen3vl.cpp) from the
-mmproj GGUF weights: an independent oracle for the keys the capture reads (which, in that graph, come out of
-one fused QKV projection as strided views).
+"""Numpy re-implementation of llama.cpp's Qwen3-VL vision graph (tools/mtmd/models/qwen3vl.cpp; Ling-3-VL's
+ling3vl.cpp runs the same tower) from the mmproj GGUF weights: an independent oracle for the keys the capture
+reads (which, in that graph, come out of one fused QKV projection as strided views).
 
 Covers images mtmd's smart resize leaves alone and whose patch grid equals the learned position table's
 side (no bilinear interpolation of the position embeddings), e.g. 224 x 224 with patch 14 on the fixture.
@@ -76,7 +76,7 @@ def qwen3vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str 
     """Run the qwen3vl.cpp graph on an image; returns per-layer keys before and after the vision M-RoPE
     ([n_patches, n_head, d_head], ViT row order: 2x2 merge groups contiguous, blocks row-major), the merged
     grid and the LLM embeddings (main merger only, deepstack slices not mirrored)."""
-    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, ("qwen3vl_merger",))
+    W, hp, conv, pos_embd, nx, ny = merger_tower_input(path, image_rgb, ("qwen3vl_merger", "ling3vl"))
     e_dim, eps = hp["n_embd"], hp["eps"]
     x = _merge_order(conv, nx, ny) + W.req("v.patch_embd.bias")
     x = x + _merge_order(pos_embd.reshape(ny, nx, e_dim), nx, ny)

@@ -1,20 +1,34 @@
-"""Qwen3-VL / Qwen3.5 family (qwen3vl_merger, fused QKV): the capture reads the strided key views without
-failing, the keys KDV scores equal a numpy re-implementation of qwen3vl.cpp, pruned prefill feeds the kept
-rows at their original M-RoPE positions, and with nothing pruned the answer equals stock llama-cpp-python."""
+"""Qwen3-VL / Qwen3.5 (qwen3vl_merger) and Ling-3-VL (ling3vl: the same tower, its own merger, keys named by
+build_vit): fused QKV. On both fixtures the capture reads the strided key views without failing, the keys KDV
+scores equal a numpy re-implementation of qwen3vl.cpp, pruned prefill feeds the kept rows at their original M-RoPE
+positions, and with nothing pruned the answer equals stock llama-cpp-python."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 
 from avis_llamacpp.capture import strided_to_array, tensor_nbytes
 from avis_llamacpp.families import family_for
+from convert.fixtures import make_fixture
 from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, assert_merge_graph_keys_equal_reference,
-                                  assert_pruned_mrope_prefill, core_family_fixtures, noise, open_vlm, png_bytes,
-                                  stock_chat_completion)
+                                  assert_pruned_mrope_prefill, noise, open_vlm, png_bytes, stock_chat_completion)
 
-fx, vlm = core_family_fixtures("qwen3vl")
+# the post-RoPE key each graph names: qwen3vl.cpp runs its own block loop, ling3vl.cpp build_vit's
+POST_ROPE_KEY = {"qwen3vl": "Kcur_rope", "ling3vl": "Kcur_pos"}
+
+
+@pytest.fixture(scope="module", params=sorted(POST_ROPE_KEY))
+def fx(request, fixture_root):
+    return make_fixture(request.param, "tiny", out_dir=fixture_root)
+
+
+@pytest.fixture(scope="module")
+def vlm(fx):
+    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
+        yield v
 
 
 def test_strided_view_read_equals_numpy_slicing():
@@ -32,9 +46,10 @@ def test_strided_view_read_equals_numpy_slicing():
     np.testing.assert_array_equal(got, want)
 
 
-def test_registry_maps_qwen3vl_natively():
-    fam = family_for("qwen3vl_merger")
-    assert fam.native and fam.name == "qwen3vl"
+def test_registry_maps_both_natively():
+    for projector_type, name in (("qwen3vl_merger", "qwen3vl"), ("ling3vl", "ling3vl")):
+        fam = family_for(projector_type)
+        assert fam.native and fam.name == name and not fam.gated_ffn
 
 
 def test_pruned_query_answers_with_vit_keys(vlm, fx):
@@ -43,7 +58,7 @@ def test_pruned_query_answers_with_vit_keys(vlm, fx):
     n_layer = fx.vision.n_layer
     for kw in ({"tau": math.pi / 4}, {"ratio": 0.5}, {}):
         a = vlm.ask(img, Q, max_tokens=4, **kw)
-        assert a.images[0]["key_source"] == f"vit_keys:Kcur_rope-{n_layer - 1}", kw
+        assert a.images[0]["key_source"] == f"vit_keys:{POST_ROPE_KEY[fx.family]}-{n_layer - 1}", kw
     assert vlm.ask(img, Q, max_tokens=4, ratio=0.5).kept_tokens == [32]
 
 
@@ -53,7 +68,8 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     from tests.reference_qwen3vl import qwen3vl_forward
 
     img = noise(224, 224, 11)
-    assert_merge_graph_keys_equal_reference(vlm, img, qwen3vl_forward(str(fx.mmproj), img), "Kcur_rope")
+    assert_merge_graph_keys_equal_reference(vlm, img, qwen3vl_forward(str(fx.mmproj), img),
+                                            POST_ROPE_KEY[fx.family])
 
 
 def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, monkeypatch):
@@ -64,8 +80,8 @@ def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, mon
 
 
 def test_nothing_pruned_matches_stock_mtmd_handler(vlm, fx):
-    """K = 1, nothing pruned, greedy: the same text as stock llama-cpp-python's MTMDChatHandler (deepstack
-    embeddings included: the text model takes 2 x n_embd inputs). 10 tokens: stock keeps decoding past
+    """K = 1, nothing pruned, greedy: the same text as stock llama-cpp-python's MTMDChatHandler (on Qwen3-VL with
+    deepstack embeddings: the text model takes 2 x n_embd inputs). 10 tokens: stock keeps decoding past
     max_tokens while a UTF-8 character is incomplete (here from token 11), so longer runs differ by design."""
     img = noise(224, 224, 7)
     out = stock_chat_completion(fx.model, fx.mmproj, png_bytes(img), max_tokens=10, n_ctx=2048, n_threads_batch=1,
@@ -77,7 +93,6 @@ def test_nothing_pruned_matches_stock_mtmd_handler(vlm, fx):
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
     assert_kept_sets_equal_flash_on_off(fx, vlm)
-
 
 
 def test_strided_kcur_view_is_read_by_its_strides(fx):
