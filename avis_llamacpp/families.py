@@ -257,6 +257,24 @@ class QwenMergerFamily(Family):
         return [f"v.blk.{il}.attn_{x}.bias" for x in "qkv"]
 
 
+class Exaone45Family(QwenMergerFamily):
+    """EXAONE 4.5 vision (exaone4_5.cpp): the Qwen2.5-VL layout (2x2 merge of 4 consecutive rows, rows reordered by
+    112 px windows when n_wa_pattern > 0; clip.cpp reads no window size for it) with one fused QKV projection and
+    grouped-query attention: the keys `Kcur_rope-<il>` have n_head_kv heads (FLOPs count full-width K / V)."""
+
+    name = "exaone4_5"
+    projector_types = ("exaone4_5",)
+    required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.0.bias", "mm.2.weight",
+                        "mm.2.bias")
+    forbidden_tensors = ("v.patch_embd.bias", "v.class_embd")
+
+    def windowed(self, info: VisionInfo) -> bool:
+        return info.n_wa_pattern > 0
+
+    def required_per_block(self, il: int) -> list[str]:
+        return [f"v.blk.{il}.attn_qkv.weight"]  # exaone4_5.cpp asserts the fused projection
+
+
 class Qwen3VLFamily(QwenMergerFamily):
     """Qwen3-VL, Qwen3.5 / 3.6, Qwen3-Omni vision (qwen3vl.cpp): a fused QKV split into strided views, 2-D
     M-RoPE keys `Kcur_rope-<il>`, 4 consecutive rows = one 2x2 token in row-major block order, no windows;
@@ -346,8 +364,8 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Qwen3VLFamily(), Ling3VLFamily(), GLM4VFamily(),
-           NoViTBlocksFamily()):
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Exaone45Family(), Qwen3VLFamily(), Ling3VLFamily(),
+           GLM4VFamily(), NoViTBlocksFamily()):
     register(_f)
 
 

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
-EXTRA_FAMILIES = ("qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+EXTRA_FAMILIES = ("exaone4_5", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
@@ -57,6 +57,13 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
                       n_deepstack=1),
         VisionDims("qwen3vl", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224,
                    proj_dim=64, deepstack_layers=(1,)),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # EXAONE 4.5: Qwen2.5-VL's windowed tower with a fused grouped-query QKV (4 query heads, 2 key heads), before
+    # a Qwen2-VL text model (M-RoPE: mtmd positions the image as for Qwen2.5-VL)
+    ("exaone4_5", "tiny"): (
+        TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
+        VisionDims("exaone4_5", n_embd=64, n_layer=4, n_head=4, n_ff=128, patch_size=14, image_size=224,
+                   proj_dim=64, n_wa_pattern=2, n_head_kv=2),
         CHATML_CHAT_TEMPLATE, "f32"),
     # Ling-3-VL: the Qwen3-VL tower with its own merger (norm + MLP), no deepstack, before a Qwen3-VL text model
     ("ling3vl", "tiny"): (

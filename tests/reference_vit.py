@@ -516,7 +516,8 @@ def _qwen_grid_ok(w: int, h: int, hp: dict[str, Any]) -> bool:
 
 
 def qwen25vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str = "ggml") -> dict[str, Any]:
-    """Run the qwen2vl.cpp graph (qwen2.5vl_merger) on an image for which mtmd's smart resize is a no-op
+    """Run the qwen2vl.cpp graph (qwen2.5vl_merger), or exaone4_5.cpp's (the same with a fused grouped-query QKV),
+    on an image for which mtmd's smart resize is a no-op
     (both sides multiples of 2*patch_size and 8..4096 merged tokens, e.g. 224x224 with patch 14).
 
     Returns a dict with:
@@ -531,8 +532,8 @@ def qwen25vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str
       grid:           (nx, ny) merged-token grid
     """
     weights, hp = load_mmproj(path)
-    if hp["projector_type"] != "qwen2.5vl_merger":
-        raise ValueError(f"qwen25vl_forward supports 'qwen2.5vl_merger', got {hp['projector_type']!r}")
+    if hp["projector_type"] not in ("qwen2.5vl_merger", "exaone4_5"):
+        raise ValueError(f"qwen25vl_forward supports 'qwen2.5vl_merger' and 'exaone4_5', got {hp['projector_type']!r}")
     if hp["n_merge"] != 2:
         raise ValueError("clip.cpp hard-codes a 2x2 merge for qwen2.5vl")
     W = _W(weights)
@@ -571,13 +572,21 @@ def qwen25vl_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str
         full_attn = (il + 1) % hp["n_wa_pattern"] == 0 if use_wa else True
         full.append(full_attn)
         cur = _rms_norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps)
-        q = _linear(cur, W.req(f"{b}.attn_q.weight"), W.req(f"{b}.attn_q.bias")).reshape(n, n_head, d_head)
-        k = _linear(cur, W.req(f"{b}.attn_k.weight"), W.req(f"{b}.attn_k.bias")).reshape(n, n_head, d_head)
-        v = _linear(cur, W.req(f"{b}.attn_v.weight"), W.req(f"{b}.attn_v.bias")).reshape(n, n_head, d_head)
+        if W.get(f"{b}.attn_qkv.weight") is not None:  # exaone4_5: one projection, Q then K then V (n_kv heads each)
+            qkv = _linear(cur, W.req(f"{b}.attn_qkv.weight"), W.get(f"{b}.attn_qkv.bias"))
+            kv_dim = (qkv.shape[1] - e_dim) // 2
+            q = qkv[:, :e_dim].reshape(n, n_head, d_head)
+            k = qkv[:, e_dim:e_dim + kv_dim].reshape(n, kv_dim // d_head, d_head)
+            v = qkv[:, e_dim + kv_dim:].reshape(n, kv_dim // d_head, d_head)
+        else:
+            q = _linear(cur, W.req(f"{b}.attn_q.weight"), W.req(f"{b}.attn_q.bias")).reshape(n, n_head, d_head)
+            k = _linear(cur, W.req(f"{b}.attn_k.weight"), W.req(f"{b}.attn_k.bias")).reshape(n, n_head, d_head)
+            v = _linear(cur, W.req(f"{b}.attn_v.weight"), W.req(f"{b}.attn_v.bias")).reshape(n, n_head, d_head)
         keys.append(k)
         q, k = _rope_vision(q, pos), _rope_vision(k, pos)
         keys_rope.append(k)
-        attn = _attention(q, k, v, None if full_attn else mask)
+        group = n_head // k.shape[1]  # ggml_mul_mat broadcasts key head h // group to query head h
+        attn = _attention(q, np.repeat(k, group, axis=1), np.repeat(v, group, axis=1), None if full_attn else mask)
         x = x + _linear(attn, W.req(f"{b}.attn_out.weight"), W.get(f"{b}.attn_out.bias"))
         cur = _rms_norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps)
         x = x + _ffn(cur, W, il, hp, act)

@@ -265,6 +265,9 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
     "mmproj_qwen3vl_patch_bias_missing": ("qwen3vl", "mmproj",
                                           lambda d, p: rename(d, "v.patch_embd.bias", "v.patch_embd.biaX"),
                                           ("v.patch_embd.bias",)),
+    "mmproj_exaone_one_block_lacks_its_fused_qkv": (  # exaone4_5.cpp asserts qkv_w in every block (abort)
+        "exaone4_5", "mmproj", lambda d, p: rename(d, "v.blk.1.attn_qkv.weight", "v.blk.1.attn_qkv.weighX"),
+        ("v.blk.1.attn_q",)),
     "mmproj_ling3vl_position_embd_missing": (  # ling3vl.cpp's position resize asserts on it (abort)
         "ling3vl", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
         ("v.position_embd.weight",)),
@@ -286,6 +289,8 @@ ADDED: dict[str, tuple[str, str, dict[str, int], dict[str, np.ndarray], tuple[st
                                          ("v.class_embd must not exist",)),
     "mmproj_qwen3vl_class_embd_forbidden": ("qwen3vl", "mmproj", {}, {"v.class_embd": np.zeros(64, np.float32)},
                                             ("v.class_embd must not exist",)),
+    "mmproj_exaone_patch_bias_forbidden": ("exaone4_5", "mmproj", {}, {"v.patch_embd.bias": np.zeros(64, np.float32)},
+                                           ("v.patch_embd.bias must not exist",)),
     "mmproj_glm4v_class_embd_forbidden": ("glm4v", "mmproj", {}, {"v.class_embd": np.zeros(64, np.float32)},
                                           ("v.class_embd must not exist",)),
     "mmproj_qwen_patch_bias_forbidden": ("qwen25vl", "mmproj", {}, {"v.patch_embd.bias": np.zeros(64, np.float32)},
@@ -300,7 +305,7 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
 
     d = tmp_path_factory.mktemp("preflight-rules")
     fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
-          **{fam: make_fixture(fam, "tiny", out_dir=fixture_root) for fam in ("qwen3vl", "ling3vl", "glm4v")}}
+          **{fam: make_fixture(fam, "tiny", out_dir=fixture_root) for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -333,7 +338,8 @@ def test_each_rule_stops_its_broken_file_and_the_process_survives(case, outcomes
 
 def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     """The control: the same loader answers on the unedited pairs (so each case's error comes from its edit)."""
-    assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v")), outcomes
+    assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v",
+                                                                  "exaone4_5")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):
