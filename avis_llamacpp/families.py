@@ -320,9 +320,10 @@ class Ling3VLFamily(Qwen3VLFamily):
 
 
 class GLM4VFamily(QwenMergerFamily):
-    """GLM-4.1V-4.6V, GLM-OCR, GLM-5V vision (glm4v.cpp for both projector types): the input permute puts each 2x2 merge group in 4 consecutive
-    rows (row-major block order, no windows), 2-D M-RoPE keys `Kcur_pos-<il>` (fused QKV: `Kcur` is a strided
-    view), SwiGLU blocks; a 2x2 stride-2 conv merges the 4 rows of a token, then the FC / SwiGLU projector."""
+    """GLM-4.1V-4.6V, GLM-OCR, GLM-5V vision (clip.cpp builds glm4v.cpp for both projector types): the input
+    permute puts each 2x2 merge group in 4 consecutive rows (row-major block order, no windows), 2-D M-RoPE keys
+    `Kcur_pos-<il>` (fused QKV: `Kcur` is a strided view), SwiGLU blocks (clamped in glm5v); a 2x2 stride-2 conv
+    merges the 4 rows of a token, then the FC / SwiGLU projector."""
 
     name = "glm4v"
     projector_types = ("glm4v", "glm5v")

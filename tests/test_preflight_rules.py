@@ -305,7 +305,8 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
 
     d = tmp_path_factory.mktemp("preflight-rules")
     fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
-          **{fam: make_fixture(fam, "tiny", out_dir=fixture_root) for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5")}}
+          **{fam: make_fixture(fam, "tiny", out_dir=fixture_root)
+             for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
