@@ -296,6 +296,18 @@ ADDED: dict[str, tuple[str, str, dict[str, int], dict[str, np.ndarray], tuple[st
     "mmproj_qwen_patch_bias_forbidden": ("qwen25vl", "mmproj", {}, {"v.patch_embd.bias": np.zeros(64, np.float32)},
                                          ("v.patch_embd.bias must not exist",)),
 }
+# EXAONE 4.5 with separate q / k / v in every block instead of its fused QKV: a generic ViT would load, but
+# exaone4_5.cpp asserts the fused projection (abort), so only the family's per-block rule stops it
+_EXAONE_E, _EXAONE_KV = 64, 32  # the fixture's width and its 2 key heads x 16
+ADDED["mmproj_exaone_separate_qkv_instead_of_fused"] = (
+    "exaone4_5", "mmproj", {},
+    {f"v.blk.{il}.attn_{x}.weight": np.zeros((_EXAONE_E if x == "q" else _EXAONE_KV, _EXAONE_E), np.float32)
+     for il in range(4) for x in "qkv"},
+    ("v.blk.0.attn_qkv.weight",))
+THEN_EDITED: dict[str, Edit] = {
+    "mmproj_exaone_separate_qkv_instead_of_fused":
+        lambda d, p: [rename(d, n, n[:-1] + "X") for n in _blocks(p, ".attn_qkv.weight")],
+}
 ALL_CASES = sorted(set(CASES) | set(ADDED))
 
 
@@ -319,6 +331,10 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
         dst = d / f"{name}.gguf"
         rewrite(Path(getattr(fx[fam], which)), dst, add_kv=kv, add_tensors=tensors,
                 big_endian=name == "text_big_endian")
+        if name in THEN_EDITED:  # and a byte edit after the tensors were added
+            data = bytearray(dst.read_bytes())
+            THEN_EDITED[name](data, dst)
+            dst.write_bytes(bytes(data))
         cases.append((name, dst, fam, which))
     # the good pair of each family, loaded last: the child process still loads and answers with it
     runs = [(name, str(dst) if which == "model" else str(fx[fam].model),
