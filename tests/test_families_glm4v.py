@@ -97,3 +97,28 @@ def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
     assert_kept_sets_equal_flash_on_off(fx, vlm)
+
+
+def test_video_frames_are_chunks_of_one_selection(vlm, fx):
+    """llama.cpp pairs no frames for GLM-4V / GLM-5V (no temporal merge): a 4-frame clip is 4 chunks, and its kept
+    set is one KDV selection over all of them (numpy oracle over the chunks' keys, read chunk by chunk), which a
+    frame-by-frame rule would not give on this clip."""
+    from avis_llamacpp.mtmd import ImageChunk
+    from tests.test_video_joint import _clip, _kept_over_video, _oracle_kept
+
+    frames = _clip(n_frames=4, size=112)
+    keys = []
+    with vlm.projector.tokenize(vlm.render_question(Q, len(frames)), frames, video=True) as prompt:
+        for c in prompt.chunks:
+            if isinstance(c, ImageChunk):
+                k, source = vlm.token_keys(c, vlm.projector.encode(c))
+                assert source.startswith("vit_keys:Kcur_pos")
+                keys.append(k)
+    assert len(keys) == 4
+    joint = _oracle_kept(np.concatenate(keys), ratio=0.5)
+    offsets = np.cumsum([0] + [len(k) for k in keys[:-1]])
+    per_chunk = np.concatenate([_oracle_kept(k, ratio=0.5) + off for k, off in zip(keys, offsets)])
+    assert not np.array_equal(joint, per_chunk)
+    a = vlm.ask(None, Q, video=frames, max_tokens=1, ratio=0.5)
+    assert a.image_tokens == [len(k) for k in keys] == [16] * 4
+    np.testing.assert_array_equal(_kept_over_video(a), joint)
