@@ -211,7 +211,8 @@ def read_vision_info(mmproj_path: str | os.PathLike) -> VisionInfo:
                       n_layer=int(get("clip.vision.block_count", 0)), n_embd=int(get("clip.vision.embedding_length", 0)),
                       n_ff=int(get("clip.vision.feed_forward_length", 0)),
                       image_size=int(get("clip.vision.image_size", 0)),
-                      scale_factor=int(get("clip.vision.projector.scale_factor", 0)))
+                      scale_factor=int(get("clip.vision.projector.scale_factor", 0)),
+                      window_modes=tuple(int(v) for v in get("clip.vision.wa_pattern_mode", []) or []))
 
 
 def read_constant_tensors(mmproj_path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:

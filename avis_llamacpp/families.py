@@ -42,6 +42,7 @@ class VisionInfo:
     n_ff: int = 0
     image_size: int = 0
     scale_factor: int = 0  # clip.vision.projector.scale_factor (gemma3 / idefics3 / internvl / gemma4v)
+    window_modes: tuple[int, ...] = ()  # clip.vision.wa_pattern_mode (mimovl: per block -1 full, 0 row, 1 column)
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,38 @@ class Exaone45Family(QwenMergerFamily):
         return [f"v.blk.{il}.attn_qkv.weight"]  # exaone4_5.cpp asserts the fused projection
 
 
+class MimoVLFamily(QwenMergerFamily):
+    """MiMo-VL vision (mimovl.cpp): 4 consecutive rows per 2x2 unit as in Qwen2-VL, but each block runs on the units
+    in row order, or in column order (wa_pattern_mode 1: unit c * h + r holds unit r * w + c) for a banded window,
+    so the last block's keys `Kcur_rope-<il>` come in column order when its mode is 1: undone here. Fused biased
+    grouped-query QKV (n_head_kv key heads); FLOPs count full attention in the windowed blocks too."""
+
+    name = "mimovl"
+    projector_types = ("mimovl",)
+    required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.2.weight")
+    forbidden_tensors = ("v.class_embd",)
+
+    def windowed(self, info: VisionInfo) -> bool:
+        return False
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        nx, ny = self.token_grid(geom, info)
+        m = self.merge
+        if keys.shape[0] != geom.n_tokens * m * m or nx * ny != geom.n_tokens:
+            return None
+        if info.window_modes and info.window_modes[-1] == 1:  # column order of units -> row order
+            units = keys.reshape(nx, ny, m * m, *keys.shape[1:])  # [c, r, ...]: unit c * ny + r
+            keys = units.transpose(1, 0, *range(2, units.ndim)).reshape(keys.shape)
+        return _all_scored(vit_keys_to_token_keys(keys, nx * m, ny * m, m, None))
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_1_w (mm.2.weight) ne[1]."""
+        return int(tensors["mm.2.weight"][0][1]) if "mm.2.weight" in tensors else None
+
+    def required_per_block(self, il: int) -> list[str]:
+        return [f"v.blk.{il}.attn_qkv.weight", f"v.blk.{il}.attn_qkv.bias"]  # mimovl.cpp uses both unchecked
+
+
 class Qwen3VLFamily(QwenMergerFamily):
     """Qwen3-VL, Qwen3.5 / 3.6, Qwen3-Omni vision (qwen3vl.cpp): a fused QKV split into strided views, 2-D
     M-RoPE keys `Kcur_rope-<il>`, 4 consecutive rows = one 2x2 token in row-major block order, no windows;
@@ -365,8 +398,8 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Exaone45Family(), Qwen3VLFamily(), Ling3VLFamily(),
-           GLM4VFamily(), NoViTBlocksFamily()):
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Exaone45Family(), MimoVLFamily(), Qwen3VLFamily(),
+           Ling3VLFamily(), GLM4VFamily(), NoViTBlocksFamily()):
     register(_f)
 
 

@@ -18,6 +18,9 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
 * ``"exaone4_5"``: EXAONE 4.5 vision (exaone4_5.cpp): the Qwen2.5-VL layout (two patch convs, RMSNorm, SwiGLU,
   112 px windows with full attention every ``n_wa_pattern`` blocks, ``mm.0`` / ``mm.2`` merger) with one fused
   QKV projection and grouped-query attention (``n_head_kv`` key heads), keys ``Kcur_rope``.
+* ``"mimovl"``: MiMo-VL vision (mimovl.cpp): two patch convs, RMSNorm blocks with a fused biased grouped-query
+  QKV, 2-D RoPE, per block full attention (-1) or a banded 1-D window over the rows in row (0) or column (1) order of
+  the 2x2 units, with attention sinks; SwiGLU; LayerNorm post-norm and the bias-free ``mm.0`` / ``mm.2`` merger.
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -72,7 +75,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -94,7 +97,9 @@ class VisionDims:
     image_max_pixels: int | None = None  # metadata only (ignored by clip.cpp for qwen2.5vl)
     eps: float = 1e-6
     deepstack_layers: tuple[int, ...] = ()  # qwen3vl: blocks whose output feeds a deepstack merger
-    n_head_kv: int = 0  # exaone4_5: key/value heads of the ViT's grouped-query attention (0: n_head)
+    window_modes: tuple[int, ...] = ()  # mimovl: per block -1 full, 0 row-order window, 1 column-order window
+    window_rows: int = 0  # mimovl: the banded window's radius in rows (clip.vision.window_size)
+    n_head_kv: int = 0  # exaone4_5 / mimovl: key/value heads of the ViT's grouped-query attention (0: n_head)
     swiglu_clamp: float = 0.0  # glm5v: gate <= clamp, |up| <= clamp in every SwiGLU (required key there)
 
     @property
@@ -381,6 +386,29 @@ def _exaone4_5_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.nda
     yield from _linear(init, "mm.2", merged, d.proj_dim)
 
 
+def _mimovl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a MiMo-VL vision tower (mimovl.cpp; names as clip.cpp loads them)."""
+    e, p = d.n_embd, d.patch_size
+    merged = e * d.spatial_merge * d.spatial_merge
+    kv_dim = (d.n_head_kv or d.n_head) * (e // d.n_head)
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.patch_embd.weight.1", init.normal(e, 3, p, p)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield f"{b}.ln1.weight", 1.0 + init.normal(e)
+        yield from _linear(init, f"{b}.attn_qkv", e, e + 2 * kv_dim)
+        yield from _linear(init, f"{b}.attn_out", e, e)
+        yield f"{b}.attn_sinks", init.normal(d.n_head, std=1.0)
+        yield f"{b}.ln2.weight", 1.0 + init.normal(e)
+        yield from _linear(init, f"{b}.ffn_gate", e, d.n_ff)
+        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
+        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
+    yield "v.post_ln.weight", init.ones(e)
+    yield "v.post_ln.bias", init.zeros(e)
+    yield from _linear(init, "mm.0", merged, merged, bias=False)
+    yield from _linear(init, "mm.2", merged, d.proj_dim, bias=False)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -475,6 +503,13 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
                ("clip.vision.n_wa_pattern", d.n_wa_pattern), ("clip.vision.spatial_merge_size", d.spatial_merge),
                ("clip.vision.attention.head_count_kv", d.n_head_kv or d.n_head),
                ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family == "mimovl":  # clip.cpp requires every one of these for it
+        min_px, max_px = effective_pixel_limits(d)
+        kv += [("clip.projector_type", "mimovl"), ("clip.use_silu", True),
+               ("clip.vision.spatial_merge_size", d.spatial_merge),
+               ("clip.vision.attention.head_count_kv", d.n_head_kv or d.n_head),
+               ("clip.vision.window_size", d.window_rows), ("clip.vision.wa_pattern_mode", list(d.window_modes)),
+               ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
     elif d.family in ("qwen3vl", "ling3vl"):
         kv += [("clip.projector_type", "qwen3vl_merger" if d.family == "qwen3vl" else "ling3vl"),
                ("clip.use_gelu", True),
@@ -523,7 +558,7 @@ def write_mmproj(
     path = os.fspath(path)
     init = _Init(seed, weight_std)
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
-           "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors,
+           "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")
