@@ -59,7 +59,8 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
     rows = ref["keys_rope"][-1]  # column order of the units: the last block's mode is 1
     got = vlm.key_capture.keys
     assert got.shape == rows.shape == (256, fx.vision.n_head_kv, 16)
-    np.testing.assert_allclose(got, rows, rtol=2e-3, atol=2e-3 * np.abs(rows).max())
+    # f32 vs f64 rounding is ~1e-7 here; the sinks alone move these keys by ~4e-4, the window by ~6e-3
+    np.testing.assert_allclose(got, rows, rtol=0, atol=2e-5 * np.abs(rows).max())
     chunk = type("C", (), {"n_tokens": 64, "nx": 8, "ny": 8, "image_index": 0})()
     tokens, _ = vlm.token_keys(chunk, np.zeros((64, 4)))
     want = _tokens_by_loop(rows, 8, 8, column_order=True)
