@@ -763,6 +763,33 @@ class Idefics3Family(Family):
 register(Idefics3Family())
 
 
+class PaddleOCRFamily(Idefics3Family):
+    """PaddleOCR-VL (paddleocr.cpp): a SigLIP-style ViT on raster-ordered patches with 2-D M-RoPE (keys
+    `Kcur_pos-<il>`), then the same `build_patch_merge_permute` as idefics3 / lfm2 with s = 2 (clip.cpp fixes
+    n_merge for it): token ty*ceil(W/2)+tx is the mean of its real 2x2 patches. mtmd reports the token grid (M-RoPE)."""
+
+    name = "paddleocr"
+    projector_types = ("paddleocr",)
+    key_names = KEY_NAMES_POST_ROPE_FIRST
+    required_tensors = ("v.patch_embd.weight", "v.position_embd.weight", "mm.input_norm.weight",
+                        "mm.input_norm.bias", "mm.1.weight", "mm.1.bias", "mm.2.weight", "mm.2.bias")
+    forbidden_tensors = ()
+
+    @staticmethod
+    def scale(info: VisionInfo) -> int:
+        return 2
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_2_w ne[1]."""
+        return int(tensors["mm.2.weight"][0][1]) if "mm.2.weight" in tensors else None
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        return list(self.required_tensors)
+
+
+register(PaddleOCRFamily())
+
+
 class Gemma4VFamily(Family):
     """Gemma 4 vision (tools/mtmd/models/gemma4v.cpp, PROJECTOR_TYPE_GEMMA4V).
 

@@ -21,6 +21,9 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
 * ``"mimovl"``: MiMo-VL vision (mimovl.cpp): two patch convs, RMSNorm blocks with a fused biased grouped-query
   QKV, 2-D RoPE, per block full attention (-1) or a banded 1-D window over the rows in row (0) or column (1) order of
   the 2x2 units, with attention sinks; SwiGLU; LayerNorm post-norm and the bias-free ``mm.0`` / ``mm.2`` merger.
+* ``"paddleocr"``: PaddleOCR-VL vision (paddleocr.cpp): a SigLIP-style ViT (biased patch conv, learned positions,
+  LayerNorm blocks with biased q / k / v, GELU MLP) with 2-D M-RoPE keys ``Kcur_pos`` on raster-ordered patches,
+  then a LayerNorm, the 2x2 pixel-unshuffle merge (``build_patch_merge_permute``) and the ``mm.1`` / ``mm.2`` MLP.
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -75,7 +78,7 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -409,6 +412,32 @@ def _mimovl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarra
     yield from _linear(init, "mm.2", merged, d.proj_dim, bias=False)
 
 
+def _paddleocr_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a PaddleOCR-VL vision tower + projector (paddleocr.cpp; names as clip.cpp loads them)."""
+    e, p = d.n_embd, d.patch_size
+    merged = e * d.spatial_merge * d.spatial_merge
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.patch_embd.bias", init.normal(e)
+    yield "v.position_embd.weight", init.normal((d.image_size // p) ** 2, e)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield f"{b}.ln1.weight", 1.0 + init.normal(e)
+        yield f"{b}.ln1.bias", init.normal(e)
+        for x in "qkv":
+            yield from _linear(init, f"{b}.attn_{x}", e, e)
+        yield from _linear(init, f"{b}.attn_out", e, e)
+        yield f"{b}.ln2.weight", 1.0 + init.normal(e)
+        yield f"{b}.ln2.bias", init.normal(e)
+        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
+        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
+    yield "v.post_ln.weight", init.ones(e)
+    yield "v.post_ln.bias", init.zeros(e)
+    yield "mm.input_norm.weight", init.ones(e)
+    yield "mm.input_norm.bias", init.zeros(e)
+    yield from _linear(init, "mm.1", merged, merged)
+    yield from _linear(init, "mm.2", merged, d.proj_dim)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -510,6 +539,10 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
                ("clip.vision.attention.head_count_kv", d.n_head_kv or d.n_head),
                ("clip.vision.window_size", d.window_rows), ("clip.vision.wa_pattern_mode", list(d.window_modes)),
                ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family == "paddleocr":  # clip.cpp requires the pixel limits; it fixes the 2x2 merge itself
+        min_px, max_px = effective_pixel_limits(d)
+        kv += [("clip.projector_type", "paddleocr"), ("clip.use_gelu", True),
+               ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
     elif d.family in ("qwen3vl", "ling3vl"):
         kv += [("clip.projector_type", "qwen3vl_merger" if d.family == "qwen3vl" else "ling3vl"),
                ("clip.use_gelu", True),
@@ -559,6 +592,7 @@ def write_mmproj(
     init = _Init(seed, weight_std)
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
+           "paddleocr": _paddleocr_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

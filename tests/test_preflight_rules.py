@@ -271,6 +271,9 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
     "mmproj_mimovl_no_qkv_bias_in_any_block": (  # mimovl.cpp adds qkv_b unchecked
         "mimovl", "mmproj", lambda d, p: [rename(d, n, n[:-1] + "X") for n in _blocks(p, ".attn_qkv.bias")],
         ("v.blk.0.attn_qkv.bias",)),
+    "mmproj_paddleocr_position_embd_missing": (  # paddleocr.cpp's position resize asserts on it (abort)
+        "paddleocr", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
+        ("v.position_embd.weight",)),
     "mmproj_ling3vl_position_embd_missing": (  # ling3vl.cpp's position resize asserts on it (abort)
         "ling3vl", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
         ("v.position_embd.weight",)),
@@ -321,7 +324,7 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
     d = tmp_path_factory.mktemp("preflight-rules")
     fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
           **{fam: make_fixture(fam, "tiny", out_dir=fixture_root)
-             for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl")}}
+             for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl", "paddleocr")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -359,7 +362,7 @@ def test_each_rule_stops_its_broken_file_and_the_process_survives(case, outcomes
 def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     """The control: the same loader answers on the unedited pairs (so each case's error comes from its edit)."""
     assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v",
-                                                                  "exaone4_5", "mimovl")), outcomes
+                                                                  "exaone4_5", "mimovl", "paddleocr")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):
