@@ -764,12 +764,13 @@ register(Idefics3Family())
 
 
 class PaddleOCRFamily(Idefics3Family):
-    """PaddleOCR-VL (paddleocr.cpp): a SigLIP-style ViT on raster-ordered patches with 2-D M-RoPE (keys
-    `Kcur_pos-<il>`), then the same `build_patch_merge_permute` as idefics3 / lfm2 with s = 2 (clip.cpp fixes
-    n_merge for it): token ty*ceil(W/2)+tx is the mean of its real 2x2 patches. mtmd reports the token grid (M-RoPE)."""
+    """PaddleOCR-VL (paddleocr.cpp) and dots.ocr (dotsocr.cpp): a ViT on raster-ordered patches with 2-D M-RoPE
+    (keys `Kcur_pos-<il>`), then the same `build_patch_merge_permute` as idefics3 / lfm2: token ty*ceil(W/s)+tx is
+    the mean of its real s x s patches; s = 2 for paddleocr (clip.cpp fixes it), clip.vision.projector.scale_factor
+    for dots_ocr. The patch grid comes from the encoder's input size when mtmd reports a 1 x N grid."""
 
     name = "paddleocr"
-    projector_types = ("paddleocr",)
+    projector_types = ("paddleocr", "dots_ocr")
     key_names = KEY_NAMES_POST_ROPE_FIRST
     required_tensors = ("v.patch_embd.weight", "v.position_embd.weight", "mm.input_norm.weight",
                         "mm.input_norm.bias", "mm.1.weight", "mm.1.bias", "mm.2.weight", "mm.2.bias")
@@ -777,6 +778,8 @@ class PaddleOCRFamily(Idefics3Family):
 
     @staticmethod
     def scale(info: VisionInfo) -> int:
+        if info.projector_type == "dots_ocr":
+            return info.scale_factor if info.scale_factor > 0 else 1
         return 2
 
     def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
@@ -784,6 +787,9 @@ class PaddleOCRFamily(Idefics3Family):
         return int(tensors["mm.2.weight"][0][1]) if "mm.2.weight" in tensors else None
 
     def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        if "mm.0.weight" in tensors or "mm.post_norm.weight" in tensors:  # dots_ocr's projector and post-norm
+            return ["v.patch_embd.weight", "mm.input_norm.weight", "mm.input_norm.bias", "mm.post_norm.weight",
+                    "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"]
         return list(self.required_tensors)
 
 

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
-EXTRA_FAMILIES = ("exaone4_5", "mimovl", "paddleocr", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+EXTRA_FAMILIES = ("exaone4_5", "mimovl", "paddleocr", "dots_ocr", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
@@ -77,6 +77,12 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
     ("paddleocr", "tiny"): (
         TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
         VisionDims("paddleocr", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # dots.ocr: the raster-order M-RoPE ViT with RMSNorm / SwiGLU blocks and a 2x2 pixel-unshuffle merge, before a
+    # 1-D RoPE text model as dots.ocr's own (Qwen2.5); mtmd reports its image as a 1 x N grid
+    ("dots_ocr", "tiny"): (
+        TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
+        VisionDims("dots_ocr", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
         CHATML_CHAT_TEMPLATE, "f32"),
     # Ling-3-VL: the Qwen3-VL tower with its own merger (norm + MLP), no deepstack, before a Qwen3-VL text model
     ("ling3vl", "tiny"): (

@@ -24,6 +24,9 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
 * ``"paddleocr"``: PaddleOCR-VL vision (paddleocr.cpp): a SigLIP-style ViT (biased patch conv, learned positions,
   LayerNorm blocks with biased q / k / v, GELU MLP) with 2-D M-RoPE keys ``Kcur_pos`` on raster-ordered patches,
   then a LayerNorm, the 2x2 pixel-unshuffle merge (``build_patch_merge_permute``) and the ``mm.1`` / ``mm.2`` MLP.
+* ``"dots_ocr"``: dots.ocr vision (dotsocr.cpp): the same raster-order M-RoPE ViT as paddleocr but with RMSNorm
+  blocks, a SwiGLU MLP and no learned positions, a post-trunk RMS norm (``mm.post_norm``), the s x s
+  pixel-unshuffle merge (s = ``clip.vision.projector.scale_factor``) and the ``mm.0`` / ``mm.2`` MLP (erf GELU).
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -78,7 +81,8 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "qwen3vl", "ling3vl", "glm4v",
+             "glm5v", "ldpv2")
 
 
 @dataclass
@@ -438,6 +442,29 @@ def _paddleocr_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.nda
     yield from _linear(init, "mm.2", merged, d.proj_dim)
 
 
+def _dots_ocr_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a dots.ocr vision tower + projector (dotsocr.cpp; names as clip.cpp loads them)."""
+    e, p = d.n_embd, d.patch_size
+    merged = e * d.spatial_merge * d.spatial_merge
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.patch_embd.bias", init.normal(e)
+    for il in range(d.n_layer):
+        b = f"v.blk.{il}"
+        yield f"{b}.ln1.weight", 1.0 + init.normal(e)
+        for x in "qkv":
+            yield from _linear(init, f"{b}.attn_{x}", e, e, bias=False)
+        yield from _linear(init, f"{b}.attn_out", e, e)
+        yield f"{b}.ln2.weight", 1.0 + init.normal(e)
+        yield from _linear(init, f"{b}.ffn_gate", e, d.n_ff, bias=False)
+        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff, bias=False)
+        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e, bias=False)
+    yield "mm.post_norm.weight", 1.0 + init.normal(e)
+    yield "mm.input_norm.weight", init.ones(e)
+    yield "mm.input_norm.bias", init.zeros(e)
+    yield from _linear(init, "mm.0", merged, merged)
+    yield from _linear(init, "mm.2", merged, d.proj_dim)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -543,6 +570,11 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         min_px, max_px = effective_pixel_limits(d)
         kv += [("clip.projector_type", "paddleocr"), ("clip.use_gelu", True),
                ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family == "dots_ocr":  # clip.cpp requires all three for it
+        min_px, max_px = effective_pixel_limits(d)
+        kv += [("clip.projector_type", "dots_ocr"), ("clip.use_silu", True),
+               ("clip.vision.projector.scale_factor", d.spatial_merge),
+               ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
     elif d.family in ("qwen3vl", "ling3vl"):
         kv += [("clip.projector_type", "qwen3vl_merger" if d.family == "qwen3vl" else "ling3vl"),
                ("clip.use_gelu", True),
@@ -592,7 +624,7 @@ def write_mmproj(
     init = _Init(seed, weight_std)
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
-           "paddleocr": _paddleocr_tensors,
+           "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

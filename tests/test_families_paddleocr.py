@@ -1,26 +1,38 @@
-"""PaddleOCR-VL family (paddleocr: a SigLIP-style ViT with 2-D M-RoPE on raster-ordered patches, then the 2x2
-pixel-unshuffle merge): the keys KDV scores equal a numpy re-implementation of paddleocr.cpp
-(tests/reference_paddleocr.py) and each token's key is its 2x2 block's mean (a plain loop over the raster grid);
-pruned prefill feeds the kept rows at their original M-RoPE positions; with nothing pruned the logits and the
-answer equal stock llama-cpp-python's. The fixture's text model is Qwen2-VL's (M-RoPE, as PaddleOCR-VL's)."""
+"""PaddleOCR-VL (paddleocr) and dots.ocr (dots_ocr): a ViT with 2-D M-RoPE on raster-ordered patches, then the 2x2
+pixel-unshuffle merge. On both fixtures the keys KDV scores equal a numpy re-implementation of paddleocr.cpp /
+dotsocr.cpp (tests/reference_paddleocr.py) and each token's key is its 2x2 block's mean (a plain loop over the
+raster grid; dots.ocr, without a position table, also on a non-square image);
+pruned prefill keeps the positions right (paddleocr before an M-RoPE text model, as its ERNIE; dots.ocr before a
+1-D RoPE one, as its Qwen2.5); with nothing pruned the logits and the answer equal stock llama-cpp-python's."""
 
 from __future__ import annotations
 
 import llama_cpp.llama_chat_format as lcf
 import numpy as np
+import pytest
 
 from avis_llamacpp.families import PaddleOCRFamily, family_for
 from avis_llamacpp.preflight import scan_gguf
+from convert.fixtures import make_fixture
 from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_kept_sets_equal_flash_on_off,
-                                  assert_pruned_mrope_prefill, core_family_fixtures, noise, png_bytes,
-                                  stock_chat_completion)
+                                  assert_pruned_mrope_prefill, check_pruned_positions, check_unpruned_equals_stock,
+                                  noise, open_vlm, png_bytes, stock_chat_completion)
 from tests.reference_paddleocr import paddleocr_forward
 
-fx, vlm = core_family_fixtures("paddleocr")
+
+@pytest.fixture(scope="module", params=["paddleocr", "dots_ocr"])
+def fx(request, fixture_root):
+    return make_fixture(request.param, "tiny", out_dir=fixture_root)
+
+
+@pytest.fixture(scope="module")
+def vlm(fx):
+    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
+        yield v
 
 
 def test_registry_and_preflight(fx, vlm):
-    fam = family_for("paddleocr")
+    fam = family_for(fx.family)
     assert isinstance(fam, PaddleOCRFamily) and fam.native
     hdr = scan_gguf(fx.mmproj, "mmproj")
     assert fam.projection_dim(hdr.tensors) == fx.text.n_embd == vlm.model.n_embd_inp
@@ -29,36 +41,48 @@ def test_registry_and_preflight(fx, vlm):
 
 
 def test_captured_keys_equal_numpy_reference(vlm, fx):
-    img = noise(224, 224, 11)
-    a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
-    assert a.images[0]["key_source"] == f"vit_keys:Kcur_pos-{fx.vision.n_layer - 1}"
-    ref = paddleocr_forward(str(fx.mmproj), img)
-    rows = ref["keys_rope"][-1]  # raster order: patch (x, y) at row y * 16 + x
-    got = vlm.key_capture.keys
-    assert got.shape == rows.shape
-    np.testing.assert_allclose(got, rows, rtol=2e-3, atol=2e-3 * np.abs(rows).max())
-    gw, gh = ref["grid"]
-    want = np.zeros((gw * gh // 4,) + rows.shape[1:])
-    for ty in range(gh // 2):
-        for tx in range(gw // 2):
-            block = [(2 * ty + dy) * gw + 2 * tx + dx for dy in range(2) for dx in range(2)]
-            want[ty * (gw // 2) + tx] = rows[block].mean(axis=0)
-    chunk = type("C", (), {"n_tokens": 64, "nx": 8, "ny": 8, "image_index": 0})()
-    tokens, _ = vlm.token_keys(chunk, np.zeros((64, 4)))
-    np.testing.assert_allclose(tokens, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    # paddleocr resizes its position table for other grids (not mirrored by the reference): square only there
+    for w, h in [(224, 224)] + ([(336, 168)] if fx.family == "dots_ocr" else []):
+        img = noise(w, h, 11)
+        a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
+        assert a.images[0]["key_source"] == f"vit_keys:Kcur_pos-{fx.vision.n_layer - 1}"
+        ref = paddleocr_forward(str(fx.mmproj), img)
+        rows = ref["keys_rope"][-1]  # raster order: patch (x, y) at row y * W + x
+        got = vlm.key_capture.keys
+        assert got.shape == rows.shape
+        np.testing.assert_allclose(got, rows, rtol=2e-3, atol=2e-3 * np.abs(rows).max())
+        gw, gh = ref["grid"]
+        want = np.zeros((gw * gh // 4,) + rows.shape[1:])
+        for ty in range(gh // 2):
+            for tx in range(gw // 2):
+                block = [(2 * ty + dy) * gw + 2 * tx + dx for dy in range(2) for dx in range(2)]
+                want[ty * (gw // 2) + tx] = rows[block].mean(axis=0)
+        assert a.images[0]["grid"] == [gw // 2, gh // 2] and a.image_tokens == [gw * gh // 4]
+        with vlm.projector.tokenize(vlm.render_question(Q, 1), [img]) as p:
+            tokens, _ = vlm.token_keys(p.images[0], vlm.projector.encode(p.images[0]))
+        np.testing.assert_allclose(tokens, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
-def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, monkeypatch):
-    assert_pruned_mrope_prefill(vlm, fx, noise(336, 168, 5), monkeypatch)  # non-square
+def test_pruned_prefill_positions(vlm, fx, monkeypatch):
+    """paddleocr (M-RoPE text): the kept rows at their original (t, y, x); dots.ocr (1-D RoPE text, as its own):
+    consecutive positions, the text after the image moved down by the pruned count."""
+    if fx.family == "paddleocr":
+        assert_pruned_mrope_prefill(vlm, fx, noise(336, 168, 5), monkeypatch)  # non-square
+    else:
+        check_pruned_positions(vlm, noise(336, 168, 5), monkeypatch)
 
 
 def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
     """K = 1, nothing pruned: next-token logits equal mtmd_helper_eval_chunks' on the same prompt, and the greedy
-    answer equals stock llama-cpp-python's through its Qwen2.5-VL handler (the fixture's template). Seed 3: with 7
-    the answer starts with a byte of an incomplete UTF-8 character, where stock decodes past max_tokens."""
-    path = tmp_path / "paddleocr.png"
+    answer equals stock llama-cpp-python's (paddleocr: through its Qwen2.5-VL handler, the fixture's template). Seed 3:
+    with 7
+    paddleocr's answer starts with a byte of an incomplete UTF-8 character, where stock decodes past max_tokens."""
+    path = tmp_path / f"{fx.family}.png"
     path.write_bytes(png_bytes(noise(224, 224, 3)))
     assert_first_logits_equal_stock(fx, vlm, path, 2048)
+    if fx.family == "dots_ocr":  # a 1-D RoPE text model: stock's generic handler, prompt token counts equal too
+        check_unpruned_equals_stock(vlm, fx, noise(224, 224, 3), path, 2048, max_tokens=10)
+        return
     out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,
                                 flash_attn=False, handler=lcf.Qwen25VLChatHandler)
     ours = vlm.ask(path, Q, max_tokens=10)

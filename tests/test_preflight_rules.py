@@ -274,6 +274,10 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
     "mmproj_paddleocr_position_embd_missing": (  # paddleocr.cpp's position resize asserts on it (abort)
         "paddleocr", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
         ("v.position_embd.weight",)),
+    "mmproj_dots_ocr_post_norm_missing": (  # clip.cpp requires it for dots_ocr (a typed error either way: the
+        # rule names it before mtmd's generic load failure)
+        "dots_ocr", "mmproj", lambda d, p: rename(d, "mm.post_norm.weight", "mm.post_norm.weighX"),
+        ("mm.post_norm.weight",)),
     "mmproj_ling3vl_position_embd_missing": (  # ling3vl.cpp's position resize asserts on it (abort)
         "ling3vl", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
         ("v.position_embd.weight",)),
@@ -324,7 +328,7 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
     d = tmp_path_factory.mktemp("preflight-rules")
     fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
           **{fam: make_fixture(fam, "tiny", out_dir=fixture_root)
-             for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl", "paddleocr")}}
+             for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl", "paddleocr", "dots_ocr")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -362,7 +366,8 @@ def test_each_rule_stops_its_broken_file_and_the_process_survives(case, outcomes
 def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     """The control: the same loader answers on the unedited pairs (so each case's error comes from its edit)."""
     assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v",
-                                                                  "exaone4_5", "mimovl", "paddleocr")), outcomes
+                                                                  "exaone4_5", "mimovl", "paddleocr",
+                                                                  "dots_ocr")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):
