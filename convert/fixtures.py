@@ -78,11 +78,13 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
         TextModelDims("qwen2vl", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, rope_sections=(2, 3, 3, 0)),
         VisionDims("paddleocr", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
         CHATML_CHAT_TEMPLATE, "f32"),
-    # dots.ocr: the raster-order M-RoPE ViT with RMSNorm / SwiGLU blocks and a 2x2 pixel-unshuffle merge, before a
-    # 1-D RoPE text model as dots.ocr's own (Qwen2.5); mtmd reports its image as a 1 x N grid
+    # dots.ocr: the raster-order M-RoPE ViT with RMSNorm / SwiGLU blocks and an s x s pixel-unshuffle merge (s = 3
+    # here, read from the file: real dots.ocr uses 2), before a 1-D RoPE text model as dots.ocr's own (Qwen2.5);
+    # mtmd reports its image as a 1 x N grid
     ("dots_ocr", "tiny"): (
         TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
-        VisionDims("dots_ocr", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
+        VisionDims("dots_ocr", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=252, proj_dim=64,
+                   spatial_merge=3),
         CHATML_CHAT_TEMPLATE, "f32"),
     # Ling-3-VL: the Qwen3-VL tower with its own merger (norm + MLP), no deepstack, before a Qwen3-VL text model
     ("ling3vl", "tiny"): (

@@ -137,7 +137,7 @@ class VisionDims:
             d_head = self.n_embd // self.n_head
             if d_head % 4:
                 raise ValueError("qwen25vl: head dim must be divisible by 4 (M-RoPE sections)")
-            if self.spatial_merge != 2:
+            if self.spatial_merge != 2 and self.family != "dots_ocr":  # dots.ocr reads its s from the file
                 raise ValueError("qwen25vl: clip.cpp only supports spatial_merge == 2")
             if any(not 0 <= il < self.n_layer for il in self.deepstack_layers) or (
                     self.deepstack_layers and self.family != "qwen3vl"):

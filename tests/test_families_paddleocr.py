@@ -1,7 +1,7 @@
 """PaddleOCR-VL (paddleocr) and dots.ocr (dots_ocr): a ViT with 2-D M-RoPE on raster-ordered patches, then the 2x2
 pixel-unshuffle merge. On both fixtures the keys KDV scores equal a numpy re-implementation of paddleocr.cpp /
 dotsocr.cpp (tests/reference_paddleocr.py) and each token's key is its 2x2 block's mean (a plain loop over the
-raster grid; dots.ocr, without a position table, also on a non-square image);
+raster grid; dots.ocr, without a position table and with 3 x 3 blocks, also on a non-square image);
 pruned prefill keeps the positions right (paddleocr before an M-RoPE text model, as its ERNIE; dots.ocr before a
 1-D RoPE one, as its Qwen2.5); with nothing pruned the logits and the answer equal stock llama-cpp-python's."""
 
@@ -37,12 +37,15 @@ def test_registry_and_preflight(fx, vlm):
     hdr = scan_gguf(fx.mmproj, "mmproj")
     assert fam.projection_dim(hdr.tensors) == fx.text.n_embd == vlm.model.n_embd_inp
     assert set(fam.required_for(hdr.tensors)) <= set(hdr.tensors)
-    assert fam.n_patches(64, vlm.projector.vision_info) == 256
+    s = 2 if fx.family == "paddleocr" else 3  # the dots.ocr fixture's scale factor
+    assert fam.scale(vlm.projector.vision_info) == s and fam.n_patches(16, vlm.projector.vision_info) == 16 * s * s
 
 
 def test_captured_keys_equal_numpy_reference(vlm, fx):
-    # paddleocr resizes its position table for other grids (not mirrored by the reference): square only there
-    for w, h in [(224, 224)] + ([(336, 168)] if fx.family == "dots_ocr" else []):
+    # paddleocr resizes its position table for other grids (not mirrored by the reference): square only there;
+    # the dots.ocr fixture merges 3 x 3 (its s comes from the file)
+    s = 2 if fx.family == "paddleocr" else 3
+    for w, h in [(224, 224)] if s == 2 else [(252, 252), (336, 168)]:
         img = noise(w, h, 11)
         a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
         assert a.images[0]["key_source"] == f"vit_keys:Kcur_pos-{fx.vision.n_layer - 1}"
@@ -52,12 +55,12 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
         assert got.shape == rows.shape
         np.testing.assert_allclose(got, rows, rtol=2e-3, atol=2e-3 * np.abs(rows).max())
         gw, gh = ref["grid"]
-        want = np.zeros((gw * gh // 4,) + rows.shape[1:])
-        for ty in range(gh // 2):
-            for tx in range(gw // 2):
-                block = [(2 * ty + dy) * gw + 2 * tx + dx for dy in range(2) for dx in range(2)]
-                want[ty * (gw // 2) + tx] = rows[block].mean(axis=0)
-        assert a.images[0]["grid"] == [gw // 2, gh // 2] and a.image_tokens == [gw * gh // 4]
+        want = np.zeros((gw * gh // s // s,) + rows.shape[1:])
+        for ty in range(gh // s):
+            for tx in range(gw // s):
+                block = [(s * ty + dy) * gw + s * tx + dx for dy in range(s) for dx in range(s)]
+                want[ty * (gw // s) + tx] = rows[block].mean(axis=0)
+        assert a.images[0]["grid"] == [gw // s, gh // s] and a.image_tokens == [gw * gh // s // s]
         with vlm.projector.tokenize(vlm.render_question(Q, 1), [img]) as p:
             tokens, _ = vlm.token_keys(p.images[0], vlm.projector.encode(p.images[0]))
         np.testing.assert_allclose(tokens, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
@@ -74,14 +77,14 @@ def test_pruned_prefill_positions(vlm, fx, monkeypatch):
 
 def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
     """K = 1, nothing pruned: next-token logits equal mtmd_helper_eval_chunks' on the same prompt, and the greedy
-    answer equals stock llama-cpp-python's (paddleocr: through its Qwen2.5-VL handler, the fixture's template). Seed 3:
-    with 7
-    paddleocr's answer starts with a byte of an incomplete UTF-8 character, where stock decodes past max_tokens."""
+    answer equals stock llama-cpp-python's (paddleocr: through its Qwen2.5-VL handler, the fixture's template). The
+    seeds give answers of whole UTF-8 characters: stock decodes past max_tokens while one is incomplete."""
+    seed = {"paddleocr": 3, "dots_ocr": 9}[fx.family]
     path = tmp_path / f"{fx.family}.png"
-    path.write_bytes(png_bytes(noise(224, 224, 3)))
+    path.write_bytes(png_bytes(noise(224, 224, seed)))
     assert_first_logits_equal_stock(fx, vlm, path, 2048)
     if fx.family == "dots_ocr":  # a 1-D RoPE text model: stock's generic handler, prompt token counts equal too
-        check_unpruned_equals_stock(vlm, fx, noise(224, 224, 3), path, 2048, max_tokens=10)
+        check_unpruned_equals_stock(vlm, fx, noise(224, 224, seed), path, 2048, max_tokens=10)
         return
     out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,
                                 flash_attn=False, handler=lcf.Qwen25VLChatHandler)
