@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
-EXTRA_FAMILIES = ("exaone4_5", "mimovl", "paddleocr", "dots_ocr", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+EXTRA_FAMILIES = ("exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "qwen3vl", "ling3vl", "glm4v", "glm5v",
+                  "ldpv2")
 SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
@@ -85,6 +86,12 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
         TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
         VisionDims("dots_ocr", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=252, proj_dim=64,
                    spatial_merge=3),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # Kimi-VL: raster patches with 2-D RoPE keys (build_rope_2d) and a 2x2 pixel-unshuffle merge, before a 1-D RoPE
+    # text model as Kimi-VL's own (DeepSeek-V3 style); mtmd reports its image as a 1 x N grid
+    ("kimivl", "tiny"): (
+        TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
+        VisionDims("kimivl", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
         CHATML_CHAT_TEMPLATE, "f32"),
     # Ling-3-VL: the Qwen3-VL tower with its own merger (norm + MLP), no deepstack, before a Qwen3-VL text model
     ("ling3vl", "tiny"): (

@@ -27,6 +27,9 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
 * ``"dots_ocr"``: dots.ocr vision (dotsocr.cpp): the same raster-order M-RoPE ViT as paddleocr but with RMSNorm
   blocks, a SwiGLU MLP and no learned positions, a post-trunk RMS norm (``mm.post_norm``), the s x s
   pixel-unshuffle merge (s = ``clip.vision.projector.scale_factor``) and the ``mm.0`` / ``mm.2`` MLP (erf GELU).
+* ``"kimivl"``: Kimi-VL vision (kimivl.cpp): the paddleocr layout (raster patches, learned positions, LayerNorm
+  blocks, GELU MLP, s x s pixel-unshuffle with s = ``clip.vision.projector.scale_factor``, per-patch LayerNorm,
+  ``mm.1`` / ``mm.2``) with ``build_rope_2d`` keys (width angles in the first half, height in the second).
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -81,8 +84,8 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "qwen3vl", "ling3vl", "glm4v",
-             "glm5v", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "qwen3vl", "ling3vl",
+             "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -137,7 +140,7 @@ class VisionDims:
             d_head = self.n_embd // self.n_head
             if d_head % 4:
                 raise ValueError("qwen25vl: head dim must be divisible by 4 (M-RoPE sections)")
-            if self.spatial_merge != 2 and self.family != "dots_ocr":  # dots.ocr reads its s from the file
+            if self.spatial_merge != 2 and self.family not in ("dots_ocr", "kimivl"):  # these read s from the file
                 raise ValueError("qwen25vl: clip.cpp only supports spatial_merge == 2")
             if any(not 0 <= il < self.n_layer for il in self.deepstack_layers) or (
                     self.deepstack_layers and self.family != "qwen3vl"):
@@ -570,6 +573,9 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         min_px, max_px = effective_pixel_limits(d)
         kv += [("clip.projector_type", "paddleocr"), ("clip.use_gelu", True),
                ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family == "kimivl":
+        kv += [("clip.projector_type", "kimivl"), ("clip.use_gelu", True),
+               ("clip.vision.projector.scale_factor", d.spatial_merge)]
     elif d.family == "dots_ocr":  # clip.cpp requires all three for it
         min_px, max_px = effective_pixel_limits(d)
         kv += [("clip.projector_type", "dots_ocr"), ("clip.use_silu", True),
@@ -624,7 +630,7 @@ def write_mmproj(
     init = _Init(seed, weight_std)
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
-           "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors,
+           "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors, "kimivl": _paddleocr_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

@@ -1,9 +1,9 @@
-"""Numpy re-implementation of llama.cpp's PaddleOCR-VL vision graph (tools/mtmd/models/paddleocr.cpp) and dots.ocr's
-(dotsocr.cpp: the same with RMSNorm, no learned positions) up to the last block's keys, from the mmproj GGUF
-weights: an independent oracle for the keys the capture reads (`Kcur_pos`, 2-D vision M-RoPE over raster-ordered
-patches).
+"""Numpy re-implementation of llama.cpp's PaddleOCR-VL vision graph (tools/mtmd/models/paddleocr.cpp), dots.ocr's
+(dotsocr.cpp: the same with RMSNorm, no learned positions) and Kimi-VL's (kimivl.cpp: build_rope_2d) up to the last
+block's keys, from the mmproj GGUF weights: an independent oracle for the keys the capture reads (`Kcur_pos`, 2-D
+RoPE over raster-ordered patches).
 
-Covers images mtmd's resize leaves alone; with a learned position table (paddleocr), only those whose patch grid
+Covers images mtmd's resize leaves alone; with a learned position table (paddleocr, kimivl), only those whose grid
 equals the table's side (no interpolation of the position embeddings), e.g. 224 x 224 with patch 14."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tests.reference_pixtral import rope_2d
 from tests.reference_vit import (_W, _attn_out, _ffn, _layer_norm, _patch_embed, _qkv, _qwen_grid_ok, _rms_norm,
                                  _rope_vision, load_mmproj)
 
@@ -22,9 +23,10 @@ def paddleocr_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: st
     """Run paddleocr.cpp's ViT on an image; returns per-layer keys after the vision M-RoPE ([n_patches, n_head,
     d_head], patch (x, y) at row y * W + x), the positions and the patch grid (W, H)."""
     weights, hp = load_mmproj(path)
-    if hp["projector_type"] not in ("paddleocr", "dots_ocr"):
-        raise ValueError(f"paddleocr_forward supports 'paddleocr' and 'dots_ocr', got {hp['projector_type']!r}")
-    norm = _layer_norm if hp["projector_type"] == "paddleocr" else _rms_norm
+    proj = hp["projector_type"]
+    if proj not in ("paddleocr", "dots_ocr", "kimivl"):
+        raise ValueError(f"paddleocr_forward supports paddleocr, dots_ocr and kimivl, got {proj!r}")
+    norm = _rms_norm if proj == "dots_ocr" else _layer_norm
     W = _W(weights)
     img = np.asarray(image_rgb)
     if not _qwen_grid_ok(img.shape[1], img.shape[0], hp):
@@ -42,7 +44,10 @@ def paddleocr_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: st
     for il in range(hp["n_layer"]):
         b = f"v.blk.{il}"
         q, k, v = _qkv(norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
-        q, k = _rope_vision(q, pos), _rope_vision(k, pos)
+        if proj == "kimivl":  # build_rope_2d(pos_w, pos_h, interleave_freq=false): width angles first
+            q, k = (rope_2d(t, pos[1], pos[0], interleave_freq=False) for t in (q, k))
+        else:
+            q, k = _rope_vision(q, pos), _rope_vision(k, pos)
         keys_rope.append(k)
         x = x + _attn_out(q, k, v, W, b)
         x = x + _ffn(norm(x, W.get(f"{b}.ln2.weight"), W.get(f"{b}.ln2.bias"), eps), W, il, hp, act)

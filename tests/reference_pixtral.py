@@ -49,15 +49,18 @@ def read_pixtral_hparams(path: str | os.PathLike) -> dict[str, Any]:
     return hp
 
 
-def rope_2d(x: np.ndarray, pos_h: np.ndarray, pos_w: np.ndarray, theta: float = ROPE_THETA) -> np.ndarray:
+def rope_2d(x: np.ndarray, pos_h: np.ndarray, pos_w: np.ndarray, theta: float = ROPE_THETA,
+            interleave_freq: bool = True) -> np.ndarray:
     """build_rope_2d on [n, n_head, d]: pairs (2i, 2i+1) of the first half rotate by pos_h * s^i, pairs of the
-    second half by pos_w * base^(-2/d) * s^i, s = base^(-2/(d/2)) (ggml-cpu rotate_pairs, NORMAL mode)."""
+    second half by pos_w * base^(-2/d) * s^i (by pos_w * s^i without interleave_freq), s = base^(-2/(d/2))
+    (ggml-cpu rotate_pairs, NORMAL mode)."""
     d = x.shape[-1]
     half = d // 2
     s = float(theta) ** (-2.0 / half)
     i = np.arange(half // 2, dtype=np.float64)
     out = x.copy()
-    for offset, pos, fscale in ((0, pos_h, 1.0), (half, pos_w, float(theta) ** (-2.0 / d))):
+    odd = float(theta) ** (-2.0 / d) if interleave_freq else 1.0
+    for offset, pos, fscale in ((0, pos_h, 1.0), (half, pos_w, odd)):
         ang = pos.astype(np.float64)[:, None] * fscale * s ** i[None, :]  # [n, half/2]
         cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         x0 = x[..., offset: offset + half: 2]

@@ -1,9 +1,10 @@
-"""PaddleOCR-VL (paddleocr) and dots.ocr (dots_ocr): a ViT with 2-D M-RoPE on raster-ordered patches, then the 2x2
-pixel-unshuffle merge. On both fixtures the keys KDV scores equal a numpy re-implementation of paddleocr.cpp /
-dotsocr.cpp (tests/reference_paddleocr.py) and each token's key is its 2x2 block's mean (a plain loop over the
-raster grid; dots.ocr, without a position table and with 3 x 3 blocks, also on a non-square image);
-pruned prefill keeps the positions right (paddleocr before an M-RoPE text model, as its ERNIE; dots.ocr before a
-1-D RoPE one, as its Qwen2.5); with nothing pruned the logits and the answer equal stock llama-cpp-python's."""
+"""PaddleOCR-VL (paddleocr), dots.ocr (dots_ocr) and Kimi-VL (kimivl): a ViT with 2-D RoPE on raster-ordered
+patches, then the s x s pixel-unshuffle merge. On each fixture the keys KDV scores equal a numpy re-implementation
+of paddleocr.cpp / dotsocr.cpp / kimivl.cpp (tests/reference_paddleocr.py) and each token's key is its s x s
+block's mean (a plain loop over the raster grid; dots.ocr, without a position table and with 3 x 3 blocks, also on a
+non-square image); pruned prefill keeps the positions right (paddleocr before an M-RoPE text model, as its ERNIE;
+dots.ocr and Kimi-VL before a 1-D RoPE one, as theirs); with nothing pruned the logits and the answer equal stock
+llama-cpp-python's."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_kep
 from tests.reference_paddleocr import paddleocr_forward
 
 
-@pytest.fixture(scope="module", params=["paddleocr", "dots_ocr"])
+SCALE = {"paddleocr": 2, "dots_ocr": 3, "kimivl": 2}  # the fixtures' s (dots.ocr's is 3 to test the file's value)
+ONE_D_ROPE = ("dots_ocr", "kimivl")  # fixtures before a 1-D RoPE text model, as these models' own
+
+
+@pytest.fixture(scope="module", params=sorted(SCALE))
 def fx(request, fixture_root):
     return make_fixture(request.param, "tiny", out_dir=fixture_root)
 
@@ -37,15 +42,14 @@ def test_registry_and_preflight(fx, vlm):
     hdr = scan_gguf(fx.mmproj, "mmproj")
     assert fam.projection_dim(hdr.tensors) == fx.text.n_embd == vlm.model.n_embd_inp
     assert set(fam.required_for(hdr.tensors)) <= set(hdr.tensors)
-    s = 2 if fx.family == "paddleocr" else 3  # the dots.ocr fixture's scale factor
+    s = SCALE[fx.family]
     assert fam.scale(vlm.projector.vision_info) == s and fam.n_patches(16, vlm.projector.vision_info) == 16 * s * s
 
 
 def test_captured_keys_equal_numpy_reference(vlm, fx):
-    # paddleocr resizes its position table for other grids (not mirrored by the reference): square only there;
-    # the dots.ocr fixture merges 3 x 3 (its s comes from the file)
-    s = 2 if fx.family == "paddleocr" else 3
-    for w, h in [(224, 224)] if s == 2 else [(252, 252), (336, 168)]:
+    # paddleocr / kimivl resize their position table for other grids (not mirrored by the reference): square only
+    s = SCALE[fx.family]
+    for w, h in [(252, 252), (336, 168)] if fx.family == "dots_ocr" else [(224, 224)]:
         img = noise(w, h, 11)
         a = vlm.ask(img, Q, max_tokens=1, ratio=0.5)
         assert a.images[0]["key_source"] == f"vit_keys:Kcur_pos-{fx.vision.n_layer - 1}"
@@ -69,7 +73,7 @@ def test_captured_keys_equal_numpy_reference(vlm, fx):
 def test_pruned_prefill_positions(vlm, fx, monkeypatch):
     """paddleocr (M-RoPE text): the kept rows at their original (t, y, x); dots.ocr (1-D RoPE text, as its own):
     consecutive positions, the text after the image moved down by the pruned count."""
-    if fx.family == "paddleocr":
+    if fx.family not in ONE_D_ROPE:
         assert_pruned_mrope_prefill(vlm, fx, noise(336, 168, 5), monkeypatch)  # non-square
     else:
         check_pruned_positions(vlm, noise(336, 168, 5), monkeypatch)
@@ -79,11 +83,11 @@ def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
     """K = 1, nothing pruned: next-token logits equal mtmd_helper_eval_chunks' on the same prompt, and the greedy
     answer equals stock llama-cpp-python's (paddleocr: through its Qwen2.5-VL handler, the fixture's template). The
     seeds give answers of whole UTF-8 characters: stock decodes past max_tokens while one is incomplete."""
-    seed = {"paddleocr": 3, "dots_ocr": 9}[fx.family]
+    seed = {"paddleocr": 3, "dots_ocr": 9, "kimivl": 5}[fx.family]
     path = tmp_path / f"{fx.family}.png"
     path.write_bytes(png_bytes(noise(224, 224, seed)))
     assert_first_logits_equal_stock(fx, vlm, path, 2048)
-    if fx.family == "dots_ocr":  # a 1-D RoPE text model: stock's generic handler, prompt token counts equal too
+    if fx.family in ONE_D_ROPE:  # a 1-D RoPE text model: stock's generic handler, prompt token counts equal too
         check_unpruned_equals_stock(vlm, fx, noise(224, 224, seed), path, 2048, max_tokens=10)
         return
     out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,

@@ -278,6 +278,9 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
         # rule names it before mtmd's generic load failure)
         "dots_ocr", "mmproj", lambda d, p: rename(d, "mm.post_norm.weight", "mm.post_norm.weighX"),
         ("mm.post_norm.weight",)),
+    "mmproj_kimivl_position_embd_missing": (  # kimivl.cpp's position resize asserts on it (abort)
+        "kimivl", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
+        ("v.position_embd.weight",)),
     "mmproj_ling3vl_position_embd_missing": (  # ling3vl.cpp's position resize asserts on it (abort)
         "ling3vl", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
         ("v.position_embd.weight",)),
@@ -328,7 +331,8 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
     d = tmp_path_factory.mktemp("preflight-rules")
     fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
           **{fam: make_fixture(fam, "tiny", out_dir=fixture_root)
-             for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl", "paddleocr", "dots_ocr")}}
+             for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl", "paddleocr", "dots_ocr",
+                         "kimivl")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -367,7 +371,7 @@ def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     """The control: the same loader answers on the unedited pairs (so each case's error comes from its edit)."""
     assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v",
                                                                   "exaone4_5", "mimovl", "paddleocr",
-                                                                  "dots_ocr")), outcomes
+                                                                  "dots_ocr", "kimivl")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):
