@@ -797,6 +797,34 @@ class PaddleOCRFamily(Idefics3Family):
 register(PaddleOCRFamily())
 
 
+class SiglipMLPFamily(Idefics3Family):
+    """Janus-Pro (`janus_pro`) and Phi-4 vision (`phi4`): the SigLIP graph (models/siglip.cpp) runs all n_layer
+    blocks without RoPE (keys `Kcur-(L-1)`, raster patches) and its MLP projector keeps one LLM token per patch: the
+    identity mapping (idefics3's with s = 1). Janus-Pro images are letterboxed to a fixed square; Phi-4 keeps each
+    image's grid (its position table resized); mtmd reports a 1 x N grid, so the grid comes from the encoder input."""
+
+    name = "siglip-mlp"
+    projector_types = ("janus_pro", "phi4")
+    required_tensors = ("v.patch_embd.weight", "v.position_embd.weight", "mm.0.weight", "mm.0.bias")
+
+    @staticmethod
+    def scale(info: VisionInfo) -> int:
+        return 1
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_1_b ne[0] (janus_pro), mm_2_w ne[1] (phi4)."""
+        if "mm.1.bias" in tensors:
+            return int(tensors["mm.1.bias"][0][0])
+        return int(tensors["mm.2.weight"][0][1]) if "mm.2.weight" in tensors else None
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        second = "mm.1" if "mm.1.weight" in tensors or "mm.2.weight" not in tensors else "mm.2"
+        return list(self.required_tensors) + [f"{second}.weight", f"{second}.bias"]
+
+
+register(SiglipMLPFamily())
+
+
 class Gemma4VFamily(Family):
     """Gemma 4 vision (tools/mtmd/models/gemma4v.cpp, PROJECTOR_TYPE_GEMMA4V).
 

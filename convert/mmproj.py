@@ -30,6 +30,9 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
 * ``"kimivl"``: Kimi-VL vision (kimivl.cpp): the paddleocr layout (raster patches, learned positions, LayerNorm
   blocks, GELU MLP, s x s pixel-unshuffle with s = ``clip.vision.projector.scale_factor``, per-patch LayerNorm,
   ``mm.1`` / ``mm.2``) with ``build_rope_2d`` keys (width angles in the first half, height in the second).
+* ``"janus_pro"`` / ``"phi4"``: Janus-Pro / Phi-4 vision (siglip.cpp): a SigLIP ViT (biased patch conv, learned
+  positions, LayerNorm blocks without RoPE, GELU MLP), one LLM token per patch, then a two-layer MLP (``mm.0`` /
+  ``mm.1`` for janus_pro, ``mm.0`` / ``mm.2`` for phi4, whose positions are resized to each image's grid).
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -84,8 +87,8 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "qwen3vl", "ling3vl",
-             "glm4v", "glm5v", "ldpv2")
+_FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "janus_pro", "phi4",
+             "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -131,7 +134,7 @@ class VisionDims:
             raise ValueError("n_ff must differ from n_embd (clip.cpp would swap ffn up/down)")
         if self.family == "ldpv2" and self.image_size != 24 * self.patch_size:
             raise ValueError("ldpv2: clip.cpp hard-codes a 24 x 24 patch grid (image_size = 24 * patch_size)")
-        if self.family in ("llava", "ldpv2"):
+        if self.family in ("llava", "ldpv2", "janus_pro", "phi4"):
             if self.image_size % self.patch_size:
                 raise ValueError("llava: image_size must be a multiple of patch_size")
             if self.n_layer < 2:
@@ -223,7 +226,7 @@ def expected_image_grid(
 ) -> tuple[int, int]:
     """Return (nx, ny) of the LLM-token grid mtmd produces for an input image of width x height."""
     dims.validate()
-    if dims.family in ("llava", "ldpv2"):
+    if dims.family in ("llava", "ldpv2", "janus_pro"):
         # fixed-size preprocessor: always resized/padded to image_size x image_size (ldpv2 then pools 2x2)
         n = dims.image_size // dims.patch_size // (2 if dims.family == "ldpv2" else 1)
         return n, n
@@ -468,6 +471,16 @@ def _dots_ocr_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndar
     yield from _linear(init, "mm.2", merged, d.proj_dim)
 
 
+def _siglip_mlp_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a Janus-Pro / Phi-4 SigLIP tower + MLP projector (siglip.cpp; names as clip.cpp loads them)."""
+    e = d.n_embd
+    for name, arr in _paddleocr_tensors(d, init):  # the same SigLIP tower (patch bias, positions, LN blocks)
+        if not name.startswith("mm."):
+            yield name, arr
+    yield from _linear(init, "mm.0", e, d.proj_dim)
+    yield from _linear(init, "mm.1" if d.family == "janus_pro" else "mm.2", d.proj_dim, d.proj_dim)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -573,6 +586,11 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         min_px, max_px = effective_pixel_limits(d)
         kv += [("clip.projector_type", "paddleocr"), ("clip.use_gelu", True),
                ("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family in ("janus_pro", "phi4"):
+        kv += [("clip.projector_type", d.family), ("clip.use_gelu", True)]
+        if d.family == "phi4":  # clip.cpp requires the pixel limits for it (no merge: spatial_merge 1)
+            min_px, max_px = effective_pixel_limits(d)
+            kv += [("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
     elif d.family == "kimivl":
         kv += [("clip.projector_type", "kimivl"), ("clip.use_gelu", True),
                ("clip.vision.projector.scale_factor", d.spatial_merge)]
@@ -631,6 +649,7 @@ def write_mmproj(
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
            "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors, "kimivl": _paddleocr_tensors,
+           "janus_pro": _siglip_mlp_tensors, "phi4": _siglip_mlp_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

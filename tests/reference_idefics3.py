@@ -1,6 +1,6 @@
-"""Independent numpy oracle of the SigLIP encoder mtmd runs for the `idefics3` (SmolVLM / Idefics3) and `lfm2`
-(LFM2-VL) projectors (tools/mtmd/models/siglip.cpp + clip.cpp), from the mmproj GGUF weights (numpy + gguf, no
-llama.cpp).
+"""Independent numpy oracle of the SigLIP encoder mtmd runs for the `idefics3` (SmolVLM / Idefics3), `lfm2`
+(LFM2-VL), `janus_pro` (Janus-Pro) and `phi4` (Phi-4 vision) projectors (tools/mtmd/models/siglip.cpp + clip.cpp),
+from the mmproj GGUF weights (numpy + gguf, no llama.cpp).
 
 Mirrored from the vendored graph:
 
@@ -13,7 +13,8 @@ Mirrored from the vendored graph:
 * ``build_patch_merge_permute``: the W x H grid zero-padded to multiples of s, each s x s block concatenated
   into one token (channels c + n_embd*dx + n_embd*s*dy), tokens row-major; written here as a plain loop;
 * idefics3: ``mm.model.fc`` (no bias); lfm2: LayerNorm(eps 1e-5) ``mm.input_norm`` -> ``mm.1`` -> GELU ->
-  ``mm.2``.
+  ``mm.2``; janus_pro / phi4: no merge (s = 1), ``mm.0`` -> GELU -> ``mm.1`` / ``mm.2`` (phi4 only at the
+  position table's own grid: its resize is not mirrored).
 
     siglip_forward(path, image_rgb) -> dict(keys, embeddings, grid, scale, token_rows)
 """
@@ -76,9 +77,9 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     grid (W, H) in patches, scale, token_rows (merge_rows)."""
     weights, hp = load_mmproj(path)
     proj = hp["projector_type"]
-    if proj not in ("idefics3", "lfm2"):
-        raise ValueError(f"siglip_forward supports idefics3 / lfm2, got {proj!r}")
-    s = read_scale_factor(path, 1)
+    if proj not in ("idefics3", "lfm2", "janus_pro", "phi4"):
+        raise ValueError(f"siglip_forward supports idefics3 / lfm2 / janus_pro / phi4, got {proj!r}")
+    s = read_scale_factor(path, 1) if proj in ("idefics3", "lfm2") else 1  # janus_pro / phi4: one token per patch
     W = _W(weights)
     eps = hp["eps"]
     x, gw, gh = _patch_embed(np.asarray(image_rgb), W, hp)
@@ -86,6 +87,8 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     pos = W.get("v.position_embd.weight")
     if pos is not None:
         side = math.isqrt(pos.shape[0])
+        if proj == "phi4" and (gw, gh) != (side, side):
+            raise ValueError("phi4's position resize is not mirrored: use an image of the table's size")
         if proj == "lfm2" and (gw, gh) != (side, side):
             table = pos.reshape(side, side, -1)  # [y, x, e]
             wy, wx = antialias_bilinear_weights(side, gh), antialias_bilinear_weights(side, gw)
@@ -101,6 +104,10 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     merged = np.stack([np.concatenate([x[r] if r >= 0 else zero for r in token]) for token in rows])
     if proj == "idefics3":
         e = _linear(merged, W.req("mm.model.fc.weight"), None)
+    elif proj in ("janus_pro", "phi4"):  # build_ffn(mm.0, mm.1 | mm.2, GELU)
+        second = "mm.1" if proj == "janus_pro" else "mm.2"
+        e = gelu(_linear(merged, W.req("mm.0.weight"), W.req("mm.0.bias")), act)
+        e = _linear(e, W.req(f"{second}.weight"), W.req(f"{second}.bias"))
     else:
         if W.get("mm.input_norm.weight") is not None:
             merged = _layer_norm(merged, W.get("mm.input_norm.weight"), W.get("mm.input_norm.bias"), 1e-5)
