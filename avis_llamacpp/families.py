@@ -783,6 +783,10 @@ class PaddleOCRFamily(Idefics3Family):
             return info.scale_factor if info.scale_factor > 0 else 1
         return 2
 
+    def encoder_dims(self, info: VisionInfo) -> EncoderDims:
+        """dots.ocr's blocks run a SwiGLU MLP (three matrices), the others a plain one."""
+        return replace(super().encoder_dims(info), gated_ffn=info.projector_type == "dots_ocr")
+
     def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
         """clip_n_mmproj_embd: mm_2_w ne[1]."""
         return int(tensors["mm.2.weight"][0][1]) if "mm.2.weight" in tensors else None

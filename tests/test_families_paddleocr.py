@@ -44,6 +44,9 @@ def test_registry_and_preflight(fx, vlm):
     assert set(fam.required_for(hdr.tensors)) <= set(hdr.tensors)
     s = SCALE[fx.family]
     assert fam.scale(vlm.projector.vision_info) == s and fam.n_patches(16, vlm.projector.vision_info) == 16 * s * s
+    # FLOPs: dots.ocr's ViT MLP has a gate (ffn_gate tensors), the others' has none
+    gated = any(name.endswith("ffn_gate.weight") for name in hdr.tensors)
+    assert fam.encoder_dims(vlm.projector.vision_info).gated_ffn is gated is (fx.family == "dots_ocr")
 
 
 def test_captured_keys_equal_numpy_reference(vlm, fx):

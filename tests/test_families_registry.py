@@ -84,3 +84,28 @@ def test_vlm_uses_the_familys_key_names(fixture_root):
         assert set(v.key_capture.priority) == set(family_for("gemma3").key_names)
     with VLM(fx.model, fx.mmproj, n_ctx=1024, n_threads=1, capture_keys=False, flash_attn=False) as v:
         assert v.key_capture is None
+
+
+@pytest.mark.parametrize("fixture_family", sorted(__import__("convert.fixtures", fromlist=["REGISTRY"]).REGISTRY))
+def test_every_fixture_is_native_and_its_ffn_gating_matches_the_file(fixture_family, fixture_root):
+    """Each test model's projector type maps to a native family whose FLOPs count a gated (SwiGLU) ViT MLP exactly
+    when the file has ffn_gate tensors, and whose projection size is the text model's input width."""
+    import gguf
+
+    from avis_llamacpp.capture import read_vision_info
+    from avis_llamacpp.preflight import scan_gguf
+    from convert.fixtures import make_fixture
+
+    fx = make_fixture(fixture_family, "tiny", out_dir=fixture_root)
+    info = read_vision_info(fx.mmproj)
+    fam = family_for(info.projector_type)
+    assert fam.native, info.projector_type
+    tensors = scan_gguf(fx.mmproj, "mmproj").tensors
+    gated = any(name.startswith("v.blk.") and name.endswith("ffn_gate.weight") for name in tensors)
+    assert fam.encoder_dims(info).gated_ffn is gated, info.projector_type
+    text = gguf.GGUFReader(str(fx.model))
+    arch = text.fields["general.architecture"].contents()
+    n_embd = int(text.fields[f"{arch}.embedding_length"].contents())
+    n_deepstack = int(text.fields[f"{arch}.n_deepstack_layers"].contents()) if (
+        f"{arch}.n_deepstack_layers" in text.fields) else 0
+    assert fam.projection_dim(tensors) == n_embd * (1 + n_deepstack), info.projector_type
