@@ -829,6 +829,48 @@ class SiglipMLPFamily(Idefics3Family):
 register(SiglipMLPFamily())
 
 
+class Llama4Family(Family):
+    """Llama 4 vision (llama4.cpp): square tiles (llava-uhd slices and an overview, each a chunk of its own) of P x P
+    raster patches with a class token appended last (dropped here), keys `Kcur_pos-(L-1)` (build_rope_2d); the
+    pixel shuffle (reshape, permute, reshape) makes token t of the (P/s) x (P/s) grid the s x s block at column
+    t // (P/s), row t % (P/s): tokens run column by column (s = clip.vision.projector.scale_factor)."""
+
+    name = "llama4"
+    projector_types = ("llama4",)
+    native = True
+    required_tensors = ("v.patch_embd.weight", "v.class_embd", "v.position_embd.weight", "mm.model.mlp.1.weight",
+                        "mm.model.mlp.2.weight", "mm.model.fc.weight")
+    uniform_blocks = True
+
+    @staticmethod
+    def scale(info: VisionInfo) -> int:
+        return info.scale_factor if info.scale_factor > 0 else 1
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        side = math.isqrt(geom.n_tokens)
+        return (side, side) if side * side == geom.n_tokens else super().token_grid(geom, info)
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        s, side = self.scale(info), math.isqrt(keys.shape[0] - 1)
+        g = side // s
+        if side * side != keys.shape[0] - 1 or g * s != side or g * g != geom.n_tokens:
+            return None
+        blocks = keys[:side * side].reshape(g, s, g, s, *keys.shape[1:])  # [ty, dy, tx, dx, ...]
+        # token t = tx * g + ty (column by column), the mean of its s x s patches
+        return _all_scored(blocks.mean(axis=(1, 3)).transpose(1, 0, *range(2, keys.ndim + 1))
+                           .reshape(g * g, *keys.shape[1:]))
+
+    def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
+        return n_tokens * self.scale(info) ** 2 + 1  # + class token
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_model_proj ne[1]."""
+        return int(tensors["mm.model.fc.weight"][0][1]) if "mm.model.fc.weight" in tensors else None
+
+
+register(Llama4Family())
+
+
 class Gemma4VFamily(Family):
     """Gemma 4 vision (tools/mtmd/models/gemma4v.cpp, PROJECTOR_TYPE_GEMMA4V).
 

@@ -33,6 +33,10 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
 * ``"janus_pro"`` / ``"phi4"``: Janus-Pro / Phi-4 vision (siglip.cpp): a SigLIP ViT (biased patch conv, learned
   positions, LayerNorm blocks without RoPE, GELU MLP), one LLM token per patch, then a two-layer MLP (``mm.0`` /
   ``mm.1`` for janus_pro, ``mm.0`` / ``mm.2`` for phi4, whose positions are resized to each image's grid).
+* ``"llama4"``: Llama 4 vision (llama4.cpp): patches embedded as one matrix product (im2col), a class token
+  appended last, learned positions, pre-LayerNorm, LayerNorm blocks with ``build_rope_2d`` keys, then an s x s pixel
+  shuffle (s = ``clip.vision.projector.scale_factor``) whose tokens run column by column, a GELU adapter MLP
+  (``mm.model.mlp.1`` / ``.2``) and ``mm.model.fc``.
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -88,7 +92,7 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 _FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "janus_pro", "phi4",
-             "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+             "llama4", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -134,7 +138,7 @@ class VisionDims:
             raise ValueError("n_ff must differ from n_embd (clip.cpp would swap ffn up/down)")
         if self.family == "ldpv2" and self.image_size != 24 * self.patch_size:
             raise ValueError("ldpv2: clip.cpp hard-codes a 24 x 24 patch grid (image_size = 24 * patch_size)")
-        if self.family in ("llava", "ldpv2", "janus_pro", "phi4"):
+        if self.family in ("llava", "ldpv2", "janus_pro", "phi4", "llama4"):
             if self.image_size % self.patch_size:
                 raise ValueError("llava: image_size must be a multiple of patch_size")
             if self.n_layer < 2:
@@ -481,6 +485,25 @@ def _siglip_mlp_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.nd
     yield from _linear(init, "mm.1" if d.family == "janus_pro" else "mm.2", d.proj_dim, d.proj_dim)
 
 
+def _llama4_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a Llama 4 vision tower + adapter (llama4.cpp; names as clip.cpp loads them)."""
+    e, p = d.n_embd, d.patch_size
+    merged = e * d.spatial_merge * d.spatial_merge
+    yield "v.patch_embd.weight", init.normal(e, 3 * p * p)  # a matrix: the graph multiplies im2col rows by it
+    yield "v.class_embd", init.normal(e)
+    yield "v.position_embd.weight", init.normal((d.image_size // p) ** 2 + 1, e)  # the class token's row last
+    yield "v.pre_ln.weight", 1.0 + init.normal(e)
+    yield "v.pre_ln.bias", init.normal(e)
+    for name, arr in _paddleocr_tensors(d, init):  # LayerNorm blocks with biased q / k / v, GELU MLP
+        if name.startswith("v.blk."):
+            yield name, arr
+    yield "v.post_ln.weight", init.ones(e)
+    yield "v.post_ln.bias", init.zeros(e)
+    yield "mm.model.mlp.1.weight", init.normal(2 * d.proj_dim, merged)
+    yield "mm.model.mlp.2.weight", init.normal(d.proj_dim, 2 * d.proj_dim)
+    yield "mm.model.fc.weight", init.normal(d.proj_dim, d.proj_dim)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -591,6 +614,9 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         if d.family == "phi4":  # clip.cpp requires the pixel limits for it (no merge: spatial_merge 1)
             min_px, max_px = effective_pixel_limits(d)
             kv += [("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family == "llama4":
+        kv += [("clip.projector_type", "llama4"), ("clip.use_gelu", True),
+               ("clip.vision.projector.scale_factor", d.spatial_merge)]
     elif d.family == "kimivl":
         kv += [("clip.projector_type", "kimivl"), ("clip.use_gelu", True),
                ("clip.vision.projector.scale_factor", d.spatial_merge)]
@@ -649,7 +675,7 @@ def write_mmproj(
     gen = {"llava": _llava_tensors, "qwen25vl": _qwen25vl_tensors, "qwen3vl": _qwen3vl_tensors,
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
            "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors, "kimivl": _paddleocr_tensors,
-           "janus_pro": _siglip_mlp_tensors, "phi4": _siglip_mlp_tensors,
+           "janus_pro": _siglip_mlp_tensors, "phi4": _siglip_mlp_tensors, "llama4": _llama4_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")
