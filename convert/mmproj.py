@@ -382,10 +382,10 @@ def _qwen3vl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarr
         yield from _linear(init, f"{b}.fc2", merged, d.proj_dim)
 
 
-def _exaone4_5_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
-    """Tensors of an EXAONE 4.5 vision tower (exaone4_5.cpp): Qwen2.5-VL's with a fused, grouped-query QKV."""
+def _fused_gqa_tower(d: VisionDims, init: _Init, *, sinks: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """Two patch convs and RMSNorm / SwiGLU blocks with one fused grouped-query QKV (EXAONE 4.5, MiMo-VL), with
+    per-head attention sinks after each block's output projection when `sinks`."""
     e, p = d.n_embd, d.patch_size
-    merged = e * d.spatial_merge * d.spatial_merge
     kv_dim = (d.n_head_kv or d.n_head) * (e // d.n_head)
     yield "v.patch_embd.weight", init.normal(e, 3, p, p)
     yield "v.patch_embd.weight.1", init.normal(e, 3, p, p)
@@ -394,34 +394,29 @@ def _exaone4_5_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.nda
         yield f"{b}.ln1.weight", 1.0 + init.normal(e)
         yield from _linear(init, f"{b}.attn_qkv", e, e + 2 * kv_dim)
         yield from _linear(init, f"{b}.attn_out", e, e)
+        if sinks:
+            yield f"{b}.attn_sinks", init.normal(d.n_head, std=1.0)
         yield f"{b}.ln2.weight", 1.0 + init.normal(e)
         yield from _linear(init, f"{b}.ffn_gate", e, d.n_ff)
         yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
         yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
-    yield "v.post_ln.weight", init.ones(e)
+
+
+def _exaone4_5_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of an EXAONE 4.5 vision tower (exaone4_5.cpp): Qwen2.5-VL's with a fused, grouped-query QKV."""
+    merged = d.n_embd * d.spatial_merge * d.spatial_merge
+    yield from _fused_gqa_tower(d, init, sinks=False)
+    yield "v.post_ln.weight", init.ones(d.n_embd)
     yield from _linear(init, "mm.0", merged, merged)
     yield from _linear(init, "mm.2", merged, d.proj_dim)
 
 
 def _mimovl_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a MiMo-VL vision tower (mimovl.cpp; names as clip.cpp loads them)."""
-    e, p = d.n_embd, d.patch_size
-    merged = e * d.spatial_merge * d.spatial_merge
-    kv_dim = (d.n_head_kv or d.n_head) * (e // d.n_head)
-    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
-    yield "v.patch_embd.weight.1", init.normal(e, 3, p, p)
-    for il in range(d.n_layer):
-        b = f"v.blk.{il}"
-        yield f"{b}.ln1.weight", 1.0 + init.normal(e)
-        yield from _linear(init, f"{b}.attn_qkv", e, e + 2 * kv_dim)
-        yield from _linear(init, f"{b}.attn_out", e, e)
-        yield f"{b}.attn_sinks", init.normal(d.n_head, std=1.0)
-        yield f"{b}.ln2.weight", 1.0 + init.normal(e)
-        yield from _linear(init, f"{b}.ffn_gate", e, d.n_ff)
-        yield from _linear(init, f"{b}.ffn_up", e, d.n_ff)
-        yield from _linear(init, f"{b}.ffn_down", d.n_ff, e)
-    yield "v.post_ln.weight", init.ones(e)
-    yield "v.post_ln.bias", init.zeros(e)
+    merged = d.n_embd * d.spatial_merge * d.spatial_merge
+    yield from _fused_gqa_tower(d, init, sinks=True)
+    yield "v.post_ln.weight", init.ones(d.n_embd)
+    yield "v.post_ln.bias", init.zeros(d.n_embd)
     yield from _linear(init, "mm.0", merged, merged, bias=False)
     yield from _linear(init, "mm.2", merged, d.proj_dim, bias=False)
 

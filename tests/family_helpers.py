@@ -67,13 +67,14 @@ def vlm_fixtures(fx_name: str = "fx", **kw: Any) -> tuple[Callable, Callable]:
     return vlm, vlm_fa
 
 
-def core_family_fixtures(family: str, n_ctx: int = 2048) -> tuple[Callable, Callable]:
-    """Module-scoped ``fx`` (convert.fixtures' tiny ``family`` pair, in the session's fixture_root) and ``vlm``
-    (flash attention off) fixtures; assign them as ``fx, vlm = core_family_fixtures(family)``."""
+def core_family_fixtures(*families: str, n_ctx: int = 2048) -> tuple[Callable, Callable]:
+    """Module-scoped ``fx`` (convert.fixtures' tiny pair of a family, in the session's fixture_root; with several
+    families, parametrized over them) and ``vlm`` (flash attention off) fixtures; assign them as
+    ``fx, vlm = core_family_fixtures(family, ...)``."""
 
-    @pytest.fixture(scope="module")
-    def fx(fixture_root):
-        return make_fixture(family, "tiny", out_dir=fixture_root)
+    @pytest.fixture(scope="module", params=list(families), ids=list(families))
+    def fx(request, fixture_root):
+        return make_fixture(request.param, "tiny", out_dir=fixture_root)
 
     @pytest.fixture(scope="module")
     def vlm(fx):
@@ -408,3 +409,18 @@ def assert_kept_sets_equal_flash_on_off(fx: Any, vlm: VLM) -> None:
             a, b = on.ask(img, Q, max_tokens=1, **kw), vlm.ask(img, Q, max_tokens=1, **kw)
             assert a.images[0]["key_source"] == b.images[0]["key_source"]
             assert a.images[0]["kept"] == b.images[0]["kept"], kw
+
+
+def assert_unpruned_matches_stock_qwen_template(vlm: VLM, fx: Any, path: Any, seed: int) -> None:
+    """Nothing pruned, K = 1, for a fixture before the Qwen2-VL text model: the prefill's next-token logits equal
+    mtmd_helper_eval_chunks' on the same prompt, and the greedy answer (10 tokens) equals stock llama-cpp-python's
+    through its Qwen2.5-VL handler, the fixture's template (stock's prompt_tokens counts M-RoPE positions, so it
+    is not compared). `seed` picks a noise image whose answer is whole UTF-8 characters: stock decodes past
+    max_tokens while one is incomplete."""
+    path.write_bytes(png_bytes(noise(224, 224, seed)))
+    assert_first_logits_equal_stock(fx, vlm, path, 2048)
+    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,
+                                flash_attn=False, handler=lcf.Qwen25VLChatHandler)
+    ours = vlm.ask(path, Q, max_tokens=10)
+    assert ours.text == out["choices"][0]["message"]["content"]
+    assert len(ours.tokens) == out["usage"]["completion_tokens"] > 0

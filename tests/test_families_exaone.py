@@ -6,14 +6,12 @@ answer equal stock llama-cpp-python's. The fixture's text model is Qwen2-VL's (M
 
 from __future__ import annotations
 
-import llama_cpp.llama_chat_format as lcf
 import numpy as np
 
 from avis_llamacpp.families import Exaone45Family, family_for
 from avis_llamacpp.preflight import scan_gguf
-from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_kept_sets_equal_flash_on_off,
-                                  assert_pruned_mrope_prefill, core_family_fixtures, noise, png_bytes,
-                                  stock_chat_completion)
+from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, assert_pruned_mrope_prefill,
+                                  assert_unpruned_matches_stock_qwen_template, core_family_fixtures, noise)
 from tests.reference_vit import qwen25vl_forward
 
 fx, vlm = core_family_fixtures("exaone4_5")
@@ -58,16 +56,7 @@ def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, mon
 
 
 def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
-    """K = 1, nothing pruned: the prefill's next-token logits equal mtmd_helper_eval_chunks' on the same prompt, and
-    the greedy answer equals stock llama-cpp-python's through its Qwen2.5-VL handler (the fixture's template)."""
-    path = tmp_path / "exaone.png"
-    path.write_bytes(png_bytes(noise(224, 224, 7)))
-    assert_first_logits_equal_stock(fx, vlm, path, 2048)
-    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,
-                                flash_attn=False, handler=lcf.Qwen25VLChatHandler)
-    ours = vlm.ask(path, Q, max_tokens=10)
-    assert ours.text == out["choices"][0]["message"]["content"]
-    assert len(ours.tokens) == out["usage"]["completion_tokens"] > 0
+    assert_unpruned_matches_stock_qwen_template(vlm, fx, tmp_path / "exaone.png", seed=7)
 
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):

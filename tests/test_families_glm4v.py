@@ -8,29 +8,18 @@ from __future__ import annotations
 
 import math
 
-import llama_cpp.llama_chat_format as lcf
 import numpy as np
-import pytest
 
 from avis_llamacpp.families import GLM4VFamily, family_for
 from avis_llamacpp.mtmd import read_vision_info
 from avis_llamacpp.preflight import scan_gguf
-from convert.fixtures import make_fixture
-from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_kept_sets_equal_flash_on_off,
-                                  assert_merge_graph_keys_equal_reference, assert_pruned_mrope_prefill, noise,
-                                  open_vlm, png_bytes, stock_chat_completion)
+from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, assert_merge_graph_keys_equal_reference,
+                                  assert_pruned_mrope_prefill, assert_unpruned_matches_stock_qwen_template,
+                                  core_family_fixtures, noise, open_vlm)
 from tests.reference_glm4v import glm4v_forward
 
 
-@pytest.fixture(scope="module", params=["glm4v", "glm5v"])
-def fx(request, fixture_root):
-    return make_fixture(request.param, "tiny", out_dir=fixture_root)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
-        yield v
+fx, vlm = core_family_fixtures("glm4v", "glm5v")
 
 
 def test_registry_preflight_and_vision_info(fx, vlm):
@@ -81,18 +70,9 @@ def test_pruned_prefill_feeds_kept_rows_at_original_mrope_positions(vlm, fx, mon
 
 
 def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
-    """K = 1, nothing pruned: the prefill's next-token logits equal mtmd_helper_eval_chunks' on the same prompt, and
-    the greedy answer equals stock llama-cpp-python's through its Qwen2.5-VL handler (the fixture's text model and
-    template; the generic MTMDChatHandler renders this template with one more token)."""
-    img = noise(224, 224, 7)
-    path = tmp_path / "glm4v.png"
-    path.write_bytes(png_bytes(img))
-    assert_first_logits_equal_stock(fx, vlm, path, 2048)
-    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,
-                                flash_attn=False, handler=lcf.Qwen25VLChatHandler)
-    ours = vlm.ask(path, Q, max_tokens=10)  # (stock's prompt_tokens counts M-RoPE positions, 8 for the image)
-    assert ours.text == out["choices"][0]["message"]["content"]
-    assert len(ours.tokens) == out["usage"]["completion_tokens"] > 0
+    """Logits and answer equal stock's, on the fixture's Qwen2-VL text model and template (the generic
+    MTMDChatHandler renders this template with one more token, so Qwen2.5-VL's handler is the oracle)."""
+    assert_unpruned_matches_stock_qwen_template(vlm, fx, tmp_path / f"{fx.family}.png", seed=7)
 
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):

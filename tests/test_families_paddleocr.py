@@ -8,16 +8,13 @@ llama-cpp-python's."""
 
 from __future__ import annotations
 
-import llama_cpp.llama_chat_format as lcf
 import numpy as np
-import pytest
 
 from avis_llamacpp.families import PaddleOCRFamily, family_for
 from avis_llamacpp.preflight import scan_gguf
-from convert.fixtures import make_fixture
-from tests.family_helpers import (Q, assert_first_logits_equal_stock, assert_kept_sets_equal_flash_on_off,
-                                  assert_pruned_mrope_prefill, check_pruned_positions, check_unpruned_equals_stock,
-                                  noise, open_vlm, png_bytes, stock_chat_completion)
+from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, assert_pruned_mrope_prefill,
+                                  assert_unpruned_matches_stock_qwen_template, check_pruned_positions,
+                                  check_unpruned_equals_stock, core_family_fixtures, noise)
 from tests.reference_paddleocr import paddleocr_forward
 
 
@@ -25,15 +22,7 @@ SCALE = {"paddleocr": 2, "dots_ocr": 3, "kimivl": 2}  # the fixtures' s (dots.oc
 ONE_D_ROPE = ("dots_ocr", "kimivl")  # fixtures before a 1-D RoPE text model, as these models' own
 
 
-@pytest.fixture(scope="module", params=sorted(SCALE))
-def fx(request, fixture_root):
-    return make_fixture(request.param, "tiny", out_dir=fixture_root)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
-        yield v
+fx, vlm = core_family_fixtures(*sorted(SCALE))
 
 
 def test_registry_and_preflight(fx, vlm):
@@ -83,21 +72,15 @@ def test_pruned_prefill_positions(vlm, fx, monkeypatch):
 
 
 def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
-    """K = 1, nothing pruned: next-token logits equal mtmd_helper_eval_chunks' on the same prompt, and the greedy
-    answer equals stock llama-cpp-python's (paddleocr: through its Qwen2.5-VL handler, the fixture's template). The
-    seeds give answers of whole UTF-8 characters: stock decodes past max_tokens while one is incomplete."""
+    """paddleocr (Qwen2-VL text and template): logits and answer equal stock's through its Qwen2.5-VL handler;
+    the 1-D RoPE fixtures: stock's generic handler, prompt token counts equal too. The seeds give answers of whole
+    UTF-8 characters (stock decodes past max_tokens while one is incomplete)."""
     seed = {"paddleocr": 3, "dots_ocr": 9, "kimivl": 5}[fx.family]
     path = tmp_path / f"{fx.family}.png"
-    path.write_bytes(png_bytes(noise(224, 224, seed)))
-    assert_first_logits_equal_stock(fx, vlm, path, 2048)
-    if fx.family in ONE_D_ROPE:  # a 1-D RoPE text model: stock's generic handler, prompt token counts equal too
+    if fx.family in ONE_D_ROPE:
         check_unpruned_equals_stock(vlm, fx, noise(224, 224, seed), path, 2048, max_tokens=10)
-        return
-    out = stock_chat_completion(fx.model, fx.mmproj, path.read_bytes(), max_tokens=10, n_ctx=2048, n_threads_batch=1,
-                                flash_attn=False, handler=lcf.Qwen25VLChatHandler)
-    ours = vlm.ask(path, Q, max_tokens=10)
-    assert ours.text == out["choices"][0]["message"]["content"]
-    assert len(ours.tokens) == out["usage"]["completion_tokens"] > 0
+    else:
+        assert_unpruned_matches_stock_qwen_template(vlm, fx, path, seed)
 
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):

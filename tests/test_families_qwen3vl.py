@@ -8,27 +8,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
 from avis_llamacpp.capture import strided_to_array, tensor_nbytes
 from avis_llamacpp.families import family_for
-from convert.fixtures import make_fixture
 from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, assert_merge_graph_keys_equal_reference,
-                                  assert_pruned_mrope_prefill, noise, open_vlm, png_bytes, stock_chat_completion)
+                                  assert_pruned_mrope_prefill, core_family_fixtures, noise, open_vlm, png_bytes,
+                                  stock_chat_completion)
 
 # the post-RoPE key each graph names: qwen3vl.cpp runs its own block loop, ling3vl.cpp build_vit's
 POST_ROPE_KEY = {"qwen3vl": "Kcur_rope", "ling3vl": "Kcur_pos"}
 
 
-@pytest.fixture(scope="module", params=sorted(POST_ROPE_KEY))
-def fx(request, fixture_root):
-    return make_fixture(request.param, "tiny", out_dir=fixture_root)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
-        yield v
+fx, vlm = core_family_fixtures(*sorted(POST_ROPE_KEY))
 
 
 def test_strided_view_read_equals_numpy_slicing():

@@ -7,26 +7,16 @@ positions (1-D RoPE text models, as theirs); with nothing pruned the answer equa
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from avis_llamacpp.families import SiglipMLPFamily, family_for
 from avis_llamacpp.preflight import scan_gguf
-from convert.fixtures import make_fixture
 from convert.mmproj import expected_image_grid
 from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, check_pruned_positions,
-                                  check_unpruned_equals_stock, noise, open_vlm)
+                                  check_unpruned_equals_stock, core_family_fixtures, noise)
 from tests.reference_idefics3 import siglip_forward
 
 
-@pytest.fixture(scope="module", params=["janus_pro", "phi4"])
-def fx(request, fixture_root):
-    return make_fixture(request.param, "tiny", out_dir=fixture_root)
-
-
-@pytest.fixture(scope="module")
-def vlm(fx):
-    with open_vlm(fx, n_ctx=2048, flash_attn=False) as v:
-        yield v
+fx, vlm = core_family_fixtures("janus_pro", "phi4")
 
 
 def test_registry_and_preflight(fx, vlm):
