@@ -308,6 +308,38 @@ class MimoVLFamily(QwenMergerFamily):
         return [f"v.blk.{il}.attn_qkv.weight", f"v.blk.{il}.attn_qkv.bias"]  # mimovl.cpp uses both unchecked
 
 
+class MiniMaxM3Family(QwenMergerFamily):
+    """MiniMax-M3 vision (minimax-m3.cpp): the input permute puts each 2x2 merge group in 4 consecutive rows
+    (row-major block order, no windows), keys `Kcur_pos-<il>` under a 3-axis NEOX RoPE; mtmd reports the chunk as a
+    1 x N grid, so the token grid comes from the encoder's input size (patches / 2 per side)."""
+
+    name = "minimax_m3"
+    projector_types = ("minimax_m3",)
+    gated_ffn = False
+    required_tensors = ("v.patch_embd.weight", "v.patch_embd.weight.1", "mm.1.weight", "mm.1.bias", "mm.2.weight",
+                        "mm.2.bias", "mm.merger.fc1.weight", "mm.merger.fc1.bias", "mm.merger.fc2.weight",
+                        "mm.merger.fc2.bias")
+    forbidden_tensors = ("v.patch_embd.bias", "v.class_embd")
+
+    def windowed(self, info: VisionInfo) -> bool:
+        return False
+
+    def token_grid(self, geom: ChunkGeometry, info: VisionInfo) -> tuple[int, int]:
+        if geom.image_wh is not None and info.patch_size > 0:
+            side = info.patch_size * self.merge
+            tw, th = geom.image_wh[0] // side, geom.image_wh[1] // side
+            if tw * th == geom.n_tokens:
+                return tw, th
+        return super().token_grid(geom, info)
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_merger_fc2_b ne[0]."""
+        return int(tensors["mm.merger.fc2.bias"][0][0]) if "mm.merger.fc2.bias" in tensors else None
+
+    def required_per_block(self, il: int) -> list[str]:
+        return []
+
+
 class Qwen3VLFamily(QwenMergerFamily):
     """Qwen3-VL, Qwen3.5 / 3.6, Qwen3-Omni vision (qwen3vl.cpp): a fused QKV split into strided views, 2-D
     M-RoPE keys `Kcur_rope-<il>`, 4 consecutive rows = one 2x2 token in row-major block order, no windows;
@@ -398,8 +430,8 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Exaone45Family(), MimoVLFamily(), Qwen3VLFamily(),
-           Ling3VLFamily(), GLM4VFamily(), NoViTBlocksFamily()):
+for _f in (LlavaFamily(), LdpFamily(), QwenMergerFamily(), Exaone45Family(), MimoVLFamily(), MiniMaxM3Family(),
+           Qwen3VLFamily(), Ling3VLFamily(), GLM4VFamily(), NoViTBlocksFamily()):
     register(_f)
 
 

@@ -37,6 +37,10 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   appended last, learned positions, pre-LayerNorm, LayerNorm blocks with ``build_rope_2d`` keys, then an s x s pixel
   shuffle (s = ``clip.vision.projector.scale_factor``) whose tokens run column by column, a GELU adapter MLP
   (``mm.model.mlp.1`` / ``.2``) and ``mm.model.fc``.
+* ``"minimax_m3"``: MiniMax-M3 vision (minimax-m3.cpp): two patch convs, rows in 2x2 merge order, LayerNorm blocks
+  with biased q / k / v and an erf-GELU MLP, keys under a 3-axis NEOX RoPE (height and width angles at channel
+  offsets, the first axis unrotated), a per-patch MLP (``mm.1`` / ``mm.2``) and a merge MLP (``mm.merger.fc1`` /
+  ``fc2``).
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -92,7 +96,7 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 _FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "janus_pro", "phi4",
-             "llama4", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+             "llama4", "minimax_m3", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -499,6 +503,20 @@ def _llama4_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarra
     yield "mm.model.fc.weight", init.normal(d.proj_dim, d.proj_dim)
 
 
+def _minimax_m3_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a MiniMax-M3 vision tower + projector (minimax-m3.cpp; names as clip.cpp loads them)."""
+    e, p = d.n_embd, d.patch_size
+    yield "v.patch_embd.weight", init.normal(e, 3, p, p)
+    yield "v.patch_embd.weight.1", init.normal(e, 3, p, p)
+    for name, arr in _paddleocr_tensors(d, init):  # LayerNorm blocks with biased q / k / v, an up / down MLP
+        if name.startswith("v.blk."):
+            yield name, arr
+    yield from _linear(init, "mm.1", e, 2 * e)
+    yield from _linear(init, "mm.2", 2 * e, e)
+    yield from _linear(init, "mm.merger.fc1", 4 * e, 4 * e)
+    yield from _linear(init, "mm.merger.fc2", 4 * e, d.proj_dim)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -609,6 +627,8 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         if d.family == "phi4":  # clip.cpp requires the pixel limits for it (no merge: spatial_merge 1)
             min_px, max_px = effective_pixel_limits(d)
             kv += [("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family == "minimax_m3":
+        kv += [("clip.projector_type", "minimax_m3"), ("clip.vision.spatial_merge_size", d.spatial_merge)]
     elif d.family == "llama4":
         kv += [("clip.projector_type", "llama4"), ("clip.use_gelu", True),
                ("clip.vision.projector.scale_factor", d.spatial_merge)]
@@ -671,6 +691,7 @@ def write_mmproj(
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
            "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors, "kimivl": _paddleocr_tensors,
            "janus_pro": _siglip_mlp_tensors, "phi4": _siglip_mlp_tensors, "llama4": _llama4_tensors,
+           "minimax_m3": _minimax_m3_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

@@ -286,6 +286,9 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
         ("v.position_embd.weight",)),
     "mmproj_llama4_class_embd_missing": (  # llama4.cpp asserts the class embedding (abort)
         "llama4", "mmproj", lambda d, p: rename(d, "v.class_embd", "v.class_embX"), ("v.class_embd",)),
+    "mmproj_minimax_m3_second_patch_embd_missing": (  # minimax-m3.cpp asserts both patch convs (abort)
+        "minimax_m3", "mmproj", lambda d, p: rename(d, "v.patch_embd.weight.1", "v.patch_embd.weight.9"),
+        ("v.patch_embd.weight.1",)),
     "mmproj_ling3vl_position_embd_missing": (  # ling3vl.cpp's position resize asserts on it (abort)
         "ling3vl", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
         ("v.position_embd.weight",)),
@@ -337,7 +340,7 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
     fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
           **{fam: make_fixture(fam, "tiny", out_dir=fixture_root)
              for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl", "paddleocr", "dots_ocr",
-                         "kimivl", "phi4", "llama4")}}
+                         "kimivl", "phi4", "llama4", "minimax_m3")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -376,7 +379,8 @@ def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     """The control: the same loader answers on the unedited pairs (so each case's error comes from its edit)."""
     assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v",
                                                                   "exaone4_5", "mimovl", "paddleocr",
-                                                                  "dots_ocr", "kimivl", "phi4", "llama4")), outcomes
+                                                                  "dots_ocr", "kimivl", "phi4", "llama4",
+                                                                  "minimax_m3")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):
