@@ -796,14 +796,15 @@ register(Idefics3Family())
 
 
 class PaddleOCRFamily(Idefics3Family):
-    """PaddleOCR-VL (paddleocr.cpp), dots.ocr (dotsocr.cpp) and Kimi-VL (kimivl.cpp): a ViT on raster-ordered
-    patches with 2-D RoPE (vision M-RoPE, or build_rope_2d for kimivl; keys `Kcur_pos-<il>`), then the same
+    """PaddleOCR-VL (paddleocr.cpp), dots.ocr (dotsocr.cpp), Kimi-VL and Kimi-K2.5 (kimivl.cpp, kimik25.cpp): a ViT
+    on raster-ordered patches with 2-D RoPE (vision M-RoPE, or build_rope_2d for the Kimis; keys `Kcur_pos-<il>`),
+    then the same
     `build_patch_merge_permute` as idefics3 / lfm2: token ty*ceil(W/s)+tx is the mean of its real s x s patches;
     s = 2 for paddleocr (clip.cpp fixes it), clip.vision.projector.scale_factor for the others. The patch grid
     comes from the encoder's input size when mtmd reports a 1 x N grid."""
 
     name = "paddleocr"
-    projector_types = ("paddleocr", "dots_ocr", "kimivl")
+    projector_types = ("paddleocr", "dots_ocr", "kimivl", "kimik25")
     key_names = KEY_NAMES_POST_ROPE_FIRST
     required_tensors = ("v.patch_embd.weight", "v.position_embd.weight", "mm.input_norm.weight",
                         "mm.input_norm.bias", "mm.1.weight", "mm.1.bias", "mm.2.weight", "mm.2.bias")
@@ -811,7 +812,7 @@ class PaddleOCRFamily(Idefics3Family):
 
     @staticmethod
     def scale(info: VisionInfo) -> int:
-        if info.projector_type in ("dots_ocr", "kimivl"):
+        if info.projector_type in ("dots_ocr", "kimivl", "kimik25"):
             return info.scale_factor if info.scale_factor > 0 else 1
         return 2
 

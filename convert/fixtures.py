@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
-EXTRA_FAMILIES = ("exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "janus_pro", "phi4", "llama4", "minimax_m3",
-                  "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+EXTRA_FAMILIES = ("exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "kimik25", "janus_pro", "phi4", "llama4",
+                  "minimax_m3", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
@@ -116,6 +116,11 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
         TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
         VisionDims("minimax_m3", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224,
                    proj_dim=64),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # Kimi-K2.5 vision: kimivl's with a 3-D position table added before the blocks (before a 1-D RoPE text model)
+    ("kimik25", "tiny"): (
+        TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
+        VisionDims("kimik25", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
         CHATML_CHAT_TEMPLATE, "f32"),
     # Ling-3-VL: the Qwen3-VL tower with its own merger (norm + MLP), no deepstack, before a Qwen3-VL text model
     ("ling3vl", "tiny"): (

@@ -41,6 +41,8 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   with biased q / k / v and an erf-GELU MLP, keys under a 3-axis NEOX RoPE (height and width angles at channel
   offsets, the first axis unrotated), a per-patch MLP (``mm.1`` / ``mm.2``) and a merge MLP (``mm.merger.fc1`` /
   ``fc2``).
+* ``"kimik25"``: Kimi-K2.5 vision (kimik25.cpp; GLM-5.2-V reuses it): kimivl's graph with the position table stored
+  3-D ([H, W, C]) and added before the blocks.
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -96,7 +98,7 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 _FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "janus_pro", "phi4",
-             "llama4", "minimax_m3", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+             "llama4", "minimax_m3", "kimik25", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -151,7 +153,7 @@ class VisionDims:
             d_head = self.n_embd // self.n_head
             if d_head % 4:
                 raise ValueError("qwen25vl: head dim must be divisible by 4 (M-RoPE sections)")
-            if self.spatial_merge != 2 and self.family not in ("dots_ocr", "kimivl"):  # these read s from the file
+            if self.spatial_merge != 2 and self.family not in ("dots_ocr", "kimivl", "kimik25"):  # s from the file
                 raise ValueError("qwen25vl: clip.cpp only supports spatial_merge == 2")
             if any(not 0 <= il < self.n_layer for il in self.deepstack_layers) or (
                     self.deepstack_layers and self.family != "qwen3vl"):
@@ -517,6 +519,13 @@ def _minimax_m3_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.nd
     yield from _linear(init, "mm.merger.fc2", 4 * e, d.proj_dim)
 
 
+def _kimik25_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a Kimi-K2.5 vision tower (kimik25.cpp): kimivl's, with the position table stored [H, W, C]."""
+    side = d.image_size // d.patch_size
+    for name, arr in _paddleocr_tensors(d, init):
+        yield name, (arr.reshape(side, side, d.n_embd) if name == "v.position_embd.weight" else arr)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -632,8 +641,8 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
     elif d.family == "llama4":
         kv += [("clip.projector_type", "llama4"), ("clip.use_gelu", True),
                ("clip.vision.projector.scale_factor", d.spatial_merge)]
-    elif d.family == "kimivl":
-        kv += [("clip.projector_type", "kimivl"), ("clip.use_gelu", True),
+    elif d.family in ("kimivl", "kimik25"):
+        kv += [("clip.projector_type", d.family), ("clip.use_gelu", True),
                ("clip.vision.projector.scale_factor", d.spatial_merge)]
     elif d.family == "dots_ocr":  # clip.cpp requires all three for it
         min_px, max_px = effective_pixel_limits(d)
@@ -691,7 +700,7 @@ def write_mmproj(
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
            "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors, "kimivl": _paddleocr_tensors,
            "janus_pro": _siglip_mlp_tensors, "phi4": _siglip_mlp_tensors, "llama4": _llama4_tensors,
-           "minimax_m3": _minimax_m3_tensors,
+           "minimax_m3": _minimax_m3_tensors, "kimik25": _kimik25_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

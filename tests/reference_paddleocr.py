@@ -1,9 +1,9 @@
 """Numpy re-implementation of llama.cpp's PaddleOCR-VL vision graph (tools/mtmd/models/paddleocr.cpp), dots.ocr's
-(dotsocr.cpp: the same with RMSNorm, no learned positions) and Kimi-VL's (kimivl.cpp: build_rope_2d) up to the last
-block's keys, from the mmproj GGUF weights: an independent oracle for the keys the capture reads (`Kcur_pos`, 2-D
-RoPE over raster-ordered patches).
+(dotsocr.cpp: the same with RMSNorm, no learned positions) and Kimi-VL's / Kimi-K2.5's (kimivl.cpp, kimik25.cpp:
+build_rope_2d) up to the last block's keys, from the mmproj GGUF weights: an independent oracle for the keys the
+capture reads (`Kcur_pos`, 2-D RoPE over raster-ordered patches).
 
-Covers images mtmd's resize leaves alone; with a learned position table (paddleocr, kimivl), only those whose grid
+Covers images mtmd's resize leaves alone; with a learned position table (paddleocr, the Kimis), only those whose grid
 equals the table's side (no interpolation of the position embeddings), e.g. 224 x 224 with patch 14."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def paddleocr_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: st
     d_head], patch (x, y) at row y * W + x), the positions and the patch grid (W, H)."""
     weights, hp = load_mmproj(path)
     proj = hp["projector_type"]
-    if proj not in ("paddleocr", "dots_ocr", "kimivl"):
-        raise ValueError(f"paddleocr_forward supports paddleocr, dots_ocr and kimivl, got {proj!r}")
+    if proj not in ("paddleocr", "dots_ocr", "kimivl", "kimik25"):
+        raise ValueError(f"paddleocr_forward supports paddleocr, dots_ocr, kimivl and kimik25, got {proj!r}")
     norm = _rms_norm if proj == "dots_ocr" else _layer_norm
     W = _W(weights)
     img = np.asarray(image_rgb)
@@ -33,6 +33,8 @@ def paddleocr_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: st
         raise ValueError("mtmd would resize this image (its resize is not mirrored)")
     x, gw, gh = _patch_embed(img, W, hp)
     table = W.get("v.position_embd.weight")
+    if table is not None and table.ndim == 3:  # kimik25: [H, W, C], rows h * W + w once flattened
+        table = table.reshape(-1, table.shape[-1])
     if table is not None:
         if (gw, gh) != (math.isqrt(table.shape[0]),) * 2:
             raise ValueError("position-embedding interpolation is not mirrored: use an image of the table's size")
@@ -44,7 +46,7 @@ def paddleocr_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: st
     for il in range(hp["n_layer"]):
         b = f"v.blk.{il}"
         q, k, v = _qkv(norm(x, W.get(f"{b}.ln1.weight"), W.get(f"{b}.ln1.bias"), eps), W, b, hp)
-        if proj == "kimivl":  # build_rope_2d(pos_w, pos_h, interleave_freq=false): width angles first
+        if proj in ("kimivl", "kimik25"):  # build_rope_2d(pos_w, pos_h, interleave_freq=false): width first
             q, k = (rope_2d(t, pos[1], pos[0], interleave_freq=False) for t in (q, k))
         else:
             q, k = _rope_vision(q, pos), _rope_vision(k, pos)

@@ -1,10 +1,10 @@
-"""PaddleOCR-VL (paddleocr), dots.ocr (dots_ocr) and Kimi-VL (kimivl): a ViT with 2-D RoPE on raster-ordered
-patches, then the s x s pixel-unshuffle merge. On each fixture the keys KDV scores equal a numpy re-implementation
-of paddleocr.cpp / dotsocr.cpp / kimivl.cpp (tests/reference_paddleocr.py) and each token's key is its s x s
-block's mean (a plain loop over the raster grid; dots.ocr, without a position table and with 3 x 3 blocks, also on a
-non-square image); pruned prefill keeps the positions right (paddleocr before an M-RoPE text model, as its ERNIE;
-dots.ocr and Kimi-VL before a 1-D RoPE one, as theirs); with nothing pruned the logits and the answer equal stock
-llama-cpp-python's."""
+"""PaddleOCR-VL (paddleocr), dots.ocr (dots_ocr), Kimi-VL (kimivl) and Kimi-K2.5 (kimik25, a 3-D position
+table): a ViT with 2-D RoPE on raster-ordered patches, then the s x s pixel-unshuffle merge. On each fixture the keys
+KDV scores equal a numpy re-implementation of paddleocr.cpp / dotsocr.cpp / kimivl.cpp / kimik25.cpp
+(tests/reference_paddleocr.py) and each token's key is its s x s block's mean (a plain loop over the raster grid;
+dots.ocr, without a position table and with 3 x 3 blocks, also on a non-square image); pruned prefill keeps the
+positions right (paddleocr before an M-RoPE text model, as its ERNIE; the others before a 1-D RoPE one, as theirs);
+with nothing pruned the logits and the answer equal stock llama-cpp-python's."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from tests.family_helpers import (Q, assert_kept_sets_equal_flash_on_off, assert
 from tests.reference_paddleocr import paddleocr_forward
 
 
-SCALE = {"paddleocr": 2, "dots_ocr": 3, "kimivl": 2}  # the fixtures' s (dots.ocr's is 3 to test the file's value)
-ONE_D_ROPE = ("dots_ocr", "kimivl")  # fixtures before a 1-D RoPE text model, as these models' own
+SCALE = {"paddleocr": 2, "dots_ocr": 3, "kimivl": 2, "kimik25": 2}  # the fixtures' s (dots.ocr's 3: the file's value)
+ONE_D_ROPE = ("dots_ocr", "kimivl", "kimik25")  # fixtures before a 1-D RoPE text model, as these models' own
 
 
 fx, vlm = core_family_fixtures(*sorted(SCALE))
@@ -75,7 +75,7 @@ def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
     """paddleocr (Qwen2-VL text and template): logits and answer equal stock's through its Qwen2.5-VL handler;
     the 1-D RoPE fixtures: stock's generic handler, prompt token counts equal too. The seeds give answers of whole
     UTF-8 characters (stock decodes past max_tokens while one is incomplete)."""
-    seed = {"paddleocr": 3, "dots_ocr": 9, "kimivl": 5}[fx.family]
+    seed = {"paddleocr": 3, "dots_ocr": 9, "kimivl": 5, "kimik25": 5}[fx.family]
     path = tmp_path / f"{fx.family}.png"
     if fx.family in ONE_D_ROPE:
         check_unpruned_equals_stock(vlm, fx, noise(224, 224, seed), path, 2048, max_tokens=10)
