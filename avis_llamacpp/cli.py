@@ -100,8 +100,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     with open_vlm(args) as vlm:
         ans = vlm.ask(args.image, args.question, max_tokens=1, ratio=args.rho,
                       tau=args.tau if args.rho is None else None)
-    im = ans.images[0]
-    img = render_overlay(args.image, im["kept"], tuple(im["grid"]), cell_px=args.cell_px)
+        im = ans.images[0]
+        cells = _kept_cells(vlm, im)
+    img = render_overlay(args.image, cells, tuple(im["grid"]), cell_px=args.cell_px)
     if not args.no_legend:
         how = (f"KDV rho = {args.rho:g}: a fixed fraction pruned" if args.rho is not None
                else f"KDV tau = {args.tau:.3g} rad: tokens within tau of the mean key pruned")
@@ -109,6 +110,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
     img.save(args.out)
     print(f"{args.out}: kept {im['n_kept']} of {im['n_tokens']} image tokens ({im.get('key_source')})")
     return 0
+
+
+def _kept_cells(vlm: Any, image: dict[str, Any]) -> list[int]:
+    """The row-major grid cells of an image's kept tokens (LLM token order is the family's: Llama 4 runs column by
+    column), for drawing them over the image."""
+    cells = vlm.family.token_cells(int(image["n_tokens"]), tuple(image["grid"]))
+    return [int(cells[i]) for i in image["kept"]]
 
 
 def _show_video(args: argparse.Namespace, video: dict[str, Any]) -> int:
@@ -122,7 +130,7 @@ def _show_video(args: argparse.Namespace, video: dict[str, Any]) -> int:
         clip = load_clip(video["video"], vlm.projector, vlm.settings.n_ctx, **knobs)
         ans = vlm.ask(None, args.question, video=clip, max_tokens=1, **knobs, **pruning)
         tp = vlm.projector.temporal_patch
-    chunks = [(im["kept"], tuple(im["grid"])) for im in ans.images]
+        chunks = [(_kept_cells(vlm, im), tuple(im["grid"])) for im in ans.images]
     img = render_video_overlay(clip.frames, chunks, temporal_patch=tp, timestamps=clip.timestamps,
                                cell_px=args.cell_px)
     kept, total = sum(ans.kept_tokens), sum(ans.image_tokens)

@@ -131,6 +131,11 @@ class Family:
         """Tensors every ViT block il must have for this projector (only checked when uniform_blocks)."""
         return []
 
+    def token_cells(self, n_tokens: int, grid: tuple[int, int]) -> np.ndarray:
+        """The row-major cell (y * nx + x) of the nx x ny token grid that each LLM image token covers, in LLM
+        token order (for drawing kept tokens over the image); row-major tokens unless the family says otherwise."""
+        return np.arange(n_tokens, dtype=np.int64)
+
     # mmproj tensors that some LLM image-token rows copy verbatim (see constant_rows)
     constant_row_tensors: tuple[str, ...] = ()
 
@@ -892,6 +897,12 @@ class Llama4Family(Family):
         # token t = tx * g + ty (column by column), the mean of its s x s patches
         return _all_scored(blocks.mean(axis=(1, 3)).transpose(1, 0, *range(2, keys.ndim + 1))
                            .reshape(g * g, *keys.shape[1:]))
+
+    def token_cells(self, n_tokens: int, grid: tuple[int, int]) -> np.ndarray:
+        """Token t covers the cell at column t // g, row t % g (g = the grid's side)."""
+        g = grid[0]
+        t = np.arange(n_tokens, dtype=np.int64)
+        return (t % g) * g + t // g
 
     def n_patches(self, n_tokens: int, info: VisionInfo) -> int:
         return n_tokens * self.scale(info) ** 2 + 1  # + class token

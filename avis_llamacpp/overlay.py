@@ -17,8 +17,9 @@ PRUNED_LINE = (200, 40, 40)
 
 def render_overlay(image: ImageInput, kept: Sequence[int], grid: tuple[int, int], *, cell_px: int = 28,
                    dim: float = 0.25) -> Image.Image:
-    """The image resized to the encoder's token grid (nx x ny cells of cell_px pixels), with every pruned
-    token's cell darkened by `dim` and crossed; token i is cell (i % nx, i // nx), row-major as mtmd orders them."""
+    """The image resized to the encoder's token grid (nx x ny cells of cell_px pixels), with every cell not in
+    `kept` darkened by `dim` and crossed; `kept` holds row-major cell indices (cell i is (i % nx, i // nx)): LLM
+    token indices of a family whose tokens run otherwise go through Family.token_cells first."""
     nx, ny = grid
     if nx <= 0 or ny <= 0:
         raise ValueError(f"grid must be positive, got {grid}")

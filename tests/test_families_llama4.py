@@ -66,3 +66,31 @@ def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
     assert_kept_sets_equal_flash_on_off(fx, vlm)
+
+
+def test_show_draws_each_kept_token_where_its_patches_are(fx, vlm, tmp_path):
+    """`avis show` darkens the cells of pruned tokens: with Llama 4's column-by-column tokens, the bright cells are
+    the blocks whose patches the literal shuffle puts in kept tokens (not the transposed ones)."""
+    from PIL import Image
+
+    from avis_llamacpp.cli import main
+    from tests.family_helpers import png_bytes
+
+    src = tmp_path / "img.png"
+    src.write_bytes(png_bytes(noise(224, 224, 21)))
+    out = tmp_path / "show.png"
+    assert main(["show", "-m", str(fx.model), "--mmproj", str(fx.mmproj), "-i", str(src), "--rho", "0.5",
+                 "--cell-px", "4", "--no-legend", "--threads", "1", "--flash-attn", "off", "-o", str(out)]) == 0
+    kept = vlm.ask(str(src), "What is shown?", max_tokens=1, ratio=0.5).images[0]["kept"]
+    members = pixel_shuffle(np.arange(256, dtype=np.float64)[:, None], 16, 2).astype(int)
+    bright = np.zeros((8, 8), dtype=bool)
+    for t in kept:
+        y, x = divmod(int(members[t][0]), 16)
+        bright[y // 2, x // 2] = True
+    assert not np.array_equal(bright, bright.T)  # the kept set must tell the two orders apart
+
+    def cell_means(img: Image.Image) -> np.ndarray:
+        return np.asarray(img.convert("L"), dtype=np.float64).reshape(8, 4, 8, 4).mean(axis=(1, 3))
+
+    plain = Image.open(src).convert("RGB").resize((32, 32), Image.BICUBIC)
+    np.testing.assert_array_equal(cell_means(Image.open(out)) / cell_means(plain) > 0.6, bright)
