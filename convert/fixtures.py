@@ -1,7 +1,7 @@
 """Every seeded random-weight VLM pair (text GGUF + mmproj GGUF) for tests and benchmarks, through one call:
 ``make_fixture(family, size)``. The registry below (REGISTRY) lists every family and its sizes; the per-family
-writers sit behind it (the llava / qwen25vl / qwen3vl / ldpv2 dims in _SPECS here, written by text_model.py and
-mmproj.py; the others in convert/fixture_<family>.py). Files are cached under a key that includes the generators'
+writers sit behind it (the dims of llava, qwen25vl and the families whose towers mmproj.py writes in _SPECS here,
+written by text_model.py and mmproj.py; the others in convert/fixture_<family>.py). Files are cached under a key that includes the generators'
 source, so an edited generator never serves a stale file.
 
     python -m convert.fixtures --list                              # every family and its sizes
