@@ -867,6 +867,33 @@ class SiglipMLPFamily(Idefics3Family):
 register(SiglipMLPFamily())
 
 
+class NemotronVLFamily(Idefics3Family):
+    """Nemotron Nano VL (nemotron-v2-vl.cpp): a ViT without RoPE at a fixed square size (keys `Kcur-(L-1)`) over R
+    register tokens (v.class_embd rows) followed by the raster patches; the registers are dropped and the patches go
+    through idefics3's s x s pixel unshuffle (s = clip.vision.projector.scale_factor)."""
+
+    name = "nemotron"
+    projector_types = ("nemotron_v2_vl",)
+    required_tensors = ("v.patch_embd.weight", "v.class_embd", "v.position_embd.weight", "mm.model.mlp.0.weight",
+                        "mm.model.mlp.1.weight", "mm.model.mlp.3.weight")
+
+    def token_keys(self, keys: np.ndarray, geom: ChunkGeometry, info: VisionInfo) -> TokenKeys | None:
+        n_patches = geom.n_tokens * self.scale(info) ** 2
+        if keys.shape[0] <= n_patches:
+            return None
+        return super().token_keys(keys[keys.shape[0] - n_patches:], geom, info)  # registers come first
+
+    def projection_dim(self, tensors: Mapping[str, tuple]) -> int | None:
+        """clip_n_mmproj_embd: mm_3_w ne[1]."""
+        return int(tensors["mm.model.mlp.3.weight"][0][1]) if "mm.model.mlp.3.weight" in tensors else None
+
+    def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
+        return list(self.required_tensors)
+
+
+register(NemotronVLFamily())
+
+
 class Llama4Family(Family):
     """Llama 4 vision (llama4.cpp): square tiles (llava-uhd slices and an overview, each a chunk of its own) of P x P
     raster patches with a class token appended last (dropped here), keys `Kcur_pos-(L-1)` (build_rope_2d); the

@@ -1,8 +1,8 @@
 """Every seeded random-weight VLM pair (text GGUF + mmproj GGUF) for tests and benchmarks, through one call:
 ``make_fixture(family, size)``. The registry below (REGISTRY) lists every family and its sizes; the per-family
 writers sit behind it (the dims of llava, qwen25vl and the families whose towers mmproj.py writes in _SPECS here,
-written by text_model.py and mmproj.py; the others in convert/fixture_<family>.py). Files are cached under a key that includes the generators'
-source, so an edited generator never serves a stale file.
+written by text_model.py and mmproj.py; the others in convert/fixture_<family>.py). Files are cached under a key
+that includes the generators' source, so an edited generator never serves a stale file.
 
     python -m convert.fixtures --list                              # every family and its sizes
     python -m convert.fixtures --family gemma3 --out DIR           # one family (tiny), paths printed as JSON
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 FAMILIES = ("llava", "qwen25vl")  # the core pair every generic test runs on
 # further families written from dims in _SPECS, with their own test files (tests/test_families_*.py)
 EXTRA_FAMILIES = ("exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "kimik25", "janus_pro", "phi4", "llama4",
-                  "minimax_m3", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+                  "minimax_m3", "nemotron_v2_vl", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 SPEC_FAMILIES = FAMILIES + EXTRA_FAMILIES
 SIZES = ("tiny", "bench", "real")
 
@@ -121,6 +121,12 @@ _SPECS: dict[tuple[str, str], tuple[TextModelDims, VisionDims, str, str]] = {
     ("kimik25", "tiny"): (
         TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
         VisionDims("kimik25", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224, proj_dim=64),
+        CHATML_CHAT_TEMPLATE, "f32"),
+    # Nemotron Nano VL: 4 register tokens before the patches, a 2x2 pixel unshuffle (before a 1-D RoPE text model)
+    ("nemotron_v2_vl", "tiny"): (
+        TextModelDims("llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=160),
+        VisionDims("nemotron_v2_vl", n_embd=64, n_layer=3, n_head=4, n_ff=128, patch_size=14, image_size=224,
+                   proj_dim=64),
         CHATML_CHAT_TEMPLATE, "f32"),
     # Ling-3-VL: the Qwen3-VL tower with its own merger (norm + MLP), no deepstack, before a Qwen3-VL text model
     ("ling3vl", "tiny"): (

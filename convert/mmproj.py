@@ -43,6 +43,10 @@ Two families are supported, mirroring what llama.cpp's ``tools/mtmd/clip.cpp`` l
   ``fc2``).
 * ``"kimik25"``: Kimi-K2.5 vision (kimik25.cpp; GLM-5.2-V reuses it): kimivl's graph with the position table stored
   3-D ([H, W, C]) and added before the blocks.
+* ``"nemotron_v2_vl"``: Nemotron Nano VL vision (nemotron-v2-vl.cpp): a ViT at a fixed square size whose learned
+  positions are added to the patches, then register tokens (``v.class_embd``, [R, C]) prepended, LayerNorm blocks
+  without RoPE, the s x s pixel unshuffle of the patches (registers dropped), RMS norm ``mm.model.mlp.0`` and a
+  squared-ReLU MLP (``mm.model.mlp.1`` / ``.3``).
 * ``"ling3vl"``: Ling-3-VL: the Qwen3-VL tower (clip.cpp's ling3vl.cpp says "same vision tower as qwen3vl") with
   a norm-only merger (``mm.input_norm``) and the ``mm.0`` / ``mm.2`` MLP over each 2x2 group; no deepstack.
 * ``"glm4v"``: GLM-4.1V-4.6V / GLM-OCR vision tower (``clip.projector_type = "glm4v"``, glm4v.cpp): two
@@ -98,7 +102,7 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 _FAMILIES = ("llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "janus_pro", "phi4",
-             "llama4", "minimax_m3", "kimik25", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
+             "llama4", "minimax_m3", "kimik25", "nemotron_v2_vl", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2")
 
 
 @dataclass
@@ -236,9 +240,9 @@ def expected_image_grid(
 ) -> tuple[int, int]:
     """Return (nx, ny) of the LLM-token grid mtmd produces for an input image of width x height."""
     dims.validate()
-    if dims.family in ("llava", "ldpv2", "janus_pro"):
-        # fixed-size preprocessor: always resized/padded to image_size x image_size (ldpv2 then pools 2x2)
-        n = dims.image_size // dims.patch_size // (2 if dims.family == "ldpv2" else 1)
+    if dims.family in ("llava", "ldpv2", "janus_pro", "nemotron_v2_vl"):
+        # fixed-size preprocessor: always resized/padded to image_size x image_size (ldpv2 / nemotron then merge)
+        n = dims.image_size // dims.patch_size // (1 if dims.family in ("llava", "janus_pro") else 2)
         return n, n
     min_px, max_px = effective_pixel_limits(
         dims, image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens
@@ -526,6 +530,19 @@ def _kimik25_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarr
         yield name, (arr.reshape(side, side, d.n_embd) if name == "v.position_embd.weight" else arr)
 
 
+def _nemotron_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a Nemotron Nano VL vision tower + projector (nemotron-v2-vl.cpp; names as clip.cpp loads them)."""
+    e = d.n_embd
+    merged = e * d.spatial_merge * d.spatial_merge
+    for name, arr in _paddleocr_tensors(d, init):  # biased patch conv, positions, LayerNorm blocks, GELU MLP
+        if not name.startswith("mm."):
+            yield name, arr
+    yield "v.class_embd", init.normal(4, e)  # 4 register tokens, prepended
+    yield "mm.model.mlp.0.weight", 1.0 + init.normal(merged)
+    yield "mm.model.mlp.1.weight", init.normal(2 * d.proj_dim, merged)
+    yield "mm.model.mlp.3.weight", init.normal(d.proj_dim, 2 * d.proj_dim)
+
+
 def _glm4v_tensors(d: VisionDims, init: _Init) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a GLM-4.1V vision tower + projector (glm4v.cpp; tensor names as clip.cpp loads them)."""
     e, p, m = d.n_embd, d.patch_size, d.spatial_merge
@@ -636,6 +653,9 @@ def _write_kv(w: gguf.GGUFWriter, d: VisionDims, name: str, ftype: str, descript
         if d.family == "phi4":  # clip.cpp requires the pixel limits for it (no merge: spatial_merge 1)
             min_px, max_px = effective_pixel_limits(d)
             kv += [("clip.vision.image_min_pixels", min_px), ("clip.vision.image_max_pixels", max_px)]
+    elif d.family == "nemotron_v2_vl":
+        kv += [("clip.projector_type", "nemotron_v2_vl"), ("clip.use_gelu", True),
+               ("clip.vision.projector.scale_factor", d.spatial_merge)]
     elif d.family == "minimax_m3":
         kv += [("clip.projector_type", "minimax_m3"), ("clip.vision.spatial_merge_size", d.spatial_merge)]
     elif d.family == "llama4":
@@ -700,7 +720,7 @@ def write_mmproj(
            "ling3vl": _qwen3vl_tensors, "exaone4_5": _exaone4_5_tensors, "mimovl": _mimovl_tensors,
            "paddleocr": _paddleocr_tensors, "dots_ocr": _dots_ocr_tensors, "kimivl": _paddleocr_tensors,
            "janus_pro": _siglip_mlp_tensors, "phi4": _siglip_mlp_tensors, "llama4": _llama4_tensors,
-           "minimax_m3": _minimax_m3_tensors, "kimik25": _kimik25_tensors,
+           "minimax_m3": _minimax_m3_tensors, "kimik25": _kimik25_tensors, "nemotron_v2_vl": _nemotron_tensors,
            "glm4v": _glm4v_tensors, "glm5v": _glm4v_tensors, "ldpv2": _ldpv2_tensors}[dims.family]
 
     writer = gguf.GGUFWriter(path, "clip")

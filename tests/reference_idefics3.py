@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_vit import (_W, _layer_norm, _linear, _ln_block, _patch_embed, gelu, load_mmproj,
+from tests.reference_vit import (_W, _layer_norm, _linear, _ln_block, _patch_embed, _rms_norm, gelu, load_mmproj,
                                  read_scale_factor)
 
 __all__ = ["siglip_forward", "merge_rows", "antialias_bilinear_weights"]
@@ -77,9 +77,10 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     grid (W, H) in patches, scale, token_rows (merge_rows)."""
     weights, hp = load_mmproj(path)
     proj = hp["projector_type"]
-    if proj not in ("idefics3", "lfm2", "janus_pro", "phi4"):
-        raise ValueError(f"siglip_forward supports idefics3 / lfm2 / janus_pro / phi4, got {proj!r}")
-    s = read_scale_factor(path, 1) if proj in ("idefics3", "lfm2") else 1  # janus_pro / phi4: one token per patch
+    if proj not in ("idefics3", "lfm2", "janus_pro", "phi4", "nemotron_v2_vl"):
+        raise ValueError(f"siglip_forward supports idefics3 / lfm2 / janus_pro / phi4 / nemotron_v2_vl, got {proj!r}")
+    # janus_pro / phi4: one token per patch
+    s = read_scale_factor(path, 1) if proj in ("idefics3", "lfm2", "nemotron_v2_vl") else 1
     W = _W(weights)
     eps = hp["eps"]
     x, gw, gh = _patch_embed(np.asarray(image_rgb), W, hp)
@@ -94,9 +95,14 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
             wy, wx = antialias_bilinear_weights(side, gh), antialias_bilinear_weights(side, gw)
             pos = np.einsum("Yy,yxe,Xx->YXe", wy, table, wx).reshape(n, -1)
         x = x + pos[:n]
+    registers = W.get("v.class_embd") if proj == "nemotron_v2_vl" else None
+    if registers is not None:  # nemotron: register tokens prepended after the positions were added
+        x = np.concatenate([registers.reshape(-1, x.shape[1]), x], axis=0)
     keys = []
     for il in range(hp["n_layer"]):
         x = _ln_block(x, W, il, hp, act, keys, ffn=_gelu_ffn)
+    if registers is not None:
+        x = x[len(registers):]
     if W.get("v.post_ln.weight") is not None:
         x = _layer_norm(x, W.get("v.post_ln.weight"), W.get("v.post_ln.bias"), eps)
     rows = merge_rows(gw, gh, s)
@@ -104,6 +110,10 @@ def siglip_forward(path: str | os.PathLike, image_rgb: np.ndarray, *, act: str =
     merged = np.stack([np.concatenate([x[r] if r >= 0 else zero for r in token]) for token in rows])
     if proj == "idefics3":
         e = _linear(merged, W.req("mm.model.fc.weight"), None)
+    elif proj == "nemotron_v2_vl":  # RMS norm (mm.model.mlp.0), up, squared ReLU, down
+        m = _rms_norm(merged, W.req("mm.model.mlp.0.weight"), None, 1e-6)
+        e = _linear(np.maximum(_linear(m, W.req("mm.model.mlp.1.weight"), None), 0.0) ** 2,
+                    W.req("mm.model.mlp.3.weight"), None)
     elif proj in ("janus_pro", "phi4"):  # build_ffn(mm.0, mm.1 | mm.2, GELU)
         second = "mm.1" if proj == "janus_pro" else "mm.2"
         e = gelu(_linear(merged, W.req("mm.0.weight"), W.req("mm.0.bias")), act)

@@ -21,8 +21,8 @@ def test_fixture_list_names_every_family_and_size():
                          text=True, timeout=120, check=True).stdout
     listed = {line.split()[0]: line.split()[1:-1] for line in out.splitlines()}
     families = {"llava", "qwen25vl", "exaone4_5", "mimovl", "paddleocr", "dots_ocr", "kimivl", "janus_pro", "phi4",
-                "llama4", "minimax_m3", "kimik25", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2", "gemma3",
-                "gemma4v", "pixtral", "lightonocr", "internvl", "idefics3", "lfm2"}
+                "llama4", "minimax_m3", "kimik25", "nemotron_v2_vl", "qwen3vl", "ling3vl", "glm4v", "glm5v", "ldpv2",
+                "gemma3", "gemma4v", "pixtral", "lightonocr", "internvl", "idefics3", "lfm2"}
     assert set(listed) == set(REGISTRY) == families
     for fam, sizes in listed.items():
         assert sizes == [s for s in SIZES if (fam, s) in _SPECS or (s == "tiny" and fam not in

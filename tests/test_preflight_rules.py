@@ -289,6 +289,8 @@ CASES: dict[str, tuple[str, str, Edit, tuple[str, ...]]] = {
     "mmproj_minimax_m3_second_patch_embd_missing": (  # minimax-m3.cpp asserts both patch convs (abort)
         "minimax_m3", "mmproj", lambda d, p: rename(d, "v.patch_embd.weight.1", "v.patch_embd.weight.9"),
         ("v.patch_embd.weight.1",)),
+    "mmproj_nemotron_registers_missing": (  # nemotron-v2-vl.cpp asserts the register tensor (abort)
+        "nemotron_v2_vl", "mmproj", lambda d, p: rename(d, "v.class_embd", "v.class_embX"), ("v.class_embd",)),
     "mmproj_ling3vl_position_embd_missing": (  # ling3vl.cpp's position resize asserts on it (abort)
         "ling3vl", "mmproj", lambda d, p: rename(d, "v.position_embd.weight", "v.position_embd.weighX"),
         ("v.position_embd.weight",)),
@@ -340,7 +342,7 @@ def outcomes(llava_fixture, qwen_fixture, fixture_root, tmp_path_factory) -> dic
     fx = {"llava": llava_fixture, "qwen25vl": qwen_fixture,
           **{fam: make_fixture(fam, "tiny", out_dir=fixture_root)
              for fam in ("qwen3vl", "ling3vl", "glm4v", "exaone4_5", "mimovl", "paddleocr", "dots_ocr",
-                         "kimivl", "phi4", "llama4", "minimax_m3")}}
+                         "kimivl", "phi4", "llama4", "minimax_m3", "nemotron_v2_vl")}}
     cases = []
     for name, (fam, which, edit, _) in CASES.items():
         src = Path(getattr(fx[fam], which))
@@ -380,7 +382,7 @@ def test_the_good_files_still_load_after_the_broken_ones(outcomes):
     assert all(outcomes[f"good_{fam}"]["type"] is None for fam in ("llava", "qwen25vl", "qwen3vl", "ling3vl", "glm4v",
                                                                   "exaone4_5", "mimovl", "paddleocr",
                                                                   "dots_ocr", "kimivl", "phi4", "llama4",
-                                                                  "minimax_m3")), outcomes
+                                                                  "minimax_m3", "nemotron_v2_vl")), outcomes
 
 
 def test_the_runner_reports_a_crash_and_goes_on(tmp_path):
