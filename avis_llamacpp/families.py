@@ -847,7 +847,7 @@ class SiglipMLPFamily(Idefics3Family):
 
     name = "siglip-mlp"
     projector_types = ("janus_pro", "phi4")
-    required_tensors = ("v.patch_embd.weight", "v.position_embd.weight", "mm.0.weight", "mm.0.bias")
+    required_tensors = ("v.patch_embd.weight", "mm.0.weight", "mm.0.bias")
 
     @staticmethod
     def scale(info: VisionInfo) -> int:
@@ -860,8 +860,10 @@ class SiglipMLPFamily(Idefics3Family):
         return int(tensors["mm.2.weight"][0][1]) if "mm.2.weight" in tensors else None
 
     def required_for(self, tensors: Mapping[str, tuple]) -> list[str]:
-        second = "mm.1" if "mm.1.weight" in tensors or "mm.2.weight" not in tensors else "mm.2"
-        return list(self.required_tensors) + [f"{second}.weight", f"{second}.bias"]
+        """phi4 resizes its position table (siglip.cpp asserts it); janus_pro adds it only when present."""
+        if "mm.1.weight" in tensors or "mm.2.weight" not in tensors:
+            return list(self.required_tensors) + ["mm.1.weight", "mm.1.bias"]
+        return list(self.required_tensors) + ["mm.2.weight", "mm.2.bias", "v.position_embd.weight"]
 
 
 register(SiglipMLPFamily())
