@@ -803,10 +803,9 @@ register(Idefics3Family())
 class PaddleOCRFamily(Idefics3Family):
     """PaddleOCR-VL (paddleocr.cpp), dots.ocr (dotsocr.cpp), Kimi-VL and Kimi-K2.5 (kimivl.cpp, kimik25.cpp): a ViT
     on raster-ordered patches with 2-D RoPE (vision M-RoPE, or build_rope_2d for the Kimis; keys `Kcur_pos-<il>`),
-    then the same
-    `build_patch_merge_permute` as idefics3 / lfm2: token ty*ceil(W/s)+tx is the mean of its real s x s patches;
-    s = 2 for paddleocr (clip.cpp fixes it), clip.vision.projector.scale_factor for the others. The patch grid
-    comes from the encoder's input size when mtmd reports a 1 x N grid."""
+    then the same `build_patch_merge_permute` as idefics3 / lfm2: token ty*ceil(W/s)+tx is the mean of its real
+    s x s patches; s = 2 for paddleocr (clip.cpp fixes it), clip.vision.projector.scale_factor for the others. The
+    patch grid comes from the encoder's input size when mtmd reports a 1 x N grid."""
 
     name = "paddleocr"
     projector_types = ("paddleocr", "dots_ocr", "kimivl", "kimik25")
