@@ -63,3 +63,12 @@ def test_nothing_pruned_matches_stock(vlm, fx, tmp_path):
 
 def test_kept_sets_equal_with_flash_attention_on_and_off(fx, vlm):
     assert_kept_sets_equal_flash_on_off(fx, vlm)
+
+
+def test_preflight_asks_for_a_position_table_only_where_the_graph_needs_it():
+    """siglip.cpp adds janus_pro's position table only when present but resizes phi4's (which asserts it)."""
+    fam = family_for("janus_pro")
+    janus = {n: ((1,), 0) for n in ("v.patch_embd.weight", "mm.0.weight", "mm.0.bias", "mm.1.weight", "mm.1.bias")}
+    phi4 = {n: ((1,), 0) for n in ("v.patch_embd.weight", "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")}
+    assert [n for n in fam.required_for(janus) if n not in janus] == []
+    assert [n for n in fam.required_for(phi4) if n not in phi4] == ["v.position_embd.weight"]
